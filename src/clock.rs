@@ -1,0 +1,85 @@
+//! Wall-clock time for token expiry, with a test hook.
+//!
+//! Token expiry is an absolute instant that survives restarts, so it is measured on the system clock,
+//! not tokio's monotonic one: `tokio::time::pause()` cannot move it. Everything that asks "is this
+//! expired?" takes the time from a [`Clock`]; tests use [`Clock::manual`] and move time with
+//! [`Clock::advance`] instead of sleeping.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+/// The system clock plus an offset that only tests move. Cloning shares the offset.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicU64>,
+}
+
+impl Clock {
+    /// The real clock.
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    /// A clock that starts at the real time and moves ahead only when told to (plus real time).
+    pub fn manual() -> Self {
+        Self::default()
+    }
+
+    /// The current instant as this clock sees it.
+    pub fn now(&self) -> SystemTime {
+        SystemTime::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Moves this clock (and every clone of it) forward.
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds since the Unix epoch, the representation used on disk and on the wire.
+pub fn to_unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Inverse of [`to_unix_ms`].
+pub fn from_unix_ms(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs())
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+/// A protobuf timestamp for an instant.
+pub fn to_timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advancing_a_clone_moves_the_original() {
+        let clock = Clock::manual();
+        let before = clock.now();
+        clock.clone().advance(Duration::from_secs(3600));
+        assert!(clock.now().duration_since(before).unwrap() >= Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn unix_ms_round_trips() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(from_unix_ms(to_unix_ms(t)), t);
+        assert_eq!(to_unix_ms(from_unix_ms(-5)), -5);
+    }
+}

@@ -1,0 +1,131 @@
+//! The domain's errors and their one mapping to gRPC status codes.
+//!
+//! The mapping is an exhaustive `match` without a catch-all, so a new variant forces a decision about
+//! its code. Messages tell the caller what to do next and never contain a secret; internal causes
+//! are logged here, once, and the caller gets an opaque message.
+
+use tonic::{Code, Status};
+
+use crate::{
+    account::{AccountId, InvalidAccount},
+    oauth::UpstreamError,
+    store::StoreError,
+};
+
+/// Everything a credential-service call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidAccount(#[from] InvalidAccount),
+    /// A malformed request field; the message names the field and the rule.
+    #[error("{0}")]
+    InvalidArgument(&'static str),
+    #[error("account {0} is not connected; connect it with BeginAuth and CompleteAuth")]
+    UnknownAccount(AccountId),
+    #[error("unknown, expired or already used state; start again with BeginAuth")]
+    UnknownState,
+    #[error("EdgeTag rejected the authorization code ({0}); start again with BeginAuth")]
+    CodeRejected(UpstreamError),
+    #[error(
+        "account {0} needs re-authorization: EdgeTag rejected its refresh token; run BeginAuth again"
+    )]
+    NeedsReauth(AccountId),
+    #[error(
+        "EdgeTag rejected this service's client credentials; an operator must check the configured \
+         client id and client secret"
+    )]
+    ClientCredentialsRejected,
+    #[error("{0}; retry later")]
+    ProviderUnavailable(UpstreamError),
+    #[error(
+        "the access token of account {account} has expired and EdgeTag could not renew it ({cause}); retry later"
+    )]
+    TokenExpired {
+        account: AccountId,
+        cause: UpstreamError,
+    },
+    #[error("no token valid for the requested time could be obtained for account {0}; retry later")]
+    ValidityNotReached(AccountId),
+    #[error("internal error: storage")]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::InvalidAccount(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::UnknownAccount(_) | Error::UnknownState => Code::NotFound,
+            Error::CodeRejected(_) | Error::NeedsReauth(_) => Code::FailedPrecondition,
+            // Distinct from a rejected code: nothing the caller sends can fix it, only the operator.
+            Error::ClientCredentialsRejected => Code::Internal,
+            Error::ProviderUnavailable(_)
+            | Error::TokenExpired { .. }
+            | Error::ValidityNotReached(_) => Code::Unavailable,
+            Error::Store(cause) => {
+                tracing::error!(error = %cause, "storage failure");
+                return Status::internal("internal error; the service's log has the cause");
+            }
+            Error::Internal(what) => {
+                tracing::error!(error = what, "internal failure");
+                return Status::internal("internal error; the service's log has the cause");
+            }
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_maps_to_its_documented_code() {
+        let acme = AccountId::parse("acme").unwrap();
+        let down = UpstreamError::Unavailable {
+            status: 503,
+            retry_after: None,
+        };
+        let cases: Vec<(Error, Code)> = vec![
+            (InvalidAccount.into(), Code::InvalidArgument),
+            (
+                Error::InvalidArgument("code is required"),
+                Code::InvalidArgument,
+            ),
+            (Error::UnknownAccount(acme.clone()), Code::NotFound),
+            (Error::UnknownState, Code::NotFound),
+            (
+                Error::CodeRejected(UpstreamError::InvalidGrant),
+                Code::FailedPrecondition,
+            ),
+            (Error::NeedsReauth(acme.clone()), Code::FailedPrecondition),
+            (Error::ClientCredentialsRejected, Code::Internal),
+            (Error::ProviderUnavailable(down.clone()), Code::Unavailable),
+            (
+                Error::TokenExpired {
+                    account: acme.clone(),
+                    cause: down,
+                },
+                Code::Unavailable,
+            ),
+            (Error::ValidityNotReached(acme), Code::Unavailable),
+            (Error::Store(StoreError::FlusherGone), Code::Internal),
+            (Error::Internal("refresh task panicked"), Code::Internal),
+        ];
+        for (error, code) in cases {
+            let text = error.to_string();
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{text}");
+        }
+    }
+
+    #[test]
+    fn internal_causes_stay_in_the_log() {
+        let status = Status::from(Error::Store(StoreError::Corrupt {
+            tree: "accounts",
+            reason: "x".into(),
+        }));
+        assert!(!status.message().contains("accounts"));
+    }
+}
