@@ -1,0 +1,69 @@
+//! The credential-service binary: parse settings, set up logs, bind, serve. All logic is in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use credential_service::{clock::Clock, config::Settings, dev, server, telemetry};
+
+/// Holds EdgeTag OAuth 2.0 credentials and serves fresh access tokens over gRPC.
+#[derive(Parser)]
+#[command(name = "credential-service", version, about)]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+
+    /// Try it out: a fake EdgeTag on loopback and a temporary data directory; prints the commands
+    /// to run the whole flow. Never for production.
+    #[arg(long)]
+    dev: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let Cli { mut settings, dev } = Cli::parse();
+    telemetry::init(settings.log_format);
+
+    let mut client_secret = std::env::var("EDGETAG_CLIENT_SECRET").ok();
+    let dev_env = if dev {
+        match dev::start(&mut settings).await {
+            Ok(env) => {
+                client_secret = Some(env.client_secret.clone());
+                Some(env)
+            }
+            Err(e) => return fail(e, 2),
+        }
+    } else {
+        None
+    };
+    let config = match settings.resolve(client_secret) {
+        Ok(config) => config,
+        Err(e) => return fail(e, 2),
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                format!(
+                    "cannot listen on {} (--listen / CREDENTIAL_SERVICE_LISTEN): {e}",
+                    config.listen
+                ),
+                1,
+            );
+        }
+    };
+    if let Some(env) = &dev_env {
+        eprintln!(
+            "{}",
+            dev::banner(listener.local_addr().unwrap_or(config.listen), env)
+        );
+    }
+    match server::run(listener, config, Clock::system(), server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e, 1),
+    }
+}
+
+fn fail(e: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("credential-service: {e}");
+    ExitCode::from(code)
+}

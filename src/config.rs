@@ -1,0 +1,366 @@
+//! Settings: clap flags, each with an environment variable, resolved once into [`ServiceConfig`].
+//!
+//! EdgeTag's hosts come from the `--environment` preset (sandbox or production) and each URL can be
+//! overridden, so tests and other OAuth 2.0 servers work too. Missing or unsafe settings stop the
+//! process with one line naming both the flag and the variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+use secrecy::SecretString;
+use url::Url;
+
+use crate::{broker::BrokerConfig, oauth::ProviderConfig};
+
+/// Which EdgeTag deployment to talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Environment {
+    Sandbox,
+    Production,
+}
+
+impl Environment {
+    /// (browser host, API host) from EdgeTag's documentation.
+    fn hosts(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Sandbox => (
+                "https://app-sandbox.edgetag.io",
+                "https://api-sandbox.edgetag.io",
+            ),
+            Self::Production => ("https://app.edgetag.io", "https://api.edgetag.io"),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Command-line and environment settings of the server.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address to serve gRPC on (health and reflection included).
+    #[arg(
+        long,
+        env = "CREDENTIAL_SERVICE_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded sled database (created with mode 0700).
+    #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// EdgeTag deployment whose hosts the URLs default to.
+    #[arg(long, env = "EDGETAG_ENVIRONMENT", value_enum, default_value_t = Environment::Sandbox)]
+    pub environment: Environment,
+
+    /// Full URL of the authorize page [default: {UI host}/oauth/app/login].
+    #[arg(long, env = "EDGETAG_AUTHORIZE_URL")]
+    pub authorize_url: Option<Url>,
+
+    /// Full URL of the token endpoint [default: {API host}/v1/oauth-app/client/token].
+    #[arg(long, env = "EDGETAG_TOKEN_URL")]
+    pub token_url: Option<Url>,
+
+    /// Full URL of the revocation endpoint [default: {API host}/v1/oauth-app/client/revoke].
+    #[arg(long, env = "EDGETAG_REVOKE_URL")]
+    pub revoke_url: Option<Url>,
+
+    /// The OAuth app's client id (required).
+    #[arg(long, env = "EDGETAG_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// File holding the OAuth app's client secret. Alternatively put the secret itself in
+    /// EDGETAG_CLIENT_SECRET (never on the command line, where `ps` shows it).
+    #[arg(long, env = "EDGETAG_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+
+    /// Redirect URI registered for the OAuth app; must match it exactly (required).
+    #[arg(long, env = "EDGETAG_REDIRECT_URI")]
+    pub redirect_uri: Option<Url>,
+
+    /// OAuth scope to request (EdgeTag supports only `full`).
+    #[arg(long, env = "EDGETAG_SCOPE", default_value = "full")]
+    pub scope: String,
+
+    /// How long a BeginAuth state stays usable.
+    #[arg(long, env = "CREDENTIAL_SERVICE_STATE_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub state_ttl: Duration,
+
+    /// GetToken refreshes first when the access token expires within this margin.
+    #[arg(long, env = "CREDENTIAL_SERVICE_REFRESH_MARGIN", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub refresh_margin: Duration,
+
+    /// Deadline for each request to EdgeTag, connecting included.
+    #[arg(long, env = "EDGETAG_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Token lifetime assumed when EdgeTag's answer has no `expires_in`.
+    #[arg(long, env = "EDGETAG_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub default_token_lifetime: Duration,
+
+    /// Most requests to EdgeTag's token endpoint in flight at once.
+    #[arg(
+        long,
+        env = "CREDENTIAL_SERVICE_UPSTREAM_CONCURRENCY",
+        default_value_t = 8
+    )]
+    pub upstream_concurrency: usize,
+
+    /// Also send `redirect_uri` in the code exchange, for strict OAuth 2.0 servers (EdgeTag needs none).
+    #[arg(long, env = "EDGETAG_SEND_REDIRECT_URI")]
+    pub send_redirect_uri: bool,
+
+    /// Log format.
+    #[arg(long, env = "CREDENTIAL_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Everything the server needs, checked.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub provider: ProviderConfig,
+    pub broker: BrokerConfig,
+}
+
+/// A setting that is missing or unusable; one line, naming the flag and the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Settings {
+    /// Checks the settings and fills in the environment's defaults. `client_secret_env` is the
+    /// value of EDGETAG_CLIENT_SECRET, passed in so tests need not touch the process environment.
+    pub fn resolve(self, client_secret_env: Option<String>) -> Result<ServiceConfig, ConfigError> {
+        let client_id = self
+            .client_id
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| {
+                ConfigError("missing client id: set --client-id or EDGETAG_CLIENT_ID".into())
+            })?;
+        let client_secret = match (
+            &self.client_secret_file,
+            client_secret_env.filter(|s| !s.is_empty()),
+        ) {
+            (Some(path), _) => {
+                let raw = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read the client secret file {} (--client-secret-file / EDGETAG_CLIENT_SECRET_FILE): {e}", path.display()))
+                })?;
+                let secret = raw.trim();
+                if secret.is_empty() {
+                    return Err(ConfigError(format!(
+                        "the client secret file {} is empty",
+                        path.display()
+                    )));
+                }
+                SecretString::from(secret)
+            }
+            (None, Some(secret)) => SecretString::from(secret),
+            (None, None) => {
+                return Err(ConfigError(
+                    "missing client secret: set --client-secret-file or EDGETAG_CLIENT_SECRET_FILE (or EDGETAG_CLIENT_SECRET)"
+                        .into(),
+                ));
+            }
+        };
+        let redirect_uri = self.redirect_uri.ok_or_else(|| {
+            ConfigError("missing redirect URI: set --redirect-uri or EDGETAG_REDIRECT_URI".into())
+        })?;
+
+        let (ui, api) = self.environment.hosts();
+        let preset = |base: &str, path: &str| {
+            Url::parse(&format!("{base}{path}")).expect("preset URLs are valid")
+        };
+        let authorize_url = self
+            .authorize_url
+            .unwrap_or_else(|| preset(ui, "/oauth/app/login"));
+        let token_url = self
+            .token_url
+            .unwrap_or_else(|| preset(api, "/v1/oauth-app/client/token"));
+        let revoke_url = self
+            .revoke_url
+            .unwrap_or_else(|| preset(api, "/v1/oauth-app/client/revoke"));
+        require_https(&authorize_url, "--authorize-url / EDGETAG_AUTHORIZE_URL")?;
+        require_https(&token_url, "--token-url / EDGETAG_TOKEN_URL")?;
+        require_https(&revoke_url, "--revoke-url / EDGETAG_REVOKE_URL")?;
+
+        for (value, name) in [
+            (self.state_ttl, "--state-ttl / CREDENTIAL_SERVICE_STATE_TTL"),
+            (
+                self.upstream_timeout,
+                "--upstream-timeout / EDGETAG_REQUEST_TIMEOUT",
+            ),
+            (
+                self.default_token_lifetime,
+                "--default-token-lifetime / EDGETAG_DEFAULT_TOKEN_LIFETIME",
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{name} must be longer than zero")));
+            }
+        }
+        if self.upstream_concurrency == 0 {
+            return Err(ConfigError(
+                "--upstream-concurrency / CREDENTIAL_SERVICE_UPSTREAM_CONCURRENCY must be at least 1".into(),
+            ));
+        }
+
+        Ok(ServiceConfig {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            provider: ProviderConfig {
+                authorize_url,
+                token_url,
+                revoke_url,
+                client_id,
+                client_secret,
+                redirect_uri,
+                scope: self.scope,
+                request_timeout: self.upstream_timeout,
+                default_token_lifetime: self.default_token_lifetime,
+                send_redirect_uri: self.send_redirect_uri,
+            },
+            broker: BrokerConfig {
+                state_ttl: self.state_ttl,
+                refresh_margin: self.refresh_margin,
+                upstream_concurrency: self.upstream_concurrency,
+            },
+        })
+    }
+}
+
+/// Credentials travel to these URLs, so plain HTTP is allowed only to this machine.
+fn require_https(url: &Url, name: &str) -> Result<(), ConfigError> {
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(ConfigError(format!(
+            "{name} must be an https:// URL (plain http only to loopback): {url}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut argv = vec!["credential-service"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().settings
+    }
+
+    const REQUIRED: [&str; 4] = [
+        "--client-id",
+        "cid",
+        "--redirect-uri",
+        "https://ops.example.com/cb",
+    ];
+
+    #[test]
+    fn sandbox_is_the_default_and_production_switches_every_host() {
+        let c = settings(&REQUIRED).resolve(Some("s3cret".into())).unwrap();
+        assert_eq!(
+            c.provider.authorize_url.as_str(),
+            "https://app-sandbox.edgetag.io/oauth/app/login"
+        );
+        assert_eq!(
+            c.provider.token_url.as_str(),
+            "https://api-sandbox.edgetag.io/v1/oauth-app/client/token"
+        );
+        assert_eq!(c.provider.client_secret.expose_secret(), "s3cret");
+        assert_eq!(c.broker.state_ttl, Duration::from_secs(600));
+        assert_eq!(c.broker.refresh_margin, Duration::from_secs(300));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+
+        let mut args = REQUIRED.to_vec();
+        args.extend(["--environment", "production", "--state-ttl", "90s"]);
+        let c = settings(&args).resolve(Some("s".into())).unwrap();
+        assert_eq!(
+            c.provider.authorize_url.as_str(),
+            "https://app.edgetag.io/oauth/app/login"
+        );
+        assert_eq!(
+            c.provider.token_url.as_str(),
+            "https://api.edgetag.io/v1/oauth-app/client/token"
+        );
+        assert_eq!(
+            c.provider.revoke_url.as_str(),
+            "https://api.edgetag.io/v1/oauth-app/client/revoke"
+        );
+        assert_eq!(c.broker.state_ttl, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn missing_settings_name_flag_and_variable() {
+        let e = settings(&[])
+            .resolve(Some("s".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--client-id") && e.contains("EDGETAG_CLIENT_ID"),
+            "{e}"
+        );
+        let e = settings(&REQUIRED).resolve(None).unwrap_err().to_string();
+        assert!(
+            e.contains("--client-secret-file") && e.contains("EDGETAG_CLIENT_SECRET_FILE"),
+            "{e}"
+        );
+        let e = settings(&["--client-id", "c"])
+            .resolve(Some("s".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--redirect-uri") && e.contains("EDGETAG_REDIRECT_URI"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_file_is_read_and_trimmed_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "file-secret\n").unwrap();
+        let mut args = REQUIRED.to_vec();
+        let p = path.to_str().unwrap();
+        args.extend(["--client-secret-file", p]);
+        let c = settings(&args).resolve(Some("env-secret".into())).unwrap();
+        assert_eq!(c.provider.client_secret.expose_secret(), "file-secret");
+        assert!(!format!("{c:?}").contains("file-secret"));
+    }
+
+    #[test]
+    fn credentials_never_go_over_plain_http_except_to_loopback() {
+        let mut args = REQUIRED.to_vec();
+        args.extend(["--token-url", "http://api.example.com/token"]);
+        let e = settings(&args)
+            .resolve(Some("s".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--token-url") && e.contains("https"), "{e}");
+        let mut args = REQUIRED.to_vec();
+        args.extend(["--token-url", "http://127.0.0.1:9/token"]);
+        assert!(settings(&args).resolve(Some("s".into())).is_ok());
+    }
+}

@@ -1,0 +1,37 @@
+//! # credential-service
+//!
+//! Holds EdgeTag OAuth 2.0 credentials for a company's internal systems and hands out currently
+//! valid access tokens over gRPC. Operators connect an account with BeginAuth → (browser approval)
+//! → CompleteAuth; internal services call GetToken.
+//!
+//! # Layout
+//! The data's path runs top to bottom; each module knows only those below it.
+//! - [`server`]: `run(listener, config, clock, shutdown)`: health, reflection, the service, upkeep.
+//! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
+//! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh.
+//! - [`oauth`]: PKCE, the authorize URL, the token endpoint and its answers, classified once.
+//! - [`store`]: the sled database: pending states and token sets, flushed before every reply.
+//! - [`tokens`]: the domain records (token set, account record, pending authorization).
+//! - [`account`]: [`account::AccountId`], obtainable only by parsing.
+//! - [`error`]: the domain error and its one mapping to gRPC status codes.
+//! - [`config`]: clap settings with environment variables, EdgeTag presets.
+//! - [`clock`]: wall-clock time with a test hook.
+//! - [`telemetry`]: log set-up.
+//! - [`dev`]: `--dev` mode: fake EdgeTag, temporary data, a banner with the commands to try.
+//! - [`fake_provider`]: a strict fake EdgeTag for tests, `--dev` mode and the `fake-edgetag` binary.
+//! - [`proto`]: generated code and the reflection descriptor set.
+
+pub mod account;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod fake_provider;
+pub mod oauth;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod tokens;

@@ -1,0 +1,126 @@
+//! Assembles the service and serves it: store, provider client, broker, the gRPC service with
+//! health and reflection (v1 and v1alpha, for grpcurl 1.8), background upkeep and graceful shutdown.
+
+use std::{future::Future, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::{Server, server::TcpIncoming};
+
+use crate::{
+    broker::Broker,
+    clock::Clock,
+    config::ServiceConfig,
+    oauth::ProviderClient,
+    proto::{self, credential_service_server::CredentialServiceServer},
+    service::CredentialApi,
+    store::{Store, StoreError},
+};
+
+/// Requests are tiny (an account name, a code and a state); anything bigger is refused unread.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build the HTTP client for EdgeTag: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves, then finishes in-flight calls, flushes the store
+/// and returns. Tests call this with a port-0 listener and a [`Clock::manual`].
+pub async fn run(
+    listener: TcpListener,
+    config: ServiceConfig,
+    clock: Clock,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let store = Store::open(&config.data_dir)?;
+    let provider = ProviderClient::new(config.provider)?;
+    let state_ttl = config.broker.state_ttl;
+    let broker = Broker::new(store.clone(), provider, clock.clone(), config.broker)?;
+    tracing::info!(
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        data_dir = %config.data_dir.display(),
+        accounts = broker.account_count(),
+        "credential-service serving"
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CredentialServiceServer<CredentialApi>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let api = CredentialServiceServer::new(CredentialApi::new(broker))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    let purge = tokio::spawn(purge_pending(store.clone(), clock, state_ttl));
+    let shutdown = async {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight calls");
+        health
+            .set_not_serving::<CredentialServiceServer<CredentialApi>>()
+            .await;
+    };
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(api)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    purge.abort();
+    store.flush().await?;
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Deletes expired pending authorizations now and then; they could never complete anyway.
+async fn purge_pending(store: Store, clock: Clock, state_ttl: Duration) {
+    let period = state_ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store.purge_expired_pending(clock.now()) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "expired pending authorizations removed"),
+            Err(e) => tracing::warn!(error = %e, "purging expired pending authorizations failed"),
+        }
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
