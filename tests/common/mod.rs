@@ -1,0 +1,227 @@
+//! Test harness: the real server on an ephemeral loopback port with a temporary data directory,
+//! in front of the strict fake EdgeTag, and typed helpers for the calls tests make.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use credential_service::{
+    broker::BrokerConfig,
+    clock::Clock,
+    config::ServiceConfig,
+    fake_provider::{FakeConfig, FakeEdgeTag},
+    oauth::ProviderConfig,
+    proto::{
+        BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
+        GetTokenRequest, GetTokenResponse, credential_service_client::CredentialServiceClient,
+    },
+    server::{self, ServeError},
+};
+use tempfile::TempDir;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{Code, Status, transport::Channel};
+use url::Url;
+
+pub const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
+
+/// Knobs a test may turn; everything else is the production default.
+#[derive(Clone)]
+pub struct Options {
+    pub broker: BrokerConfig,
+    pub request_timeout: Duration,
+    pub default_token_lifetime: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            broker: BrokerConfig::default(),
+            request_timeout: Duration::from_secs(2),
+            default_token_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One running service. Dropping it stops the server without waiting; [`TestApp::stop`] waits.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: CredentialServiceClient<Channel>,
+    pub fake: Arc<FakeEdgeTag>,
+    pub clock: Clock,
+    pub data_dir: Arc<TempDir>,
+    pub options: Options,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+pub fn fake_config(clock: &Clock) -> FakeConfig {
+    FakeConfig {
+        redirect_uris: vec![REDIRECT_URI.to_owned()],
+        clock: clock.clone(),
+        ..FakeConfig::default()
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> Self {
+        let clock = Clock::manual();
+        let fake = Arc::new(
+            FakeEdgeTag::start(fake_config(&clock))
+                .await
+                .expect("fake EdgeTag starts"),
+        );
+        let data_dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start(fake, clock, data_dir, options).await
+    }
+
+    /// Starts a server on an existing fake, clock and data directory.
+    pub async fn start(
+        fake: Arc<FakeEdgeTag>,
+        clock: Clock,
+        data_dir: Arc<TempDir>,
+        options: Options,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = service_config(&fake, data_dir.path().to_owned(), &options);
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(server::run(listener, config, clock.clone(), async {
+            let _ = rx.await;
+        }));
+        let client = CredentialServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("server accepts");
+        Self {
+            addr,
+            client,
+            fake,
+            clock,
+            data_dir,
+            options,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    /// Graceful stop; returns what a restart needs.
+    pub async fn stop(mut self) -> (Arc<FakeEdgeTag>, Clock, Arc<TempDir>, Options) {
+        self.shutdown.take().unwrap().send(()).ok();
+        self.server
+            .take()
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("server stops cleanly");
+        (
+            self.fake.clone(),
+            self.clock.clone(),
+            self.data_dir.clone(),
+            self.options.clone(),
+        )
+    }
+
+    /// Stops and starts again on the same data directory, clock and fake.
+    pub async fn restart(self) -> Self {
+        let (fake, clock, data_dir, options) = self.stop().await;
+        Self::start(fake, clock, data_dir, options).await
+    }
+
+    pub async fn begin(&self, account: &str) -> Result<BeginAuthResponse, Status> {
+        self.client
+            .clone()
+            .begin_auth(BeginAuthRequest {
+                account: account.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn complete(&self, code: &str, state: &str) -> Result<CompleteAuthResponse, Status> {
+        self.client
+            .clone()
+            .complete_auth(CompleteAuthRequest {
+                code: code.into(),
+                state: state.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn get_token(&self, account: &str) -> Result<GetTokenResponse, Status> {
+        self.client
+            .clone()
+            .get_token(GetTokenRequest {
+                account: account.into(),
+                min_validity: None,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// BeginAuth, approval at the fake (as the browser would), returns (code, state).
+    pub async fn authorize(&self, account: &str) -> (String, String) {
+        let begun = self.begin(account).await.expect("BeginAuth");
+        let redirect = self
+            .fake
+            .approve(&begun.authorize_url)
+            .await
+            .expect("the fake approves");
+        assert_eq!(redirect.state, begun.state);
+        (redirect.code, redirect.state)
+    }
+
+    /// The whole connect flow for one account.
+    pub async fn connect(&self, account: &str) -> CompleteAuthResponse {
+        let (code, state) = self.authorize(account).await;
+        self.complete(&code, &state).await.expect("CompleteAuth")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) -> ServiceConfig {
+    let url = |s: String| Url::parse(&s).unwrap();
+    ServiceConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir,
+        provider: ProviderConfig {
+            authorize_url: url(fake.authorize_url()),
+            token_url: url(fake.token_url()),
+            revoke_url: url(fake.revoke_url()),
+            client_id: fake.config().client_id.clone(),
+            client_secret: fake.config().client_secret.clone().into(),
+            redirect_uri: url(REDIRECT_URI.to_owned()),
+            scope: "full".into(),
+            request_timeout: options.request_timeout,
+            default_token_lifetime: options.default_token_lifetime,
+            send_redirect_uri: false,
+        },
+        broker: options.broker.clone(),
+    }
+}
+
+/// Asserts the status code and that the message contains `needle`.
+#[track_caller]
+pub fn assert_status(
+    result: Result<impl std::fmt::Debug, Status>,
+    code: Code,
+    needle: &str,
+) -> Status {
+    let status = result.expect_err("expected an error status");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "{:?} lacks {needle:?}",
+        status.message()
+    );
+    status
+}

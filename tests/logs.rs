@@ -1,0 +1,95 @@
+//! No secret reaches the logs: capture everything at TRACE level (every crate, ours and the HTTP
+//! stacks) over the full flow, a refresh, rotation and the error paths, then search for secrets.
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use common::TestApp;
+use credential_service::fake_provider::Fault;
+use tracing_subscriber::fmt::MakeWriter;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn no_secret_appears_in_trace_logs() {
+    let capture = Capture::default();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(capture.clone())
+        .with_ansi(false)
+        .init();
+
+    let app = TestApp::spawn_with(common::Options {
+        request_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let mut secrets = vec![
+        app.fake.config().client_secret.clone(),
+        STANDARD.encode(format!(
+            "{}:{}",
+            app.fake.config().client_id,
+            app.fake.config().client_secret
+        )),
+    ];
+
+    let (code, state) = app.authorize("acme").await;
+    app.fake
+        .push_faults([Fault::ServiceUnavailable, Fault::HtmlPage]);
+    assert!(app.complete(&code, &state).await.is_err());
+    assert!(app.complete(&code, &state).await.is_err());
+    app.complete(&code, &state).await.unwrap();
+    assert!(app.complete(&code, &state).await.is_err());
+    secrets.push(code);
+    secrets.push(state);
+
+    let first = app.get_token("acme").await.unwrap().access_token;
+    app.clock.advance(Duration::from_secs(7200));
+    let second = app.get_token("acme").await.unwrap().access_token;
+    secrets.extend([first, second]);
+    secrets.extend(app.fake.issued_refresh_tokens());
+    secrets.extend(app.fake.received_code_verifiers());
+    app.fake.revoke_all_refresh_tokens();
+    app.clock.advance(Duration::from_secs(7200));
+    assert!(app.get_token("acme").await.is_err());
+    drop(app);
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("CompleteAuth") && logs.contains("acme"),
+        "the capture saw the flow"
+    );
+    assert!(secrets.len() >= 8);
+    for secret in &secrets {
+        assert!(!secret.is_empty());
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret leaked into the logs: {}...",
+            &secret[..4]
+        );
+    }
+}

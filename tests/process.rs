@@ -1,0 +1,204 @@
+//! The real binary as operators run it: configuration errors, the data-directory lock, graceful
+//! shutdown on SIGTERM, and `--dev` mode driven exactly as the README's banner says.
+
+use std::{process::Stdio, time::Duration};
+
+use credential_service::proto::{
+    BeginAuthRequest, CompleteAuthRequest, GetTokenRequest,
+    credential_service_client::CredentialServiceClient,
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStderr, Command},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_credential-service");
+
+fn service(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Reads stderr until a line contains `needle`; returns that line. Fails if the process ends first.
+async fn wait_for_line(lines: &mut Lines<BufReader<ChildStderr>>, needle: &str) -> String {
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("stderr ended before a line with {needle:?}");
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the line appears")
+}
+
+/// The address from the "serving" log line.
+fn serving_addr(line: &str) -> String {
+    line.split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Starts a server with a fake-free but complete configuration on port 0; returns it, its stderr
+/// and its address.
+async fn start_real(data_dir: &std::path::Path) -> (Child, Lines<BufReader<ChildStderr>>, String) {
+    let mut child = service(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--client-id",
+        "cid",
+        "--redirect-uri",
+        "https://ops.example.com/cb",
+    ])
+    .env("EDGETAG_CLIENT_SECRET", "s3cret")
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = wait_for_line(&mut lines, "credential-service serving").await;
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    (child, lines, addr)
+}
+
+#[tokio::test]
+async fn missing_settings_exit_2_with_one_line_naming_flag_and_variable() {
+    let out = service(&[]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--client-id") && err.contains("EDGETAG_CLIENT_ID"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_directory_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _lines, _addr) = start_real(dir.path()).await;
+    let out = service(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--client-id",
+        "cid",
+        "--redirect-uri",
+        "https://ops.example.com/cb",
+    ])
+    .env("EDGETAG_CLIENT_SECRET", "s3cret")
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("in use by another credential-service process"),
+        "{err}"
+    );
+    first.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_finishes_gracefully_with_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, mut lines, addr) = start_real(dir.path()).await;
+    let mut client = CredentialServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .begin_auth(BeginAuthRequest {
+            account: "acme".into(),
+        })
+        .await
+        .unwrap();
+
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    wait_for_line(&mut lines, "stopped").await;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
+    let mut child = service(&["--dev", "--listen", "127.0.0.1:0"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    wait_for_line(&mut lines, "DEV MODE").await;
+    wait_for_line(&mut lines, "CredentialService/GetToken").await;
+    let addr = serving_addr(&wait_for_line(&mut lines, "credential-service serving").await);
+
+    let mut client = CredentialServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let begun = client
+        .begin_auth(BeginAuthRequest {
+            account: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // What `curl -s -o /dev/null -w '%{redirect_url}'` shows: the fake's redirect with code and state.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let answer = http.get(&begun.authorize_url).send().await.unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::FOUND);
+    let location = url::Url::parse(answer.headers()["location"].to_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+    assert_eq!(q["state"], begun.state);
+
+    let done = client
+        .complete_auth(CompleteAuthRequest {
+            code: q["code"].clone(),
+            state: q["state"].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.account, "acme");
+    let token = client
+        .get_token(GetTokenRequest {
+            account: "acme".into(),
+            min_validity: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!token.access_token.is_empty());
+    assert_eq!(token.token_type, "Bearer");
+    child.kill().await.unwrap();
+}
