@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -91,6 +91,8 @@ struct Slot {
     inflight: Mutex<Option<Inflight>>,
     /// Serialises persist-and-publish of this account (a refresh against a CompleteAuth).
     write: tokio::sync::Mutex<()>,
+    /// Set, under `write`, when the account is removed: a stale handle must not write it back.
+    removed: AtomicBool,
 }
 
 /// The shared result of one refresh: the record it produced, or why it failed.
@@ -108,7 +110,35 @@ enum RefreshFailure {
     NeedsReauth,
     ClientRejected,
     Store(Arc<StoreError>),
+    Removed,
     Panicked,
+}
+
+impl RefreshFailure {
+    fn into_error(self, account: &AccountId) -> Error {
+        match self {
+            Self::Upstream(cause) => Error::ProviderUnavailable(cause),
+            Self::NeedsReauth => Error::NeedsReauth(account.clone()),
+            Self::ClientRejected => Error::ClientCredentialsRejected,
+            Self::Store(e) => {
+                tracing::error!(account = %account, error = %e, "could not persist a refreshed token set");
+                Error::Internal("could not persist a refreshed token set")
+            }
+            Self::Removed => Error::UnknownAccount(account.clone()),
+            Self::Panicked => Error::Internal("refresh task failed"),
+        }
+    }
+}
+
+/// How RemoveAccount ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Revoked at the provider (or unknown there), then deleted here.
+    Revoked,
+    /// Deleted here although the provider could not be told (forced).
+    RemovedWithoutRevocation,
+    /// There was no such account.
+    NotFound,
 }
 
 static NEXT_REFRESH_ID: AtomicU64 = AtomicU64::new(1);
@@ -220,15 +250,19 @@ impl Broker {
             None,
         );
         let record = Arc::new(AccountRecord::connected(tokens));
-        let slot = inner
-            .accounts
-            .entry(pending.account.clone())
-            .or_insert_with(|| Arc::new(Slot::new((*record).clone())))
-            .clone();
-        {
+        loop {
+            let slot = inner
+                .accounts
+                .entry(pending.account.clone())
+                .or_insert_with(|| Arc::new(Slot::new((*record).clone())))
+                .clone();
             let _write = slot.write.lock().await;
+            if slot.removed.load(Ordering::Acquire) {
+                continue; // removed while we waited: a fresh slot takes the record
+            }
             inner.store.put_account(&pending.account, &record).await?;
             slot.record.store(record.clone());
+            break;
         }
         tracing::info!(account = %pending.account, "account connected");
         Ok((pending.account, record.tokens.clone()))
@@ -241,12 +275,7 @@ impl Broker {
         account: &AccountId,
         min_validity: Duration,
     ) -> Result<Arc<TokenSet>, Error> {
-        let slot = self
-            .inner
-            .accounts
-            .get(account)
-            .map(|s| Arc::clone(s.value()))
-            .ok_or_else(|| Error::UnknownAccount(account.clone()))?;
+        let slot = self.slot(account)?;
         let record = slot.record.load();
         if record.status == AccountStatus::Active && self.fresh_enough(&record.tokens, min_validity)
         {
@@ -297,22 +326,110 @@ impl Broker {
                         cause,
                     });
                 }
-                Err(RefreshFailure::NeedsReauth) => {
-                    return Err(Error::NeedsReauth(account.clone()));
-                }
-                Err(RefreshFailure::ClientRejected) => {
-                    return Err(Error::ClientCredentialsRejected);
-                }
-                Err(RefreshFailure::Store(e)) => {
-                    tracing::error!(account = %account, error = %e, "could not persist a refreshed token set");
-                    return Err(Error::Internal("could not persist a refreshed token set"));
-                }
-                Err(RefreshFailure::Panicked) => {
-                    return Err(Error::Internal("refresh task failed"));
-                }
+                Err(failure) => return Err(failure.into_error(account)),
             }
         }
         Err(Error::ValidityNotReached(account.clone()))
+    }
+
+    /// Every account with its current record, sorted by name (for operators; no disk reads).
+    pub fn list(&self) -> Vec<(AccountId, Arc<AccountRecord>)> {
+        let mut all: Vec<_> = self
+            .inner
+            .accounts
+            .iter()
+            .map(|e| (e.key().clone(), e.value().record.load_full()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// One account's current record.
+    pub fn describe(&self, account: &AccountId) -> Result<Arc<AccountRecord>, Error> {
+        self.slot(account).map(|s| s.record.load_full())
+    }
+
+    /// Whether a refresh of `account` is running now.
+    pub fn is_refreshing(&self, account: &AccountId) -> bool {
+        self.slot(account).is_ok_and(|s| {
+            s.inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+        })
+    }
+
+    /// Refreshes now, however fresh the token is (an operator's "refresh"). Joins a refresh
+    /// already in flight instead of starting a second one.
+    pub async fn refresh_now(&self, account: &AccountId) -> Result<Arc<TokenSet>, Error> {
+        let slot = self.slot(account)?;
+        let current = slot.record.load_full();
+        if current.status == AccountStatus::NeedsReauth {
+            return Err(Error::NeedsReauth(account.clone()));
+        }
+        match self
+            .refresh_shared(account, &slot, current.tokens.clone())
+            .await
+        {
+            Ok(record) => Ok(record.tokens.clone()),
+            Err(failure) => Err(failure.into_error(account)),
+        }
+    }
+
+    /// Revokes the account's grant at the provider, then forgets the account (durably).
+    /// Idempotent: an unknown account is already removed. A grant the provider refuses to revoke
+    /// as invalid counts as revoked; with `force`, the local deletion happens even when the
+    /// provider cannot be reached.
+    pub async fn remove(&self, account: &AccountId, force: bool) -> Result<Removal, Error> {
+        let Ok(slot) = self.slot(account) else {
+            return Ok(Removal::NotFound);
+        };
+        let _write = slot.write.lock().await;
+        if slot.removed.load(Ordering::Acquire) {
+            return Ok(Removal::NotFound);
+        }
+        let current = slot.record.load_full();
+        let revoked = {
+            let _permit = self
+                .inner
+                .upstream
+                .acquire()
+                .await
+                .map_err(|_| Error::Internal("upstream limiter closed"))?;
+            self.inner
+                .provider
+                .revoke(&current.tokens.access_token)
+                .await
+        };
+        let removal = match revoked {
+            Ok(()) | Err(UpstreamError::InvalidGrant | UpstreamError::Rejected { .. }) => {
+                Removal::Revoked
+            }
+            Err(UpstreamError::InvalidClient { status }) if !force => {
+                log_client_rejected(status);
+                return Err(Error::ClientCredentialsRejected);
+            }
+            Err(e) if !force => return Err(Error::ProviderUnavailable(e)),
+            Err(e) => {
+                tracing::warn!(account = %account, error = %e, "revocation failed; removing locally as forced");
+                Removal::RemovedWithoutRevocation
+            }
+        };
+        self.inner.store.delete_account(account).await?;
+        slot.removed.store(true, Ordering::Release);
+        self.inner
+            .accounts
+            .remove_if(account, |_, s| Arc::ptr_eq(s, &slot));
+        tracing::info!(account = %account, outcome = ?removal, "account removed");
+        Ok(removal)
+    }
+
+    fn slot(&self, account: &AccountId) -> Result<Arc<Slot>, Error> {
+        self.inner
+            .accounts
+            .get(account)
+            .map(|s| Arc::clone(s.value()))
+            .ok_or_else(|| Error::UnknownAccount(account.clone()))
     }
 
     /// Whether `tokens` can be handed out without refreshing first: valid beyond both the caller's
@@ -365,6 +482,7 @@ impl Slot {
             record: ArcSwap::from_pointee(record),
             inflight: Mutex::new(None),
             write: tokio::sync::Mutex::new(()),
+            removed: AtomicBool::new(false),
         }
     }
 }
@@ -398,6 +516,9 @@ async fn refresh_task(
         id,
     };
     let _write = slot.write.lock().await;
+    if slot.removed.load(Ordering::Acquire) {
+        return Err(RefreshFailure::Removed);
+    }
     let current = slot.record.load_full();
     if !Arc::ptr_eq(&current.tokens, &seen) {
         // Replaced meanwhile (CompleteAuth or an earlier refresh): that is the answer.

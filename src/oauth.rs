@@ -360,6 +360,43 @@ impl ProviderClient {
         .await
     }
 
+    /// Revokes the grant behind an access token (EdgeTag: "immediately invalidate users' access").
+    /// EdgeTag documents no response body, so only the status counts.
+    #[tracing::instrument(name = "upstream.revoke", skip_all, err(Display))]
+    pub async fn revoke(&self, access_token: &SecretString) -> Result<(), UpstreamError> {
+        let response = self
+            .http
+            .post(self.config.revoke_url.clone())
+            .basic_auth(
+                &self.config.client_id,
+                Some(self.config.client_secret.expose_secret()),
+            )
+            .form(&[
+                ("token", access_token.expose_secret()),
+                ("token_type_hint", "access_token"),
+            ])
+            .send()
+            .await
+            .map_err(|e| self.classify_transport(&e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_limited(response)
+            .await
+            .map_err(|e| self.classify_transport(&e))?;
+        tracing::debug!(status = status.as_u16(), "revocation endpoint answered");
+        if status.is_success() {
+            return Ok(());
+        }
+        match parse_token_response(status, retry_after.as_deref(), &body) {
+            Err(e) => Err(e),
+            Ok(_) => Err(UpstreamError::Malformed("unexpected revocation answer")),
+        }
+    }
+
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<TokenResponse, UpstreamError> {
         let response = self
             .http

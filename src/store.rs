@@ -144,6 +144,12 @@ impl Store {
         self.flush().await
     }
 
+    /// Deletes an account's record and waits until the deletion is on disk.
+    pub async fn delete_account(&self, account: &AccountId) -> Result<(), StoreError> {
+        self.accounts.remove(account.as_str())?;
+        self.flush().await
+    }
+
     /// Every stored account, for the in-memory cache at start-up.
     pub fn load_accounts(&self) -> Result<Vec<(AccountId, AccountRecord)>, StoreError> {
         self.accounts
