@@ -9,7 +9,11 @@
 use std::{
     fmt, io,
     path::{Path, PathBuf},
-    sync::{Arc, mpsc},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::SystemTime,
 };
 
@@ -44,6 +48,8 @@ pub enum StoreError {
     Corrupt { tree: &'static str, reason: String },
     #[error("the flusher thread has stopped")]
     FlusherGone,
+    #[error("writes are failing on purpose (test hook)")]
+    InjectedFailure,
 }
 
 /// A cheap-to-clone handle on the database.
@@ -52,6 +58,7 @@ pub struct Store {
     pending: sled::Tree,
     accounts: sled::Tree,
     flusher: Arc<Flusher>,
+    fail_writes: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Store {
@@ -84,11 +91,28 @@ impl Store {
             pending,
             accounts,
             flusher,
+            fail_writes: Arc::default(),
         })
+    }
+
+    /// Makes every following write fail until called with `false`: lets tests prove that the
+    /// service fails closed when its disk does. Not for production use.
+    #[doc(hidden)]
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            Err(StoreError::InjectedFailure)
+        } else {
+            Ok(())
+        }
     }
 
     /// Records a pending authorization and waits until it is on disk.
     pub async fn put_pending(&self, state: &str, pending: &PendingAuth) -> Result<(), StoreError> {
+        self.writable()?;
         let record = PendingRecord {
             version: RECORD_VERSION,
             account: pending.account.to_string(),
@@ -139,6 +163,7 @@ impl Store {
         account: &AccountId,
         record: &AccountRecord,
     ) -> Result<(), StoreError> {
+        self.writable()?;
         self.accounts
             .insert(account.as_str(), encode_account(record))?;
         self.flush().await
@@ -146,6 +171,7 @@ impl Store {
 
     /// Deletes an account's record and waits until the deletion is on disk.
     pub async fn delete_account(&self, account: &AccountId) -> Result<(), StoreError> {
+        self.writable()?;
         self.accounts.remove(account.as_str())?;
         self.flush().await
     }
