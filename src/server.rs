@@ -32,18 +32,65 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves on `listener` until `shutdown` resolves, then finishes in-flight calls, flushes the store
-/// and returns. Tests call this with a port-0 listener and a [`Clock::manual`].
+/// The assembled service before it serves: tests reach the broker and the store through it.
+pub struct App {
+    config: ServiceConfig,
+    clock: Clock,
+    store: Store,
+    broker: Broker,
+}
+
+impl App {
+    /// Opens the store and loads every account into memory.
+    pub fn open(config: ServiceConfig, clock: Clock) -> Result<Self, ServeError> {
+        let store = Store::open(&config.data_dir)?;
+        let provider = ProviderClient::new(config.provider.clone())?;
+        let broker = Broker::new(
+            store.clone(),
+            provider,
+            clock.clone(),
+            config.broker.clone(),
+        )?;
+        Ok(Self {
+            config,
+            clock,
+            store,
+            broker,
+        })
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Opens the service and serves on `listener` until `shutdown` resolves (see [`serve`]).
 pub async fn run(
     listener: TcpListener,
     config: ServiceConfig,
     clock: Clock,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let store = Store::open(&config.data_dir)?;
-    let provider = ProviderClient::new(config.provider)?;
-    let state_ttl = config.broker.state_ttl;
-    let broker = Broker::new(store.clone(), provider, clock.clone(), config.broker)?;
+    serve(App::open(config, clock)?, listener, shutdown).await
+}
+
+/// Serves on `listener` until `shutdown` resolves, then finishes in-flight calls, flushes the store
+/// and returns. Tests call this with a port-0 listener and a [`Clock::manual`].
+pub async fn serve(
+    app: App,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let App {
+        config,
+        clock,
+        store,
+        broker,
+    } = app;
     tracing::info!(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         data_dir = %config.data_dir.display(),
@@ -62,10 +109,11 @@ pub async fn run(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let scheduler = tokio::spawn(broker.clone().run_scheduler());
     let api = CredentialServiceServer::new(CredentialApi::new(broker))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
-    let purge = tokio::spawn(purge_pending(store.clone(), clock, state_ttl));
+    let purge = tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl));
     let shutdown = async {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight calls");
@@ -82,6 +130,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     purge.abort();
+    scheduler.abort();
     store.flush().await?;
     served?;
     tracing::info!("stopped");
