@@ -1,19 +1,28 @@
-//! The heart of the service: pending authorizations, the in-memory account cache and single-flight
-//! refresh.
+//! The heart of the service: pending authorizations, the in-memory account cache, single-flight
+//! refresh and the background refresh scheduler.
 //!
 //! GetToken is answered from memory: a concurrent map from account to a slot whose current record
-//! sits behind an [`ArcSwap`], so the hot path takes no lock and copies no secret. When a token is
-//! close to expiry the first caller starts one refresh as a spawned task and every other caller
-//! awaits the same shared result; a caller that goes away does not cancel it. The task persists the
-//! new token set (flushed) before publishing it, then clears the in-flight marker, so the next caller
-//! always sees the stored state.
+//! sits behind an [`ArcSwap`], so the hot path takes no lock and copies no secret. A background
+//! scheduler refreshes each account well before its token enters the refresh margin (20% of the
+//! lifetime left, plus jitter), so callers almost never wait for EdgeTag. When a caller does find a
+//! token inside the margin, the first one starts one refresh as a spawned task and every other
+//! caller awaits the same shared result; a caller that goes away does not cancel it.
+//!
+//! A refresh persists the new token set (flushed) before publishing it, then clears the in-flight
+//! marker, so the next caller always sees the stored state. If the write fails, the new set is kept
+//! in memory but never handed out (the old refresh token may already be dead at the provider), and
+//! the write is retried until it lands. Transient upstream failures are retried with backoff inside a
+//! small budget; after that the account backs off (honouring `Retry-After`) while callers keep getting
+//! the current token as long as it is valid.
+
+mod scheduler;
 
 use std::{
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -22,15 +31,16 @@ use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
+use rand::Rng;
 use secrecy::SecretString;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, broadcast};
 use url::Url;
 
 use crate::{
     account::AccountId,
-    clock::Clock,
+    clock::{Clock, to_unix_ms},
     error::Error,
-    oauth::{Pkce, ProviderClient, UpstreamError, random_token},
+    oauth::{Pkce, ProviderClient, TokenResponse, UpstreamError, random_token},
     store::{Store, StoreError},
     tokens::{AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, TokenSet},
 };
@@ -48,6 +58,8 @@ pub struct BrokerConfig {
     pub refresh_margin: Duration,
     /// Most token-endpoint requests in flight at once, over all accounts.
     pub upstream_concurrency: usize,
+    /// When and how persistently to refresh.
+    pub refresh: RefreshPolicy,
 }
 
 impl Default for BrokerConfig {
@@ -56,6 +68,45 @@ impl Default for BrokerConfig {
             state_ttl: Duration::from_secs(600),
             refresh_margin: Duration::from_secs(300),
             upstream_concurrency: 8,
+            refresh: RefreshPolicy::default(),
+        }
+    }
+}
+
+/// Refresh-ahead timing, retries and back-off.
+#[derive(Debug, Clone)]
+pub struct RefreshPolicy {
+    /// The scheduler refreshes when this fraction of a token's lifetime is left (never later than
+    /// the refresh margin). Blotout advises refreshing at about 80% of the lifetime.
+    pub ahead_fraction: f64,
+    /// Up to this fraction of the lifetime is added at random to the lead, so accounts authorised
+    /// together do not refresh together.
+    pub jitter_fraction: f64,
+    /// How often the scheduler looks for due accounts.
+    pub scan_interval: Duration,
+    /// Tries per refresh for transient failures (connect errors, timeouts, 5xx, 408, 429).
+    pub attempts: u32,
+    /// First pause between tries; doubles each time, with jitter.
+    pub retry_base: Duration,
+    /// Tries stop when the next pause would end beyond this budget.
+    pub retry_budget: Duration,
+    /// After a failed refresh the account waits at least this long before the next one; doubles
+    /// with each further failure up to `backoff_max`, with jitter. `Retry-After` lengthens it.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        Self {
+            ahead_fraction: 0.2,
+            jitter_fraction: 0.05,
+            scan_interval: Duration::from_secs(1),
+            attempts: 3,
+            retry_base: Duration::from_millis(250),
+            retry_budget: Duration::from_secs(5),
+            backoff_base: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(300),
         }
     }
 }
@@ -66,6 +117,36 @@ pub struct Authorization {
     pub authorize_url: Url,
     pub state: String,
     pub expires_at: SystemTime,
+}
+
+/// Something that happened to an account's tokens, for observers (tests, metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshEvent {
+    pub account: AccountId,
+    pub kind: RefreshEventKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshEventKind {
+    /// A new token set is stored and served.
+    Refreshed,
+    /// The refresh failed for a reason that may pass (the account backs off).
+    Failed,
+    /// The provider rejected the refresh token; the account needs a new authorization.
+    NeedsReauth,
+    /// The new token set could not be written; it is held back and the write retried.
+    NotPersisted,
+}
+
+/// How RemoveAccount ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Revoked at the provider (or unknown there), then deleted here.
+    Revoked,
+    /// Deleted here although the provider could not be told (forced).
+    RemovedWithoutRevocation,
+    /// There was no such account.
+    NotFound,
 }
 
 /// Cheap to clone; every clone is the same broker.
@@ -80,13 +161,21 @@ struct Inner {
     clock: Clock,
     config: BrokerConfig,
     accounts: DashMap<AccountId, Arc<Slot>>,
+    /// Caps token-endpoint requests over all accounts.
     upstream: Semaphore,
+    /// Caps background refreshes, so a wave of due accounts never queues ahead of callers.
+    background: Arc<Semaphore>,
+    events: broadcast::Sender<RefreshEvent>,
 }
 
 /// One account in memory.
 struct Slot {
     /// What is stored now. Replaced only after the store has flushed the replacement.
     record: ArcSwap<AccountRecord>,
+    /// When the scheduler should refresh (Unix ms); `i64::MAX` when it never should.
+    due_ms: AtomicI64,
+    /// Failures and back-off; touched only off the hot path.
+    health: Mutex<Health>,
     /// The refresh in flight, if any.
     inflight: Mutex<Option<Inflight>>,
     /// Serialises persist-and-publish of this account (a refresh against a CompleteAuth).
@@ -95,12 +184,22 @@ struct Slot {
     removed: AtomicBool,
 }
 
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    retry_at: Option<SystemTime>,
+    last_error: Option<UpstreamError>,
+    /// A refreshed token set that the store has not accepted yet (fail closed: never served).
+    unpersisted: Option<Arc<AccountRecord>>,
+}
+
 /// The shared result of one refresh: the record it produced, or why it failed.
 type RefreshResult = Result<Arc<AccountRecord>, RefreshFailure>;
+type SharedRefresh = Shared<BoxFuture<'static, RefreshResult>>;
 
 struct Inflight {
     id: u64,
-    result: Shared<BoxFuture<'static, RefreshResult>>,
+    result: SharedRefresh,
 }
 
 /// Why a refresh failed, cloneable so every waiter gets the same answer.
@@ -109,7 +208,8 @@ enum RefreshFailure {
     Upstream(UpstreamError),
     NeedsReauth,
     ClientRejected,
-    Store(Arc<StoreError>),
+    /// The store refused a write (logged where it happened).
+    Store,
     Removed,
     Panicked,
 }
@@ -120,25 +220,11 @@ impl RefreshFailure {
             Self::Upstream(cause) => Error::ProviderUnavailable(cause),
             Self::NeedsReauth => Error::NeedsReauth(account.clone()),
             Self::ClientRejected => Error::ClientCredentialsRejected,
-            Self::Store(e) => {
-                tracing::error!(account = %account, error = %e, "could not persist a refreshed token set");
-                Error::Internal("could not persist a refreshed token set")
-            }
+            Self::Store => Error::Internal("a refreshed token set could not be stored yet"),
             Self::Removed => Error::UnknownAccount(account.clone()),
             Self::Panicked => Error::Internal("refresh task failed"),
         }
     }
-}
-
-/// How RemoveAccount ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Removal {
-    /// Revoked at the provider (or unknown there), then deleted here.
-    Revoked,
-    /// Deleted here although the provider could not be told (forced).
-    RemovedWithoutRevocation,
-    /// There was no such account.
-    NotFound,
 }
 
 static NEXT_REFRESH_ID: AtomicU64 = AtomicU64::new(1);
@@ -151,26 +237,32 @@ impl Broker {
         clock: Clock,
         config: BrokerConfig,
     ) -> Result<Self, StoreError> {
-        let accounts = DashMap::new();
-        for (id, record) in store.load_accounts()? {
-            accounts.insert(id, Arc::new(Slot::new(record)));
+        let cap = config.upstream_concurrency.max(1);
+        let inner = Arc::new(Inner {
+            store,
+            provider,
+            clock,
+            config,
+            accounts: DashMap::new(),
+            upstream: Semaphore::new(cap),
+            background: Arc::new(Semaphore::new(cap)),
+            events: broadcast::channel(16 * 1024).0,
+        });
+        for (id, record) in inner.store.load_accounts()? {
+            let slot = inner.new_slot(record);
+            inner.accounts.insert(id, slot);
         }
-        let upstream = Semaphore::new(config.upstream_concurrency.max(1));
-        Ok(Self {
-            inner: Arc::new(Inner {
-                store,
-                provider,
-                clock,
-                config,
-                accounts,
-                upstream,
-            }),
-        })
+        Ok(Self { inner })
     }
 
     /// How many accounts are held.
     pub fn account_count(&self) -> usize {
         self.inner.accounts.len()
+    }
+
+    /// Refresh outcomes as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<RefreshEvent> {
+        self.inner.events.subscribe()
     }
 
     /// Starts connecting `account`: remembers a fresh PKCE verifier under a fresh state (durably)
@@ -224,9 +316,7 @@ impl Broker {
         let response = match exchanged {
             Ok(response) => response,
             Err(e) => {
-                let retryable =
-                    e.is_transient() || matches!(e, UpstreamError::InvalidClient { .. });
-                if retryable {
+                if e.is_transient() || matches!(e, UpstreamError::InvalidClient { .. }) {
                     // The code was not consumed as far as we know: keep the state for a retry.
                     inner.store.put_pending(state, &pending).await?;
                 }
@@ -254,14 +344,16 @@ impl Broker {
             let slot = inner
                 .accounts
                 .entry(pending.account.clone())
-                .or_insert_with(|| Arc::new(Slot::new((*record).clone())))
+                .or_insert_with(|| inner.new_slot((*record).clone()))
                 .clone();
             let _write = slot.write.lock().await;
             if slot.removed.load(Ordering::Acquire) {
                 continue; // removed while we waited: a fresh slot takes the record
             }
             inner.store.put_account(&pending.account, &record).await?;
-            slot.record.store(record.clone());
+            // A new grant supersedes any failure, back-off or held-back refresh of the old one.
+            *slot.health() = Health::default();
+            inner.publish(&slot, record.clone());
             break;
         }
         tracing::info!(account = %pending.account, "account connected");
@@ -277,7 +369,8 @@ impl Broker {
     ) -> Result<Arc<TokenSet>, Error> {
         let slot = self.slot(account)?;
         let record = slot.record.load();
-        if record.status == AccountStatus::Active && self.fresh_enough(&record.tokens, min_validity)
+        if record.status == AccountStatus::Active
+            && self.inner.fresh_enough(&record.tokens, min_validity)
         {
             return Ok(Arc::clone(&record.tokens));
         }
@@ -291,45 +384,70 @@ impl Broker {
         slot: &Arc<Slot>,
         min_validity: Duration,
     ) -> Result<Arc<TokenSet>, Error> {
-        let record = slot.record.load_full();
-        if record.status == AccountStatus::NeedsReauth {
+        let inner = &self.inner;
+        let mut seen = slot.record.load_full();
+        if seen.status == AccountStatus::NeedsReauth {
             return Err(Error::NeedsReauth(account.clone()));
         }
-        if min_validity > Duration::ZERO && min_validity >= record.tokens.lifetime() {
+        if min_validity > Duration::ZERO && min_validity >= seen.tokens.lifetime() {
             return Err(Error::InvalidArgument(
                 "min_validity is longer than EdgeTag's tokens live; ask for less",
             ));
         }
         // Two rounds at most: a refresh started for someone with a shorter need may not satisfy ours.
-        let mut seen = record.tokens.clone();
         for _ in 0..2 {
-            match self.refresh_shared(account, slot, seen.clone()).await {
-                Ok(record) => {
-                    if self.fresh_enough(&record.tokens, min_validity) {
-                        return Ok(record.tokens.clone());
-                    }
-                    seen = record.tokens.clone();
+            if let Some(cause) = slot.backing_off(inner.clock.now()) {
+                // Do not hammer a failing provider: the scheduler retries when the back-off ends.
+                return self.current_or(account, slot, min_validity, cause);
+            }
+            match inner
+                .start_refresh(account, slot, seen.tokens.clone())
+                .await
+            {
+                Ok(record) if inner.fresh_enough(&record.tokens, min_validity) => {
+                    return Ok(record.tokens.clone());
                 }
+                Ok(record) => seen = record,
                 Err(RefreshFailure::Upstream(cause)) => {
-                    // Provider trouble: the current token is still good if it covers the caller's need.
-                    let current = slot.record.load();
-                    let remaining = current.tokens.remaining(self.inner.clock.now());
-                    if current.status == AccountStatus::Active
-                        && remaining > min_validity
-                        && remaining > Duration::ZERO
-                    {
-                        tracing::warn!(account = %account, error = %cause, "refresh failed; serving the current token");
-                        return Ok(current.tokens.clone());
-                    }
-                    return Err(Error::TokenExpired {
-                        account: account.clone(),
-                        cause,
-                    });
+                    return self.current_or(account, slot, min_validity, cause);
+                }
+                Err(RefreshFailure::Store) => {
+                    // Fail closed: the new tokens are held back, the old ones may still do.
+                    let cause =
+                        UpstreamError::Unreachable("the refreshed token could not be stored yet");
+                    return self
+                        .current_or(account, slot, min_validity, cause)
+                        .map_err(|_| {
+                            Error::Internal("a refreshed token set could not be stored yet")
+                        });
                 }
                 Err(failure) => return Err(failure.into_error(account)),
             }
         }
         Err(Error::ValidityNotReached(account.clone()))
+    }
+
+    /// While a refresh cannot happen, the current token is still the answer if it covers the need.
+    fn current_or(
+        &self,
+        account: &AccountId,
+        slot: &Slot,
+        min_validity: Duration,
+        cause: UpstreamError,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let current = slot.record.load();
+        if current.status == AccountStatus::NeedsReauth {
+            return Err(Error::NeedsReauth(account.clone()));
+        }
+        let remaining = current.tokens.remaining(self.inner.clock.now());
+        if remaining > min_validity && remaining > Duration::ZERO {
+            tracing::debug!(account = %account, error = %cause, "refresh unavailable; serving the current token");
+            return Ok(current.tokens.clone());
+        }
+        Err(Error::TokenExpired {
+            account: account.clone(),
+            cause,
+        })
     }
 
     /// Every account with its current record, sorted by name (for operators; no disk reads).
@@ -351,12 +469,21 @@ impl Broker {
 
     /// Whether a refresh of `account` is running now.
     pub fn is_refreshing(&self, account: &AccountId) -> bool {
-        self.slot(account).is_ok_and(|s| {
-            s.inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
-        })
+        self.slot(account).is_ok_and(|s| s.inflight().is_some())
+    }
+
+    /// Accounts whose refreshed tokens could not be stored yet: unhealthy until the write lands,
+    /// because their old refresh token may already be dead at the provider.
+    pub fn unpersisted_accounts(&self) -> Vec<AccountId> {
+        let mut v: Vec<_> = self
+            .inner
+            .accounts
+            .iter()
+            .filter(|e| e.value().health().unpersisted.is_some())
+            .map(|e| e.key().clone())
+            .collect();
+        v.sort();
+        v
     }
 
     /// Refreshes now, however fresh the token is (an operator's "refresh"). Joins a refresh
@@ -368,7 +495,8 @@ impl Broker {
             return Err(Error::NeedsReauth(account.clone()));
         }
         match self
-            .refresh_shared(account, &slot, current.tokens.clone())
+            .inner
+            .start_refresh(account, &slot, current.tokens.clone())
             .await
         {
             Ok(record) => Ok(record.tokens.clone()),
@@ -431,60 +559,189 @@ impl Broker {
             .map(|s| Arc::clone(s.value()))
             .ok_or_else(|| Error::UnknownAccount(account.clone()))
     }
+}
 
-    /// Whether `tokens` can be handed out without refreshing first: valid beyond both the caller's
-    /// need and the refresh margin. The margin is capped at half the token's lifetime, so a provider
-    /// issuing very short-lived tokens does not cause a refresh on every call.
+impl Inner {
+    fn new_slot(&self, record: AccountRecord) -> Arc<Slot> {
+        let due = self.due_ms(&record);
+        Arc::new(Slot {
+            record: ArcSwap::from_pointee(record),
+            due_ms: AtomicI64::new(due),
+            health: Mutex::new(Health::default()),
+            inflight: Mutex::new(None),
+            write: tokio::sync::Mutex::new(()),
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes `record` the one served (after it is stored) and schedules its background refresh.
+    fn publish(&self, slot: &Slot, record: Arc<AccountRecord>) {
+        slot.due_ms.store(self.due_ms(&record), Ordering::Release);
+        slot.record.store(record);
+    }
+
+    /// When the scheduler should refresh this record: when `ahead_fraction` of the lifetime is left
+    /// (at least the refresh margin) plus random jitter; never for an account that cannot refresh.
+    fn due_ms(&self, record: &AccountRecord) -> i64 {
+        if record.status != AccountStatus::Active || record.tokens.refresh_token.is_none() {
+            return i64::MAX;
+        }
+        let policy = &self.config.refresh;
+        let lifetime = record.tokens.lifetime();
+        let lead = lifetime
+            .mul_f64(policy.ahead_fraction)
+            .max(self.margin(&record.tokens));
+        let jitter = lifetime.mul_f64(policy.jitter_fraction * rand::rng().random::<f64>());
+        let due = record
+            .tokens
+            .expires_at
+            .checked_sub(lead + jitter)
+            .unwrap_or(record.tokens.issued_at);
+        to_unix_ms(due)
+    }
+
+    /// The refresh margin, capped at half the token's lifetime, so a provider issuing very
+    /// short-lived tokens does not cause a refresh on every call.
+    fn margin(&self, tokens: &TokenSet) -> Duration {
+        self.config.refresh_margin.min(tokens.lifetime() / 2)
+    }
+
+    /// Whether `tokens` can be handed out without refreshing first.
     fn fresh_enough(&self, tokens: &TokenSet, min_validity: Duration) -> bool {
-        let margin = self.inner.config.refresh_margin.min(tokens.lifetime() / 2);
-        tokens.remaining(self.inner.clock.now()) > min_validity.max(margin)
+        tokens.remaining(self.clock.now()) > min_validity.max(self.margin(tokens))
     }
 
     /// Joins the refresh in flight for `account`, or starts one. `seen` is the token set the caller
     /// judged too old: if the stored one differs by the time the refresh runs, that one is the answer.
-    async fn refresh_shared(
-        &self,
+    fn start_refresh(
+        self: &Arc<Self>,
         account: &AccountId,
         slot: &Arc<Slot>,
         seen: Arc<TokenSet>,
-    ) -> RefreshResult {
-        let result = {
-            let mut inflight = slot.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            match &*inflight {
-                Some(running) => running.result.clone(),
-                None => {
-                    let id = NEXT_REFRESH_ID.fetch_add(1, Ordering::Relaxed);
-                    let task = tokio::spawn(refresh_task(
-                        self.inner.clone(),
-                        account.clone(),
-                        slot.clone(),
-                        seen,
-                        id,
-                    ));
-                    let result = async move { task.await.unwrap_or(Err(RefreshFailure::Panicked)) }
-                        .boxed()
-                        .shared();
-                    *inflight = Some(Inflight {
-                        id,
-                        result: result.clone(),
-                    });
-                    result
-                }
+    ) -> SharedRefresh {
+        let mut inflight = slot.inflight();
+        if let Some(running) = &*inflight {
+            return running.result.clone();
+        }
+        let id = NEXT_REFRESH_ID.fetch_add(1, Ordering::Relaxed);
+        let task = tokio::spawn(refresh_task(
+            self.clone(),
+            account.clone(),
+            slot.clone(),
+            seen,
+            id,
+        ));
+        let result = async move { task.await.unwrap_or(Err(RefreshFailure::Panicked)) }
+            .boxed()
+            .shared();
+        *inflight = Some(Inflight {
+            id,
+            result: result.clone(),
+        });
+        result
+    }
+
+    /// One refresh request with retries for transient failures, inside the policy's budget.
+    /// Returns when the successful request was sent, for a conservative expiry.
+    async fn refresh_with_retries(
+        &self,
+        refresh_token: &SecretString,
+    ) -> Result<(SystemTime, TokenResponse), UpstreamError> {
+        let policy = &self.config.refresh;
+        let started = Instant::now();
+        let mut pause = policy.retry_base;
+        let mut attempt = 1;
+        loop {
+            let requested_at = self.clock.now();
+            let result = {
+                let Ok(_permit) = self.upstream.acquire().await else {
+                    return Err(UpstreamError::Unreachable("shutting down"));
+                };
+                self.provider.refresh(refresh_token).await
+            };
+            let e = match result {
+                Ok(response) => return Ok((requested_at, response)),
+                Err(e) => e,
+            };
+            let wait = e.retry_after().unwrap_or_else(|| jittered(pause));
+            if !e.is_transient()
+                || attempt >= policy.attempts
+                || started.elapsed() + wait > policy.retry_budget
+            {
+                return Err(e);
             }
-        };
-        result.await
+            tracing::debug!(error = %e, attempt, "transient refresh failure; retrying");
+            tokio::time::sleep(wait).await;
+            pause *= 2;
+            attempt += 1;
+        }
+    }
+
+    /// Notes a failed refresh: back-off grows with each failure and honours `Retry-After`.
+    fn note_failure(
+        &self,
+        slot: &Slot,
+        current: &AccountRecord,
+        error: UpstreamError,
+        at: SystemTime,
+    ) {
+        let policy = &self.config.refresh;
+        {
+            let mut health = slot.health();
+            health.failures = health.failures.saturating_add(1);
+            let exponent = health.failures.saturating_sub(1).min(16);
+            let backoff = policy
+                .backoff_base
+                .saturating_mul(1 << exponent)
+                .min(policy.backoff_max);
+            let wait = jittered(backoff).max(error.retry_after().unwrap_or_default());
+            health.retry_at = Some(at + wait);
+            health.last_error = Some(error);
+        }
+        slot.record.store(Arc::new(AccountRecord {
+            last_refresh: Some(LastRefresh {
+                at,
+                outcome: RefreshOutcome::Failed,
+            }),
+            ..current.clone()
+        }));
+    }
+
+    fn emit(&self, account: &AccountId, kind: RefreshEventKind) {
+        let _ = self.events.send(RefreshEvent {
+            account: account.clone(),
+            kind,
+        });
     }
 }
 
 impl Slot {
-    fn new(record: AccountRecord) -> Self {
-        Self {
-            record: ArcSwap::from_pointee(record),
-            inflight: Mutex::new(None),
-            write: tokio::sync::Mutex::new(()),
-            removed: AtomicBool::new(false),
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn inflight(&self) -> MutexGuard<'_, Option<Inflight>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last failure, while the account is backing off after it.
+    fn backing_off(&self, now: SystemTime) -> Option<UpstreamError> {
+        let health = self.health();
+        match health.retry_at {
+            Some(at) if now < at => Some(
+                health
+                    .last_error
+                    .clone()
+                    .unwrap_or(UpstreamError::Unreachable("backing off")),
+            ),
+            _ => None,
         }
     }
+}
+
+/// Between half and all of `d` ("equal jitter"): spreads retries without ever retrying at once.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::rng().random::<f64>() * 0.5)
 }
 
 /// Clears the slot's in-flight marker when the refresh task ends, however it ends (panics included),
@@ -496,7 +753,7 @@ struct InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        let mut inflight = self.slot.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inflight = self.slot.inflight();
         if inflight.as_ref().is_some_and(|i| i.id == self.id) {
             *inflight = None;
         }
@@ -519,6 +776,23 @@ async fn refresh_task(
     if slot.removed.load(Ordering::Acquire) {
         return Err(RefreshFailure::Removed);
     }
+
+    // Fail closed: a refreshed set the store has not accepted yet goes first; its refresh token is
+    // the live one.
+    let held_back = slot.health().unpersisted.clone();
+    if let Some(record) = held_back {
+        inner
+            .store
+            .put_account(&account, &record)
+            .await
+            .map_err(store_failure)?;
+        *slot.health() = Health::default();
+        inner.publish(&slot, record.clone());
+        tracing::info!("held-back token set stored; serving it");
+        inner.emit(&account, RefreshEventKind::Refreshed);
+        return Ok(record);
+    }
+
     let current = slot.record.load_full();
     if !Arc::ptr_eq(&current.tokens, &seen) {
         // Replaced meanwhile (CompleteAuth or an earlier refresh): that is the answer.
@@ -534,26 +808,27 @@ async fn refresh_task(
         return Err(RefreshFailure::NeedsReauth);
     };
 
-    let requested_at = inner.clock.now();
-    let response = {
-        let Ok(_permit) = inner.upstream.acquire().await else {
-            return Err(RefreshFailure::Panicked);
-        };
-        inner.provider.refresh(&refresh_token).await
-    };
-    match response {
-        Ok(response) => {
-            let tokens = TokenSet::from_response(
-                response,
-                requested_at,
-                inner.provider.config().default_token_lifetime,
-                Some(&refresh_token),
-            );
-            if tokens.expires_at <= current.tokens.expires_at {
-                let e = UpstreamError::Malformed("the new token expires no later than the old one");
-                record_failure(&slot, &current, requested_at);
-                return Err(RefreshFailure::Upstream(e));
-            }
+    let attempted_at = inner.clock.now();
+    let outcome =
+        inner
+            .refresh_with_retries(&refresh_token)
+            .await
+            .and_then(|(requested_at, response)| {
+                let tokens = TokenSet::from_response(
+                    response,
+                    requested_at,
+                    inner.provider.config().default_token_lifetime,
+                    Some(&refresh_token),
+                );
+                if tokens.expires_at <= current.tokens.expires_at {
+                    return Err(UpstreamError::Malformed(
+                        "the new token expires no later than the old one",
+                    ));
+                }
+                Ok((requested_at, tokens))
+            });
+    match outcome {
+        Ok((requested_at, tokens)) => {
             let record = Arc::new(AccountRecord {
                 tokens: Arc::new(tokens),
                 status: AccountStatus::Active,
@@ -562,13 +837,17 @@ async fn refresh_task(
                     outcome: RefreshOutcome::Succeeded,
                 }),
             });
-            inner
-                .store
-                .put_account(&account, &record)
-                .await
-                .map_err(|e| RefreshFailure::Store(Arc::new(e)))?;
-            slot.record.store(record.clone());
+            if let Err(e) = inner.store.put_account(&account, &record).await {
+                tracing::error!(error = %e, "refreshed token set not stored; holding it back and retrying the write");
+                slot.health().unpersisted = Some(record);
+                slot.due_ms.store(0, Ordering::Release); // the scheduler retries the write at once
+                inner.emit(&account, RefreshEventKind::NotPersisted);
+                return Err(RefreshFailure::Store);
+            }
+            *slot.health() = Health::default();
+            inner.publish(&slot, record.clone());
             tracing::info!("access token refreshed");
+            inner.emit(&account, RefreshEventKind::Refreshed);
             Ok(record)
         }
         Err(UpstreamError::InvalidGrant) => {
@@ -576,7 +855,7 @@ async fn refresh_task(
                 tokens: current.tokens.clone(),
                 status: AccountStatus::NeedsReauth,
                 last_refresh: Some(LastRefresh {
-                    at: requested_at,
+                    at: attempted_at,
                     outcome: RefreshOutcome::Failed,
                 }),
             });
@@ -584,35 +863,32 @@ async fn refresh_task(
                 .store
                 .put_account(&account, &record)
                 .await
-                .map_err(|e| RefreshFailure::Store(Arc::new(e)))?;
-            slot.record.store(record);
+                .map_err(store_failure)?;
+            inner.publish(&slot, record);
             tracing::warn!(
                 "EdgeTag rejected the refresh token; the account needs re-authorization (BeginAuth)"
             );
+            inner.emit(&account, RefreshEventKind::NeedsReauth);
             Err(RefreshFailure::NeedsReauth)
         }
-        Err(UpstreamError::InvalidClient { status }) => {
+        Err(e @ UpstreamError::InvalidClient { status }) => {
             log_client_rejected(status);
-            record_failure(&slot, &current, requested_at);
+            inner.note_failure(&slot, &current, e, attempted_at);
+            inner.emit(&account, RefreshEventKind::Failed);
             Err(RefreshFailure::ClientRejected)
         }
         Err(e) => {
             tracing::warn!(error = %e, "refresh failed");
-            record_failure(&slot, &current, requested_at);
+            inner.note_failure(&slot, &current, e.clone(), attempted_at);
+            inner.emit(&account, RefreshEventKind::Failed);
             Err(RefreshFailure::Upstream(e))
         }
     }
 }
 
-/// Notes a failed attempt in memory (for operators); the stored tokens stay as they are.
-fn record_failure(slot: &Slot, current: &AccountRecord, at: SystemTime) {
-    slot.record.store(Arc::new(AccountRecord {
-        last_refresh: Some(LastRefresh {
-            at,
-            outcome: RefreshOutcome::Failed,
-        }),
-        ..current.clone()
-    }));
+fn store_failure(e: StoreError) -> RefreshFailure {
+    tracing::error!(error = %e, "storing a token set failed");
+    RefreshFailure::Store
 }
 
 fn log_client_rejected(status: u16) {

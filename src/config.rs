@@ -10,7 +10,10 @@ use clap::{Args, ValueEnum};
 use secrecy::SecretString;
 use url::Url;
 
-use crate::{broker::BrokerConfig, oauth::ProviderConfig};
+use crate::{
+    broker::{BrokerConfig, RefreshPolicy},
+    oauth::ProviderConfig,
+};
 
 /// Which EdgeTag deployment to talk to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -230,6 +233,7 @@ impl Settings {
                 state_ttl: self.state_ttl,
                 refresh_margin: self.refresh_margin,
                 upstream_concurrency: self.upstream_concurrency,
+                refresh: RefreshPolicy::default(),
             },
         })
     }

@@ -38,7 +38,7 @@ pub enum Error {
     #[error("{0}; retry later")]
     ProviderUnavailable(UpstreamError),
     #[error(
-        "the access token of account {account} has expired and EdgeTag could not renew it ({cause}); retry later"
+        "the access token of account {account} has expired (or expires sooner than asked) and EdgeTag could not renew it ({cause}); retry later"
     )]
     TokenExpired {
         account: AccountId,
