@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use credential_service::{
-    broker::BrokerConfig,
+    broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
     config::ServiceConfig,
     fake_provider::{FakeConfig, FakeEdgeTag},
@@ -14,7 +14,8 @@ use credential_service::{
         BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
         GetTokenRequest, GetTokenResponse, credential_service_client::CredentialServiceClient,
     },
-    server::{self, ServeError},
+    server::{self, App, ServeError},
+    store::Store,
 };
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -34,10 +35,24 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            broker: BrokerConfig::default(),
+            broker: BrokerConfig {
+                refresh: test_policy(),
+                ..BrokerConfig::default()
+            },
             request_timeout: Duration::from_secs(2),
             default_token_lifetime: Duration::from_secs(3600),
         }
+    }
+}
+
+/// The production policy with short real-time pauses, and a scheduler that scans only when a
+/// test calls `broker.refresh_due()`, so upstream call counts are exact.
+pub fn test_policy() -> RefreshPolicy {
+    RefreshPolicy {
+        scan_interval: Duration::from_secs(24 * 3600),
+        retry_base: Duration::from_millis(10),
+        retry_budget: Duration::from_secs(2),
+        ..RefreshPolicy::default()
     }
 }
 
@@ -47,6 +62,8 @@ pub struct TestApp {
     pub client: CredentialServiceClient<Channel>,
     pub fake: Arc<FakeEdgeTag>,
     pub clock: Clock,
+    pub broker: Broker,
+    pub store: Store,
     pub data_dir: Arc<TempDir>,
     pub options: Options,
     shutdown: Option<oneshot::Sender<()>>,
@@ -88,7 +105,9 @@ impl TestApp {
         let addr = listener.local_addr().unwrap();
         let config = service_config(&fake, data_dir.path().to_owned(), &options);
         let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(listener, config, clock.clone(), async {
+        let app = App::open(config, clock.clone()).expect("the service opens");
+        let (broker, store) = (app.broker().clone(), app.store().clone());
+        let server = tokio::spawn(server::serve(app, listener, async {
             let _ = rx.await;
         }));
         let client = CredentialServiceClient::connect(format!("http://{addr}"))
@@ -99,6 +118,8 @@ impl TestApp {
             client,
             fake,
             clock,
+            broker,
+            store,
             data_dir,
             options,
             shutdown: Some(tx),
