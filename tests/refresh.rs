@@ -346,6 +346,11 @@ async fn two_thousand_due_accounts_never_exceed_the_upstream_cap() {
     let started = scheduler.await.unwrap();
     events(&mut events_rx, 2000).await;
     let stats = app.fake.stats();
+    println!(
+        "storm: 2000 due accounts, {} upstream calls ({started} started by the scheduler), peak concurrency {}",
+        stats.token_requests - before,
+        stats.peak_token_concurrency
+    );
     assert_eq!(
         stats.token_requests - before,
         2000,
