@@ -420,3 +420,38 @@ async fn min_validity_forces_a_refresh_and_impossible_values_are_rejected() {
     assert!(longer.expires_at.unwrap().seconds - unix_now(&app) >= 3600);
     assert_status(ask(3 * 3600).await, Code::InvalidArgument, "min_validity");
 }
+
+#[tokio::test]
+async fn redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers() {
+    // EdgeTag's documented exchange carries no redirect_uri; a strict server requires it.
+    let clock = credential_service::clock::Clock::manual();
+    let strict = credential_service::fake_provider::FakeConfig {
+        accept_redirect_uri_in_body: true,
+        ..common::fake_config(&clock)
+    };
+    let fake = std::sync::Arc::new(
+        credential_service::fake_provider::FakeEdgeTag::start(strict)
+            .await
+            .unwrap(),
+    );
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let options = Options {
+        send_redirect_uri: true,
+        ..Options::default()
+    };
+    let app = TestApp::start(fake, clock, dir, options).await;
+    assert_eq!(app.connect("acme").await.account, "acme");
+
+    // The default fake is as strict as EdgeTag's documentation: an extra field is refused.
+    let app = TestApp::spawn_with(Options {
+        send_redirect_uri: true,
+        ..Options::default()
+    })
+    .await;
+    let (code, state) = app.authorize("acme").await;
+    assert_status(
+        app.complete(&code, &state).await,
+        Code::FailedPrecondition,
+        "invalid_request",
+    );
+}

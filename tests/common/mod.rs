@@ -30,6 +30,8 @@ pub struct Options {
     pub broker: BrokerConfig,
     pub request_timeout: Duration,
     pub default_token_lifetime: Duration,
+    /// Send `redirect_uri` in the code exchange (strict OAuth servers).
+    pub send_redirect_uri: bool,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             },
             request_timeout: Duration::from_secs(2),
             default_token_lifetime: Duration::from_secs(3600),
+            send_redirect_uri: false,
         }
     }
 }
@@ -224,7 +227,7 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
             scope: "full".into(),
             request_timeout: options.request_timeout,
             default_token_lifetime: options.default_token_lifetime,
-            send_redirect_uri: false,
+            send_redirect_uri: options.send_redirect_uri,
         },
         broker: options.broker.clone(),
     }
