@@ -377,6 +377,7 @@ pub struct AuthLayer {
 }
 
 impl AuthLayer {
+    /// Checks calls against `callers` (which may be reloaded while the server runs).
     pub fn new(callers: Callers) -> Self {
         Self { callers }
     }

@@ -162,6 +162,7 @@ pub struct KeySettings {
 }
 
 impl KeySettings {
+    /// The key files as the server and `rotate-keys` load them.
     pub fn encryption(&self) -> EncryptionConfig {
         EncryptionConfig {
             key_file: self.encryption_key_file.clone(),
