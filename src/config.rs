@@ -11,8 +11,10 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::{
+    auth::Callers,
     broker::{BrokerConfig, RefreshPolicy},
     oauth::ProviderConfig,
+    sealing::EncryptionConfig,
 };
 
 /// Which EdgeTag deployment to talk to.
@@ -121,6 +123,72 @@ pub struct Settings {
     /// Log format.
     #[arg(long, env = "CREDENTIAL_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// TOML file of the callers allowed in (token hashes or TLS names, roles, account globs);
+    /// re-read on SIGHUP. Without it every call is allowed and only loopback may be listened on.
+    #[arg(long, env = "CREDENTIAL_SERVICE_CALLERS_FILE")]
+    pub callers_file: Option<PathBuf>,
+
+    /// PEM certificate chain to serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) for client certificates (mutual TLS); a caller may then be named by
+    /// its certificate's subject alternative name (`tls_san` in the callers file).
+    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub keys: KeySettings,
+}
+
+/// The encryption keys of the data directory; shared by the server and `rotate-keys`.
+#[derive(Debug, Clone, Args)]
+pub struct KeySettings {
+    /// File with the 32-byte encryption key (base64) that seals stored records
+    /// [default: <data-dir>.key, created on first start].
+    #[arg(long, env = "CREDENTIAL_SERVICE_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+
+    /// Older key file(s) that still open records sealed before a rotation (repeatable;
+    /// comma-separated in the variable).
+    #[arg(
+        long,
+        env = "CREDENTIAL_SERVICE_PREVIOUS_ENCRYPTION_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub previous_encryption_key_file: Vec<PathBuf>,
+}
+
+impl KeySettings {
+    /// The key files as the server and `rotate-keys` load them.
+    pub fn encryption(&self) -> EncryptionConfig {
+        EncryptionConfig {
+            key_file: self.encryption_key_file.clone(),
+            previous_key_files: self.previous_encryption_key_file.clone(),
+        }
+    }
+}
+
+/// The server's TLS material, read at start. `Debug` leaves out the key.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// With it, clients may (not must) present certificates signed by this CA.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Everything the server needs, checked.
@@ -130,6 +198,11 @@ pub struct ServiceConfig {
     pub data_dir: PathBuf,
     pub provider: ProviderConfig,
     pub broker: BrokerConfig,
+    /// Who may call; [`Callers::open`] without a callers file.
+    pub callers: Callers,
+    /// `None`: plaintext gRPC.
+    pub tls: Option<TlsConfig>,
+    pub encryption: EncryptionConfig,
 }
 
 /// A setting that is missing or unusable; one line, naming the flag and the variable.
@@ -214,6 +287,42 @@ impl Settings {
             ));
         }
 
+        let callers = match &self.callers_file {
+            Some(path) => Callers::load(path).map_err(|e| ConfigError(e.to_string()))?,
+            None if !self.listen.ip().is_loopback() => {
+                return Err(ConfigError(format!(
+                    "refusing to listen on {} without a callers file: anyone who can reach it could \
+                     take every token. Set --callers-file / CREDENTIAL_SERVICE_CALLERS_FILE, or listen \
+                     on loopback",
+                    self.listen
+                )));
+            }
+            None => Callers::open(),
+        };
+        let read = |path: &PathBuf, name: &str| {
+            std::fs::read(path).map_err(|e| {
+                ConfigError(format!("cannot read {name} file {}: {e}", path.display()))
+            })
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert_pem: read(cert, "--tls-cert / CREDENTIAL_SERVICE_TLS_CERT")?,
+                key_pem: read(key, "--tls-key / CREDENTIAL_SERVICE_TLS_KEY")?,
+                client_ca_pem: self
+                    .tls_client_ca
+                    .as_ref()
+                    .map(|ca| read(ca, "--tls-client-ca / CREDENTIAL_SERVICE_TLS_CLIENT_CA"))
+                    .transpose()?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError(
+                    "--tls-cert and --tls-key (CREDENTIAL_SERVICE_TLS_CERT, CREDENTIAL_SERVICE_TLS_KEY) go together".into(),
+                ));
+            }
+        };
+        let encryption = self.keys.encryption();
+
         Ok(ServiceConfig {
             listen: self.listen,
             data_dir: self.data_dir,
@@ -235,6 +344,9 @@ impl Settings {
                 upstream_concurrency: self.upstream_concurrency,
                 refresh: RefreshPolicy::default(),
             },
+            callers,
+            tls,
+            encryption,
         })
     }
 }
@@ -352,6 +464,28 @@ mod tests {
         let c = settings(&args).resolve(Some("env-secret".into())).unwrap();
         assert_eq!(c.provider.client_secret.expose_secret(), "file-secret");
         assert!(!format!("{c:?}").contains("file-secret"));
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_callers_file() {
+        let mut args = REQUIRED.to_vec();
+        args.extend(["--listen", "0.0.0.0:50051"]);
+        let e = settings(&args)
+            .resolve(Some("s".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("0.0.0.0:50051") && e.contains("--callers-file"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callers.toml");
+        std::fs::write(&path, "").unwrap();
+        args.extend(["--callers-file", path.to_str().unwrap()]);
+        let c = settings(&args).resolve(Some("s".into())).unwrap();
+        assert!(!c.callers.is_open());
+        let c = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
+        assert!(c.callers.is_open());
     }
 
     #[test]

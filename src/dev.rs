@@ -55,7 +55,9 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
     settings.authorize_url = Some(Url::parse(&fake.authorize_url()).expect("fake URL"));
     settings.token_url = Some(Url::parse(&fake.token_url()).expect("fake URL"));
     settings.revoke_url = Some(Url::parse(&fake.revoke_url()).expect("fake URL"));
-    settings.data_dir = data_dir.path().to_owned();
+    // The data in a subdirectory, so the encryption key created beside it is temporary too.
+    settings.data_dir = data_dir.path().join("data");
+    settings.keys.encryption_key_file = None;
     Ok(DevEnvironment {
         fake,
         data_dir,

@@ -7,10 +7,13 @@
 //! # Layout
 //! The data's path runs top to bottom; each module knows only those below it.
 //! - [`server`]: `run(listener, config, clock, shutdown)`: health, reflection, the service, upkeep.
+//! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
+//! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
 //! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
 //! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh.
 //! - [`oauth`]: PKCE, the authorize URL, the token endpoint and its answers, classified once.
 //! - [`store`]: the sled database: pending states and token sets, flushed before every reply.
+//! - [`sealing`]: encryption at rest (XChaCha20-Poly1305), key files, key ids for rotation.
 //! - [`tokens`]: the domain records (token set, account record, pending authorization).
 //! - [`account`]: [`account::AccountId`], obtainable only by parsing.
 //! - [`error`]: the domain error and its one mapping to gRPC status codes.
@@ -22,6 +25,8 @@
 //! - [`proto`]: generated code and the reflection descriptor set.
 
 pub mod account;
+pub mod audit;
+pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;
@@ -30,6 +35,7 @@ pub mod error;
 pub mod fake_provider;
 pub mod oauth;
 pub mod proto;
+pub mod sealing;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,17 +1,20 @@
-//! Assembles the service and serves it: store, provider client, broker, the gRPC service with
-//! health and reflection (v1 and v1alpha, for grpcurl 1.8), background upkeep and graceful shutdown.
+//! Assembles the service and serves it: keys, store, provider client, broker, the gRPC service
+//! with health and reflection (v1 and v1alpha, for grpcurl 1.8) behind the caller check, optional
+//! TLS, background upkeep, callers-file reload on SIGHUP and graceful shutdown.
 
 use std::{future::Future, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
+    auth::{AuthLayer, Callers},
     broker::Broker,
     clock::Clock,
     config::ServiceConfig,
     oauth::ProviderClient,
     proto::{self, credential_service_server::CredentialServiceServer},
+    sealing::{KeyError, Keyring},
     service::CredentialApi,
     store::{Store, StoreError},
 };
@@ -24,6 +27,12 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 pub enum ServeError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(
+        "refusing to serve on {0} without a callers file: only loopback is safe when every call is allowed"
+    )]
+    OpenOnNetwork(std::net::SocketAddr),
     #[error("cannot build the HTTP client for EdgeTag: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("cannot build the reflection service: {0}")]
@@ -41,9 +50,10 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store and loads every account into memory.
+    /// Loads the encryption keys, opens the store and loads every account into memory.
     pub fn open(config: ServiceConfig, clock: Clock) -> Result<Self, ServeError> {
-        let store = Store::open(&config.data_dir)?;
+        let keys = Keyring::load(&config.encryption, &config.data_dir)?;
+        let store = Store::open(&config.data_dir, keys)?;
         let provider = ProviderClient::new(config.provider.clone())?;
         let broker = Broker::new(
             store.clone(),
@@ -91,9 +101,18 @@ pub async fn serve(
         store,
         broker,
     } = app;
+    let local = listener.local_addr().ok();
+    if let Some(addr) = local
+        && config.callers.is_open()
+        && !addr.ip().is_loopback()
+    {
+        return Err(ServeError::OpenOnNetwork(addr));
+    }
     tracing::info!(
-        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        addr = %local.map(|a| a.to_string()).unwrap_or_default(),
         data_dir = %config.data_dir.display(),
+        tls = config.tls.is_some(),
+        callers = if config.callers.is_open() { "open (no callers file)" } else { "callers file" },
         accounts = broker.account_count(),
         "credential-service serving"
     );
@@ -114,6 +133,7 @@ pub async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
     let purge = tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl));
+    let reload = tokio::spawn(reload_on_sighup(config.callers.clone()));
     let shutdown = async {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight calls");
@@ -122,7 +142,20 @@ pub async fn serve(
             .await;
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut tls_config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            // Optional: bearer-token callers need no certificate; a presented one must verify.
+            tls_config = tls_config
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
+        builder = builder.tls_config(tls_config)?;
+    }
+    let served = builder
+        .layer(AuthLayer::new(config.callers.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -131,6 +164,7 @@ pub async fn serve(
         .await;
     purge.abort();
     scheduler.abort();
+    reload.abort();
     store.flush().await?;
     served?;
     tracing::info!("stopped");
@@ -148,6 +182,24 @@ async fn purge_pending(store: Store, clock: Clock, state_ttl: Duration) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "expired pending authorizations removed"),
             Err(e) => tracing::warn!(error = %e, "purging expired pending authorizations failed"),
+        }
+    }
+}
+
+/// Re-reads the callers file on each SIGHUP, for as long as the server runs.
+async fn reload_on_sighup(callers: Callers) {
+    if callers.is_open() {
+        return;
+    }
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            while hangups.recv().await.is_some() {
+                callers.reload_and_log();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the callers file will not be reloaded")
         }
     }
 }

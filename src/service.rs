@@ -1,5 +1,7 @@
 //! The `credential.v1.CredentialService` gRPC surface: parse requests into domain types, call the
 //! broker, turn its answers into messages and its errors into statuses. Nothing else lives here.
+//! Each handler checks the caller's account (see [`crate::auth`]) before the broker looks the
+//! account up, and leaves one audit event (see [`crate::audit`]).
 
 use std::time::Duration;
 
@@ -8,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     account::AccountId,
+    audit, auth,
     broker::Broker,
     clock::to_timestamp,
     error::Error,
@@ -59,27 +62,56 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<BeginAuthRequest>,
     ) -> Result<Response<BeginAuthResponse>, Status> {
-        let account = parse_account(&request.get_ref().account)?;
-        let auth = self.broker.begin(account).await?;
-        tracing::info!("authorization started");
-        Ok(Response::new(BeginAuthResponse {
-            authorize_url: auth.authorize_url.into(),
-            state: auth.state,
-            expires_at: Some(to_timestamp(auth.expires_at)),
-        }))
+        let caller = auth::caller(request.extensions())?;
+        let account = match parse_account(&request.get_ref().account) {
+            Ok(account) => account,
+            Err(e) => return Err(audited("BeginAuth", caller.name(), "", e.into())),
+        };
+        let result = async {
+            auth::authorize_account(request.extensions(), &account)?;
+            let auth = self.broker.begin(account.clone()).await?;
+            tracing::info!("authorization started");
+            Ok(Response::new(BeginAuthResponse {
+                authorize_url: auth.authorize_url.into(),
+                state: auth.state,
+                expires_at: Some(to_timestamp(auth.expires_at)),
+            }))
+        }
+        .await;
+        audit::record(
+            "BeginAuth",
+            caller.name(),
+            account.as_str(),
+            audit::outcome(&result),
+        );
+        result
     }
 
+    /// Needs the admin role (checked by the auth layer). The account is not known before the
+    /// state is claimed; the admin who called BeginAuth for it was checked against it, and the
+    /// state (random, single use, short-lived) carries that decision.
     #[tracing::instrument(name = "CompleteAuth", skip_all, fields(account = tracing::field::Empty))]
     async fn complete_auth(
         &self,
         request: Request<CompleteAuthRequest>,
     ) -> Result<Response<CompleteAuthResponse>, Status> {
+        let caller = auth::caller(request.extensions())?.clone();
         let CompleteAuthRequest { code, state } = request.into_inner();
-        let (account, tokens) = self.broker.complete(&code, &state).await?;
-        Ok(Response::new(CompleteAuthResponse {
-            account: account.to_string(),
-            expires_at: Some(to_timestamp(tokens.expires_at)),
-        }))
+        match self.broker.complete(&code, &state).await {
+            Ok((account, tokens)) => {
+                audit::record(
+                    "CompleteAuth",
+                    caller.name(),
+                    account.as_str(),
+                    tonic::Code::Ok,
+                );
+                Ok(Response::new(CompleteAuthResponse {
+                    account: account.to_string(),
+                    expires_at: Some(to_timestamp(tokens.expires_at)),
+                }))
+            }
+            Err(e) => Err(audited("CompleteAuth", caller.name(), "", e.into())),
+        }
     }
 
     #[tracing::instrument(name = "GetToken", skip_all, fields(account = tracing::field::Empty))]
@@ -87,16 +119,37 @@ impl CredentialService for CredentialApi {
         &self,
         request: Request<GetTokenRequest>,
     ) -> Result<Response<GetTokenResponse>, Status> {
-        let request = request.get_ref();
-        let account = parse_account(&request.account)?;
-        let min_validity = parse_min_validity(request.min_validity)?;
-        let tokens = self.broker.get_token(&account, min_validity).await?;
-        Ok(Response::new(GetTokenResponse {
-            access_token: tokens.access_token.expose_secret().to_owned(),
-            token_type: tokens.token_type.clone(),
-            expires_at: Some(to_timestamp(tokens.expires_at)),
-        }))
+        let caller = auth::caller(request.extensions())?;
+        let raw = request.get_ref();
+        let account = match parse_account(&raw.account) {
+            Ok(account) => account,
+            Err(e) => return Err(audited("GetToken", caller.name(), "", e.into())),
+        };
+        let result = async {
+            auth::authorize_account(request.extensions(), &account)?;
+            let min_validity = parse_min_validity(raw.min_validity)?;
+            let tokens = self.broker.get_token(&account, min_validity).await?;
+            Ok(Response::new(GetTokenResponse {
+                access_token: tokens.access_token.expose_secret().to_owned(),
+                token_type: tokens.token_type.clone(),
+                expires_at: Some(to_timestamp(tokens.expires_at)),
+            }))
+        }
+        .await;
+        audit::record(
+            "GetToken",
+            caller.name(),
+            account.as_str(),
+            audit::outcome(&result),
+        );
+        result
     }
+}
+
+/// Records a call refused before its account was known, and passes the status on.
+fn audited(method: &str, caller: &str, account: &str, status: Status) -> Status {
+    audit::record(method, caller, account, status.code());
+    status
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Durable state in an embedded sled database: pending authorizations and account token sets.
 //!
 //! Two trees: `pending` (SHA-256 of the state → account, PKCE verifier, expiry) and `accounts`
-//! (account → token set and status). Records are versioned protobuf messages. Every write that a
+//! (account → token set and status). Records are versioned protobuf messages, sealed with the
+//! [`Keyring`] (see [`crate::sealing`]) for their tree and key, so neither tokens nor verifiers
+//! reach the disk in the clear and records cannot be swapped between keys. Every write that a
 //! reply depends on is flushed before the call returns; flushes are batched by one flusher thread
 //! (group commit), which also sidesteps sled 0.34's `flush_async` hang under concurrency
 //! (spacejam/sled#1308). The surface is narrow on purpose, so another store can sit beside it.
@@ -25,6 +27,7 @@ use tokio::sync::oneshot;
 use crate::{
     account::AccountId,
     clock::{from_unix_ms, to_unix_ms},
+    sealing::{Keyring, UnsealError},
     tokens::{AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, TokenSet},
 };
 
@@ -57,8 +60,21 @@ pub enum StoreError {
 pub struct Store {
     pending: sled::Tree,
     accounts: sled::Tree,
+    keys: Keyring,
     flusher: Arc<Flusher>,
     fail_writes: Arc<AtomicBool>,
+}
+
+const PENDING: &str = "pending";
+const ACCOUNTS: &str = "accounts";
+
+/// What [`Store::reseal_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resealed {
+    /// Records that were sealed with a previous key and now are with the current one.
+    pub resealed: usize,
+    /// Records already sealed with the current key.
+    pub current: usize,
 }
 
 impl fmt::Debug for Store {
@@ -68,8 +84,9 @@ impl fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates, mode 0700) the database in `dir`. Fails fast when another process holds it.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates, mode 0700) the database in `dir`, sealing and opening records with
+    /// `keys`. Fails fast when another process holds it.
+    pub fn open(dir: &Path, keys: Keyring) -> Result<Self, StoreError> {
         create_private_dir(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
@@ -84,12 +101,13 @@ impl Store {
                 }
                 other => StoreError::Sled(other),
             })?;
-        let pending = db.open_tree("pending")?;
-        let accounts = db.open_tree("accounts")?;
+        let pending = db.open_tree(PENDING)?;
+        let accounts = db.open_tree(ACCOUNTS)?;
         let flusher = Arc::new(Flusher::start(db.clone()));
         Ok(Self {
             pending,
             accounts,
+            keys,
             flusher,
             fail_writes: Arc::default(),
         })
@@ -119,8 +137,9 @@ impl Store {
             verifier: pending.verifier.expose_secret().to_owned(),
             expires_at_ms: to_unix_ms(pending.expires_at),
         };
-        self.pending
-            .insert(state_key(state), record.encode_to_vec())?;
+        let key = state_key(state);
+        let sealed = self.keys.seal(PENDING, &key, &record.encode_to_vec());
+        self.pending.insert(key, sealed)?;
         self.flush().await
     }
 
@@ -128,10 +147,11 @@ impl Store {
     /// concurrent callers, at most one gets it. The removal is not flushed: if it is lost in a
     /// crash, the provider still refuses the already used code.
     pub fn take_pending(&self, state: &str) -> Result<Option<PendingAuth>, StoreError> {
-        let Some(bytes) = self.pending.remove(state_key(state))? else {
+        let key = state_key(state);
+        let Some(bytes) = self.pending.remove(key)? else {
             return Ok(None);
         };
-        decode_pending(&bytes).map(Some)
+        decode_pending(&self.unseal(PENDING, &key, &bytes)?).map(Some)
     }
 
     /// Deletes pending authorizations that expired before `now`; returns how many.
@@ -140,9 +160,13 @@ impl Store {
         let mut purged = 0;
         for item in self.pending.iter() {
             let (key, bytes) = item?;
-            let expired = match PendingRecord::decode(&*bytes) {
-                Ok(r) => r.expires_at_ms < now_ms,
-                Err(_) => true, // unreadable: it can never complete either
+            let expired = match self
+                .keys
+                .unseal(PENDING, &key, &bytes)
+                .map(|u| PendingRecord::decode(&*u.plaintext))
+            {
+                Ok(Ok(r)) => r.expires_at_ms < now_ms,
+                _ => true, // unreadable: it can never complete either
             };
             // Compare-and-swap so a record replaced meanwhile is not removed by mistake.
             if expired
@@ -164,8 +188,12 @@ impl Store {
         record: &AccountRecord,
     ) -> Result<(), StoreError> {
         self.writable()?;
-        self.accounts
-            .insert(account.as_str(), encode_account(record))?;
+        let sealed = self.keys.seal(
+            ACCOUNTS,
+            account.as_str().as_bytes(),
+            &encode_account(record),
+        );
+        self.accounts.insert(account.as_str(), sealed)?;
         self.flush().await
     }
 
@@ -186,12 +214,67 @@ impl Store {
                     .ok()
                     .and_then(|s| AccountId::parse(s).ok())
                     .ok_or_else(|| StoreError::Corrupt {
-                        tree: "accounts",
+                        tree: ACCOUNTS,
                         reason: "key is not an account name".into(),
                     })?;
-                Ok((name, decode_account(&bytes)?))
+                let plaintext = self
+                    .keys
+                    .unseal(ACCOUNTS, &key, &bytes)
+                    .map_err(|e| StoreError::Corrupt {
+                        tree: ACCOUNTS,
+                        reason: format!("account {name}: {e}"),
+                    })?
+                    .plaintext;
+                Ok((name, decode_account(&plaintext)?))
             })
             .collect()
+    }
+
+    /// Re-seals every record not sealed with the current key, then flushes. Run while the service
+    /// is stopped (sled allows one process); a record that opens with no loaded key stops it.
+    pub async fn reseal_all(&self) -> Result<Resealed, StoreError> {
+        let mut done = Resealed::default();
+        for (name, tree) in [(PENDING, &self.pending), (ACCOUNTS, &self.accounts)] {
+            for item in tree.iter() {
+                let (key, bytes) = item?;
+                let unsealed =
+                    self.keys
+                        .unseal(name, &key, &bytes)
+                        .map_err(|e| StoreError::Corrupt {
+                            tree: name,
+                            reason: match name {
+                                ACCOUNTS => {
+                                    format!("account {}: {e}", String::from_utf8_lossy(&key))
+                                }
+                                _ => e.to_string(),
+                            },
+                        })?;
+                if unsealed.current {
+                    done.current += 1;
+                    continue;
+                }
+                let sealed = self.keys.seal(name, &key, &unsealed.plaintext);
+                // Compare-and-swap: never overwrite a record written meanwhile.
+                if tree
+                    .compare_and_swap(&key, Some(bytes), Some(sealed))?
+                    .is_ok()
+                {
+                    done.resealed += 1;
+                }
+            }
+        }
+        self.flush().await?;
+        Ok(done)
+    }
+
+    fn unseal(&self, tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.keys
+            .unseal(tree, key, bytes)
+            .map(|u| u.plaintext)
+            .map_err(|e: UnsealError| StoreError::Corrupt {
+                tree,
+                reason: e.to_string(),
+            })
     }
 
     /// Waits until everything written so far is durable.
@@ -454,9 +537,10 @@ mod tests {
     #[tokio::test]
     async fn accounts_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
+        let keys = Keyring::ephemeral();
         let acme = AccountId::parse("acme").unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Store::open(dir.path(), keys.clone()).unwrap();
             store
                 .put_account(&acme, &record("at-1", Some("rt-1")))
                 .await
@@ -466,7 +550,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), keys.clone()).unwrap();
         let loaded = store.load_accounts().unwrap();
         assert_eq!(loaded.len(), 2);
         let (id, rec) = &loaded[0];
@@ -485,7 +569,8 @@ mod tests {
     #[tokio::test]
     async fn a_second_process_on_the_same_directory_is_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
+        let keys = Keyring::ephemeral();
+        let _first = Store::open(dir.path(), keys.clone()).unwrap();
         // sled's lock is per process (fcntl), so a second open here succeeds; the refusal across
         // processes is tested in tests/server.rs with the real binary. Here: the mapping of the error.
         let e = StoreError::Locked(dir.path().to_owned());
@@ -498,7 +583,8 @@ mod tests {
     #[tokio::test]
     async fn pending_states_are_taken_once_and_purged_when_expired() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let keys = Keyring::ephemeral();
+        let store = Store::open(dir.path(), keys.clone()).unwrap();
         let now = SystemTime::now();
         let pending = |secs| PendingAuth {
             account: AccountId::parse("acme").unwrap(),
@@ -525,7 +611,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let _store = Store::open(&data).unwrap();
+        let _store = Store::open(&data, Keyring::ephemeral()).unwrap();
         let mode = std::fs::metadata(&data).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
@@ -533,7 +619,8 @@ mod tests {
     #[tokio::test]
     async fn many_concurrent_flushes_all_complete() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let keys = Keyring::ephemeral();
+        let store = Store::open(dir.path(), keys.clone()).unwrap();
         let tasks: Vec<_> = (0..300)
             .map(|i| {
                 let store = store.clone();
@@ -547,5 +634,71 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(store.load_accounts().unwrap().len(), 300);
+    }
+
+    #[tokio::test]
+    async fn records_moved_to_another_account_do_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keyring::ephemeral();
+        {
+            let store = Store::open(dir.path(), keys.clone()).unwrap();
+            for (name, token) in [("acme", "at-acme"), ("globex", "at-globex")] {
+                let id = AccountId::parse(name).unwrap();
+                store
+                    .put_account(&id, &record(token, Some("rt")))
+                    .await
+                    .unwrap();
+            }
+            let acme = store.accounts.get("acme").unwrap().unwrap();
+            let globex = store.accounts.get("globex").unwrap().unwrap();
+            store.accounts.insert("acme", globex).unwrap();
+            store.accounts.insert("globex", acme).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path(), keys).unwrap();
+        let e = store.load_accounts().unwrap_err().to_string();
+        assert!(e.contains("does not open"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn reseal_moves_every_record_to_the_current_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (rand::random::<[u8; 32]>(), rand::random::<[u8; 32]>());
+        let acme = AccountId::parse("acme").unwrap();
+        let pending = PendingAuth {
+            account: acme.clone(),
+            verifier: "verifier".into(),
+            expires_at: SystemTime::now() + std::time::Duration::from_secs(600),
+        };
+        {
+            let store = Store::open(dir.path(), Keyring::from_keys(&a, &[])).unwrap();
+            store
+                .put_account(&acme, &record("at", Some("rt")))
+                .await
+                .unwrap();
+            store.put_pending("s", &pending).await.unwrap();
+        }
+        {
+            let store = Store::open(dir.path(), Keyring::from_keys(&b, &[a])).unwrap();
+            let done = store.reseal_all().await.unwrap();
+            assert_eq!(
+                done,
+                Resealed {
+                    resealed: 2,
+                    current: 0
+                }
+            );
+            let again = store.reseal_all().await.unwrap();
+            assert_eq!(
+                again,
+                Resealed {
+                    resealed: 0,
+                    current: 2
+                }
+            );
+        }
+        let store = Store::open(dir.path(), Keyring::from_keys(&b, &[])).unwrap();
+        assert_eq!(store.load_accounts().unwrap().len(), 1);
+        assert!(store.take_pending("s").unwrap().is_some());
     }
 }

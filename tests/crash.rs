@@ -119,12 +119,14 @@ async fn kill_9_during_load_loses_no_acknowledged_account() {
         .unwrap(),
     );
     let dir = tempfile::tempdir().unwrap();
+    // A subdirectory, so the generated encryption key (created beside it) stays in the temp dir.
+    let data_dir = dir.path().join("data");
     let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let mut next_account = 0usize;
     let mut token_replies = 0usize;
 
     for _round in 0..KILLS {
-        let (mut child, addr) = start(&fake, dir.path()).await;
+        let (mut child, addr) = start(&fake, &data_dir).await;
         let client = CredentialServiceClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -177,7 +179,7 @@ async fn kill_9_during_load_loses_no_acknowledged_account() {
     }
 
     // Every acknowledged account serves a token EdgeTag accepts, refreshing where it expired.
-    let (_child, addr) = start(&fake, dir.path()).await;
+    let (_child, addr) = start(&fake, &data_dir).await;
     let mut client = CredentialServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

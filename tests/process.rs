@@ -96,12 +96,14 @@ async fn missing_settings_exit_2_with_one_line_naming_flag_and_variable() {
 #[tokio::test]
 async fn a_second_process_on_the_same_data_directory_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, _lines, _addr) = start_real(dir.path()).await;
+    // The data one level down: the encryption key is created beside it, inside the temp dir.
+    let data = dir.path().join("data");
+    let (mut first, _lines, _addr) = start_real(&data).await;
     let out = service(&[
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
-        dir.path().to_str().unwrap(),
+        data.to_str().unwrap(),
         "--client-id",
         "cid",
         "--redirect-uri",
@@ -123,7 +125,7 @@ async fn a_second_process_on_the_same_data_directory_exits_at_once() {
 #[tokio::test]
 async fn sigterm_finishes_gracefully_with_exit_0() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, mut lines, addr) = start_real(dir.path()).await;
+    let (mut child, mut lines, addr) = start_real(&dir.path().join("data")).await;
     let mut client = CredentialServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -200,5 +202,106 @@ async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
         .into_inner();
     assert!(!token.access_token.is_empty());
     assert_eq!(token.token_type, "Bearer");
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn listening_beyond_loopback_without_a_callers_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = service(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--client-id",
+        "cid",
+        "--redirect-uri",
+        "https://ops.example.com/cb",
+    ])
+    .env("EDGETAG_CLIENT_SECRET", "s3cret")
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without a callers file")
+            && err.contains("--callers-file")
+            && err.contains("CREDENTIAL_SERVICE_CALLERS_FILE"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_callers_file() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers.toml");
+    let file = |token: &str| {
+        format!(
+            "[[caller]]\nname = \"reader\"\ntoken_sha256 = \"{}\"\nrole = \"reader\"\naccounts = [\"*\"]\n",
+            hex::encode(Sha256::digest(token))
+        )
+    };
+    std::fs::write(&callers, file("first-token")).unwrap();
+    let mut child = service(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--callers-file",
+        callers.to_str().unwrap(),
+        "--client-id",
+        "cid",
+        "--redirect-uri",
+        "https://ops.example.com/cb",
+    ])
+    .env("EDGETAG_CLIENT_SECRET", "s3cret")
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = serving_addr(&wait_for_line(&mut lines, "credential-service serving").await);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let code_with = |token: &'static str| {
+        let channel = channel.clone();
+        async move {
+            let mut request = tonic::Request::new(GetTokenRequest {
+                account: "acme".into(),
+                min_validity: None,
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            CredentialServiceClient::new(channel)
+                .get_token(request)
+                .await
+                .unwrap_err()
+                .code()
+        }
+    };
+    // Known caller, unknown account: NOT_FOUND; unknown token: UNAUTHENTICATED.
+    assert_eq!(code_with("first-token").await, tonic::Code::NotFound);
+    assert_eq!(
+        code_with("second-token").await,
+        tonic::Code::Unauthenticated
+    );
+
+    std::fs::write(&callers, file("second-token")).unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    wait_for_line(&mut lines, "callers file reloaded").await;
+    assert_eq!(code_with("second-token").await, tonic::Code::NotFound);
+    assert_eq!(code_with("first-token").await, tonic::Code::Unauthenticated);
     child.kill().await.unwrap();
 }

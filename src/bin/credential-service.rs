@@ -2,8 +2,18 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use credential_service::{clock::Clock, config::Settings, dev, server, telemetry};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use credential_service::{
+    clock::Clock,
+    config::{KeySettings, Settings},
+    dev,
+    sealing::Keyring,
+    server,
+    store::Store,
+    telemetry,
+};
 
 /// Holds EdgeTag OAuth 2.0 credentials and serves fresh access tokens over gRPC.
 #[derive(Parser)]
@@ -16,12 +26,37 @@ struct Cli {
     /// to run the whole flow. Never for production.
     #[arg(long)]
     dev: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Re-seal every stored record with the current encryption key, so previous keys can be
+    /// retired. Run it with the service stopped, with the new key as --encryption-key-file and the
+    /// old one(s) as --previous-encryption-key-file.
+    RotateKeys {
+        /// Directory of the embedded sled database.
+        #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+
+        #[command(flatten)]
+        keys: KeySettings,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Cli { mut settings, dev } = Cli::parse();
+    let Cli {
+        mut settings,
+        dev,
+        command,
+    } = Cli::parse();
     telemetry::init(settings.log_format);
+    if let Some(Command::RotateKeys { data_dir, keys }) = command {
+        return rotate_keys(data_dir, keys).await;
+    }
 
     let mut client_secret = std::env::var("EDGETAG_CLIENT_SECRET").ok();
     let dev_env = if dev {
@@ -59,6 +94,29 @@ async fn main() -> ExitCode {
     }
     match server::run(listener, config, Clock::system(), server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e, 1),
+    }
+}
+
+async fn rotate_keys(data_dir: PathBuf, keys: KeySettings) -> ExitCode {
+    let keyring = match Keyring::load(&keys.encryption(), &data_dir) {
+        Ok(k) => k,
+        Err(e) => return fail(e, 2),
+    };
+    let current = keyring.current_id();
+    let store = match Store::open(&data_dir, keyring) {
+        Ok(s) => s,
+        Err(e) => return fail(e, 1),
+    };
+    match store.reseal_all().await {
+        Ok(done) => {
+            eprintln!(
+                "credential-service: {} record(s) re-sealed with key {current}, {} already were; \
+                 the previous key files are no longer needed",
+                done.resealed, done.current
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => fail(e, 1),
     }
 }

@@ -5,21 +5,29 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use credential_service::{
+    auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
     config::ServiceConfig,
+    config::TlsConfig,
     fake_provider::{FakeConfig, FakeEdgeTag},
     oauth::ProviderConfig,
     proto::{
         BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
         GetTokenRequest, GetTokenResponse, credential_service_client::CredentialServiceClient,
     },
+    sealing::{self, EncryptionConfig},
     server::{self, App, ServeError},
     store::Store,
 };
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::{Code, Status, transport::Channel};
+use tonic::{
+    Code, Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 use url::Url;
 
 pub const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
@@ -32,10 +40,45 @@ pub struct Options {
     pub default_token_lifetime: Duration,
     /// Send `redirect_uri` in the code exchange (strict OAuth servers).
     pub send_redirect_uri: bool,
+    /// Who may call; open (no callers file) by default.
+    pub callers: Callers,
+    pub tls: Option<TlsConfig>,
+    /// Key files; by default one random key in [`Options::key_dir`], kept across restarts.
+    pub encryption: EncryptionConfig,
+    /// Holds the default key file (outside the data directory, as in production).
+    pub key_dir: Arc<TempDir>,
+    /// Bearer token the harness's client sends (for servers with a callers file).
+    pub token: Option<String>,
 }
+
+/// Adds `authorization: Bearer <token>` to every call, if there is a token.
+#[derive(Clone)]
+pub struct Bearer(pub Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.map(|t| format!("Bearer {t}").parse().unwrap()))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl Default for Options {
     fn default() -> Self {
+        let key_dir = Arc::new(tempfile::tempdir().unwrap());
+        let key_file = key_dir.path().join("current.key");
+        sealing::create_key_file(&key_file).unwrap();
         Self {
             broker: BrokerConfig {
                 refresh: test_policy(),
@@ -44,6 +87,14 @@ impl Default for Options {
             request_timeout: Duration::from_secs(2),
             default_token_lifetime: Duration::from_secs(3600),
             send_redirect_uri: false,
+            callers: Callers::open(),
+            tls: None,
+            encryption: EncryptionConfig {
+                key_file: Some(key_file),
+                previous_key_files: Vec::new(),
+            },
+            key_dir,
+            token: None,
         }
     }
 }
@@ -62,7 +113,7 @@ pub fn test_policy() -> RefreshPolicy {
 /// One running service. Dropping it stops the server without waiting; [`TestApp::stop`] waits.
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub client: CredentialServiceClient<Channel>,
+    pub client: Client,
     pub fake: Arc<FakeEdgeTag>,
     pub clock: Clock,
     pub broker: Broker,
@@ -113,9 +164,16 @@ impl TestApp {
         let server = tokio::spawn(server::serve(app, listener, async {
             let _ = rx.await;
         }));
-        let client = CredentialServiceClient::connect(format!("http://{addr}"))
-            .await
-            .expect("server accepts");
+        let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+        let channel = if options.tls.is_some() {
+            endpoint.connect_lazy() // TLS tests make their own channels
+        } else {
+            endpoint.connect().await.expect("server accepts")
+        };
+        let client = CredentialServiceClient::with_interceptor(
+            channel,
+            Bearer::new(options.token.as_deref()),
+        );
         Self {
             addr,
             client,
@@ -230,6 +288,9 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
             send_redirect_uri: options.send_redirect_uri,
         },
         broker: options.broker.clone(),
+        callers: options.callers.clone(),
+        tls: options.tls.clone(),
+        encryption: options.encryption.clone(),
     }
 }
 

@@ -1,0 +1,606 @@
+//! Who may call what. A callers file (TOML) names each caller, the SHA-256 of its bearer token
+//! and/or the subject alternative name of its client certificate (mTLS), its role and the account
+//! globs it may use. [`AuthLayer`] sits in front of every gRPC service: it lets health and
+//! reflection through, authenticates everyone else, checks the role against the method (GetToken:
+//! reader or admin; every other `credential.v1` method: admin, so new admin RPCs are admin-only
+//! without further work) and puts the [`Caller`] into the request's extensions. Handlers then check
+//! the account with [`authorize_account`] before looking it up, so a denial never reveals whether an
+//! account exists. Without a callers file every call is allowed (the service then listens on
+//! loopback only). The file is re-read on SIGHUP; a bad file keeps the old table.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use arc_swap::ArcSwap;
+use futures::future::{Either, Ready, ready};
+use rustls_pki_types::ServerName;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::{
+    Status,
+    codegen::http,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+
+use crate::{account::AccountId, audit};
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// GetToken for its accounts.
+    Reader,
+    /// Everything, for its accounts: BeginAuth, CompleteAuth, GetToken and the admin RPCs.
+    Admin,
+}
+
+/// An authenticated caller, found in each authenticated request's extensions as `Arc<Caller>`.
+pub struct Caller {
+    name: Box<str>,
+    role: Role,
+    accounts: Vec<glob::Pattern>,
+    /// One of the globs is `*`: no matching needed on the hot path.
+    any_account: bool,
+}
+
+impl Caller {
+    /// The caller's name from the callers file (`anonymous` without one): for logs and audit.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Whether one of the caller's account globs matches `account`.
+    pub fn may_use(&self, account: &AccountId) -> bool {
+        self.any_account || self.accounts.iter().any(|p| p.matches(account.as_str()))
+    }
+
+    fn anonymous() -> Self {
+        Self {
+            name: "anonymous".into(),
+            role: Role::Admin,
+            accounts: Vec::new(),
+            any_account: true,
+        }
+    }
+}
+
+impl fmt::Debug for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Caller")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field(
+                "accounts",
+                &self.accounts.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// The authenticated caller of a request; fails closed if the [`AuthLayer`] did not run.
+pub fn caller(extensions: &http::Extensions) -> Result<&Arc<Caller>, Status> {
+    extensions
+        .get::<Arc<Caller>>()
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+/// Checks that the request's caller may use `account`. Call it before looking the account up: the
+/// answer is the same PERMISSION_DENIED whether or not the account exists.
+pub fn authorize_account<'a>(
+    extensions: &'a http::Extensions,
+    account: &AccountId,
+) -> Result<&'a Arc<Caller>, Status> {
+    let caller = caller(extensions)?;
+    if caller.may_use(account) {
+        Ok(caller)
+    } else {
+        Err(Status::permission_denied(format!(
+            "permission denied: caller {} may not use account {account}",
+            caller.name
+        )))
+    }
+}
+
+/// Why a callers file could not be used. Never quotes a token (the file holds only hashes).
+#[derive(Debug, thiserror::Error)]
+pub enum CallersError {
+    #[error(
+        "cannot read the callers file {path} (--callers-file / CREDENTIAL_SERVICE_CALLERS_FILE): {source}"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the callers file {path} is invalid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallersFile {
+    #[serde(default)]
+    caller: Vec<CallerEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallerEntry {
+    name: String,
+    token_sha256: Option<String>,
+    tls_san: Option<String>,
+    role: Role,
+    accounts: Vec<String>,
+}
+
+/// One loaded callers file.
+#[derive(Default)]
+struct Table {
+    callers: usize,
+    by_token: Vec<([u8; 32], Arc<Caller>)>,
+    by_san: Vec<(ServerName<'static>, Arc<Caller>)>,
+}
+
+impl Table {
+    fn parse(text: &str) -> Result<Self, String> {
+        let file: CallersFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        let mut table = Table::default();
+        let mut names = std::collections::HashSet::new();
+        table.callers = file.caller.len();
+        for entry in file.caller {
+            let name = entry.name.trim();
+            if name.is_empty() {
+                return Err("a caller has an empty name".into());
+            }
+            if !names.insert(name.to_owned()) {
+                return Err(format!("caller {name} is listed twice"));
+            }
+            if entry.accounts.is_empty() {
+                return Err(format!(
+                    "caller {name} has no accounts (use [\"*\"] for all)"
+                ));
+            }
+            let accounts = entry
+                .accounts
+                .iter()
+                .map(|g| {
+                    glob::Pattern::new(g)
+                        .map_err(|e| format!("caller {name}: account glob {g:?}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let caller = Arc::new(Caller {
+                name: name.into(),
+                role: entry.role,
+                any_account: accounts.iter().any(|p| p.as_str() == "*"),
+                accounts,
+            });
+            if entry.token_sha256.is_none() && entry.tls_san.is_none() {
+                return Err(format!(
+                    "caller {name} needs token_sha256 or tls_san (or both)"
+                ));
+            }
+            if let Some(hex_hash) = &entry.token_sha256 {
+                let mut hash = [0u8; 32];
+                hex::decode_to_slice(hex_hash.trim(), &mut hash).map_err(|_| {
+                    format!("caller {name}: token_sha256 must be 64 hex digits (the SHA-256 of the token, not the token)")
+                })?;
+                if table.by_token.iter().any(|(h, _)| *h == hash) {
+                    return Err(format!(
+                        "caller {name} shares its token with another caller"
+                    ));
+                }
+                table.by_token.push((hash, caller.clone()));
+            }
+            if let Some(san) = &entry.tls_san {
+                let san = ServerName::try_from(san.trim())
+                    .map_err(|_| {
+                        format!("caller {name}: tls_san {san:?} is not a DNS name or IP address")
+                    })?
+                    .to_owned();
+                table.by_san.push((san, caller));
+            }
+        }
+        Ok(table)
+    }
+
+    fn load(path: &Path) -> Result<Self, CallersError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CallersError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|reason| CallersError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+}
+
+struct Registry {
+    path: PathBuf,
+    table: ArcSwap<Table>,
+}
+
+/// Who may call: the callers file, reloadable, or open (no file: everyone is an admin of every
+/// account). Cheap to clone; clones share reloads.
+#[derive(Clone)]
+pub struct Callers {
+    registry: Option<Arc<Registry>>,
+    anonymous: Arc<Caller>,
+}
+
+impl fmt::Debug for Callers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.registry {
+            None => f.write_str("Callers(open)"),
+            Some(r) => write!(f, "Callers({})", r.path.display()),
+        }
+    }
+}
+
+impl Callers {
+    /// No callers file: every call is allowed, as `anonymous` with the admin role.
+    pub fn open() -> Self {
+        Self {
+            registry: None,
+            anonymous: Arc::new(Caller::anonymous()),
+        }
+    }
+
+    /// Reads the callers file at `path`.
+    pub fn load(path: &Path) -> Result<Self, CallersError> {
+        let table = Table::load(path)?;
+        Ok(Self {
+            registry: Some(Arc::new(Registry {
+                path: path.to_owned(),
+                table: ArcSwap::from_pointee(table),
+            })),
+            anonymous: Arc::new(Caller::anonymous()),
+        })
+    }
+
+    /// Whether there is no callers file (every call allowed).
+    pub fn is_open(&self) -> bool {
+        self.registry.is_none()
+    }
+
+    /// Re-reads the callers file and swaps it in atomically; on error the old table stays.
+    /// Returns how many callers the new file lists.
+    pub fn reload(&self) -> Result<usize, CallersError> {
+        let Some(registry) = &self.registry else {
+            return Ok(0);
+        };
+        let table = Table::load(&registry.path)?;
+        let n = table.callers;
+        registry.table.store(Arc::new(table));
+        Ok(n)
+    }
+
+    /// Reloads and logs the outcome; what the SIGHUP handler calls.
+    pub fn reload_and_log(&self) {
+        match self.reload() {
+            Ok(n) => tracing::info!(callers = n, "callers file reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "callers file not reloaded; the previous one stays in force")
+            }
+        }
+    }
+
+    /// Who sent `req`: its bearer token if it has one, else its verified client certificate.
+    fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Arc<Caller>, Status> {
+        let Some(registry) = &self.registry else {
+            return Ok(self.anonymous.clone());
+        };
+        let table = registry.table.load();
+        if let Some(value) = req.headers().get(http::header::AUTHORIZATION) {
+            let token = bearer_token(value.as_bytes()).ok_or_else(|| {
+                Status::unauthenticated(
+                    "malformed authorization header; send `authorization: Bearer <token>`",
+                )
+            })?;
+            let digest: [u8; 32] = Sha256::digest(token).into();
+            // Every entry is compared, in constant time, whatever matches.
+            let mut found = None;
+            for (hash, caller) in &table.by_token {
+                if bool::from(hash.ct_eq(&digest)) && found.is_none() {
+                    found = Some(caller);
+                }
+            }
+            return found
+                .cloned()
+                .ok_or_else(|| Status::unauthenticated("unknown bearer token"));
+        }
+        if !table.by_san.is_empty()
+            && let Some(certs) = req
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.peer_certs())
+            && let Some(leaf) = certs.first()
+            && let Ok(cert) = webpki::EndEntityCert::try_from(leaf)
+        {
+            // rustls verified the chain against --tls-client-ca during the handshake.
+            for (san, caller) in &table.by_san {
+                if cert.verify_is_valid_for_subject_name(san).is_ok() {
+                    return Ok(caller.clone());
+                }
+            }
+            return Err(Status::unauthenticated(
+                "the client certificate names no caller in the callers file",
+            ));
+        }
+        Err(Status::unauthenticated(
+            "no credentials: send `authorization: Bearer <token>` (or a client certificate listed in the callers file)",
+        ))
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// What a gRPC method path needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Open,
+    Reader,
+    Admin,
+}
+
+fn access(path: &str) -> Access {
+    if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
+        Access::Open
+    } else if path == "/credential.v1.CredentialService/GetToken" {
+        Access::Reader
+    } else {
+        // Every other method, present or future, and anything unknown: admins only.
+        Access::Admin
+    }
+}
+
+/// The tower layer that authenticates callers and checks roles; see the module docs.
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    callers: Callers,
+}
+
+impl AuthLayer {
+    /// Checks calls against `callers` (which may be reloaded while the server runs).
+    pub fn new(callers: Callers) -> Self {
+        Self { callers }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            callers: self.callers.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] wraps around the gRPC routes.
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    inner: S,
+    callers: Callers,
+}
+
+impl<S> AuthService<S> {
+    fn check<B>(&self, req: &http::Request<B>) -> Result<Option<Arc<Caller>>, Status> {
+        let path = req.uri().path();
+        let need = access(path);
+        if need == Access::Open {
+            return Ok(None);
+        }
+        let method = path.rsplit('/').next().unwrap_or(path);
+        let caller = self.callers.authenticate(req).inspect_err(|status| {
+            audit::record(method, "", "", status.code());
+        })?;
+        if need == Access::Admin && caller.role != Role::Admin {
+            let status = Status::permission_denied(format!(
+                "permission denied: {method} needs the admin role"
+            ));
+            audit::record(method, caller.name(), "", status.code());
+            return Err(status);
+        }
+        Ok(Some(caller))
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<Self::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        match self.check(&req) {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    req.extensions_mut().insert(caller);
+                }
+                Either::Left(self.inner.call(req))
+            }
+            Err(status) => Either::Right(ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+        [[caller]]
+        name = "billing"
+        token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" # sha256("test")
+        role = "reader"
+        accounts = ["acme-*", "globex"]
+
+        [[caller]]
+        name = "ops"
+        tls_san = "ops.internal.example.com"
+        role = "admin"
+        accounts = ["*"]
+    "#;
+
+    fn account(s: &str) -> AccountId {
+        AccountId::parse(s).unwrap()
+    }
+
+    fn request(path: &str, auth: Option<&str>) -> http::Request<()> {
+        let mut b = http::Request::builder().uri(path);
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn callers(text: &str) -> Callers {
+        Callers {
+            registry: Some(Arc::new(Registry {
+                path: "callers.toml".into(),
+                table: ArcSwap::from_pointee(Table::parse(text).unwrap()),
+            })),
+            anonymous: Arc::new(Caller::anonymous()),
+        }
+    }
+
+    #[test]
+    fn a_known_token_finds_its_caller_and_globs_limit_its_accounts() {
+        let callers = callers(FILE);
+        let c = callers
+            .authenticate(&request("/x", Some("Bearer test")))
+            .unwrap();
+        assert_eq!(c.name(), "billing");
+        assert_eq!(c.role(), Role::Reader);
+        assert!(c.may_use(&account("acme-prod")));
+        assert!(c.may_use(&account("globex")));
+        assert!(!c.may_use(&account("globex-2")));
+        assert!(!c.may_use(&account("initech")));
+        let c = callers
+            .authenticate(&request("/x", Some("bearer   test ")))
+            .unwrap();
+        assert_eq!(c.name(), "billing");
+    }
+
+    #[test]
+    fn missing_malformed_and_unknown_tokens_are_unauthenticated() {
+        let callers = callers(FILE);
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic dGVzdA=="),
+            Some("Bearer "),
+            Some("test"),
+        ] {
+            let e = callers.authenticate(&request("/x", auth)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{auth:?}");
+        }
+    }
+
+    #[test]
+    fn methods_map_to_what_they_need() {
+        assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Open);
+        assert_eq!(
+            access("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Access::Open
+        );
+        assert_eq!(
+            access("/credential.v1.CredentialService/GetToken"),
+            Access::Reader
+        );
+        for m in ["BeginAuth", "CompleteAuth", "ListAccounts", "RemoveAccount"] {
+            assert_eq!(
+                access(&format!("/credential.v1.CredentialService/{m}")),
+                Access::Admin
+            );
+        }
+        assert_eq!(access("/other.Service/GetToken"), Access::Admin);
+    }
+
+    #[test]
+    fn bad_files_say_why_without_quoting_tokens() {
+        for (text, needle) in [
+            (
+                "[[caller]]\nname = \"a\"\nrole = \"reader\"\naccounts = [\"*\"]",
+                "token_sha256 or tls_san",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\ntoken_sha256 = \"my-real-token\"\nrole = \"reader\"\naccounts = [\"*\"]",
+                "64 hex digits",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\ntoken_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nrole = \"root\"\naccounts = [\"*\"]",
+                "unknown variant",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\ntls_san = \"a.example\"\nrole = \"reader\"\naccounts = []",
+                "no accounts",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\ntls_san = \"a.example\"\nrole = \"reader\"\naccounts = [\"[\"]",
+                "account glob",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\ntls_san = \"a.example\"\nrole = \"reader\"\naccounts = [\"*\"]\ntoken = \"x\"",
+                "unknown field",
+            ),
+        ] {
+            let e = Table::parse(text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {text}"));
+            assert!(e.contains(needle), "{e}");
+            assert!(!e.contains("my-real-token"), "{e}");
+        }
+    }
+
+    #[test]
+    fn open_mode_is_an_admin_of_everything() {
+        let c = Callers::open().authenticate(&request("/x", None)).unwrap();
+        assert_eq!(c.role(), Role::Admin);
+        assert!(c.may_use(&account("anything")));
+    }
+
+    #[test]
+    fn account_denial_needs_an_authenticated_caller_and_says_nothing_of_existence() {
+        let mut ext = http::Extensions::new();
+        assert_eq!(
+            authorize_account(&ext, &account("acme-1"))
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        let table = Table::parse(FILE).unwrap();
+        ext.insert(table.by_token[0].1.clone());
+        assert!(authorize_account(&ext, &account("acme-1")).is_ok());
+        let e = authorize_account(&ext, &account("initech")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            e.message(),
+            "permission denied: caller billing may not use account initech"
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! Encryption at rest: every record the store writes is sealed with XChaCha20-Poly1305.
+//!
+//! A sealed record is `[1 (format)] [key id: 4 bytes] [nonce: 24 bytes] [ciphertext + tag]`. The
+//! additional data binds it to the format, the key id, its tree and its key, so a record copied
+//! under another account (or into another tree) fails to open instead of serving the wrong
+//! token. The key id is a hash of the key, so a record names the key that opens it: the current
+//! key seals, previous keys (`--previous-encryption-key-file`) still open old records until
+//! `credential-service rotate-keys` re-seals them. Keys are 32 random bytes, base64, in a file;
+//! without one the service creates `<data-dir>.key` (mode 0600) beside the data directory.
+
+use std::{
+    fmt, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use chacha20poly1305::{AeadInPlace, KeyInit, XChaCha20Poly1305, XNonce};
+use sha2::{Digest, Sha256};
+
+const FORMAT: u8 = 1;
+const KEY_ID_LEN: usize = 4;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
+const AD_CONTEXT: &[u8] = b"credential-service record\0";
+
+/// Where the keys come from.
+#[derive(Debug, Clone, Default)]
+pub struct EncryptionConfig {
+    /// The current key's file; `None`: `<data-dir>.key`, created on first start.
+    pub key_file: Option<PathBuf>,
+    /// Keys that only open records, during a rotation.
+    pub previous_key_files: Vec<PathBuf>,
+}
+
+/// Why the keys could not be loaded. Names files, never their contents.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read the encryption key file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "the encryption key file {0} must hold 32 random bytes, base64-encoded \
+         (create one with: head -c 32 /dev/urandom | base64 > FILE)"
+    )]
+    Invalid(PathBuf),
+    #[error("cannot create the encryption key file {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error(
+        "no place for an encryption key beside the data directory {0}; set --encryption-key-file"
+    )]
+    NoPlaceBeside(PathBuf),
+    #[error("the encryption key in {0} is given twice")]
+    Duplicate(PathBuf),
+}
+
+/// Why a sealed record did not open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsealError {
+    #[error("the record is not sealed (or truncated)")]
+    NotSealed,
+    #[error(
+        "the record is sealed with key {0}, which is not loaded; pass its file with --previous-encryption-key-file"
+    )]
+    UnknownKey(String),
+    #[error("the record does not open: wrong key, tampered, or moved from another record")]
+    Forged,
+}
+
+struct SealingKey {
+    id: [u8; KEY_ID_LEN],
+    cipher: XChaCha20Poly1305,
+}
+
+impl SealingKey {
+    fn new(bytes: &[u8; 32]) -> Self {
+        let digest = Sha256::new()
+            .chain_update(b"credential-service key id\0")
+            .chain_update(bytes)
+            .finalize();
+        let mut id = [0; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        Self {
+            id,
+            cipher: XChaCha20Poly1305::new(bytes.into()),
+        }
+    }
+}
+
+/// The current key and any previous ones. Cheap to clone; `Debug` shows key ids only.
+#[derive(Clone)]
+pub struct Keyring {
+    current: Arc<SealingKey>,
+    previous: Arc<[SealingKey]>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("current", &hex::encode(self.current.id))
+            .field(
+                "previous",
+                &self
+                    .previous
+                    .iter()
+                    .map(|k| hex::encode(k.id))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Keyring {
+    /// A random key held only in memory: for tests and throwaway stores.
+    pub fn ephemeral() -> Self {
+        Self::from_keys(&rand::random(), &[])
+    }
+
+    /// A keyring from raw keys. Duplicates among `previous` are harmless.
+    pub fn from_keys(current: &[u8; 32], previous: &[[u8; 32]]) -> Self {
+        Self {
+            current: Arc::new(SealingKey::new(current)),
+            previous: previous.iter().map(SealingKey::new).collect(),
+        }
+    }
+
+    /// Loads the configured keys; without a key file, reads or creates `<data-dir>.key`.
+    pub fn load(config: &EncryptionConfig, data_dir: &Path) -> Result<Self, KeyError> {
+        let current = match &config.key_file {
+            Some(path) => read_key_file(path)?,
+            None => {
+                let path = default_key_path(data_dir)?;
+                if !path.exists() {
+                    create_key_file(&path)?;
+                    tracing::warn!(
+                        key_file = %path.display(),
+                        "created an encryption key beside the data directory; in production, mount your own with --encryption-key-file"
+                    );
+                }
+                read_key_file(&path)?
+            }
+        };
+        let mut previous = Vec::new();
+        for path in &config.previous_key_files {
+            let key = read_key_file(path)?;
+            if key == current {
+                return Err(KeyError::Duplicate(path.clone()));
+            }
+            previous.push(key);
+        }
+        Ok(Self::from_keys(&current, &previous))
+    }
+
+    /// The current key's id, as records name it (hex).
+    pub fn current_id(&self) -> String {
+        hex::encode(self.current.id)
+    }
+
+    /// Seals `plaintext` with the current key for `tree`/`key`.
+    pub fn seal(&self, tree: &str, key: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+        out.push(FORMAT);
+        out.extend_from_slice(&self.current.id);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let ad = additional_data(&out[..1 + KEY_ID_LEN], tree, key);
+        let tag = self
+            .current
+            .cipher
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &ad, &mut out[HEADER_LEN..])
+            .expect("XChaCha20-Poly1305 seals any length this store writes");
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens a record sealed for `tree`/`key`. Also says whether the current key sealed it.
+    pub fn unseal(&self, tree: &str, key: &[u8], sealed: &[u8]) -> Result<Unsealed, UnsealError> {
+        if sealed.len() < HEADER_LEN + TAG_LEN || sealed[0] != FORMAT {
+            return Err(UnsealError::NotSealed);
+        }
+        let id = &sealed[1..1 + KEY_ID_LEN];
+        let (sealing, current) = if id == self.current.id {
+            (&*self.current, true)
+        } else {
+            let previous = self.previous.iter().find(|k| k.id == id);
+            (
+                previous.ok_or_else(|| UnsealError::UnknownKey(hex::encode(id)))?,
+                false,
+            )
+        };
+        let nonce = XNonce::from_slice(&sealed[1 + KEY_ID_LEN..HEADER_LEN]);
+        let (body, tag) = sealed[HEADER_LEN..].split_at(sealed.len() - HEADER_LEN - TAG_LEN);
+        let ad = additional_data(&sealed[..1 + KEY_ID_LEN], tree, key);
+        let mut plaintext = body.to_vec();
+        sealing
+            .cipher
+            .decrypt_in_place_detached(nonce, &ad, &mut plaintext, tag.into())
+            .map_err(|_| UnsealError::Forged)?;
+        Ok(Unsealed { plaintext, current })
+    }
+}
+
+/// An opened record. `Debug` leaves out the plaintext.
+pub struct Unsealed {
+    pub plaintext: Vec<u8>,
+    /// Sealed with the current key (nothing to re-seal).
+    pub current: bool,
+}
+
+impl fmt::Debug for Unsealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Unsealed")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+fn additional_data(header: &[u8], tree: &str, key: &[u8]) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(AD_CONTEXT.len() + header.len() + tree.len() + 1 + key.len());
+    ad.extend_from_slice(AD_CONTEXT);
+    ad.extend_from_slice(header);
+    ad.extend_from_slice(tree.as_bytes());
+    ad.push(0);
+    ad.extend_from_slice(key);
+    ad
+}
+
+/// `<data-dir>.key`: beside the data directory, so a copy of the directory alone opens nothing.
+pub fn default_key_path(data_dir: &Path) -> Result<PathBuf, KeyError> {
+    let name = data_dir
+        .file_name()
+        .ok_or_else(|| KeyError::NoPlaceBeside(data_dir.to_owned()))?;
+    let mut file = name.to_os_string();
+    file.push(".key");
+    Ok(data_dir.with_file_name(file))
+}
+
+/// Writes a fresh random key to `path` (mode 0600); fails if the file exists.
+pub fn create_key_file(path: &Path) -> Result<(), KeyError> {
+    use std::io::Write;
+    let create = || -> io::Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path)?;
+        let key: [u8; 32] = rand::random();
+        writeln!(file, "{}", STANDARD.encode(key))?;
+        file.sync_all()
+    };
+    create().map_err(|source| KeyError::Create {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(key_file = %path.display(), "the encryption key file is readable by others; chmod 600 it");
+        }
+    }
+    let bytes = STANDARD
+        .decode(text.trim())
+        .map_err(|_| KeyError::Invalid(path.to_owned()))?;
+    bytes
+        .try_into()
+        .map_err(|_| KeyError::Invalid(path.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_records_open_only_for_their_tree_and_key() {
+        let keys = Keyring::ephemeral();
+        let sealed = keys.seal("accounts", b"acme", b"secret token set");
+        assert!(!sealed.windows(6).any(|w| w == b"secret"));
+        let opened = keys.unseal("accounts", b"acme", &sealed).unwrap();
+        assert_eq!(opened.plaintext, b"secret token set");
+        assert!(opened.current);
+        assert_eq!(
+            keys.unseal("accounts", b"globex", &sealed).err(),
+            Some(UnsealError::Forged)
+        );
+        assert_eq!(
+            keys.unseal("pending", b"acme", &sealed).err(),
+            Some(UnsealError::Forged)
+        );
+        let mut flipped = sealed.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            keys.unseal("accounts", b"acme", &flipped).err(),
+            Some(UnsealError::Forged)
+        );
+        assert_eq!(
+            keys.unseal("accounts", b"acme", b"\x08\x01plain protobuf record")
+                .err(),
+            Some(UnsealError::NotSealed)
+        );
+        // Two seals of the same record differ (fresh nonces).
+        assert_ne!(sealed, keys.seal("accounts", b"acme", b"secret token set"));
+    }
+
+    #[test]
+    fn previous_keys_open_old_records_and_unknown_keys_are_named() {
+        let (a, b) = (rand::random::<[u8; 32]>(), rand::random::<[u8; 32]>());
+        let old = Keyring::from_keys(&a, &[]);
+        let sealed = old.seal("accounts", b"acme", b"x");
+        let rotated = Keyring::from_keys(&b, &[a]);
+        let opened = rotated.unseal("accounts", b"acme", &sealed).unwrap();
+        assert_eq!(opened.plaintext, b"x");
+        assert!(!opened.current);
+        let only_b = Keyring::from_keys(&b, &[]);
+        let e = only_b.unseal("accounts", b"acme", &sealed).unwrap_err();
+        assert_eq!(e, UnsealError::UnknownKey(old.current_id()));
+        assert!(e.to_string().contains("--previous-encryption-key-file"));
+        assert!(!format!("{rotated:?}").contains(&STANDARD.encode(a)));
+    }
+
+    #[test]
+    fn a_missing_key_is_created_private_beside_the_data_directory_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = Keyring::load(&EncryptionConfig::default(), &data).unwrap();
+        let path = dir.path().join("data.key");
+        assert_eq!(default_key_path(&data).unwrap(), path);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = Keyring::load(&EncryptionConfig::default(), &data).unwrap();
+        assert_eq!(first.current_id(), again.current_id());
+    }
+
+    #[test]
+    fn bad_key_files_are_refused_without_quoting_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(&path, "not-base64-but-a-secret").unwrap();
+        let config = EncryptionConfig {
+            key_file: Some(path.clone()),
+            previous_key_files: vec![],
+        };
+        let e = Keyring::load(&config, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("32 random bytes") && !e.contains("a-secret"),
+            "{e}"
+        );
+        std::fs::write(&path, STANDARD.encode([7u8; 16])).unwrap();
+        assert!(Keyring::load(&config, dir.path()).is_err());
+        let missing = EncryptionConfig {
+            key_file: Some(dir.path().join("absent")),
+            previous_key_files: vec![],
+        };
+        assert!(matches!(
+            Keyring::load(&missing, dir.path()),
+            Err(KeyError::Read { .. })
+        ));
+    }
+}
