@@ -29,6 +29,8 @@ pub struct Options {
     pub broker: BrokerConfig,
     pub request_timeout: Duration,
     pub default_token_lifetime: Duration,
+    /// Replaces the fake's revocation URL (e.g. with a closed port, to make EdgeTag unreachable).
+    pub revoke_url: Option<Url>,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             broker: BrokerConfig::default(),
             request_timeout: Duration::from_secs(2),
             default_token_lifetime: Duration::from_secs(3600),
+            revoke_url: None,
         }
     }
 }
@@ -196,7 +199,10 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
         provider: ProviderConfig {
             authorize_url: url(fake.authorize_url()),
             token_url: url(fake.token_url()),
-            revoke_url: url(fake.revoke_url()),
+            revoke_url: options
+                .revoke_url
+                .clone()
+                .unwrap_or_else(|| url(fake.revoke_url())),
             client_id: fake.config().client_id.clone(),
             client_secret: fake.config().client_secret.clone().into(),
             redirect_uri: url(REDIRECT_URI.to_owned()),
