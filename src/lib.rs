@@ -20,9 +20,11 @@
 //! - [`dev`]: `--dev` mode: fake EdgeTag, temporary data, a banner with the commands to try.
 //! - [`fake_provider`]: a strict fake EdgeTag for tests, `--dev` mode and the `fake-edgetag` binary.
 //! - [`proto`]: generated code and the reflection descriptor set.
+//! - [`cli`]: `credctl`, the operators' command line over the gRPC API (a client, beside the rest).
 
 pub mod account;
 pub mod broker;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dev;
