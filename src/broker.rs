@@ -472,6 +472,7 @@ impl Broker {
                 }
             }
         };
+        let _waiting = crate::metrics::single_flight_waiter();
         result.await
     }
 }

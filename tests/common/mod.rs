@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use credential_service::{
     broker::BrokerConfig,
     clock::Clock,
-    config::ServiceConfig,
+    config::{CallbackConfig, ServiceConfig},
     fake_provider::{FakeConfig, FakeEdgeTag},
     oauth::ProviderConfig,
     proto::{
@@ -31,6 +31,10 @@ pub struct Options {
     pub default_token_lifetime: Duration,
     /// Replaces the fake's revocation URL (e.g. with a closed port, to make EdgeTag unreachable).
     pub revoke_url: Option<Url>,
+    /// Serve the browser callback on a port of its own; it becomes the redirect URI.
+    pub callback: bool,
+    /// Serve `/metrics` on a port of its own.
+    pub metrics: bool,
 }
 
 impl Default for Options {
@@ -40,6 +44,8 @@ impl Default for Options {
             request_timeout: Duration::from_secs(2),
             default_token_lifetime: Duration::from_secs(3600),
             revoke_url: None,
+            callback: false,
+            metrics: false,
         }
     }
 }
@@ -47,6 +53,10 @@ impl Default for Options {
 /// One running service. Dropping it stops the server without waiting; [`TestApp::stop`] waits.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT/oauth/callback` when [`Options::callback`] is set.
+    pub callback_url: Option<String>,
+    /// `http://127.0.0.1:PORT/metrics` when [`Options::metrics`] is set.
+    pub metrics_url: Option<String>,
     pub client: CredentialServiceClient<Channel>,
     pub fake: Arc<FakeEdgeTag>,
     pub clock: Clock,
@@ -71,8 +81,13 @@ impl TestApp {
 
     pub async fn spawn_with(options: Options) -> Self {
         let clock = Clock::manual();
+        let mut config = fake_config(&clock);
+        if options.callback {
+            // The callback's port is only known at start: accept any redirect URI.
+            config.redirect_uris.clear();
+        }
         let fake = Arc::new(
-            FakeEdgeTag::start(fake_config(&clock))
+            FakeEdgeTag::start(config)
                 .await
                 .expect("fake EdgeTag starts"),
         );
@@ -89,9 +104,33 @@ impl TestApp {
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = service_config(&fake, data_dir.path().to_owned(), &options);
+        let mut config = service_config(&fake, data_dir.path().to_owned(), &options);
+        let bind_http = async |wanted: bool| match wanted {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let callback = bind_http(options.callback).await;
+        let metrics = bind_http(options.metrics).await;
+        let http_url = |l: &Option<TcpListener>, path: &str| {
+            l.as_ref()
+                .map(|l| format!("http://{}{path}", l.local_addr().unwrap()))
+        };
+        let callback_url = http_url(&callback, "/oauth/callback");
+        let metrics_url = http_url(&metrics, "/metrics");
+        if let Some(url) = &callback_url {
+            config.provider.redirect_uri = url.parse().unwrap();
+            config.callback = Some(CallbackConfig {
+                listen: callback.as_ref().unwrap().local_addr().unwrap(),
+                path: "/oauth/callback".into(),
+            });
+        }
+        let listeners = server::Listeners {
+            grpc: listener,
+            callback,
+            metrics,
+        };
         let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(listener, config, clock.clone(), async {
+        let server = tokio::spawn(server::serve(listeners, config, clock.clone(), async {
             let _ = rx.await;
         }));
         let client = CredentialServiceClient::connect(format!("http://{addr}"))
@@ -99,6 +138,8 @@ impl TestApp {
             .expect("server accepts");
         Self {
             addr,
+            callback_url,
+            metrics_url,
             client,
             fake,
             clock,
@@ -212,6 +253,8 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
             send_redirect_uri: false,
         },
         broker: options.broker.clone(),
+        callback: None,
+        metrics_listen: None,
     }
 }
 
