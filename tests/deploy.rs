@@ -117,8 +117,8 @@ fn dockerfile_builds_the_binaries_and_runs_them_unprivileged() {
     assert!(build.contains("--locked"));
     let user = docker
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .unwrap();
     assert!(
         !user.starts_with('0') && !user.starts_with("root"),
