@@ -7,6 +7,8 @@
 //! beyond the subscriber's own.
 
 use tonic::{Code, Status};
+
+use crate::error::code_name;
 use tracing::Level;
 
 /// Level of GetToken's audit events. Lower it to `Level::DEBUG` if the volume is too much.
@@ -27,28 +29,5 @@ pub fn outcome<T>(result: &Result<T, Status>) -> Code {
     match result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
-    }
-}
-
-/// The canonical name of a gRPC status code, as grpcurl and the gRPC docs write it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

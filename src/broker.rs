@@ -400,10 +400,7 @@ impl Broker {
                 // Do not hammer a failing provider: the scheduler retries when the back-off ends.
                 return self.current_or(account, slot, min_validity, cause);
             }
-            match inner
-                .start_refresh(account, slot, seen.tokens.clone())
-                .await
-            {
+            match inner.join_refresh(account, slot, seen.tokens.clone()).await {
                 Ok(record) if inner.fresh_enough(&record.tokens, min_validity) => {
                     return Ok(record.tokens.clone());
                 }
@@ -496,7 +493,7 @@ impl Broker {
         }
         match self
             .inner
-            .start_refresh(account, &slot, current.tokens.clone())
+            .join_refresh(account, &slot, current.tokens.clone())
             .await
         {
             Ok(record) => Ok(record.tokens.clone()),
@@ -613,6 +610,17 @@ impl Inner {
 
     /// Joins the refresh in flight for `account`, or starts one. `seen` is the token set the caller
     /// judged too old: if the stored one differs by the time the refresh runs, that one is the answer.
+    /// [`Inner::start_refresh`] and wait for its result, counted as a single-flight waiter.
+    async fn join_refresh(
+        self: &Arc<Self>,
+        account: &AccountId,
+        slot: &Arc<Slot>,
+        seen: Arc<TokenSet>,
+    ) -> RefreshResult {
+        let _waiting = crate::metrics::single_flight_waiter();
+        self.start_refresh(account, slot, seen).await
+    }
+
     fn start_refresh(
         self: &Arc<Self>,
         account: &AccountId,

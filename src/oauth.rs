@@ -6,7 +6,10 @@
 //! echoed: an upstream body may hold a token, so errors carry only the status and a known OAuth error
 //! code.
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    time::{Duration, Instant},
+};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
@@ -15,6 +18,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::Url;
+
+use crate::metrics;
 
 /// Responses larger than this are not tokens; reading stops there.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -344,7 +349,7 @@ impl ProviderClient {
         if self.config.send_redirect_uri {
             form.push(("redirect_uri", self.config.redirect_uri.as_str()));
         }
-        self.token_request(&form).await
+        self.token_request("exchange_code", &form).await
     }
 
     /// Refreshes an access token (`grant_type=refresh_token`).
@@ -353,17 +358,34 @@ impl ProviderClient {
         &self,
         refresh_token: &SecretString,
     ) -> Result<TokenResponse, UpstreamError> {
-        self.token_request(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.expose_secret()),
-        ])
-        .await
+        let result = self
+            .token_request(
+                "refresh",
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh_token.expose_secret()),
+                ],
+            )
+            .await;
+        metrics::record_refresh(match &result {
+            Ok(_) => "succeeded",
+            Err(UpstreamError::InvalidGrant | UpstreamError::Rejected { .. }) => "rejected",
+            Err(UpstreamError::InvalidClient { .. }) => "client_rejected",
+            Err(UpstreamError::Malformed(_)) => "malformed",
+            Err(
+                UpstreamError::Unreachable(_)
+                | UpstreamError::Timeout(_)
+                | UpstreamError::Unavailable { .. },
+            ) => "unavailable",
+        });
+        result
     }
 
     /// Revokes the grant behind an access token (EdgeTag: "immediately invalidate users' access").
     /// EdgeTag documents no response body, so only the status counts.
     #[tracing::instrument(name = "upstream.revoke", skip_all, err(Display))]
     pub async fn revoke(&self, access_token: &SecretString) -> Result<(), UpstreamError> {
+        let started = Instant::now();
         let response = self
             .http
             .post(self.config.revoke_url.clone())
@@ -376,8 +398,9 @@ impl ProviderClient {
                 ("token_type_hint", "access_token"),
             ])
             .send()
-            .await
-            .map_err(|e| self.classify_transport(&e))?;
+            .await;
+        observe("revoke", started, &response);
+        let response = response.map_err(|e| self.classify_transport(&e))?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -397,7 +420,12 @@ impl ProviderClient {
         }
     }
 
-    async fn token_request(&self, form: &[(&str, &str)]) -> Result<TokenResponse, UpstreamError> {
+    async fn token_request(
+        &self,
+        operation: &'static str,
+        form: &[(&str, &str)],
+    ) -> Result<TokenResponse, UpstreamError> {
+        let started = Instant::now();
         let response = self
             .http
             .post(self.config.token_url.clone())
@@ -408,8 +436,9 @@ impl ProviderClient {
             .header(header::ACCEPT, "application/json")
             .form(form)
             .send()
-            .await
-            .map_err(|e| self.classify_transport(&e))?;
+            .await;
+        observe(operation, started, &response);
+        let response = response.map_err(|e| self.classify_transport(&e))?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -434,6 +463,19 @@ impl ProviderClient {
             UpstreamError::Unreachable("request failed")
         }
     }
+}
+
+/// Records an upstream request's latency (to the response head) and HTTP status in the metrics.
+fn observe(
+    operation: &'static str,
+    started: Instant,
+    response: &Result<reqwest::Response, reqwest::Error>,
+) {
+    let (status, timed_out) = match response {
+        Ok(r) => (Some(r.status().as_u16()), false),
+        Err(e) => (e.status().map(|s| s.as_u16()), e.is_timeout()),
+    };
+    metrics::observe_upstream(operation, status, timed_out, started.elapsed());
 }
 
 /// Reads at most [`MAX_RESPONSE_BYTES`]; the rest is dropped unread (the answer is then malformed).

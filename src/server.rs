@@ -1,17 +1,20 @@
 //! Assembles the service and serves it: keys, store, provider client, broker, the gRPC service
 //! with health and reflection (v1 and v1alpha, for grpcurl 1.8) behind the caller check, optional
-//! TLS, background upkeep, callers-file reload on SIGHUP and graceful shutdown.
+//! TLS, the optional HTTP listeners (browser callback, metrics), background upkeep, callers-file
+//! reload on SIGHUP and graceful shutdown.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
     auth::{AuthLayer, Callers},
     broker::Broker,
+    callback,
     clock::Clock,
     config::ServiceConfig,
+    metrics::{self, RpcMetricsLayer},
     oauth::ProviderClient,
     proto::{self, credential_service_server::CredentialServiceServer},
     sealing::{KeyError, Keyring},
@@ -39,6 +42,62 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The sockets the service serves on: gRPC, and the optional HTTP ones.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// The browser callback (path from `config.callback`, else `/oauth/callback`).
+    pub callback: Option<TcpListener>,
+    /// `/metrics`.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Just gRPC, no HTTP listeners.
+    pub fn grpc(listener: TcpListener) -> Self {
+        Self {
+            grpc: listener,
+            callback: None,
+            metrics: None,
+        }
+    }
+}
+
+/// Binds `addr`; the error names the setting (`what`) so the operator knows which to fix.
+pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// Binds the optional HTTP listeners named in `config`.
+pub async fn bind_http(
+    config: &ServiceConfig,
+) -> Result<(Option<TcpListener>, Option<TcpListener>), ServeError> {
+    let callback = match &config.callback {
+        Some(c) => Some(
+            bind(
+                c.listen,
+                "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            Some(bind(addr, "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN").await?)
+        }
+        None => None,
+    };
+    Ok((callback, metrics))
 }
 
 /// The assembled service before it serves: tests reach the broker and the store through it.
@@ -78,21 +137,29 @@ impl App {
     }
 }
 
-/// Opens the service and serves on `listener` until `shutdown` resolves (see [`serve`]).
+/// Opens the service and serves on `listener` (and on the HTTP addresses in `config`) until
+/// `shutdown` resolves (see [`serve`]).
 pub async fn run(
     listener: TcpListener,
     config: ServiceConfig,
     clock: Clock,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    serve(App::open(config, clock)?, listener, shutdown).await
+    let (callback, metrics) = bind_http(&config).await?;
+    let listeners = Listeners {
+        grpc: listener,
+        callback,
+        metrics,
+    };
+    serve(App::open(config, clock)?, listeners, shutdown).await
 }
 
-/// Serves on `listener` until `shutdown` resolves, then finishes in-flight calls, flushes the store
-/// and returns. Tests call this with a port-0 listener and a [`Clock::manual`].
+/// Serves on listeners the caller bound (port 0 in tests, or the ones `--dev` picked) until
+/// `shutdown` resolves, then finishes in-flight calls, flushes the store and returns once every
+/// task holding the store has ended, so the data directory is free again.
 pub async fn serve(
     app: App,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let App {
@@ -101,6 +168,7 @@ pub async fn serve(
         store,
         broker,
     } = app;
+    let listener = listeners.grpc;
     let local = listener.local_addr().ok();
     if let Some(addr) = local
         && config.callers.is_open()
@@ -128,6 +196,22 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (stop_http, stopped) = watch::channel(false);
+    let mut http = Vec::new();
+    if let Some(listener) = listeners.callback {
+        let path = config
+            .callback
+            .as_ref()
+            .map_or("/oauth/callback", |c| c.path.as_str());
+        tracing::info!(addr = %local_addr(&listener), path, "browser callback serving");
+        let router = callback::router(broker.clone(), path);
+        http.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
+    }
+    if let Some(listener) = listeners.metrics {
+        tracing::info!(addr = %local_addr(&listener), "metrics serving at /metrics");
+        let router = metrics::router(broker.clone());
+        http.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
+    }
     let scheduler = tokio::spawn(broker.clone().run_scheduler());
     let api = CredentialServiceServer::new(CredentialApi::new(broker))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -137,6 +221,7 @@ pub async fn serve(
     let shutdown = async {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight calls");
+        stop_http.send_replace(true);
         health
             .set_not_serving::<CredentialServiceServer<CredentialApi>>()
             .await;
@@ -155,6 +240,7 @@ pub async fn serve(
         builder = builder.tls_config(tls_config)?;
     }
     let served = builder
+        .layer(RpcMetricsLayer)
         .layer(AuthLayer::new(config.callers.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -162,13 +248,38 @@ pub async fn serve(
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
-    purge.abort();
-    scheduler.abort();
-    reload.abort();
+    stop_http.send_replace(true);
+    for server in http {
+        // An HTTP listener's failure is logged where it happens; the store still gets flushed.
+        let _ = server.await;
+    }
+    for task in [purge, scheduler, reload] {
+        task.abort();
+        let _ = task.await; // each holds a store handle: wait until it is dropped
+    }
     store.flush().await?;
     served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// Serves an HTTP router until `stop` turns true, letting requests in flight finish.
+async fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP listener failed");
+    }
 }
 
 /// Deletes expired pending authorizations now and then; they could never complete anyway.

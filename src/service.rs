@@ -8,20 +8,31 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+
 use crate::{
     account::AccountId,
     audit, auth,
-    broker::Broker,
+    broker::{Broker, Removal},
     clock::to_timestamp,
     error::Error,
     proto::{
-        BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
-        GetTokenRequest, GetTokenResponse, credential_service_server::CredentialService,
+        self, AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
+        CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
+        ListAccountsRequest, ListAccountsResponse, RefreshTokenRequest, RefreshTokenResponse,
+        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome,
+        credential_service_server::CredentialService,
     },
+    tokens::{AccountRecord, AccountStatus, RefreshOutcome},
 };
 
 /// Longest `min_validity` a caller may ask for before the broker compares it with real lifetimes.
 const MAX_MIN_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// ListAccounts page size when the caller names none.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest ListAccounts page; bigger requests are served this many.
+pub const MAX_PAGE_SIZE: usize = 1000;
 
 /// The gRPC service; cheap to clone.
 #[derive(Clone)]
@@ -53,6 +64,58 @@ fn parse_min_validity(raw: Option<prost_types::Duration>) -> Result<Duration, Er
         ));
     }
     Ok(d)
+}
+
+/// Page size from the request: 0 means the default, and the maximum caps the rest (AIP-158).
+fn parse_page_size(raw: i32) -> Result<usize, Error> {
+    match usize::try_from(raw) {
+        Err(_) => Err(Error::InvalidArgument("page_size must not be negative")),
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(n) => Ok(n.min(MAX_PAGE_SIZE)),
+    }
+}
+
+/// A page token is the base64url of the last account name on the previous page: opaque to
+/// callers, stable across restarts and unaffected by accounts added or removed in between.
+fn parse_page_token(raw: &str) -> Result<Option<AccountId>, Error> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    const BAD: Error = Error::InvalidArgument(
+        "page_token is not one this service issued; pass next_page_token unchanged",
+    );
+    let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| BAD)?;
+    let name = std::str::from_utf8(&bytes).map_err(|_| BAD)?;
+    AccountId::parse(name).map(Some).map_err(|_| BAD)
+}
+
+fn page_token(last: &AccountId) -> String {
+    URL_SAFE_NO_PAD.encode(last.as_str())
+}
+
+/// What operators see of an account; the mapping of domain status to the wire enum lives here.
+pub fn account_info(account: &AccountId, record: &AccountRecord, refreshing: bool) -> AccountInfo {
+    let failed = record
+        .last_refresh
+        .is_some_and(|r| r.outcome == RefreshOutcome::Failed);
+    let status = match record.status {
+        AccountStatus::NeedsReauth => proto::AccountStatus::NeedsReauth,
+        AccountStatus::Active if failed => proto::AccountStatus::RefreshingFailed,
+        AccountStatus::Active => proto::AccountStatus::Active,
+    };
+    let outcome = match record.last_refresh.map(|r| r.outcome) {
+        None => proto::RefreshOutcome::Unspecified,
+        Some(RefreshOutcome::Succeeded) => proto::RefreshOutcome::Succeeded,
+        Some(RefreshOutcome::Failed) => proto::RefreshOutcome::Failed,
+    };
+    AccountInfo {
+        account: account.to_string(),
+        status: status.into(),
+        access_token_expires_at: Some(to_timestamp(record.tokens.expires_at)),
+        last_refresh_at: record.last_refresh.map(|r| to_timestamp(r.at)),
+        last_refresh_outcome: outcome.into(),
+        refreshing,
+    }
 }
 
 #[tonic::async_trait]
@@ -144,6 +207,123 @@ impl CredentialService for CredentialApi {
         );
         result
     }
+
+    #[tracing::instrument(name = "ListAccounts", skip_all)]
+    async fn list_accounts(
+        &self,
+        request: Request<ListAccountsRequest>,
+    ) -> Result<Response<ListAccountsResponse>, Status> {
+        let caller = auth::caller(request.extensions())?.clone();
+        let result = self.list_page(&caller, request.get_ref());
+        audit::record("ListAccounts", caller.name(), "", audit::outcome(&result));
+        result
+    }
+
+    #[tracing::instrument(name = "DescribeAccount", skip_all, fields(account = tracing::field::Empty))]
+    async fn describe_account(
+        &self,
+        request: Request<DescribeAccountRequest>,
+    ) -> Result<Response<AccountInfo>, Status> {
+        let raw = request.get_ref().account.clone();
+        on_account(request, "DescribeAccount", &raw, async |account| {
+            let record = self.broker.describe(account)?;
+            let refreshing = self.broker.is_refreshing(account);
+            Ok(Response::new(account_info(account, &record, refreshing)))
+        })
+        .await
+    }
+
+    #[tracing::instrument(name = "RemoveAccount", skip_all, fields(account = tracing::field::Empty))]
+    async fn remove_account(
+        &self,
+        request: Request<RemoveAccountRequest>,
+    ) -> Result<Response<RemoveAccountResponse>, Status> {
+        let RemoveAccountRequest { account, force } = request.get_ref().clone();
+        on_account(request, "RemoveAccount", &account, async |account| {
+            let outcome = match self.broker.remove(account, force).await? {
+                Removal::Revoked => RemoveOutcome::Revoked,
+                Removal::RemovedWithoutRevocation => RemoveOutcome::RemovedWithoutRevocation,
+                Removal::NotFound => RemoveOutcome::NotFound,
+            };
+            Ok(Response::new(RemoveAccountResponse {
+                outcome: outcome.into(),
+            }))
+        })
+        .await
+    }
+
+    #[tracing::instrument(name = "RefreshToken", skip_all, fields(account = tracing::field::Empty))]
+    async fn refresh_token(
+        &self,
+        request: Request<RefreshTokenRequest>,
+    ) -> Result<Response<RefreshTokenResponse>, Status> {
+        let raw = request.get_ref().account.clone();
+        on_account(request, "RefreshToken", &raw, async |account| {
+            let tokens = self.broker.refresh_now(account).await?;
+            tracing::info!("refreshed on request");
+            Ok(Response::new(RefreshTokenResponse {
+                expires_at: Some(to_timestamp(tokens.expires_at)),
+            }))
+        })
+        .await
+    }
+}
+
+impl CredentialApi {
+    /// One page of the accounts this caller may see (its globs), sorted by name.
+    fn list_page(
+        &self,
+        caller: &auth::Caller,
+        request: &ListAccountsRequest,
+    ) -> Result<Response<ListAccountsResponse>, Status> {
+        let page_size = parse_page_size(request.page_size)?;
+        let after = parse_page_token(&request.page_token)?;
+        let mut all = self.broker.list();
+        all.retain(|(id, _)| caller.may_use(id));
+        let start = match &after {
+            Some(last) => all.partition_point(|(id, _)| id <= last),
+            None => 0,
+        };
+        let page = &all[start..(start + page_size).min(all.len())];
+        let more = start + page.len() < all.len();
+        Ok(Response::new(ListAccountsResponse {
+            accounts: page
+                .iter()
+                .map(|(id, record)| account_info(id, record, self.broker.is_refreshing(id)))
+                .collect(),
+            next_page_token: match page.last() {
+                Some((last, _)) if more => page_token(last),
+                _ => String::new(),
+            },
+        }))
+    }
+}
+
+/// An admin call on one account: parses the name, checks it against the caller's globs before
+/// the broker looks it up (so a refusal never tells whether it exists), and leaves one audit event
+/// whatever happens.
+async fn on_account<Req, T>(
+    request: Request<Req>,
+    method: &'static str,
+    raw_account: &str,
+    call: impl AsyncFnOnce(&AccountId) -> Result<Response<T>, Error>,
+) -> Result<Response<T>, Status> {
+    let caller = auth::caller(request.extensions())?;
+    let account = match parse_account(raw_account) {
+        Ok(account) => account,
+        Err(e) => return Err(audited(method, caller.name(), "", e.into())),
+    };
+    let result = match auth::authorize_account(request.extensions(), &account) {
+        Ok(_) => call(&account).await.map_err(Status::from),
+        Err(status) => Err(status),
+    };
+    audit::record(
+        method,
+        caller.name(),
+        account.as_str(),
+        audit::outcome(&result),
+    );
+    result
 }
 
 /// Records a call refused before its account was known, and passes the status on.
@@ -166,5 +346,23 @@ mod tests {
         );
         assert!(parse_min_validity(d(-1, 0)).is_err());
         assert!(parse_min_validity(d(31 * 24 * 3600, 0)).is_err());
+    }
+
+    #[test]
+    fn page_size_defaults_caps_and_rejects_negative() {
+        assert_eq!(parse_page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
+        assert_eq!(parse_page_size(7).unwrap(), 7);
+        assert_eq!(parse_page_size(5000).unwrap(), MAX_PAGE_SIZE);
+        assert!(parse_page_size(-1).is_err());
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_foreign_ones_are_refused() {
+        let acme = AccountId::parse("team@acme").unwrap();
+        assert_eq!(parse_page_token(&page_token(&acme)).unwrap(), Some(acme));
+        assert_eq!(parse_page_token("").unwrap(), None);
+        for bad in ["!!!", "YS9i" /* "a/b" */, "_w"] {
+            assert!(parse_page_token(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -4,8 +4,7 @@
 use std::{process::Stdio, time::Duration};
 
 use credential_service::proto::{
-    BeginAuthRequest, CompleteAuthRequest, GetTokenRequest,
-    credential_service_client::CredentialServiceClient,
+    BeginAuthRequest, GetTokenRequest, credential_service_client::CredentialServiceClient,
 };
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
@@ -153,13 +152,21 @@ async fn sigterm_finishes_gracefully_with_exit_0() {
 
 #[tokio::test]
 async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
-    let mut child = service(&["--dev", "--listen", "127.0.0.1:0"])
-        .spawn()
-        .unwrap();
+    let mut child = service(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--callback-listen",
+        "127.0.0.1:0",
+    ])
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     wait_for_line(&mut lines, "DEV MODE").await;
+    wait_for_line(&mut lines, "curl -sL \"$URL\"").await;
     wait_for_line(&mut lines, "CredentialService/GetToken").await;
     let addr = serving_addr(&wait_for_line(&mut lines, "credential-service serving").await);
+    let callback = serving_addr(&wait_for_line(&mut lines, "browser callback serving").await);
 
     let mut client = CredentialServiceClient::connect(format!("http://{addr}"))
         .await
@@ -172,26 +179,27 @@ async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
         .unwrap()
         .into_inner();
 
-    // What `curl -s -o /dev/null -w '%{redirect_url}'` shows: the fake's redirect with code and state.
+    // The fake approves and redirects to the callback listener, with code and state.
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
     let answer = http.get(&begun.authorize_url).send().await.unwrap();
     assert_eq!(answer.status(), reqwest::StatusCode::FOUND);
-    let location = url::Url::parse(answer.headers()["location"].to_str().unwrap()).unwrap();
-    let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
-    assert_eq!(q["state"], begun.state);
+    let location = answer.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with(&format!("http://{callback}/oauth/callback?code=")),
+        "{location}"
+    );
 
-    let done = client
-        .complete_auth(CompleteAuthRequest {
-            code: q["code"].clone(),
-            state: q["state"].clone(),
-        })
+    // What `curl -sL "$URL"` shows: the callback's page, the account connected.
+    let page = reqwest::get(&begun.authorize_url)
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(done.account, "acme");
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Connected account acme"), "{page}");
     let token = client
         .get_token(GetTokenRequest {
             account: "acme".into(),
@@ -303,5 +311,41 @@ async fn sighup_reloads_the_callers_file() {
     wait_for_line(&mut lines, "callers file reloaded").await;
     assert_eq!(code_with("second-token").await, tonic::Code::NotFound);
     assert_eq!(code_with("first-token").await, tonic::Code::Unauthenticated);
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_account() {
+    let mut child = service(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--callback-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ])
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = wait_for_line(&mut lines, "credential-service serving").await;
+    let line: serde_json::Value = serde_json::from_str(&serving).expect("a JSON object");
+    assert_eq!(line["level"], "INFO");
+    let addr = line["fields"]["addr"].as_str().unwrap().to_owned();
+    assert!(line["timestamp"].is_string());
+
+    let mut client = CredentialServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .begin_auth(BeginAuthRequest {
+            account: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let started = wait_for_line(&mut lines, "authorization started").await;
+    let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON object");
+    assert_eq!(line["span"]["account"], "acme");
+    assert_eq!(line["span"]["name"], "BeginAuth");
     child.kill().await.unwrap();
 }

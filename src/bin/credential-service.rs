@@ -59,7 +59,7 @@ async fn main() -> ExitCode {
     }
 
     let mut client_secret = std::env::var("EDGETAG_CLIENT_SECRET").ok();
-    let dev_env = if dev {
+    let mut dev_env = if dev {
         match dev::start(&mut settings).await {
             Ok(env) => {
                 client_secret = Some(env.client_secret.clone());
@@ -86,13 +86,48 @@ async fn main() -> ExitCode {
             );
         }
     };
+    // Dev mode bound the callback already: its address is the redirect URI.
+    let callback = match (
+        dev_env.as_mut().and_then(|e| e.callback.take()),
+        &config.callback,
+    ) {
+        (Some(bound), _) => Some(bound),
+        (None, Some(c)) => match server::bind(
+            c.listen,
+            "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
+        )
+        .await
+        {
+            Ok(l) => Some(l),
+            Err(e) => return fail(e, 1),
+        },
+        (None, None) => None,
+    };
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            match server::bind(addr, "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN").await {
+                Ok(l) => Some(l),
+                Err(e) => return fail(e, 1),
+            }
+        }
+        None => None,
+    };
     if let Some(env) = &dev_env {
         eprintln!(
             "{}",
             dev::banner(listener.local_addr().unwrap_or(config.listen), env)
         );
     }
-    match server::run(listener, config, Clock::system(), server::shutdown_signal()).await {
+    let listeners = server::Listeners {
+        grpc: listener,
+        callback,
+        metrics,
+    };
+    let app = match server::App::open(config, Clock::system()) {
+        Ok(app) => app,
+        Err(e) => return fail(e, 1),
+    };
+    match server::serve(app, listeners, server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, 1),
     }

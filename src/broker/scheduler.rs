@@ -63,7 +63,9 @@ impl Broker {
             if !held_back && (current.status != AccountStatus::Active || !still_due) {
                 continue;
             }
-            tracing::debug!(account = %account, lag_ms = now_ms.saturating_sub(due_ms), "background refresh");
+            let lag_ms = to_unix_ms(inner.clock.now()).saturating_sub(due_ms);
+            crate::metrics::record_refresh_lag(Duration::from_millis(lag_ms.max(0).unsigned_abs()));
+            tracing::debug!(account = %account, lag_ms, "background refresh");
             let refresh = inner.start_refresh(&account, &slot, current.tokens.clone());
             tokio::spawn(async move {
                 let _ = refresh.await;

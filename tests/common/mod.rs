@@ -8,8 +8,7 @@ use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
-    config::ServiceConfig,
-    config::TlsConfig,
+    config::{CallbackConfig, ServiceConfig, TlsConfig},
     fake_provider::{FakeConfig, FakeEdgeTag},
     oauth::ProviderConfig,
     proto::{
@@ -49,6 +48,12 @@ pub struct Options {
     pub key_dir: Arc<TempDir>,
     /// Bearer token the harness's client sends (for servers with a callers file).
     pub token: Option<String>,
+    /// Replaces the fake's revocation URL (e.g. with a closed port, to make EdgeTag unreachable).
+    pub revoke_url: Option<Url>,
+    /// Serve the browser callback on a port of its own; it becomes the redirect URI.
+    pub callback: bool,
+    /// Serve `/metrics` on a port of its own.
+    pub metrics: bool,
 }
 
 /// Adds `authorization: Bearer <token>` to every call, if there is a token.
@@ -95,6 +100,9 @@ impl Default for Options {
             },
             key_dir,
             token: None,
+            revoke_url: None,
+            callback: false,
+            metrics: false,
         }
     }
 }
@@ -113,6 +121,10 @@ pub fn test_policy() -> RefreshPolicy {
 /// One running service. Dropping it stops the server without waiting; [`TestApp::stop`] waits.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT/oauth/callback` when [`Options::callback`] is set.
+    pub callback_url: Option<String>,
+    /// `http://127.0.0.1:PORT/metrics` when [`Options::metrics`] is set.
+    pub metrics_url: Option<String>,
     pub client: Client,
     pub fake: Arc<FakeEdgeTag>,
     pub clock: Clock,
@@ -139,8 +151,13 @@ impl TestApp {
 
     pub async fn spawn_with(options: Options) -> Self {
         let clock = Clock::manual();
+        let mut config = fake_config(&clock);
+        if options.callback {
+            // The callback's port is only known at start: accept any redirect URI.
+            config.redirect_uris.clear();
+        }
         let fake = Arc::new(
-            FakeEdgeTag::start(fake_config(&clock))
+            FakeEdgeTag::start(config)
                 .await
                 .expect("fake EdgeTag starts"),
         );
@@ -157,11 +174,35 @@ impl TestApp {
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = service_config(&fake, data_dir.path().to_owned(), &options);
+        let mut config = service_config(&fake, data_dir.path().to_owned(), &options);
+        let bind_http = async |wanted: bool| match wanted {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let callback = bind_http(options.callback).await;
+        let metrics = bind_http(options.metrics).await;
+        let http_url = |l: &Option<TcpListener>, path: &str| {
+            l.as_ref()
+                .map(|l| format!("http://{}{path}", l.local_addr().unwrap()))
+        };
+        let callback_url = http_url(&callback, "/oauth/callback");
+        let metrics_url = http_url(&metrics, "/metrics");
+        if let Some(url) = &callback_url {
+            config.provider.redirect_uri = url.parse().unwrap();
+            config.callback = Some(CallbackConfig {
+                listen: callback.as_ref().unwrap().local_addr().unwrap(),
+                path: "/oauth/callback".into(),
+            });
+        }
+        let listeners = server::Listeners {
+            grpc: listener,
+            callback,
+            metrics,
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let app = App::open(config, clock.clone()).expect("the service opens");
         let (broker, store) = (app.broker().clone(), app.store().clone());
-        let server = tokio::spawn(server::serve(app, listener, async {
+        let server = tokio::spawn(server::serve(app, listeners, async {
             let _ = rx.await;
         }));
         let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
@@ -176,6 +217,8 @@ impl TestApp {
         );
         Self {
             addr,
+            callback_url,
+            metrics_url,
             client,
             fake,
             clock,
@@ -278,7 +321,10 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
         provider: ProviderConfig {
             authorize_url: url(fake.authorize_url()),
             token_url: url(fake.token_url()),
-            revoke_url: url(fake.revoke_url()),
+            revoke_url: options
+                .revoke_url
+                .clone()
+                .unwrap_or_else(|| url(fake.revoke_url())),
             client_id: fake.config().client_id.clone(),
             client_secret: fake.config().client_secret.clone().into(),
             redirect_uri: url(REDIRECT_URI.to_owned()),
@@ -291,6 +337,8 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
         callers: options.callers.clone(),
         tls: options.tls.clone(),
         encryption: options.encryption.clone(),
+        callback: None,
+        metrics_listen: None,
     }
 }
 

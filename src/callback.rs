@@ -1,0 +1,260 @@
+//! The browser callback: the page EdgeTag redirects to after a person approves (served on
+//! `--callback-listen` at `--callback-path`). It completes the authorization from the `code` and
+//! `state` on the address and says, in a small HTML page, which account is now connected or what
+//! went wrong and what to do. With it, BeginAuth → open the URL → approve is the whole flow.
+//!
+//! Everything rendered is HTML-escaped and capped; the code and the tokens are never rendered or
+//! logged, and the page is neither cached nor sent as a referrer.
+
+use axum::{
+    Router,
+    extract::{RawQuery, State},
+    http::{HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+
+use crate::{broker::Broker, error::Error, tokens::TokenSet};
+
+/// Longest provider `error` rendered; longer ones are cut.
+const MAX_ERROR_CHARS: usize = 64;
+/// Longest provider `error_description` rendered.
+const MAX_DESCRIPTION_CHARS: usize = 300;
+
+/// The callback endpoint at `path` (e.g. `/oauth/callback`).
+pub fn router(broker: Broker, path: &str) -> Router {
+    Router::new().route(path, get(callback)).with_state(broker)
+}
+
+/// The query parameters EdgeTag may put on the redirect; anything else is ignored.
+#[derive(Default)]
+struct Redirect {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+impl Redirect {
+    fn parse(query: &str) -> Self {
+        let mut r = Self::default();
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            let slot = match &*k {
+                "code" => &mut r.code,
+                "state" => &mut r.state,
+                "error" => &mut r.error,
+                "error_description" => &mut r.error_description,
+                _ => continue,
+            };
+            slot.get_or_insert_with(|| v.into_owned());
+        }
+        r
+    }
+}
+
+#[tracing::instrument(name = "callback", skip_all, fields(account = tracing::field::Empty))]
+async fn callback(State(broker): State<Broker>, RawQuery(query): RawQuery) -> Response {
+    let redirect = Redirect::parse(query.as_deref().unwrap_or(""));
+    if let Some(error) = &redirect.error {
+        let error = cap(error, MAX_ERROR_CHARS);
+        tracing::info!(error = %error, "EdgeTag redirected with an error");
+        let mut lines = vec![format!("EdgeTag answered: {error}")];
+        if let Some(d) = &redirect.error_description {
+            lines.push(cap(d, MAX_DESCRIPTION_CHARS));
+        }
+        lines.push(
+            "No account was connected. If access was denied by mistake, start again: run \
+             `credctl begin ACCOUNT` (or call BeginAuth) and open the new link."
+                .to_owned(),
+        );
+        return page(
+            StatusCode::BAD_REQUEST,
+            false,
+            "Access was not granted",
+            &lines,
+        );
+    }
+    let (Some(code), Some(state)) = (&redirect.code, &redirect.state) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            false,
+            "This address is incomplete",
+            &[
+                "This page is where EdgeTag sends the browser after approval, with a code and a \
+               state on the address. Open the link from `credctl begin ACCOUNT` (or BeginAuth) \
+               instead."
+                    .to_owned(),
+            ],
+        );
+    };
+    match broker.complete(code, state).await {
+        Ok((account, tokens)) => connected(&account.to_string(), &tokens),
+        Err(e) => failed(e),
+    }
+}
+
+fn connected(account: &str, tokens: &TokenSet) -> Response {
+    tracing::info!("account connected through the browser callback");
+    page(
+        StatusCode::OK,
+        true,
+        &format!("Connected account {account}"),
+        &[
+            format!(
+                "credential-service now holds EdgeTag access for account {account} and keeps its \
+                 token fresh; the current one expires at {}.",
+                humantime::format_rfc3339_seconds(tokens.expires_at)
+            ),
+            "You can close this window.".to_owned(),
+        ],
+    )
+}
+
+/// Every way CompleteAuth fails, told to the person in the browser. Exhaustive, so a new error
+/// variant forces a decision here too.
+fn failed(e: Error) -> Response {
+    let start_again = "Start again: run `credctl begin ACCOUNT` (or call BeginAuth) and open the \
+                       new link.";
+    let (status, title, advice): (StatusCode, &str, &str) = match &e {
+        Error::UnknownState => (
+            StatusCode::BAD_REQUEST,
+            "This link has expired or was already used",
+            "If you just connected the account, it stays connected (reloading this page shows \
+             this message). Otherwise the approval took too long or the link was used twice.",
+        ),
+        Error::InvalidArgument(_) | Error::InvalidAccount(_) => (
+            StatusCode::BAD_REQUEST,
+            "This address is malformed",
+            "The code or state on it is empty or too long.",
+        ),
+        Error::CodeRejected(_) => (
+            StatusCode::BAD_REQUEST,
+            "EdgeTag rejected the authorization",
+            "The authorization code was refused (expired, or already used).",
+        ),
+        Error::ProviderUnavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "EdgeTag could not be reached",
+            "Nothing is lost: reload this page in a minute to try again, while the link is valid.",
+        ),
+        Error::ClientCredentialsRejected => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The service's EdgeTag credentials were rejected",
+            "An operator must check the configured client id and client secret; then reload this \
+             page.",
+        ),
+        Error::Store(_)
+        | Error::Internal(_)
+        | Error::UnknownAccount(_)
+        | Error::NeedsReauth(_)
+        | Error::TokenExpired { .. }
+        | Error::ValidityNotReached(_) => {
+            tracing::error!(error = %e, "browser callback failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong inside the service",
+                "The service's log has the cause.",
+            )
+        }
+    };
+    if status != StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::info!(error = %e, "browser callback did not connect an account");
+    }
+    let mut lines = vec![advice.to_owned()];
+    if matches!(
+        e,
+        Error::UnknownState
+            | Error::InvalidArgument(_)
+            | Error::InvalidAccount(_)
+            | Error::CodeRejected(_)
+            | Error::Store(_)
+            | Error::Internal(_)
+    ) {
+        lines.push(start_again.to_owned());
+    }
+    page(status, false, title, &lines)
+}
+
+/// The whole page; every piece of text is escaped here, once.
+fn page(status: StatusCode, ok: bool, title: &str, paragraphs: &[String]) -> Response {
+    let title = html_escape(title);
+    let body: String = paragraphs
+        .iter()
+        .map(|p| format!("<p>{}</p>\n", html_escape(p)))
+        .collect();
+    let class = if ok { "ok" } else { "err" };
+    let html = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · credential-service</title>\n<style>body{{font-family:system-ui,sans-serif;\
+         max-width:38rem;margin:4rem auto;padding:0 1rem;line-height:1.5;color:#222}}\
+         h1{{font-size:1.4rem}}.ok{{color:#106b2d}}.err{{color:#a31b1b}}</style></head>\n\
+         <body><h1 class=\"{class}\">{title}</h1>\n{body}</body></html>\n"
+    );
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+        ]
+        .map(|(k, v): (HeaderName, &'static str)| (k, HeaderValue::from_static(v))),
+        html,
+    )
+        .into_response()
+}
+
+/// At most `max` characters, control characters dropped (provider text is untrusted).
+fn cap(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
+    if s.chars().filter(|c| !c.is_control()).nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// Escapes the five characters that matter in HTML text and attribute values.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_text_is_escaped_capped_and_stripped_of_control_characters() {
+        assert_eq!(
+            html_escape(r#"<script>alert("x&'y")</script>"#),
+            "&lt;script&gt;alert(&quot;x&amp;&#39;y&quot;)&lt;/script&gt;"
+        );
+        assert_eq!(cap("ab\ncd", 10), "abcd");
+        assert_eq!(cap(&"x".repeat(100), 64).chars().count(), 65);
+        assert_eq!(cap("short", 64), "short");
+    }
+
+    #[test]
+    fn the_first_of_repeated_parameters_counts_and_others_are_ignored() {
+        let r = Redirect::parse("code=a&code=b&state=s&foo=bar&error_description=x%20y");
+        assert_eq!(r.code.as_deref(), Some("a"));
+        assert_eq!(r.state.as_deref(), Some("s"));
+        assert_eq!(r.error, None);
+        assert_eq!(r.error_description.as_deref(), Some("x y"));
+    }
+}

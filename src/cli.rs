@@ -1,0 +1,662 @@
+//! `credctl`, the operators' command line: each subcommand is one gRPC call to a running
+//! credential-service, printed for people (default) or as JSON (`--json`), with every gRPC status
+//! turned into a sentence, a hint and its own exit code. The binary only parses and calls [`run`].
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{ExitCode, Stdio},
+    time::{Duration, SystemTime},
+};
+
+use clap::{Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+
+use crate::error::code_name;
+use crate::proto::{
+    AccountInfo, AccountStatus, BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest,
+    GetTokenRequest, ListAccountsRequest, RefreshOutcome, RefreshTokenRequest,
+    RemoveAccountRequest, RemoveOutcome, credential_service_client::CredentialServiceClient,
+};
+
+/// Exit codes, one per kind of failure, so scripts can tell them apart.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const OTHER: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const INVALID_ARGUMENT: u8 = 5;
+    pub const FAILED_PRECONDITION: u8 = 6;
+    pub const UNAVAILABLE: u8 = 7;
+    pub const DEADLINE_EXCEEDED: u8 = 8;
+    pub const UNAUTHENTICATED: u8 = 9;
+    pub const PERMISSION_DENIED: u8 = 10;
+    pub const UNIMPLEMENTED: u8 = 11;
+    pub const INTERNAL: u8 = 12;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+   0  success
+   1  other error
+   2  usage error
+   3  cannot reach the service
+   4  NOT_FOUND (unknown account, or unknown/expired/used state)
+   5  INVALID_ARGUMENT (malformed account, code, state or duration)
+   6  FAILED_PRECONDITION (EdgeTag rejected the code, or the account needs re-authorization)
+   7  UNAVAILABLE (EdgeTag unreachable; retry later)
+   8  DEADLINE_EXCEEDED
+   9  UNAUTHENTICATED (missing or wrong --token / CREDCTL_TOKEN)
+  10  PERMISSION_DENIED (this caller may not do that)
+  11  UNIMPLEMENTED (the service is older than this credctl)
+  12  INTERNAL (the service's log has the cause)";
+
+/// Talks to a credential-service over gRPC.
+#[derive(Parser)]
+#[command(name = "credctl", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// The service's gRPC address (`http://` or `https://`).
+    #[arg(
+        long,
+        env = "CREDCTL_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+
+    /// Bearer token sent as `authorization: Bearer ...`. Prefer the environment variable: the
+    /// command line is visible to other users in `ps`.
+    #[arg(long, env = "CREDCTL_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+
+    /// PEM file of the CA that signed the service's certificate (`https://` only; the system's
+    /// roots are trusted too).
+    #[arg(long, env = "CREDCTL_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+
+    /// Print JSON instead of sentences.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// One gRPC call each.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Start connecting an account: prints EdgeTag's page to open and approve.
+    Begin {
+        account: String,
+        /// Also open the page in the default browser (xdg-open; open on macOS).
+        #[arg(long)]
+        open: bool,
+    },
+    /// Finish connecting with the `code` and `state` from EdgeTag's redirect.
+    Complete { code: String, state: String },
+    /// Print a valid access token (on stdout, alone, for `$(credctl token ACCOUNT)`).
+    Token {
+        account: String,
+        /// The token must stay valid at least this long, e.g. `30m`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_validity: Option<Duration>,
+    },
+    /// List every connected account with its status.
+    List,
+    /// Show one account's status.
+    Describe { account: String },
+    /// Revoke the account's grant at EdgeTag and forget the account.
+    Remove {
+        account: String,
+        /// Remove it here even when EdgeTag cannot be reached to revoke the grant.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Refresh the account's access token now.
+    Refresh { account: String },
+}
+
+/// Why a command failed; each maps to one exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach credential-service at {server}: {cause}")]
+    Unreachable { server: String, cause: String },
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(Status),
+    #[error("cannot write the output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => exit::USAGE,
+            Self::Unreachable { .. } => exit::UNREACHABLE,
+            Self::Io(_) => exit::OTHER,
+            Self::Status(s) => match s.code() {
+                Code::NotFound => exit::NOT_FOUND,
+                Code::InvalidArgument | Code::OutOfRange => exit::INVALID_ARGUMENT,
+                Code::FailedPrecondition => exit::FAILED_PRECONDITION,
+                Code::Unavailable => exit::UNAVAILABLE,
+                Code::DeadlineExceeded => exit::DEADLINE_EXCEEDED,
+                Code::Unauthenticated => exit::UNAUTHENTICATED,
+                Code::PermissionDenied => exit::PERMISSION_DENIED,
+                Code::Unimplemented => exit::UNIMPLEMENTED,
+                Code::Internal | Code::DataLoss => exit::INTERNAL,
+                _ => exit::OTHER,
+            },
+        }
+    }
+
+    /// What to do about it, for people.
+    pub fn hint(&self) -> Option<&'static str> {
+        let Self::Status(s) = self else {
+            return match self {
+                Self::Unreachable { .. } => Some(
+                    "check that the service runs and --server / CREDCTL_SERVER points at its gRPC address",
+                ),
+                _ => None,
+            };
+        };
+        Some(match s.code() {
+            Code::NotFound => {
+                "check the account name with `credctl list`, or connect it with `credctl begin`"
+            }
+            Code::InvalidArgument | Code::OutOfRange => "fix the argument named above",
+            Code::FailedPrecondition => "connect the account again: `credctl begin ACCOUNT`",
+            Code::Unavailable => "EdgeTag or the service is unreachable; retry later",
+            Code::DeadlineExceeded => "the call took too long; retry later",
+            Code::Unauthenticated => "pass a valid bearer token with --token or CREDCTL_TOKEN",
+            Code::PermissionDenied => {
+                "this caller may not do that; ask an administrator for the needed role"
+            }
+            Code::Unimplemented => "the service is older than this credctl; upgrade it",
+            Code::Internal | Code::DataLoss => "the service's log has the cause",
+            _ => return None,
+        })
+    }
+}
+
+impl From<Status> for CliError {
+    fn from(s: Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer ...` to every call when a token is configured.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Runs the command, prints its result to stdout and any failure to stderr.
+pub async fn run(cli: Cli) -> ExitCode {
+    let stdout = std::io::stdout();
+    match execute(cli, &mut stdout.lock()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credctl: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("  hint: {hint}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs the command and writes its result to `out`.
+pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
+    let token = cli.token.filter(|t| !t.is_empty()).map(SecretString::from);
+    let mut client = connect(&cli.server, token, cli.ca_file.as_deref()).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Begin { account, open } => {
+            let r = client
+                .begin_auth(BeginAuthRequest {
+                    account: account.clone(),
+                })
+                .await?
+                .into_inner();
+            let expires = r.expires_at.map(format_time).unwrap_or_default();
+            let opened = open && open_browser(&r.authorize_url);
+            if json {
+                print_json(
+                    out,
+                    json!({"authorize_url": r.authorize_url, "state": r.state, "expires_at": expires}),
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "Open this page and approve access for account {account}:\n\n  {}\n",
+                    r.authorize_url
+                )?;
+                if opened {
+                    writeln!(out, "(opened in your browser)\n")?;
+                } else if open {
+                    writeln!(
+                        out,
+                        "(could not start a browser with {OPENER}: open the page yourself)\n"
+                    )?;
+                }
+                writeln!(
+                    out,
+                    "If EdgeTag then shows the service's \"Connected\" page, you are done. Otherwise run\n  \
+                     credctl complete CODE STATE\nwith `code` and `state` from the address EdgeTag sent \
+                     the browser to (state {}). Valid until {expires}.",
+                    r.state
+                )?;
+            }
+        }
+        Command::Complete { code, state } => {
+            let r = client
+                .complete_auth(CompleteAuthRequest { code, state })
+                .await?
+                .into_inner();
+            let expires = r.expires_at.map(format_time).unwrap_or_default();
+            if json {
+                print_json(out, json!({"account": r.account, "expires_at": expires}))?;
+            } else {
+                writeln!(
+                    out,
+                    "Connected account {}; its access token expires at {expires}.",
+                    r.account
+                )?;
+            }
+        }
+        Command::Token {
+            account,
+            min_validity,
+        } => {
+            let min_validity = min_validity
+                .map(prost_types::Duration::try_from)
+                .transpose()
+                .map_err(|_| CliError::Usage("--min-validity is too long".into()))?;
+            let r = client
+                .get_token(GetTokenRequest {
+                    account,
+                    min_validity,
+                })
+                .await?
+                .into_inner();
+            if json {
+                let expires = r.expires_at.map(format_time).unwrap_or_default();
+                print_json(
+                    out,
+                    json!({"access_token": r.access_token, "token_type": r.token_type, "expires_at": expires}),
+                )?;
+            } else {
+                writeln!(out, "{}", r.access_token)?;
+            }
+        }
+        Command::List => {
+            let mut accounts = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_accounts(ListAccountsRequest {
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                accounts.extend(page.accounts);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if json {
+                print_json(out, Value::Array(accounts.iter().map(info_json).collect()))?;
+            } else if accounts.is_empty() {
+                writeln!(
+                    out,
+                    "No accounts are connected. Connect one with `credctl begin ACCOUNT`."
+                )?;
+            } else {
+                print_table(out, &accounts)?;
+            }
+        }
+        Command::Describe { account } => {
+            let info = client
+                .describe_account(DescribeAccountRequest { account })
+                .await?
+                .into_inner();
+            if json {
+                print_json(out, info_json(&info))?;
+            } else {
+                let j = info_json(&info);
+                for (key, label) in [
+                    ("account", "account"),
+                    ("status", "status"),
+                    ("access_token_expires_at", "access token expires"),
+                    ("last_refresh_at", "last refresh"),
+                    ("last_refresh_outcome", "last refresh outcome"),
+                    ("refreshing", "refreshing now"),
+                ] {
+                    let value = match &j[key] {
+                        Value::String(s) => s.clone(),
+                        Value::Null => "-".to_owned(),
+                        other => other.to_string(),
+                    };
+                    writeln!(out, "{label:<22}{value}")?;
+                }
+            }
+        }
+        Command::Remove { account, force } => {
+            let outcome = client
+                .remove_account(RemoveAccountRequest {
+                    account: account.clone(),
+                    force,
+                })
+                .await?
+                .into_inner()
+                .outcome();
+            let (name, sentence) = match outcome {
+                RemoveOutcome::Revoked => (
+                    "revoked",
+                    format!("Removed account {account}; EdgeTag revoked its grant."),
+                ),
+                RemoveOutcome::RemovedWithoutRevocation => (
+                    "removed_without_revocation",
+                    format!(
+                        "Removed account {account} here, but EdgeTag could not be told: its grant \
+                         stays valid at EdgeTag until it expires or is revoked there."
+                    ),
+                ),
+                RemoveOutcome::NotFound => (
+                    "not_found",
+                    format!("Account {account} was not connected; nothing to remove."),
+                ),
+                RemoveOutcome::Unspecified => {
+                    ("unspecified", format!("Removed account {account}."))
+                }
+            };
+            if json {
+                print_json(out, json!({"account": account, "outcome": name}))?;
+            } else {
+                writeln!(out, "{sentence}")?;
+            }
+        }
+        Command::Refresh { account } => {
+            let r = client
+                .refresh_token(RefreshTokenRequest {
+                    account: account.clone(),
+                })
+                .await?
+                .into_inner();
+            let expires = r.expires_at.map(format_time).unwrap_or_default();
+            if json {
+                print_json(out, json!({"account": account, "expires_at": expires}))?;
+            } else {
+                writeln!(
+                    out,
+                    "Refreshed account {account}; the new access token expires at {expires}."
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects, refusing to send a bearer token in clear text anywhere but this machine.
+async fn connect(
+    server: &str,
+    token: Option<SecretString>,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Client, CliError> {
+    let url = url::Url::parse(server)
+        .map_err(|e| CliError::Usage(format!("--server {server:?} is not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    let mut endpoint = Endpoint::from_shared(server.to_owned())
+        .map_err(|e| CliError::Usage(format!("--server {server:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60));
+    match url.scheme() {
+        "https" => {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(path) = ca_file {
+                let pem = std::fs::read(path).map_err(|e| {
+                    CliError::Usage(format!("cannot read --ca-file {}: {e}", path.display()))
+                })?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| CliError::Usage(format!("TLS set-up: {e}")))?;
+        }
+        "http" if token.is_some() && !loopback => {
+            return Err(CliError::Usage(format!(
+                "refusing to send the bearer token in clear text to {server}; use https://"
+            )));
+        }
+        "http" => {}
+        other => {
+            return Err(CliError::Usage(format!(
+                "--server must start with http:// or https://, not {other}://"
+            )));
+        }
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| CliError::Unreachable {
+            server: server.to_owned(),
+            cause: error_chain(&e),
+        })?;
+    let header = token
+        .map(|t| {
+            let mut v =
+                MetadataValue::try_from(format!("Bearer {}", t.expose_secret())).map_err(|_| {
+                    CliError::Usage("the token contains characters a header cannot carry".into())
+                })?;
+            v.set_sensitive(true);
+            Ok::<_, CliError>(v)
+        })
+        .transpose()?;
+    Ok(CredentialServiceClient::with_interceptor(
+        channel,
+        Bearer(header),
+    ))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// The desktop's "open this URL" command (`open` on Linux is openvt, so only macOS gets it).
+const OPENER: &str = if cfg!(target_os = "macos") {
+    "open"
+} else {
+    "xdg-open"
+};
+
+/// Starts the default browser; false when the opener is missing or failed.
+fn open_browser(url: &str) -> bool {
+    std::process::Command::new(OPENER)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn format_time(t: prost_types::Timestamp) -> String {
+    SystemTime::try_from(t)
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+fn status_name(status: AccountStatus) -> &'static str {
+    match status {
+        AccountStatus::Active => "active",
+        AccountStatus::NeedsReauth => "needs_reauth",
+        AccountStatus::RefreshingFailed => "refreshing_failed",
+        AccountStatus::Unspecified => "unspecified",
+    }
+}
+
+fn outcome_name(outcome: RefreshOutcome) -> Option<&'static str> {
+    match outcome {
+        RefreshOutcome::Unspecified => None,
+        RefreshOutcome::Succeeded => Some("succeeded"),
+        RefreshOutcome::Failed => Some("failed"),
+    }
+}
+
+fn info_json(info: &AccountInfo) -> Value {
+    json!({
+        "account": info.account,
+        "status": status_name(info.status()),
+        "access_token_expires_at": info.access_token_expires_at.map(format_time),
+        "last_refresh_at": info.last_refresh_at.map(format_time),
+        "last_refresh_outcome": outcome_name(info.last_refresh_outcome()),
+        "refreshing": info.refreshing,
+    })
+}
+
+fn print_json(out: &mut impl Write, value: Value) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(&value).unwrap_or_default()
+    )
+}
+
+fn print_table(out: &mut impl Write, accounts: &[AccountInfo]) -> std::io::Result<()> {
+    let width = accounts
+        .iter()
+        .map(|a| a.account.len())
+        .max()
+        .unwrap_or(0)
+        .max("ACCOUNT".len());
+    writeln!(
+        out,
+        "{:<width$}  {:<17}  {:<20}  LAST REFRESH",
+        "ACCOUNT", "STATUS", "TOKEN EXPIRES"
+    )?;
+    for a in accounts {
+        let last = match (a.last_refresh_at, outcome_name(a.last_refresh_outcome())) {
+            (Some(at), Some(outcome)) => format!("{} {outcome}", format_time(at)),
+            _ => "-".to_owned(),
+        };
+        let refreshing = if a.refreshing { " (refreshing)" } else { "" };
+        writeln!(
+            out,
+            "{:<width$}  {:<17}  {:<20}  {last}{refreshing}",
+            a.account,
+            status_name(a.status()),
+            a.access_token_expires_at
+                .map(format_time)
+                .unwrap_or_default(),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_own_exit_code() {
+        let codes = [
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::Unimplemented,
+            Code::Internal,
+        ];
+        let mut seen: Vec<u8> = codes
+            .iter()
+            .map(|c| CliError::Status(Status::new(*c, "x")).exit_code())
+            .collect();
+        seen.push(CliError::Usage(String::new()).exit_code());
+        seen.push(
+            CliError::Unreachable {
+                server: String::new(),
+                cause: String::new(),
+            }
+            .exit_code(),
+        );
+        let n = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), n, "exit codes collide");
+        assert!(!seen.contains(&0) && !seen.contains(&exit::OTHER));
+        for c in codes {
+            assert!(
+                CliError::Status(Status::new(c, "x")).hint().is_some(),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_token_goes_in_the_authorization_header_only_when_set() {
+        let mut value = MetadataValue::try_from("Bearer tok").unwrap();
+        value.set_sensitive(true);
+        let request = Bearer(Some(value)).call(Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer tok"
+        );
+        assert!(
+            !format!("{:?}", request.metadata()).contains("tok"),
+            "sensitive"
+        );
+        let request = Bearer(None).call(Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_token_never_travels_in_clear_text_off_this_machine() {
+        let e = connect(
+            "http://credentials.example.com:50051",
+            Some(SecretString::from("tok-secret")),
+            None,
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(e.exit_code(), exit::USAGE);
+        assert!(e.to_string().contains("https://"), "{e}");
+        assert!(!e.to_string().contains("tok-secret"));
+    }
+}

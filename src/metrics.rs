@@ -1,0 +1,426 @@
+//! Prometheus metrics (`/metrics` on `--metrics-listen`), through the official `prometheus-client`.
+//!
+//! One process-wide set of series, fed from where things happen: a tower layer around the gRPC
+//! server (calls by method and status code, with latency), the EdgeTag client (upstream requests by
+//! operation and HTTP status, refreshes by outcome), the broker (single-flight waiters, background
+//! refresh lag via [`record_refresh_lag`]); accounts by status are counted at scrape time. The hot
+//! path costs a read-locked map lookup on `&'static str` labels and an uncontended histogram lock:
+//! no allocation.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::LazyLock,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{self, HeaderValue, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use std::sync::atomic::AtomicU64;
+use tonic::Code;
+
+use crate::{
+    broker::Broker,
+    error::code_name,
+    tokens::{AccountStatus, RefreshOutcome},
+};
+
+/// The `Content-Type` of the OpenMetrics text format that `prometheus-client` writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The gRPC methods served, as (path, service, method). Anything else is counted as `unknown`,
+/// so a client cannot grow the label set.
+const METHODS: &[(&str, &str, &str)] = &[
+    (
+        "/credential.v1.CredentialService/BeginAuth",
+        "credential.v1.CredentialService",
+        "BeginAuth",
+    ),
+    (
+        "/credential.v1.CredentialService/CompleteAuth",
+        "credential.v1.CredentialService",
+        "CompleteAuth",
+    ),
+    (
+        "/credential.v1.CredentialService/GetToken",
+        "credential.v1.CredentialService",
+        "GetToken",
+    ),
+    (
+        "/credential.v1.CredentialService/ListAccounts",
+        "credential.v1.CredentialService",
+        "ListAccounts",
+    ),
+    (
+        "/credential.v1.CredentialService/DescribeAccount",
+        "credential.v1.CredentialService",
+        "DescribeAccount",
+    ),
+    (
+        "/credential.v1.CredentialService/RemoveAccount",
+        "credential.v1.CredentialService",
+        "RemoveAccount",
+    ),
+    (
+        "/credential.v1.CredentialService/RefreshToken",
+        "credential.v1.CredentialService",
+        "RefreshToken",
+    ),
+    (
+        "/grpc.health.v1.Health/Check",
+        "grpc.health.v1.Health",
+        "Check",
+    ),
+    (
+        "/grpc.health.v1.Health/Watch",
+        "grpc.health.v1.Health",
+        "Watch",
+    ),
+    (
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "grpc.reflection.v1.ServerReflection",
+        "ServerReflectionInfo",
+    ),
+    (
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "ServerReflectionInfo",
+    ),
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    service: &'static str,
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    operation: &'static str,
+    /// The HTTP status, or `timeout` / `unreachable` when there was no answer.
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+struct Metrics {
+    registry: Registry,
+    rpc: Family<RpcLabels, Histogram>,
+    upstream: Family<UpstreamLabels, Histogram>,
+    refreshes: Family<OutcomeLabels, Counter>,
+    accounts: Family<StatusLabels, Gauge>,
+    waiters: Gauge,
+    refresh_lag: Gauge<f64, AtomicU64>,
+}
+
+/// Latency buckets from 100µs (a GetToken from memory) to 10s (the default upstream timeout).
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
+    .into_iter()
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("credential");
+    let rpc = Family::<RpcLabels, Histogram>::new_with_constructor(
+        (|| Histogram::new(latency_buckets())) as fn() -> Histogram,
+    );
+    let upstream = Family::<UpstreamLabels, Histogram>::new_with_constructor(
+        (|| Histogram::new(latency_buckets())) as fn() -> Histogram,
+    );
+    let refreshes = Family::<OutcomeLabels, Counter>::default();
+    let accounts = Family::<StatusLabels, Gauge>::default();
+    let waiters = Gauge::default();
+    let refresh_lag = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "rpc_duration_seconds",
+        "gRPC calls by service, method and status code, with their latency (the _count is the number of calls)",
+        rpc.clone(),
+    );
+    registry.register(
+        "upstream_request_duration_seconds",
+        "Requests to EdgeTag by operation (exchange_code, refresh, revoke) and HTTP status, with their latency",
+        upstream.clone(),
+    );
+    registry.register(
+        "refreshes",
+        "Refresh requests to EdgeTag by outcome (succeeded, rejected, client_rejected, unavailable, malformed)",
+        refreshes.clone(),
+    );
+    registry.register(
+        "accounts",
+        "Connected accounts by status (active, needs_reauth, refreshing_failed)",
+        accounts.clone(),
+    );
+    registry.register(
+        "single_flight_waiters",
+        "Callers waiting right now on a refresh in flight (the caller that started it included)",
+        waiters.clone(),
+    );
+    registry.register(
+        "refresh_lag_seconds",
+        "How late the most recent background refresh started after it was due",
+        refresh_lag.clone(),
+    );
+    Metrics {
+        registry,
+        rpc,
+        upstream,
+        refreshes,
+        accounts,
+        waiters,
+        refresh_lag,
+    }
+});
+
+/// The (service, method) labels of a request path.
+fn method_labels(path: &str) -> (&'static str, &'static str) {
+    METHODS
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map_or(("unknown", "unknown"), |(_, s, m)| (*s, *m))
+}
+
+/// Records one finished gRPC call.
+pub fn observe_rpc(path: &str, code: Code, elapsed: Duration) {
+    let (service, method) = method_labels(path);
+    observe_rpc_labels(service, method, code, elapsed);
+}
+
+fn observe_rpc_labels(service: &'static str, method: &'static str, code: Code, elapsed: Duration) {
+    METRICS
+        .rpc
+        .get_or_create(&RpcLabels {
+            service,
+            method,
+            code: code_name(code),
+        })
+        .observe(elapsed.as_secs_f64());
+}
+
+/// Records one request to EdgeTag; `status` is the HTTP status, or `None` when none arrived
+/// (`timed_out` then tells a timeout from a failed connection).
+pub fn observe_upstream(
+    operation: &'static str,
+    status: Option<u16>,
+    timed_out: bool,
+    elapsed: Duration,
+) {
+    let status = match status {
+        Some(s) => s.to_string(),
+        None if timed_out => "timeout".to_owned(),
+        None => "unreachable".to_owned(),
+    };
+    METRICS
+        .upstream
+        .get_or_create(&UpstreamLabels { operation, status })
+        .observe(elapsed.as_secs_f64());
+}
+
+/// Records how a refresh request to EdgeTag ended.
+pub fn record_refresh(outcome: &'static str) {
+    METRICS
+        .refreshes
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+}
+
+/// For the background refresh engine: how late a refresh started after it was due (zero when on
+/// time). Exposed as `credential_refresh_lag_seconds`.
+pub fn record_refresh_lag(lag: Duration) {
+    METRICS.refresh_lag.set(lag.as_secs_f64());
+}
+
+/// Counts a caller waiting on a shared refresh for as long as it lives.
+#[must_use = "the caller counts as waiting only while the guard lives"]
+pub struct WaiterGuard(());
+
+/// Call where a caller starts awaiting a single-flight refresh; drop the guard when it returns.
+pub fn single_flight_waiter() -> WaiterGuard {
+    METRICS.waiters.inc();
+    WaiterGuard(())
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        METRICS.waiters.dec();
+    }
+}
+
+/// The text a scrape returns, with accounts counted from `broker` now.
+pub fn encode(broker: &Broker) -> String {
+    let (mut active, mut needs_reauth, mut failed) = (0, 0, 0);
+    for (_, record) in broker.list() {
+        match record.status {
+            AccountStatus::NeedsReauth => needs_reauth += 1,
+            AccountStatus::Active
+                if record
+                    .last_refresh
+                    .is_some_and(|r| r.outcome == RefreshOutcome::Failed) =>
+            {
+                failed += 1
+            }
+            AccountStatus::Active => active += 1,
+        }
+    }
+    for (status, n) in [
+        ("active", active),
+        ("needs_reauth", needs_reauth),
+        ("refreshing_failed", failed),
+    ] {
+        METRICS
+            .accounts
+            .get_or_create(&StatusLabels { status })
+            .set(n);
+    }
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry);
+    text
+}
+
+/// The `/metrics` endpoint.
+pub fn router(broker: Broker) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(broker): State<Broker>| async move {
+                (
+                    [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))],
+                    encode(&broker),
+                )
+                    .into_response()
+            }),
+        )
+        .with_state(broker)
+}
+
+/// Tower layer that times every gRPC call and records it by method and status code. The code
+/// comes from the `grpc-status` header of a trailers-only answer (every error) or is OK for an
+/// answer with a body (its status follows in trailers), so streams count when they start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RpcMetricsLayer;
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics { inner }
+    }
+}
+
+/// The service [`RpcMetricsLayer`] wraps around the gRPC routes.
+#[derive(Clone, Debug)]
+pub struct RpcMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = RpcFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (service, method) = method_labels(request.uri().path());
+        RpcFuture {
+            inner: self.inner.call(request),
+            service,
+            method,
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Records the call when the response head is ready.
+    pub struct RpcFuture<F> {
+        #[pin]
+        inner: F,
+        service: &'static str,
+        method: &'static str,
+        started: Instant,
+    }
+}
+
+impl<F, R, E> Future for RpcFuture<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let code = match &result {
+            Ok(response) => response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map_or(Code::Ok, Code::from_i32),
+            Err(_) => Code::Unknown,
+        };
+        observe_rpc_labels(this.service, this.method, code, this.started.elapsed());
+        Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn every_method_of_the_contract_has_its_own_label() {
+        let set =
+            prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let file = set
+            .file
+            .iter()
+            .find(|f| f.package() == "credential.v1")
+            .unwrap();
+        let mut n = 0;
+        for service in &file.service {
+            for method in &service.method {
+                let path = format!("/credential.v1.{}/{}", service.name(), method.name());
+                assert!(
+                    METHODS
+                        .iter()
+                        .any(|(p, _, m)| *p == path && m == &method.name()),
+                    "{path} is missing from METHODS"
+                );
+                n += 1;
+            }
+        }
+        assert_eq!(n, 7);
+    }
+}

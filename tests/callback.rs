@@ -1,0 +1,166 @@
+//! The browser callback: EdgeTag's redirect lands on the service, which completes the flow and
+//! says so in a small page. Driven over real HTTP and, once, by headless Chromium.
+
+mod common;
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use common::{Options, TestApp};
+use credential_service::fake_provider::Fault;
+use reqwest::{StatusCode, header};
+
+async fn spawn() -> TestApp {
+    TestApp::spawn_with(Options {
+        callback: true,
+        ..Options::default()
+    })
+    .await
+}
+
+/// Follows redirects like a browser: the fake's 302 leads to the callback.
+async fn visit(url: &str) -> (StatusCode, header::HeaderMap, String) {
+    let response = reqwest::get(url).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    (status, headers, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn approving_in_the_browser_connects_the_account() {
+    let app = spawn().await;
+    let begun = app.begin("acme").await.unwrap();
+    assert!(
+        begun
+            .authorize_url
+            .contains(&url_encoded(app.callback_url.as_ref().unwrap())),
+        "the callback is the redirect URI"
+    );
+
+    let (status, headers, page) = visit(&begun.authorize_url).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("<h1 class=\"ok\">Connected account acme</h1>"),
+        "{page}"
+    );
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let token = app.get_token("acme").await.unwrap().access_token;
+    assert!(app.fake.access_token_is_valid(&token));
+    assert!(!page.contains(&token));
+
+    // Reloading the callback (same code and state) does not connect twice, and says why.
+    let (status, _, page) = visit(&begun.authorize_url).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(page.contains("expired or was already used"), "{page}");
+}
+
+#[tokio::test]
+async fn edgetag_errors_are_shown_escaped_and_nothing_is_connected() {
+    let app = spawn().await;
+    let callback = app.callback_url.clone().unwrap();
+    let long = "d".repeat(1000);
+    let url = format!(
+        "{callback}?error=access_denied&error_description=%3Cscript%3Ealert(1)%3C%2Fscript%3E{long}&state=x"
+    );
+    let (status, _, page) = visit(&url).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        page.contains("Access was not granted") && page.contains("EdgeTag answered: access_denied")
+    );
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
+    assert!(!page.contains("<script>"));
+    assert!(
+        !page.contains(&"d".repeat(400)),
+        "the description is capped"
+    );
+    assert!(page.contains("credctl begin ACCOUNT"));
+
+    let (status, _, page) = visit(&callback).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(page.contains("This address is incomplete"), "{page}");
+    let (status, _, page) = visit(&format!("{callback}?code=c&state=unknown")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(page.contains("expired or was already used"), "{page}");
+}
+
+#[tokio::test]
+async fn edgetag_down_asks_for_a_reload_which_then_works() {
+    let app = spawn().await;
+    let begun = app.begin("acme").await.unwrap();
+    let redirect = app.fake.approve(&begun.authorize_url).await.unwrap();
+
+    app.fake.push_faults([Fault::ServiceUnavailable]);
+    let (status, _, page) = visit(&redirect.location).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        page.contains("EdgeTag could not be reached") && page.contains("reload"),
+        "{page}"
+    );
+
+    let (status, _, page) = visit(&redirect.location).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Connected account acme"));
+    app.get_token("acme").await.unwrap();
+}
+
+fn url_encoded(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+#[tokio::test]
+async fn headless_chromium_goes_from_the_authorize_url_to_a_connected_account() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "this test drives a real browser: install Chromium with \
+         `apt-get update && apt-get install -y chromium` (.ci/run does)"
+    );
+    let app = spawn().await;
+    let begun = app.begin("acme").await.unwrap();
+    let profile = tempfile::tempdir().unwrap();
+
+    let browser = tokio::process::Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(&begun.authorize_url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), browser)
+        .await
+        .expect("Chromium finishes within 90 s")
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("Connected account acme"),
+        "Chromium ended with {:?}; DOM:\n{dom}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dom.contains("You can close this window."));
+    let token = app.get_token("acme").await.unwrap();
+    assert!(app.fake.access_token_is_valid(&token.access_token));
+}

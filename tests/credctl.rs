@@ -1,0 +1,183 @@
+//! The real `credctl` binary against the real server: the whole operator flow in human and JSON
+//! output, and each failure's message and exit code.
+
+mod common;
+
+use std::{os::unix::fs::PermissionsExt, process::Output};
+
+use common::TestApp;
+use serde_json::Value;
+use tokio::process::Command;
+
+const CREDCTL: &str = env!("CARGO_BIN_EXE_credctl");
+
+async fn credctl(server: &str, args: &[&str]) -> Output {
+    Command::new(CREDCTL)
+        .env_clear()
+        .env("CREDCTL_SERVER", server)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+#[track_caller]
+fn ok(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+    stdout(o)
+}
+
+#[track_caller]
+fn json(o: &Output) -> Value {
+    serde_json::from_str(&ok(o)).unwrap()
+}
+
+#[tokio::test]
+async fn an_operator_connects_inspects_refreshes_and_removes_an_account() {
+    let app = TestApp::spawn().await;
+    let server = format!("http://{}", app.addr);
+    let run = |args: &'static [&'static str]| credctl(&server, args);
+
+    assert!(ok(&run(&["list"]).await).contains("No accounts are connected"));
+
+    let begun = json(&run(&["--json", "begin", "acme"]).await);
+    let url = begun["authorize_url"].as_str().unwrap();
+    assert!(url.starts_with(&app.fake.authorize_url()), "{url}");
+    let human = ok(&run(&["begin", "acme"]).await);
+    assert!(
+        human.contains(&app.fake.authorize_url()) && human.contains("credctl complete CODE STATE"),
+        "{human}"
+    );
+
+    let redirect = app.fake.approve(url).await.unwrap();
+    assert_eq!(redirect.state, begun["state"].as_str().unwrap());
+    let done = credctl(&server, &["complete", &redirect.code, &redirect.state]).await;
+    assert!(ok(&done).starts_with("Connected account acme; its access token expires at 20"));
+
+    let token = ok(&run(&["token", "acme"]).await);
+    assert_eq!(
+        token.trim(),
+        app.get_token("acme").await.unwrap().access_token
+    );
+    let token = json(&run(&["--json", "token", "acme", "--min-validity", "30m"]).await);
+    assert_eq!(token["token_type"], "Bearer");
+    assert!(
+        app.fake
+            .access_token_is_valid(token["access_token"].as_str().unwrap())
+    );
+
+    let table = ok(&run(&["list"]).await);
+    let row = table.lines().nth(1).unwrap();
+    assert!(row.starts_with("acme") && row.contains("active"), "{table}");
+    let info = json(&run(&["describe", "acme", "--json"]).await);
+    assert_eq!(info["status"], "active");
+    assert_eq!(info["last_refresh_outcome"], Value::Null);
+
+    let refreshes = app.fake.stats().refreshes_ok;
+    assert!(ok(&run(&["refresh", "acme"]).await).starts_with("Refreshed account acme"));
+    assert_eq!(app.fake.stats().refreshes_ok, refreshes + 1);
+    let described = ok(&run(&["describe", "acme"]).await);
+    assert!(
+        described.contains("last refresh outcome  succeeded"),
+        "{described}"
+    );
+    let listed = json(&run(&["list", "--json"]).await);
+    assert_eq!(listed[0]["account"], "acme");
+    assert_eq!(listed[0]["last_refresh_outcome"], "succeeded");
+
+    let removed = ok(&run(&["remove", "acme"]).await);
+    assert!(removed.contains("EdgeTag revoked its grant"), "{removed}");
+    let again = json(&run(&["--json", "remove", "acme"]).await);
+    assert_eq!(again["outcome"], "not_found");
+
+    let gone = run(&["describe", "acme"]).await;
+    assert_eq!(gone.status.code(), Some(4));
+    let err = stderr(&gone);
+    assert!(
+        err.starts_with("credctl: NOT_FOUND: account acme is not connected"),
+        "{err}"
+    );
+    assert!(err.contains("hint: "), "{err}");
+}
+
+#[tokio::test]
+async fn each_failure_has_a_clear_message_and_its_own_exit_code() {
+    let app = TestApp::spawn().await;
+    let server = format!("http://{}", app.addr);
+
+    let bad = credctl(&server, &["token", "a b"]).await;
+    assert_eq!(bad.status.code(), Some(5));
+    assert!(stderr(&bad).contains("INVALID_ARGUMENT: invalid account name"));
+
+    let unknown = credctl(&server, &["complete", "code", "no-such-state"]).await;
+    assert_eq!(unknown.status.code(), Some(4));
+
+    app.connect("acme").await;
+    app.fake.revoke_all_refresh_tokens();
+    let reauth = credctl(&server, &["refresh", "acme"]).await;
+    assert_eq!(reauth.status.code(), Some(6));
+    assert!(
+        stderr(&reauth).contains("credctl begin ACCOUNT"),
+        "{}",
+        stderr(&reauth)
+    );
+
+    let unreachable = credctl("http://127.0.0.1:1", &["list"]).await;
+    assert_eq!(unreachable.status.code(), Some(3));
+    assert!(stderr(&unreachable).contains("cannot reach credential-service at http://127.0.0.1:1"));
+
+    let clear_text = Command::new(CREDCTL)
+        .env_clear()
+        .env("CREDCTL_TOKEN", "caller-secret-token")
+        .args(["--server", "http://credentials.example.com:50051", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(clear_text.status.code(), Some(2));
+    assert!(!stderr(&clear_text).contains("caller-secret-token"));
+
+    let usage = credctl(&server, &["frobnicate"]).await;
+    assert_eq!(usage.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn begin_open_starts_the_browser_opener_or_says_there_is_none() {
+    let app = TestApp::spawn().await;
+    let server = format!("http://{}", app.addr);
+    let bin = tempfile::tempdir().unwrap();
+    let run = |path: &std::path::Path| {
+        Command::new(CREDCTL)
+            .env_clear()
+            .env("PATH", path)
+            .args(["--server", &server, "begin", "acme", "--open"])
+            .output()
+    };
+
+    let none = run(bin.path()).await.unwrap();
+    let text = ok(&none);
+    assert!(
+        text.contains("could not start a browser with xdg-open")
+            && text.contains("/oauth/app/login")
+    );
+
+    let opened = bin.path().join("opened");
+    let opener = bin.path().join("xdg-open");
+    std::fs::write(
+        &opener,
+        format!("#!/bin/sh\nprintf '%s' \"$1\" > '{}'\n", opened.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = ok(&run(bin.path()).await.unwrap());
+    assert!(text.contains("(opened in your browser)"), "{text}");
+    let url = std::fs::read_to_string(&opened).unwrap();
+    assert!(url.starts_with(&app.fake.authorize_url()) && text.contains(&url));
+}

@@ -1,0 +1,350 @@
+//! The files in `deploy/` cannot be run here (no Docker, no cluster, no systemd), so this checks
+//! that they agree with the code: binary names, ports, environment variables, paths, the probed
+//! gRPC service, and the hardening each file promises.
+
+use std::{collections::BTreeSet, fs, path::Path};
+
+use clap::{CommandFactory, Parser};
+use credential_service::config::Settings;
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+fn read(path: &str) -> String {
+    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// Every environment variable the service reads.
+fn known_variables() -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    names.insert("EDGETAG_CLIENT_SECRET".into()); // read by the binary itself
+    names
+}
+
+#[track_caller]
+fn assert_known(name: &str) {
+    assert!(
+        known_variables().contains(name),
+        "{name} is set in deploy/ but the service reads no such variable"
+    );
+}
+
+/// The `[[bin]]` names in Cargo.toml.
+fn binaries() -> BTreeSet<String> {
+    // Cargo.toml is TOML, but its [[bin]] tables are simple enough for line logic.
+    let manifest = read("Cargo.toml");
+    let mut names = BTreeSet::new();
+    let mut in_bin = false;
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if in_bin && let Some(v) = line.strip_prefix("name = ") {
+            names.insert(v.trim_matches('"').to_owned());
+        }
+    }
+    names
+}
+
+fn default_settings() -> Settings {
+    Cli::try_parse_from(["credential-service"])
+        .unwrap()
+        .settings
+}
+
+/// `credential.v1.CredentialService`, from the proto file.
+fn grpc_service_name() -> String {
+    let proto = read("proto/credential/v1/credential.proto");
+    let package = proto
+        .lines()
+        .find_map(|l| l.strip_prefix("package "))
+        .unwrap()
+        .trim_end_matches(';');
+    let service = proto
+        .lines()
+        .find_map(|l| l.strip_prefix("service "))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    format!("{package}.{service}")
+}
+
+#[test]
+fn dockerfile_builds_the_binaries_and_runs_them_unprivileged() {
+    let docker = read("deploy/Dockerfile");
+    let bins = binaries();
+    let froms: Vec<&str> = docker.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "multi-stage: build, then run");
+    let rust = read("Cargo.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    assert!(
+        froms[0].starts_with(&format!("FROM rust:{rust}")),
+        "the builder is the crate's rust-version ({rust})"
+    );
+    assert!(!froms[1].contains("rust:"), "a minimal runtime image");
+    assert!(
+        !docker.lines().any(|l| l.starts_with("HEALTHCHECK")),
+        "orchestrators probe gRPC health"
+    );
+
+    let build = docker.lines().find(|l| l.contains("cargo build")).unwrap();
+    for bin in build.split("--bin ").skip(1) {
+        let bin = bin.split_whitespace().next().unwrap();
+        assert!(bins.contains(bin), "no binary {bin} in Cargo.toml");
+    }
+    assert!(build.contains("--locked"));
+    let user = docker
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .unwrap();
+    assert!(
+        !user.starts_with('0') && !user.starts_with("root"),
+        "{user}"
+    );
+    let entry = docker
+        .lines()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .unwrap();
+    assert_eq!(entry, r#"["/usr/local/bin/credential-service"]"#);
+    assert!(bins.contains("credential-service"));
+
+    let port = default_settings().listen.port();
+    assert!(docker.contains(&format!("EXPOSE {port}")));
+    let mut env = docker.split("ENV ").nth(1).unwrap().lines();
+    let mut data_dir = None;
+    for line in env.by_ref() {
+        let pair = line.trim().trim_end_matches('\\').trim();
+        let (name, value) = pair.split_once('=').unwrap();
+        assert_known(name);
+        if name == "CREDENTIAL_SERVICE_LISTEN" {
+            assert!(value.ends_with(&format!(":{port}")), "{value}");
+        }
+        if name == "CREDENTIAL_SERVICE_DATA_DIR" {
+            data_dir = Some(value.to_owned());
+        }
+        if !line.ends_with('\\') {
+            break;
+        }
+    }
+    let data_dir = data_dir.expect("the data directory is set");
+    assert!(docker.contains(&format!("VOLUME [\"{data_dir}\"]")));
+    assert!(docker.contains(&format!("--chown=65532:65532 /out{data_dir} {data_dir}")));
+}
+
+fn manifests() -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(&read("deploy/kubernetes/credential-service.yaml"))
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v:?}"))
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_the_service() {
+    let docs = manifests();
+    let set = kind(&docs, "StatefulSet");
+    assert_eq!(set["spec"]["replicas"], 1, "sled is single-writer");
+    let pod = &set["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let containers = pod["containers"].as_sequence().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+
+    let port = |name: &str| -> u64 {
+        c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no container port {name}"))["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    let env: Vec<(&str, &str)> = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (str_of(&e["name"]), str_of(&e["value"])))
+        .collect();
+    let var = |name: &str| {
+        env.iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} is not set"))
+            .1
+    };
+    for (name, _) in &env {
+        assert_known(name);
+    }
+    assert_eq!(port("grpc"), u64::from(default_settings().listen.port()));
+    for (variable, port_name) in [
+        ("CREDENTIAL_SERVICE_LISTEN", "grpc"),
+        ("CREDENTIAL_SERVICE_CALLBACK_LISTEN", "callback"),
+        ("CREDENTIAL_SERVICE_METRICS_LISTEN", "metrics"),
+    ] {
+        let addr: std::net::SocketAddr = var(variable).parse().unwrap();
+        assert_eq!(u64::from(addr.port()), port(port_name), "{variable}");
+    }
+    assert!(var("EDGETAG_REDIRECT_URI").ends_with(&default_settings().callback_path));
+
+    // Probes: native gRPC on the gRPC port; readiness asks for the credential service itself.
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        assert_eq!(
+            c[probe]["grpc"]["port"].as_u64(),
+            Some(port("grpc")),
+            "{probe}"
+        );
+    }
+    assert_eq!(
+        c["readinessProbe"]["grpc"]["service"],
+        grpc_service_name().as_str()
+    );
+
+    // The data directory is the PersistentVolumeClaim.
+    let mounts = c["volumeMounts"].as_sequence().unwrap();
+    let mount = |name: &str| {
+        str_of(
+            &mounts
+                .iter()
+                .find(|m| m["name"] == name)
+                .unwrap_or_else(|| panic!("no mount {name}"))["mountPath"],
+        )
+        .to_owned()
+    };
+    let claim = str_of(&set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]);
+    assert_eq!(mount(claim), var("CREDENTIAL_SERVICE_DATA_DIR"));
+
+    // Every *_FILE variable names a key of the Secret, mounted where the variable says.
+    let secret = kind(&docs, "Secret");
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret["metadata"]["name"])
+        .expect("the Secret is mounted");
+    let secret_dir = mount(str_of(&volume["name"]));
+    let files: Vec<_> = env.iter().filter(|(n, _)| n.ends_with("_FILE")).collect();
+    assert_eq!(files.len(), 3, "client secret, encryption key, callers");
+    for (name, path) in files {
+        let (dir, key) = path.rsplit_once('/').unwrap();
+        assert_eq!(dir, secret_dir, "{name}");
+        assert!(
+            !secret["stringData"][key].is_null(),
+            "{name}: no key {key} in the Secret"
+        );
+    }
+
+    // The Service and the NetworkPolicy only name ports the container has.
+    let service = kind(&docs, "Service");
+    for p in service["spec"]["ports"].as_sequence().unwrap() {
+        port(str_of(&p["targetPort"]));
+    }
+    let policy = kind(&docs, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["podSelector"], set["spec"]["selector"],
+        "the policy covers the pod"
+    );
+    for rule in policy["spec"]["ingress"].as_sequence().unwrap() {
+        for p in rule["ports"].as_sequence().unwrap() {
+            port(str_of(&p["port"]));
+        }
+    }
+    assert!(
+        policy["spec"]["policyTypes"]
+            .as_sequence()
+            .unwrap()
+            .contains(&"Egress".into())
+    );
+}
+
+#[test]
+fn systemd_unit_is_hardened_and_agrees_with_the_service() {
+    let unit = read("deploy/systemd/credential-service.service");
+    let entries: Vec<(&str, &str)> = unit
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let get = |key: &str| -> Vec<&str> {
+        entries
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    for (key, value) in [
+        ("DynamicUser", "yes"),
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("ProtectHome", "yes"),
+        ("KillSignal", "SIGTERM"),
+        ("CapabilityBoundingSet", ""),
+    ] {
+        assert_eq!(get(key), [value], "{key}");
+    }
+    let exec = get("ExecStart")[0];
+    assert!(
+        binaries().contains(exec.rsplit('/').next().unwrap()),
+        "{exec}"
+    );
+
+    let env: Vec<(&str, &str)> = get("Environment")
+        .into_iter()
+        .map(|e| e.split_once('=').unwrap())
+        .collect();
+    let credentials: Vec<&str> = get("LoadCredential")
+        .into_iter()
+        .map(|c| c.split_once(':').unwrap().0)
+        .collect();
+    for (name, value) in &env {
+        assert_known(name);
+        if let Some(credential) = value.strip_prefix("%d/") {
+            assert!(
+                credentials.contains(&credential),
+                "{name}: no LoadCredential={credential}"
+            );
+        }
+    }
+    let data_dir = env
+        .iter()
+        .find(|(n, _)| *n == "CREDENTIAL_SERVICE_DATA_DIR")
+        .unwrap()
+        .1;
+    assert_eq!(data_dir, format!("/var/lib/{}", get("StateDirectory")[0]));
+    let listen = env
+        .iter()
+        .find(|(n, _)| *n == "CREDENTIAL_SERVICE_LISTEN")
+        .unwrap()
+        .1;
+    assert_eq!(listen, default_settings().listen.to_string());
+}
