@@ -362,6 +362,15 @@ impl FakeEdgeTag {
         lock(&self.inner.store).refresh.contains_key(token)
     }
 
+    /// Creates a grant as if an authorization code had been exchanged long ago and returns its
+    /// refresh token, so benchmarks can store thousands of refreshable accounts without running
+    /// the browser flow for each.
+    pub fn seed_grant(&self) -> String {
+        let mut store = lock(&self.inner.store);
+        let grant = store.new_grant();
+        store.issue_refresh_token(grant)
+    }
+
     /// Every refresh token issued so far, live or not: tests search logs and disks for them.
     pub fn issued_refresh_tokens(&self) -> Vec<String> {
         lock(&self.inner.store).issued_refresh.clone()
@@ -1531,6 +1540,18 @@ mod tests {
                 peak_token_concurrency: 1,
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_seeded_grant_refreshes_like_an_exchanged_one() {
+        let fake = start(FakeConfig::default()).await;
+        let seeded = fake.seed_grant();
+        assert!(seeded.starts_with("etr_") && fake.refresh_token_is_valid(&seeded));
+        assert_ne!(fake.seed_grant(), seeded, "each seed is its own grant");
+        let (status, body) = json_of(refresh(&client(), &fake, &seeded).await).await;
+        assert_eq!(status, 200);
+        assert!(fake.access_token_is_valid(body["access_token"].as_str().unwrap()));
+        assert_eq!(fake.stats().refreshes_ok, 1);
     }
 
     #[tokio::test]

@@ -1,0 +1,129 @@
+//! The floor: the same tonic stack as the service (tonic `Server`, the same routes for health and
+//! reflection, Nagle off, the same request size limit, tonic's `Grpc::unary` with the prost codec
+//! exactly as the generated `CredentialServiceServer` dispatches it) whose GetToken answers a
+//! constant. The service can only be slower than this; how much slower is what the suite reports.
+//!
+//! The routing is written out instead of implementing the generated trait so the floor keeps
+//! compiling when RPCs are added to the proto; GetToken's path goes through the very same code.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use credential_service::{
+    proto::{self, GetTokenRequest, GetTokenResponse, credential_service_server::SERVICE_NAME},
+    server::{MAX_REQUEST_BYTES, ServeError},
+};
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tonic::{
+    Request, Response, Status,
+    body::Body,
+    codegen::{Body as HttpBody, Service, StdError, http},
+    server::{Grpc, NamedService, UnaryService},
+    transport::{Server, server::TcpIncoming},
+};
+
+const GET_TOKEN_PATH: &str = "/credential.v1.CredentialService/GetToken";
+
+/// Serves the floor on `listener` until `shutdown`, with the routes `server::run` registers.
+pub async fn run(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FloorService>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(FloorService::new())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// `credential.v1.CredentialService` whose GetToken returns one constant token of the real size.
+#[derive(Clone)]
+pub struct FloorService {
+    response: Arc<GetTokenResponse>,
+}
+
+impl FloorService {
+    fn new() -> Self {
+        let expires = SystemTime::now() + Duration::from_secs(7200);
+        Self {
+            response: Arc::new(GetTokenResponse {
+                access_token: crate::fixture::random_token("eta_"),
+                token_type: "Bearer".into(),
+                expires_at: Some(prost_types::Timestamp::from(expires)),
+            }),
+        }
+    }
+}
+
+impl NamedService for FloorService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for FloorService
+where
+    B: HttpBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() == GET_TOKEN_PATH {
+            let method = ConstantToken(self.response.clone());
+            Box::pin(async move {
+                let mut grpc = Grpc::new(tonic_prost::ProstCodec::default())
+                    .apply_compression_config(Default::default(), Default::default())
+                    .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
+                Ok(grpc.unary(method, req).await)
+            })
+        } else {
+            Box::pin(async move {
+                let mut response = http::Response::new(Body::default());
+                let headers = response.headers_mut();
+                headers.insert(
+                    Status::GRPC_STATUS,
+                    (tonic::Code::Unimplemented as i32).into(),
+                );
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    tonic::metadata::GRPC_CONTENT_TYPE,
+                );
+                Ok(response)
+            })
+        }
+    }
+}
+
+struct ConstantToken(Arc<GetTokenResponse>);
+
+impl UnaryService<GetTokenRequest> for ConstantToken {
+    type Response = GetTokenResponse;
+    // Boxed like the generated code's handler future.
+    type Future = BoxFuture<'static, Result<Response<GetTokenResponse>, Status>>;
+
+    fn call(&mut self, _request: Request<GetTokenRequest>) -> Self::Future {
+        let response = self.0.clone();
+        Box::pin(async move { Ok(Response::new((*response).clone())) })
+    }
+}

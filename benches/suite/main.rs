@@ -1,0 +1,167 @@
+//! The performance suite of issue 6, one command: `cargo bench --bench suite` (add `-- --quick` for
+//! a smoke run, or name sections: `-- throughput storm scale durable`). Prints Markdown tables ready
+//! for BENCHMARKS.md on stdout; progress goes to stderr.
+//!
+//! - [`throughput`]: floor versus service, in alternation, with 1, 1,000 and 100,000 accounts.
+//! - [`storm`]: refresh storms, counted at the fake EdgeTag.
+//! - [`scale`]: the real binary on 100,000 accounts: time to serve, memory, throughput.
+//! - [`durable`]: CompleteAuth and refresh latency against a bare sled insert + flush.
+//! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
+
+mod durable;
+mod fixture;
+mod floor;
+mod load;
+mod report;
+mod scale;
+mod storm;
+mod throughput;
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+use credential_service::{clock::Clock, config::LogFormat, telemetry};
+
+use crate::{fixture::Runtimes, load::LoadSpec};
+
+#[derive(Parser)]
+#[command(about = "credential-service performance suite (issue 6)")]
+struct Cli {
+    /// Sections to run (throughput, storm, scale, durable); all when none is named.
+    sections: Vec<String>,
+    /// A short smoke run: fewer accounts, one short round, fewer operations.
+    #[arg(long)]
+    quick: bool,
+    /// Passed by `cargo bench`; without it (`cargo test --benches`) nothing runs.
+    #[arg(long)]
+    bench: bool,
+    /// Worker threads of the runtime the servers under test run on.
+    #[arg(long, default_value_t = 1)]
+    server_threads: usize,
+    /// Worker threads of the load generator's runtime.
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+    /// Client connections of the load generator.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    /// Measured seconds per target and round.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Rounds of floor/service alternation.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Where data directories go (default: the system's temporary directory).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+}
+
+/// What every section gets.
+pub struct Env {
+    pub runtimes: Runtimes,
+    pub load: LoadSpec,
+    pub rounds: usize,
+    pub data_root: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if !cli.bench {
+        eprintln!("the performance suite runs with `cargo bench --bench suite`; nothing to do");
+        return;
+    }
+    // The binary's logging, so the hot path pays what it pays in production.
+    telemetry::init(LogFormat::Text);
+    let all = ["throughput", "storm", "scale", "durable"];
+    let wanted = |s: &str| cli.sections.is_empty() || cli.sections.iter().any(|w| w == s);
+    for s in &cli.sections {
+        assert!(
+            all.contains(&s.as_str()),
+            "unknown section {s:?}; pick from {all:?}"
+        );
+    }
+    let q = cli.quick;
+    let env = Env {
+        runtimes: Runtimes::new(cli.server_threads, cli.client_threads),
+        load: LoadSpec {
+            channels: cli.channels,
+            in_flight: cli.in_flight,
+            warmup: Duration::from_millis(if q { 200 } else { 1000 }),
+            duration: Duration::from_secs_f64(cli.seconds.unwrap_or(if q { 1.0 } else { 5.0 })),
+        },
+        rounds: cli.rounds.unwrap_or(if q { 1 } else { 3 }),
+        data_root: cli.data_root.clone(),
+    };
+    let counts: &[usize] = if q {
+        &[1, 1_000, 10_000]
+    } else {
+        &[1, 1_000, 100_000]
+    };
+    let largest = *counts.last().unwrap();
+
+    println!("{}", report::machine(&cli_line(&cli), &env));
+    env.runtimes.client.block_on(async {
+        // The largest data set is seeded once; the throughput and scale sections both use it.
+        let big = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-big-");
+        let big_names = fixture::account_names(largest);
+        if wanted("throughput") || wanted("scale") {
+            let took = fixture::seed(big.path(), &big_names, &Clock::system(), |_| {
+                fixture::random_token("etr_")
+            })
+            .await;
+            eprintln!("bench: seeded {largest} accounts in {took:.2?}");
+        }
+        // Scale first: the child process needs the directory closed, and an in-process server's
+        // connection tasks may keep its database open for a moment after it stops.
+        if wanted("scale") {
+            let scale = scale::run(&env, big.path(), big_names.clone()).await;
+            println!("{}", report::scale(&scale));
+        }
+        if wanted("throughput") {
+            let mut comparisons = Vec::new();
+            for &n in counts {
+                let (small, names);
+                let dir = if n == largest {
+                    names = big_names.clone();
+                    big.path()
+                } else {
+                    small = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-n-");
+                    names = fixture::account_names(n);
+                    fixture::seed(small.path(), &names, &Clock::system(), |_| {
+                        fixture::random_token("etr_")
+                    })
+                    .await;
+                    small.path()
+                };
+                comparisons.push(throughput::compare(&env, dir, names.clone(), None).await);
+                let auth = fixture::caller_auth(dir);
+                comparisons.push(throughput::compare(&env, dir, names.clone(), Some(&auth)).await);
+            }
+            println!("{}", report::throughput(&comparisons, &env));
+        }
+        if wanted("storm") {
+            let one = storm::one_account(&env, 1_000).await;
+            let many = storm::many_accounts(&env, if q { 1_000 } else { 10_000 }).await;
+            println!("{}", report::storms(&[one, many]));
+        }
+        if wanted("durable") {
+            let durable = durable::run(&env, if q { 30 } else { 300 }).await;
+            println!("{}", report::durable(&durable));
+        }
+    });
+    println!("{}", report::load_after());
+}
+
+fn cli_line(cli: &Cli) -> String {
+    let mut line = String::from("cargo bench --bench suite --");
+    if cli.quick {
+        line.push_str(" --quick");
+    }
+    for s in &cli.sections {
+        line.push(' ');
+        line.push_str(s);
+    }
+    line
+}

@@ -1,0 +1,308 @@
+//! Markdown for BENCHMARKS.md: the machine, then one table per section with targets and verdicts.
+
+use std::process::Command;
+
+use crate::{
+    Env,
+    durable::Durable,
+    scale::{self, Scale},
+    storm::Storm,
+    throughput::{self, Comparison},
+};
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = format!("| {} |\n", headers.join(" | "));
+    out.push_str(&format!("|{}\n", "---|".repeat(headers.len())));
+    for row in rows {
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "✅ holds" } else { "❌ misses" }.into()
+}
+
+fn us(ns: u64) -> String {
+    fmt_us(ns as f64 / 1000.0)
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn first_line(path: &str, key: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    })
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+pub fn machine(command: &str, env: &Env) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let rows = vec![
+        vec!["command".into(), format!("`{command}`")],
+        vec![
+            "date (UTC)".into(),
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        ],
+        vec!["cores (nproc)".into(), cores.to_string()],
+        vec![
+            "CPU".into(),
+            first_line("/proc/cpuinfo", "model name").unwrap_or_default(),
+        ],
+        vec![
+            "kernel".into(),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .into(),
+        ],
+        vec![
+            "rustc".into(),
+            command_output("rustc", &["-V"]).unwrap_or_else(|| "unknown".into()),
+        ],
+        vec!["load average at start (1/5/15 min)".into(), loadavg()],
+        vec![
+            "runtimes".into(),
+            format!(
+                "servers: {} worker thread(s); load generator: {} worker thread(s); fake EdgeTag: 1",
+                env.runtimes.server.metrics().num_workers(),
+                env.runtimes.client.metrics().num_workers()
+            ),
+        ],
+        vec![
+            "load".into(),
+            format!(
+                "{} connections × {} in flight; {:?} warm-up + {:?} measured per target and round; {} round(s)",
+                env.load.channels,
+                env.load.in_flight,
+                env.load.warmup,
+                env.load.duration,
+                env.rounds
+            ),
+        ],
+    ];
+    format!("## Machine\n\n{}", table(&["", ""], &rows))
+}
+
+pub fn load_after() -> String {
+    format!("Load average at the end (1/5/15 min): {}\n", loadavg())
+}
+
+pub fn throughput(comparisons: &[Comparison], env: &Env) -> String {
+    let mut rows = Vec::new();
+    for c in comparisons {
+        let auth = if c.auth { "yes" } else { "no" };
+        for (name, r, per_round) in [
+            (
+                "floor",
+                &c.floor,
+                c.rounds.iter().map(|r| r.0).collect::<Vec<_>>(),
+            ),
+            (
+                "service",
+                &c.service,
+                c.rounds.iter().map(|r| r.1).collect(),
+            ),
+        ] {
+            let spread = per_round
+                .iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / ");
+            rows.push(vec![
+                c.accounts.to_string(),
+                auth.into(),
+                name.into(),
+                format!("{:.0}", r.rps()),
+                spread,
+                fmt_us(r.p50_us()),
+                fmt_us(r.p99_us()),
+                format!("{:.1}", r.server_us_per_req()),
+                format!("{:.1}", r.client_us_per_req()),
+                r.errors.to_string(),
+            ]);
+        }
+    }
+    let mut ratios = Vec::new();
+    for c in comparisons {
+        ratios.push(vec![
+            c.accounts.to_string(),
+            if c.auth { "yes" } else { "no" }.into(),
+            format!("{:.3}", c.throughput_ratio()),
+            format!("{:.3}", c.p99_ratio()),
+            format!(
+                "{:.2}",
+                c.service.server_us_per_req() / c.floor.server_us_per_req()
+            ),
+            verdict(c.holds()),
+        ]);
+    }
+    format!(
+        "## GetToken: floor versus service\n\n\
+         Both servers run in this process on the same runtime ({} worker thread(s)); the load \
+         generator runs on its own runtime. Targets: service ≥ {:.2}× the floor's throughput, p99 \
+         ≤ {:.1}× the floor's. Server CPU is the on-CPU time of the server runtime's threads per \
+         answered request.\n\n{}\n{}",
+        env.runtimes.server.metrics().num_workers(),
+        throughput::MIN_THROUGHPUT_RATIO,
+        throughput::MAX_P99_RATIO,
+        table(
+            &[
+                "accounts",
+                "auth",
+                "target",
+                "req/s",
+                "req/s per round",
+                "p50",
+                "p99",
+                "server CPU µs/req",
+                "client CPU µs/req",
+                "errors",
+            ],
+            &rows
+        ),
+        table(
+            &[
+                "accounts",
+                "auth",
+                "throughput service/floor",
+                "p99 service/floor",
+                "server CPU service/floor",
+                "target",
+            ],
+            &ratios
+        ),
+    )
+}
+
+pub fn scale(s: &Scale) -> String {
+    let rows = vec![
+        vec![
+            "time from spawn to first SERVING health answer".into(),
+            format!("{:.0} ms", s.time_to_serve.as_secs_f64() * 1000.0),
+            format!("≤ {:?}", scale::MAX_TIME_TO_SERVE),
+            verdict(s.time_to_serve <= scale::MAX_TIME_TO_SERVE),
+        ],
+        vec![
+            "resident memory after loading (VmRSS)".into(),
+            format!("{:.1} MiB", s.rss_after_load_mb),
+            format!("≤ {} MB", scale::MAX_RSS_MB),
+            verdict(s.rss_after_load_mb <= scale::MAX_RSS_MB),
+        ],
+        vec![
+            "resident memory after the GetToken load (VmRSS / peak VmHWM)".into(),
+            format!("{:.1} / {:.1} MiB", s.rss_after_traffic_mb, s.peak_rss_mb),
+            format!("≤ {} MB", scale::MAX_RSS_MB),
+            verdict(s.peak_rss_mb <= scale::MAX_RSS_MB),
+        ],
+        vec![
+            "GetToken throughput (binary's own runtime; shares the 2 cores with the load generator)"
+                .into(),
+            format!(
+                "{:.0} req/s, p50 {}, p99 {}, {:.1} µs CPU/req, {} errors",
+                s.load.rps(),
+                fmt_us(s.load.p50_us()),
+                fmt_us(s.load.p99_us()),
+                s.load.server_us_per_req(),
+                s.load.errors
+            ),
+            String::new(),
+            String::new(),
+        ],
+    ];
+    format!(
+        "## Scale: the release binary on {} stored accounts\n\n{}",
+        s.accounts,
+        table(&["measure", "value", "target", ""], &rows)
+    )
+}
+
+pub fn storms(storms: &[Storm]) -> String {
+    let rows: Vec<Vec<String>> = storms
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.into(),
+                s.accounts.to_string(),
+                s.callers.to_string(),
+                format!("{:?}", s.upstream_delay),
+                format!("{} (expected {})", s.upstream_calls, s.expected_calls),
+                format!("{} (cap {})", s.peak_upstream, s.cap),
+                format!("{:.0} ms", s.drain.as_secs_f64() * 1000.0),
+                us(s.latency.value_at_quantile(0.5)),
+                us(s.latency.value_at_quantile(0.99)),
+                match &s.first_error {
+                    Some(e) => format!("{} (first: {e})", s.errors),
+                    None => s.errors.to_string(),
+                },
+                verdict(s.holds()),
+            ]
+        })
+        .collect();
+    format!(
+        "## Refresh storms\n\nEvery token expires at once (the shared clock jumps past expiry), then \
+         all callers call GetToken concurrently over {} connections. Upstream calls and peak \
+         concurrency are counted by the fake EdgeTag; `upstream delay` is added by the fake to every \
+         token request.\n\n{}",
+        16,
+        table(
+            &[
+                "storm",
+                "accounts",
+                "callers",
+                "upstream delay",
+                "upstream calls",
+                "peak upstream in flight",
+                "time to drain",
+                "caller p50",
+                "caller p99",
+                "errors",
+                "target",
+            ],
+            &rows
+        )
+    )
+}
+
+pub fn durable(d: &Durable) -> String {
+    let rows: Vec<Vec<String>> = d
+        .rows
+        .iter()
+        .map(|(name, h)| {
+            vec![
+                (*name).into(),
+                h.len().to_string(),
+                us(h.value_at_quantile(0.5)),
+                us(h.value_at_quantile(0.99)),
+                fmt_us(h.mean() / 1000.0),
+            ]
+        })
+        .collect();
+    format!(
+        "## Durable writes\n\nSequential operations, one at a time, on the same filesystem. The \
+         refresh row is GetToken on an account whose token has expired ({} refreshes seen at the \
+         fake for {} calls).\n\n{}",
+        d.refreshes_seen,
+        d.ops,
+        table(&["operation", "ops", "p50", "p99", "mean"], &rows)
+    )
+}
