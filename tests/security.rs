@@ -562,3 +562,74 @@ async fn tls_refuses_plaintext_and_certificates_from_another_ca() {
         .await;
     assert!(distrustful.is_err());
 }
+
+#[tokio::test]
+async fn admin_rpcs_need_the_admin_role_and_respect_account_globs() {
+    use credential_service::proto::{
+        DescribeAccountRequest, ListAccountsRequest, RefreshTokenRequest, RemoveAccountRequest,
+    };
+    let (app, _dir, _path, _callers) = secured().await;
+    app.connect("acme-1").await;
+    app.connect("globex").await;
+    let list = |client: Client| async move {
+        client
+            .clone()
+            .list_accounts(ListAccountsRequest::default())
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .accounts
+                    .into_iter()
+                    .map(|a| a.account)
+                    .collect::<Vec<_>>()
+            })
+    };
+
+    // A reader may not call any admin RPC, even for its own accounts.
+    let reader = client_for(&app, Some(READER));
+    assert_status(
+        list(reader.clone()).await,
+        Code::PermissionDenied,
+        "permission denied",
+    );
+    let describe = reader
+        .clone()
+        .describe_account(DescribeAccountRequest {
+            account: "acme-1".into(),
+        })
+        .await;
+    assert_status(describe, Code::PermissionDenied, "permission denied");
+    let refresh = reader
+        .clone()
+        .refresh_token(RefreshTokenRequest {
+            account: "acme-1".into(),
+        })
+        .await;
+    assert_status(refresh, Code::PermissionDenied, "permission denied");
+
+    // An admin limited to acme-* sees and touches only those, and learns nothing of the others.
+    let acme_admin = client_for(&app, Some(ACME_ADMIN));
+    assert_eq!(list(acme_admin.clone()).await.unwrap(), vec!["acme-1"]);
+    for account in ["globex", "no-such-account"] {
+        let removed = acme_admin
+            .clone()
+            .remove_account(RemoveAccountRequest {
+                account: account.into(),
+                force: true,
+            })
+            .await;
+        let status = assert_status(removed, Code::PermissionDenied, "may not use account");
+        assert!(!status.message().contains("not connected"));
+    }
+    assert!(
+        get_token(&client_for(&app, Some(ADMIN)), "globex")
+            .await
+            .is_ok()
+    );
+
+    // The all-accounts admin sees everything.
+    assert_eq!(
+        list(client_for(&app, Some(ADMIN))).await.unwrap(),
+        vec!["acme-1", "globex"]
+    );
+}
