@@ -2,25 +2,26 @@
 //! service, authenticated or refused: caller, method, account and outcome (the gRPC code name).
 //! Never a secret, and never raw input: the account is the parsed name or empty.
 //!
-//! GetToken is the hot path, so its events have their own level, [`GET_TOKEN_LEVEL`]; the fields
-//! are borrowed strings, so a disabled level costs one comparison and an enabled one no formatting
-//! beyond the subscriber's own.
+//! GetToken is the hot path: a successful one is recorded at [`GET_TOKEN_OK_LEVEL`] (DEBUG), so
+//! the default `info` level logs every refusal and every operator action but not each of the tens
+//! of thousands of routine token reads a second; `RUST_LOG=info,audit=debug` records those too. The
+//! fields are borrowed strings, so a disabled level costs one comparison.
 
 use tonic::{Code, Status};
 
 use crate::error::code_name;
 use tracing::Level;
 
-/// Level of GetToken's audit events. Lower it to `Level::DEBUG` if the volume is too much.
-pub const GET_TOKEN_LEVEL: Level = Level::INFO;
+/// Level of a successful GetToken's audit event (refused ones are INFO like everything else).
+pub const GET_TOKEN_OK_LEVEL: Level = Level::DEBUG;
 
 /// Records one call. `caller` and `account` may be empty when not (yet) known.
 pub fn record(method: &str, caller: &str, account: &str, outcome: Code) {
-    let outcome = code_name(outcome);
-    if method == "GetToken" {
-        tracing::event!(target: "audit", GET_TOKEN_LEVEL, caller, method, account, outcome, "call");
+    let outcome_name = code_name(outcome);
+    if method == "GetToken" && outcome == Code::Ok {
+        tracing::event!(target: "audit", GET_TOKEN_OK_LEVEL, caller, method, account, outcome = outcome_name, "call");
     } else {
-        tracing::event!(target: "audit", Level::INFO, caller, method, account, outcome, "call");
+        tracing::event!(target: "audit", Level::INFO, caller, method, account, outcome = outcome_name, "call");
     }
 }
 

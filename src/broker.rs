@@ -160,7 +160,9 @@ struct Inner {
     provider: ProviderClient,
     clock: Clock,
     config: BrokerConfig,
-    accounts: DashMap<AccountId, Arc<Slot>>,
+    /// foldhash rather than SipHash: lookups are the hot path, and only operators add keys, so
+    /// there is no hash-flooding surface.
+    accounts: DashMap<AccountId, Arc<Slot>, foldhash::fast::RandomState>,
     /// Caps token-endpoint requests over all accounts.
     upstream: Semaphore,
     /// Caps background refreshes, so a wave of due accounts never queues ahead of callers.
@@ -243,7 +245,7 @@ impl Broker {
             provider,
             clock,
             config,
-            accounts: DashMap::new(),
+            accounts: DashMap::default(),
             upstream: Semaphore::new(cap),
             background: Arc::new(Semaphore::new(cap)),
             events: broadcast::channel(16 * 1024).0,

@@ -177,7 +177,14 @@ impl CredentialService for CredentialApi {
         }
     }
 
-    #[tracing::instrument(name = "GetToken", skip_all, fields(account = tracing::field::Empty))]
+    // DEBUG: at the default level a span per token read would cost more than the read itself;
+    // events on GetToken's slow path carry the account as their own field.
+    #[tracing::instrument(
+        name = "GetToken",
+        level = "debug",
+        skip_all,
+        fields(account = tracing::field::Empty)
+    )]
     async fn get_token(
         &self,
         request: Request<GetTokenRequest>,
