@@ -342,21 +342,33 @@ impl Broker {
             None,
         );
         let record = Arc::new(AccountRecord::connected(tokens));
+        // Nothing is served before it is stored: a known account is replaced under its write lock;
+        // a new one is stored first and only then becomes visible.
         loop {
-            let slot = inner
+            let existing = inner
                 .accounts
-                .entry(pending.account.clone())
-                .or_insert_with(|| inner.new_slot((*record).clone()))
-                .clone();
-            let _write = slot.write.lock().await;
-            if slot.removed.load(Ordering::Acquire) {
-                continue; // removed while we waited: a fresh slot takes the record
+                .get(&pending.account)
+                .map(|s| s.value().clone());
+            if let Some(slot) = existing {
+                let _write = slot.write.lock().await;
+                if slot.removed.load(Ordering::Acquire) {
+                    continue; // removed while we waited: store it as a new account
+                }
+                inner.store.put_account(&pending.account, &record).await?;
+                // A new grant supersedes any failure, back-off or held-back refresh of the old one.
+                *slot.health() = Health::default();
+                inner.publish(&slot, record.clone());
+                break;
             }
             inner.store.put_account(&pending.account, &record).await?;
-            // A new grant supersedes any failure, back-off or held-back refresh of the old one.
-            *slot.health() = Health::default();
-            inner.publish(&slot, record.clone());
-            break;
+            match inner.accounts.entry(pending.account.clone()) {
+                dashmap::Entry::Vacant(vacant) => {
+                    vacant.insert(inner.new_slot((*record).clone()));
+                    break;
+                }
+                // Another CompleteAuth created it meanwhile: replace its record under its lock.
+                dashmap::Entry::Occupied(_) => continue,
+            }
         }
         tracing::info!(account = %pending.account, "account connected");
         Ok((pending.account, record.tokens.clone()))
@@ -376,8 +388,11 @@ impl Broker {
         {
             return Ok(Arc::clone(&record.tokens));
         }
-        drop(record);
-        self.get_token_slow(account, &slot, min_validity).await
+        // What was judged too old is what the refresh must replace; a record published since
+        // then is taken as the answer instead of refreshing again.
+        let seen = arc_swap::Guard::into_inner(record);
+        self.get_token_slow(account, &slot, min_validity, seen)
+            .await
     }
 
     async fn get_token_slow(
@@ -385,9 +400,9 @@ impl Broker {
         account: &AccountId,
         slot: &Arc<Slot>,
         min_validity: Duration,
+        mut seen: Arc<AccountRecord>,
     ) -> Result<Arc<TokenSet>, Error> {
         let inner = &self.inner;
-        let mut seen = slot.record.load_full();
         if seen.status == AccountStatus::NeedsReauth {
             return Err(Error::NeedsReauth(account.clone()));
         }
@@ -823,22 +838,45 @@ async fn refresh_task(
         inner
             .refresh_with_retries(&refresh_token)
             .await
-            .and_then(|(requested_at, response)| {
+            .map(|(requested_at, response)| {
+                let rotated = response.refresh_token.is_some();
                 let tokens = TokenSet::from_response(
                     response,
                     requested_at,
                     inner.provider.config().default_token_lifetime,
                     Some(&refresh_token),
                 );
-                if tokens.expires_at <= current.tokens.expires_at {
-                    return Err(UpstreamError::Malformed(
-                        "the new token expires no later than the old one",
-                    ));
-                }
-                Ok((requested_at, tokens))
+                (requested_at, tokens, rotated)
             });
     match outcome {
-        Ok((requested_at, tokens)) => {
+        Ok((_, tokens, rotated)) if tokens.expires_at <= current.tokens.expires_at => {
+            // Not a usable renewal. A rotated refresh token is kept all the same: the old one may
+            // already be dead at the provider.
+            let e = UpstreamError::Malformed("the new token expires no later than the old one");
+            tracing::warn!(error = %e, rotated, "refresh answer not used");
+            let mut kept = current.clone();
+            if rotated {
+                kept = Arc::new(AccountRecord {
+                    tokens: Arc::new(TokenSet {
+                        refresh_token: tokens.refresh_token,
+                        ..(*current.tokens).clone()
+                    }),
+                    ..(*current).clone()
+                });
+                if let Err(e) = inner.store.put_account(&account, &kept).await {
+                    tracing::error!(error = %e, "rotated refresh token not stored; holding it back and retrying the write");
+                    slot.health().unpersisted = Some(kept);
+                    slot.due_ms.store(0, Ordering::Release);
+                    inner.emit(&account, RefreshEventKind::NotPersisted);
+                    return Err(RefreshFailure::Store);
+                }
+                inner.publish(&slot, kept.clone());
+            }
+            inner.note_failure(&slot, &kept, e.clone(), attempted_at);
+            inner.emit(&account, RefreshEventKind::Failed);
+            Err(RefreshFailure::Upstream(e))
+        }
+        Ok((requested_at, tokens, _)) => {
             let record = Arc::new(AccountRecord {
                 tokens: Arc::new(tokens),
                 status: AccountStatus::Active,

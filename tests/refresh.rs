@@ -500,3 +500,44 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
         )
     );
 }
+
+#[tokio::test]
+async fn an_unusable_renewal_still_keeps_a_rotated_refresh_token() {
+    let clock = Clock::manual();
+    let fake = Arc::new(
+        FakeEdgeTag::start(FakeConfig {
+            rotate_refresh_tokens: true,
+            ..common::fake_config(&clock)
+        })
+        .await
+        .unwrap(),
+    );
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let app = TestApp::start(fake, clock, dir, Options::default()).await;
+    app.connect("rot").await;
+    let first = app.get_token("rot").await.unwrap().access_token;
+
+    // An immediate forced refresh whose answer has no expires_in: the default 1 h lifetime ends
+    // before the current 2 h token, so the answer is refused, but EdgeTag has rotated already.
+    app.fake.push_faults([Fault::MissingExpiresIn]);
+    let refused = app.broker.refresh_now(&id("rot")).await.unwrap_err();
+    assert!(refused.to_string().contains("no later"), "{refused}");
+    let stored = app.broker.describe(&id("rot")).unwrap();
+    let kept = stored
+        .tokens
+        .refresh_token
+        .as_ref()
+        .unwrap()
+        .expose_secret();
+    assert!(
+        app.fake.refresh_token_is_valid(kept),
+        "the rotated token was stored"
+    );
+    assert_eq!(app.get_token("rot").await.unwrap().access_token, first);
+
+    // It survives a restart and renews the account later.
+    let app = app.restart().await;
+    app.clock.advance(2 * HOUR);
+    let later = app.get_token("rot").await.unwrap().access_token;
+    assert!(app.fake.access_token_is_valid(&later));
+}
