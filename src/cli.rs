@@ -426,12 +426,7 @@ async fn connect(
 ) -> Result<Client, CliError> {
     let url = url::Url::parse(server)
         .map_err(|e| CliError::Usage(format!("--server {server:?} is not a URL: {e}")))?;
-    let loopback = match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
+    let loopback = crate::config::is_loopback(&url);
     let mut endpoint = Endpoint::from_shared(server.to_owned())
         .map_err(|e| CliError::Usage(format!("--server {server:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
@@ -451,7 +446,8 @@ async fn connect(
         }
         "http" if token.is_some() && !loopback => {
             return Err(CliError::Usage(format!(
-                "refusing to send the bearer token in clear text to {server}; use https://"
+                "refusing to send the bearer token in clear text to {}; use https://",
+                crate::config::printable(&url)
             )));
         }
         "http" => {}
@@ -465,7 +461,7 @@ async fn connect(
         .connect()
         .await
         .map_err(|e| CliError::Unreachable {
-            server: server.to_owned(),
+            server: crate::config::printable(&url),
             cause: error_chain(&e),
         })?;
     let header = token

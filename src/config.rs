@@ -359,7 +359,7 @@ impl Settings {
         }
         if self.callback_listen.is_some() && redirect_uri.path() != self.callback_path {
             tracing::warn!(
-                redirect_uri = %redirect_uri,
+                redirect_uri = %printable(&redirect_uri),
                 callback_path = %self.callback_path,
                 "the redirect URI's path is not the callback path; fine behind a proxy that rewrites it"
             );
@@ -400,19 +400,32 @@ impl Settings {
 
 /// Credentials travel to these URLs, so plain HTTP is allowed only to this machine.
 fn require_https(url: &Url, name: &str) -> Result<(), ConfigError> {
-    let loopback = match url.host() {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(url) => Ok(()),
+        _ => Err(ConfigError(format!(
+            "{name} must be an https:// URL (plain http only to loopback): {}",
+            printable(url)
+        ))),
+    }
+}
+
+/// Whether `url` points at this machine (where clear text cannot be overheard on a network).
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         Some(url::Host::Domain(d)) => d == "localhost",
         None => false,
-    };
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        _ => Err(ConfigError(format!(
-            "{name} must be an https:// URL (plain http only to loopback): {url}"
-        ))),
     }
+}
+
+/// `url` without any `user:password@`, for messages and logs.
+pub fn printable(url: &Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -547,5 +560,18 @@ mod tests {
         let mut args = REQUIRED.to_vec();
         args.extend(["--token-url", "http://127.0.0.1:9/token"]);
         assert!(settings(&args).resolve(Some("s".into())).is_ok());
+    }
+
+    #[test]
+    fn urls_are_printed_without_credentials() {
+        let url = Url::parse("https://user:hunter2@api.example.com/token").unwrap();
+        assert_eq!(printable(&url), "https://api.example.com/token");
+        let mut args = REQUIRED.to_vec();
+        args.extend(["--token-url", "http://user:hunter2@api.example.com/token"]);
+        let e = settings(&args)
+            .resolve(Some("s".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
     }
 }
