@@ -168,6 +168,8 @@ struct Inner {
     /// Caps background refreshes, so a wave of due accounts never queues ahead of callers.
     background: Arc<Semaphore>,
     events: broadcast::Sender<RefreshEvent>,
+    /// Every refresh task, so shutdown can wait for their writes.
+    refreshes: tokio_util::task::TaskTracker,
 }
 
 /// One account in memory.
@@ -249,6 +251,7 @@ impl Broker {
             upstream: Semaphore::new(cap),
             background: Arc::new(Semaphore::new(cap)),
             events: broadcast::channel(16 * 1024).0,
+            refreshes: tokio_util::task::TaskTracker::new(),
         });
         for (id, record) in inner.store.load_accounts()? {
             let slot = inner.new_slot(record);
@@ -464,6 +467,14 @@ impl Broker {
         })
     }
 
+    /// Waits until every refresh in flight has ended (stored or failed); new ones may still start.
+    pub async fn finish_refreshes(&self) {
+        let tracker = &self.inner.refreshes;
+        tracker.close();
+        tracker.wait().await;
+        tracker.reopen();
+    }
+
     /// Every account with its current record, sorted by name (for operators; no disk reads).
     pub fn list(&self) -> Vec<(AccountId, Arc<AccountRecord>)> {
         let mut all: Vec<_> = self
@@ -649,7 +660,7 @@ impl Inner {
             return running.result.clone();
         }
         let id = NEXT_REFRESH_ID.fetch_add(1, Ordering::Relaxed);
-        let task = tokio::spawn(refresh_task(
+        let task = self.refreshes.spawn(refresh_task(
             self.clone(),
             account.clone(),
             slot.clone(),

@@ -22,6 +22,9 @@ use crate::{
     store::{Store, StoreError},
 };
 
+/// How long shutdown waits for open calls, and then for refreshes in flight, before it gives up on them.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
 /// Requests are tiny (an account name, a code and a state); anything bigger is refused unread.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
@@ -213,18 +216,26 @@ pub async fn serve(
         http.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
     }
     let scheduler = tokio::spawn(broker.clone().run_scheduler());
-    let api = CredentialServiceServer::new(CredentialApi::new(broker))
+    let api = CredentialServiceServer::new(CredentialApi::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
     let purge = tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl));
     let reload = tokio::spawn(reload_on_sighup(config.callers.clone()));
-    let shutdown = async {
+    let (draining, mut drain_started) = watch::channel(false);
+    let (stop_http_ref, health) = (&stop_http, &health);
+    let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight calls");
-        stop_http.send_replace(true);
+        stop_http_ref.send_replace(true);
         health
             .set_not_serving::<CredentialServiceServer<CredentialApi>>()
             .await;
+        draining.send_replace(true);
+    };
+    // Calls that never end on their own (health Watch streams) must not hold the exit forever.
+    let drain_deadline = async move {
+        let _ = drain_started.wait_for(|started| *started).await;
+        tokio::time::sleep(DRAIN_GRACE).await;
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = Server::builder();
@@ -246,8 +257,14 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(api)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let served = tokio::select! {
+        served = served => served,
+        () = drain_deadline => {
+            tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after the grace period; closing them");
+            Ok(())
+        }
+    };
     stop_http.send_replace(true);
     for server in http {
         // An HTTP listener's failure is logged where it happens; the store still gets flushed.
@@ -256,6 +273,13 @@ pub async fn serve(
     for task in [purge, scheduler, reload] {
         task.abort();
         let _ = task.await; // each holds a store handle: wait until it is dropped
+    }
+    // Refreshes in flight finish their write (each is bounded by the retry budget).
+    if tokio::time::timeout(DRAIN_GRACE, broker.finish_refreshes())
+        .await
+        .is_err()
+    {
+        tracing::warn!("refreshes still running after the grace period; stopping without them");
     }
     store.flush().await?;
     served?;
