@@ -30,11 +30,7 @@ use prometheus_client::{
 use std::sync::atomic::AtomicU64;
 use tonic::Code;
 
-use crate::{
-    broker::Broker,
-    error::code_name,
-    tokens::{AccountStatus, RefreshOutcome},
-};
+use crate::{broker::Broker, error::code_name, tokens::AccountStatus};
 
 /// The `Content-Type` of the OpenMetrics text format that `prometheus-client` writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -129,6 +125,7 @@ struct Metrics {
     upstream: Family<UpstreamLabels, Histogram>,
     refreshes: Family<OutcomeLabels, Counter>,
     accounts: Family<StatusLabels, Gauge>,
+    unpersisted: Gauge,
     waiters: Gauge,
     refresh_lag: Gauge<f64, AtomicU64>,
 }
@@ -152,6 +149,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     let refreshes = Family::<OutcomeLabels, Counter>::default();
     let accounts = Family::<StatusLabels, Gauge>::default();
+    let unpersisted = Gauge::default();
     let waiters = Gauge::default();
     let refresh_lag = Gauge::<f64, AtomicU64>::default();
     registry.register(
@@ -175,6 +173,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         accounts.clone(),
     );
     registry.register(
+        "accounts_unpersisted",
+        "Accounts whose refreshed tokens the disk refused: held back, written again each scheduler pass; \
+         unhealthy until 0, since the old refresh token may be dead at EdgeTag",
+        unpersisted.clone(),
+    );
+    registry.register(
         "single_flight_waiters",
         "Callers waiting right now on a refresh in flight (the caller that started it included)",
         waiters.clone(),
@@ -190,6 +194,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         upstream,
         refreshes,
         accounts,
+        unpersisted,
         waiters,
         refresh_lag,
     }
@@ -275,13 +280,7 @@ pub fn encode(broker: &Broker) -> String {
     for (_, record) in broker.list() {
         match record.status {
             AccountStatus::NeedsReauth => needs_reauth += 1,
-            AccountStatus::Active
-                if record
-                    .last_refresh
-                    .is_some_and(|r| r.outcome == RefreshOutcome::Failed) =>
-            {
-                failed += 1
-            }
+            AccountStatus::Active if record.refresh_failing() => failed += 1,
             AccountStatus::Active => active += 1,
         }
     }
@@ -295,6 +294,9 @@ pub fn encode(broker: &Broker) -> String {
             .get_or_create(&StatusLabels { status })
             .set(n);
     }
+    METRICS
+        .unpersisted
+        .set(i64::try_from(broker.unpersisted_accounts().len()).unwrap_or(i64::MAX));
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry);

@@ -95,12 +95,9 @@ fn page_token(last: &AccountId) -> String {
 
 /// What operators see of an account; the mapping of domain status to the wire enum lives here.
 pub fn account_info(account: &AccountId, record: &AccountRecord, refreshing: bool) -> AccountInfo {
-    let failed = record
-        .last_refresh
-        .is_some_and(|r| r.outcome == RefreshOutcome::Failed);
     let status = match record.status {
         AccountStatus::NeedsReauth => proto::AccountStatus::NeedsReauth,
-        AccountStatus::Active if failed => proto::AccountStatus::RefreshingFailed,
+        AccountStatus::Active if record.refresh_failing() => proto::AccountStatus::RefreshingFailed,
         AccountStatus::Active => proto::AccountStatus::Active,
     };
     let outcome = match record.last_refresh.map(|r| r.outcome) {

@@ -110,6 +110,15 @@ pub struct AccountRecord {
 }
 
 impl AccountRecord {
+    /// Still served, but its latest refresh failed: worth an operator's look before the token
+    /// expires (shown as `refreshing_failed` in ListAccounts and metrics).
+    pub fn refresh_failing(&self) -> bool {
+        self.status == AccountStatus::Active
+            && self
+                .last_refresh
+                .is_some_and(|r| r.outcome == RefreshOutcome::Failed)
+    }
+
     /// A freshly connected account.
     pub fn connected(tokens: TokenSet) -> Self {
         Self {

@@ -464,6 +464,11 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
         RefreshEventKind::NotPersisted
     );
     assert_eq!(app.broker.unpersisted_accounts(), vec![id("rot")]);
+    let scraped = credential_service::metrics::encode(&app.broker);
+    assert!(
+        scraped.contains("credential_accounts_unpersisted 1"),
+        "{scraped}"
+    );
     assert_eq!(app.get_token("rot").await.unwrap().access_token, old);
     assert_eq!(app.fake.stats().token_requests, 2, "no second refresh");
 
@@ -478,6 +483,10 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
         RefreshEventKind::Refreshed
     );
     assert!(app.broker.unpersisted_accounts().is_empty());
+    assert!(
+        credential_service::metrics::encode(&app.broker)
+            .contains("credential_accounts_unpersisted 0")
+    );
     let new = app.get_token("rot").await.unwrap().access_token;
     assert_ne!(new, old);
     assert!(app.fake.access_token_is_valid(&new));
