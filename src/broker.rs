@@ -638,7 +638,8 @@ impl Inner {
 
     /// Joins the refresh in flight for `account`, or starts one. `seen` is the token set the caller
     /// judged too old: if the stored one differs by the time the refresh runs, that one is the answer.
-    /// [`Inner::start_refresh`] and wait for its result, counted as a single-flight waiter.
+    /// Joins or starts the account's refresh and waits for it, counted as a single-flight waiter
+    /// (the metric shows how many callers a slow provider is holding up).
     async fn join_refresh(
         self: &Arc<Self>,
         account: &AccountId,

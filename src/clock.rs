@@ -25,7 +25,7 @@ impl Clock {
         Self::default()
     }
 
-    /// A clock that starts at the real time and moves ahead only when told to (plus real time).
+    /// The same clock, named for tests: it starts at the real time and jumps when told to.
     pub fn manual() -> Self {
         Self::default()
     }

@@ -41,10 +41,7 @@ use axum::{
     routing::{get, post},
     serve::{IncomingStream, Listener},
 };
-use base64::{
-    Engine,
-    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
-};
+use base64::{Engine, engine::general_purpose::STANDARD};
 use futures::task::AtomicWaker;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -564,8 +561,7 @@ impl Store {
 
 /// A prefixed random token: 256 bits, base64url without padding.
 fn random_token(prefix: &str) -> String {
-    let bytes: [u8; 32] = rand::random();
-    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
+    format!("{prefix}{}", crate::oauth::random_token())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,20 +704,7 @@ fn error_page(status: StatusCode, problem: &str) -> Response {
         .into_response()
 }
 
-fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use crate::callback::html_escape;
 
 // ---------------------------------------------------------------------------------------------
 // Token and revoke
@@ -942,7 +925,7 @@ impl Inner {
         store.received_verifiers.push(verifier.to_owned());
         let pending = store.codes.remove(code).ok_or(Refusal::InvalidGrant)?;
         let fresh = now < pending.issued_at + CODE_LIFETIME;
-        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let challenge = crate::oauth::s256_challenge(verifier);
         let verifier_ok = is_code_verifier(verifier) && challenge == pending.code_challenge;
         let redirect_ok = body_redirect_uri.is_none_or(|uri| uri == pending.redirect_uri);
         if !(fresh && verifier_ok && redirect_ok && pending.client_id == self.config.client_id) {
@@ -1054,13 +1037,10 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((id.to_owned(), secret.to_owned()))
 }
 
-/// Compares SHA-256 digests without an early exit, so timing does not reveal a common prefix.
+/// Compares SHA-256 digests in constant time, so timing reveals neither length nor a common prefix.
 fn digest_eq(a: &[u8], b: &[u8]) -> bool {
-    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    use subtle::ConstantTimeEq;
+    Sha256::digest(a).ct_eq(&Sha256::digest(b)).into()
 }
 
 fn is_form_urlencoded(headers: &HeaderMap) -> bool {
@@ -1339,8 +1319,8 @@ mod tests {
 
     /// A fresh PKCE pair: (verifier, S256 challenge).
     fn pkce() -> (String, String) {
-        let verifier = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
-        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let verifier = crate::oauth::random_token();
+        let challenge = crate::oauth::s256_challenge(&verifier);
         (verifier, challenge)
     }
 
@@ -2155,7 +2135,7 @@ mod tests {
     fn pkce_checks_follow_rfc_7636() {
         // RFC 7636 appendix B.
         let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let challenge = crate::oauth::s256_challenge(verifier);
         assert_eq!(challenge, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
         assert!(is_code_verifier(verifier) && is_s256_challenge(&challenge));
         assert!(is_code_verifier(&"~._-".repeat(32)));

@@ -208,12 +208,6 @@ fn method_labels(path: &str) -> (&'static str, &'static str) {
         .map_or(("unknown", "unknown"), |(_, s, m)| (*s, *m))
 }
 
-/// Records one finished gRPC call.
-pub fn observe_rpc(path: &str, code: Code, elapsed: Duration) {
-    let (service, method) = method_labels(path);
-    observe_rpc_labels(service, method, code, elapsed);
-}
-
 fn observe_rpc_labels(service: &'static str, method: &'static str, code: Code, elapsed: Duration) {
     METRICS
         .rpc

@@ -62,17 +62,6 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-impl Listeners {
-    /// Just gRPC, no HTTP listeners.
-    pub fn grpc(listener: TcpListener) -> Self {
-        Self {
-            grpc: listener,
-            callback: None,
-            metrics: None,
-        }
-    }
-}
-
 /// Binds `addr`; the error names the setting (`what`) so the operator knows which to fix.
 pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
