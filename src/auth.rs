@@ -205,6 +205,11 @@ impl Table {
                         format!("caller {name}: tls_san {san:?} is not a DNS name or IP address")
                     })?
                     .to_owned();
+                if table.by_san.iter().any(|(known, _)| *known == san) {
+                    return Err(format!(
+                        "caller {name} shares its tls_san with another caller"
+                    ));
+                }
                 table.by_san.push((san, caller));
             }
         }
@@ -567,6 +572,11 @@ mod tests {
             (
                 "[[caller]]\nname = \"a\"\ntls_san = \"a.example\"\nrole = \"reader\"\naccounts = [\"*\"]\ntoken = \"x\"",
                 "unknown field",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\ntls_san = \"a.example\"\nrole = \"reader\"\naccounts = [\"*\"]\n\
+                 [[caller]]\nname = \"b\"\ntls_san = \"a.example\"\nrole = \"admin\"\naccounts = [\"*\"]",
+                "shares its tls_san",
             ),
         ] {
             let e = Table::parse(text)
