@@ -78,12 +78,48 @@ async fn no_secret_appears_in_trace_logs() {
     assert!(app.get_token("acme").await.is_err());
     drop(app);
 
+    // The browser path: EdgeTag's redirect lands on the callback page, which completes the flow.
+    let app = TestApp::spawn_with(common::Options {
+        callback: true,
+        ..Default::default()
+    })
+    .await;
+    let key_file = app.options.encryption.key_file.clone().unwrap();
+    secrets.push(std::fs::read_to_string(key_file).unwrap().trim().to_owned());
+    let begun = app.begin("browser").await.unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let approved = http.get(&begun.authorize_url).send().await.unwrap();
+    let location = approved.headers()["location"].to_str().unwrap().to_owned();
+    let page = http
+        .get(&location)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Connected account browser"), "{page}");
+    let query: std::collections::HashMap<_, _> = url::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    secrets.push(query["code"].clone());
+    secrets.push(begun.state.clone());
+    secrets.push(app.get_token("browser").await.unwrap().access_token);
+    secrets.extend(app.fake.issued_refresh_tokens());
+    secrets.extend(app.fake.received_code_verifiers());
+    drop(app);
+
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(
         logs.contains("CompleteAuth") && logs.contains("acme"),
         "the capture saw the flow"
     );
-    assert!(secrets.len() >= 8);
+    assert!(secrets.len() >= 14);
     for secret in &secrets {
         assert!(!secret.is_empty());
         assert!(
