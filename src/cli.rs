@@ -100,8 +100,10 @@ pub enum Command {
         #[arg(long)]
         open: bool,
     },
-    /// Finish connecting with the `code` and `state` from EdgeTag's redirect.
-    Complete { code: String, state: String },
+    /// Finish connecting with the `code` and `state` from EdgeTag's redirect. With `-` alone,
+    /// reads them from standard input instead (the whole redirect URL, or `CODE STATE`), which keeps
+    /// the code out of `ps` and the shell history.
+    Complete { code: String, state: Option<String> },
     /// Print a valid access token (on stdout, alone, for `$(credctl token ACCOUNT)`).
     Token {
         account: String,
@@ -261,13 +263,22 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
                 writeln!(
                     out,
                     "If EdgeTag then shows the service's \"Connected\" page, you are done. Otherwise run\n  \
-                     credctl complete CODE STATE\nwith `code` and `state` from the address EdgeTag sent \
-                     the browser to (state {}). Valid until {expires}.",
+                     credctl complete -\nand paste the address EdgeTag sent the browser to (or run \
+                     credctl complete CODE STATE; state {}). Valid until {expires}.",
                     r.state
                 )?;
             }
         }
         Command::Complete { code, state } => {
+            let (code, state) = match (code.as_str(), state) {
+                ("-", None) => code_and_state_from_stdin()?,
+                (_, Some(state)) => (code, state),
+                (_, None) => {
+                    return Err(CliError::Usage(
+                        "complete needs CODE STATE, or - to read them from standard input".into(),
+                    ));
+                }
+            };
             let r = client
                 .complete_auth(CompleteAuthRequest { code, state })
                 .await?
@@ -416,6 +427,33 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// One line from standard input: EdgeTag's whole redirect URL, or `CODE STATE`.
+fn code_and_state_from_stdin() -> Result<(String, String), CliError> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?;
+    parse_code_and_state(line.trim()).ok_or_else(|| {
+        CliError::Usage("expected the redirect URL or CODE STATE on standard input".into())
+    })
+}
+
+fn parse_code_and_state(input: &str) -> Option<(String, String)> {
+    if let Ok(url) = url::Url::parse(input) {
+        let find = |name: &str| {
+            url.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        return Some((find("code")?, find("state")?));
+    }
+    let mut words = input.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some(code), Some(state), None) => Some((code.to_owned(), state.to_owned())),
+        _ => None,
+    }
 }
 
 /// Connects, refusing to send a bearer token in clear text anywhere but this machine.
@@ -654,5 +692,20 @@ mod tests {
         assert_eq!(e.exit_code(), exit::USAGE);
         assert!(e.to_string().contains("https://"), "{e}");
         assert!(!e.to_string().contains("tok-secret"));
+    }
+
+    #[test]
+    fn code_and_state_come_from_a_redirect_url_or_two_words() {
+        let both = Some(("c-1".to_owned(), "s-1".to_owned()));
+        assert_eq!(
+            parse_code_and_state("https://ops.example.com/cb?code=c-1&state=s-1"),
+            both
+        );
+        assert_eq!(parse_code_and_state("c-1 s-1"), both);
+        assert_eq!(
+            parse_code_and_state("https://ops.example.com/cb?code=c-1"),
+            None
+        );
+        assert_eq!(parse_code_and_state("just-one"), None);
     }
 }

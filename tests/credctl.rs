@@ -53,7 +53,7 @@ async fn an_operator_connects_inspects_refreshes_and_removes_an_account() {
     assert!(url.starts_with(&app.fake.authorize_url()), "{url}");
     let human = ok(&run(&["begin", "acme"]).await);
     assert!(
-        human.contains(&app.fake.authorize_url()) && human.contains("credctl complete CODE STATE"),
+        human.contains(&app.fake.authorize_url()) && human.contains("credctl complete -"),
         "{human}"
     );
 
@@ -61,6 +61,33 @@ async fn an_operator_connects_inspects_refreshes_and_removes_an_account() {
     assert_eq!(redirect.state, begun["state"].as_str().unwrap());
     let done = credctl(&server, &["complete", &redirect.code, &redirect.state]).await;
     assert!(ok(&done).starts_with("Connected account acme; its access token expires at 20"));
+
+    // The code can stay out of argv: the redirect URL on standard input.
+    let begun = json(&run(&["--json", "begin", "acme"]).await);
+    let redirect = app
+        .fake
+        .approve(begun["authorize_url"].as_str().unwrap())
+        .await
+        .unwrap();
+    let mut child = Command::new(CREDCTL)
+        .env_clear()
+        .env("CREDCTL_SERVER", &server)
+        .args(["complete", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(format!("{}\n", redirect.location).as_bytes())
+            .await
+            .unwrap();
+    }
+    let piped = child.wait_with_output().await.unwrap();
+    assert!(ok(&piped).starts_with("Connected account acme"));
 
     let token = ok(&run(&["token", "acme"]).await);
     assert_eq!(
