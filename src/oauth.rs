@@ -385,36 +385,17 @@ impl ProviderClient {
     /// EdgeTag documents no response body, so only the status counts.
     #[tracing::instrument(name = "upstream.revoke", skip_all, err(Display))]
     pub async fn revoke(&self, access_token: &SecretString) -> Result<(), UpstreamError> {
-        let started = Instant::now();
-        let response = self
-            .http
-            .post(self.config.revoke_url.clone())
-            .basic_auth(
-                &self.config.client_id,
-                Some(self.config.client_secret.expose_secret()),
-            )
-            .form(&[
-                ("token", access_token.expose_secret()),
-                ("token_type_hint", "access_token"),
-            ])
-            .send()
-            .await;
-        observe("revoke", started, &response);
-        let response = response.map_err(|e| self.classify_transport(&e))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = read_limited(response)
-            .await
-            .map_err(|e| self.classify_transport(&e))?;
-        tracing::debug!(status = status.as_u16(), "revocation endpoint answered");
-        if status.is_success() {
+        let form = [
+            ("token", access_token.expose_secret()),
+            ("token_type_hint", "access_token"),
+        ];
+        let answer = self
+            .post_form("revoke", &self.config.revoke_url, &form)
+            .await?;
+        if answer.status.is_success() {
             return Ok(());
         }
-        match parse_token_response(status, retry_after.as_deref(), &body) {
+        match answer.classify() {
             Err(e) => Err(e),
             Ok(_) => Err(UpstreamError::Malformed("unexpected revocation answer")),
         }
@@ -425,10 +406,23 @@ impl ProviderClient {
         operation: &'static str,
         form: &[(&str, &str)],
     ) -> Result<TokenResponse, UpstreamError> {
+        self.post_form(operation, &self.config.token_url, form)
+            .await?
+            .classify()
+    }
+
+    /// One form POST with the client's Basic credentials; the answer's status, `Retry-After` and
+    /// (bounded) body, timed into the metrics under `operation`.
+    async fn post_form(
+        &self,
+        operation: &'static str,
+        url: &Url,
+        form: &[(&str, &str)],
+    ) -> Result<Answer, UpstreamError> {
         let started = Instant::now();
         let response = self
             .http
-            .post(self.config.token_url.clone())
+            .post(url.clone())
             .basic_auth(
                 &self.config.client_id,
                 Some(self.config.client_secret.expose_secret()),
@@ -448,8 +442,12 @@ impl ProviderClient {
         let body = read_limited(response)
             .await
             .map_err(|e| self.classify_transport(&e))?;
-        tracing::debug!(status = status.as_u16(), "token endpoint answered");
-        parse_token_response(status, retry_after.as_deref(), &body)
+        tracing::debug!(operation, status = status.as_u16(), "EdgeTag answered");
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
     }
 
     fn classify_transport(&self, e: &reqwest::Error) -> UpstreamError {
@@ -476,6 +474,19 @@ fn observe(
         Err(e) => (e.status().map(|s| s.as_u16()), e.is_timeout()),
     };
     metrics::observe_upstream(operation, status, timed_out, started.elapsed());
+}
+
+/// What an endpoint answered, before it is classified.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn classify(&self) -> Result<TokenResponse, UpstreamError> {
+        parse_token_response(self.status, self.retry_after.as_deref(), &self.body)
+    }
 }
 
 /// Reads at most [`MAX_RESPONSE_BYTES`]; the rest is dropped unread (the answer is then malformed).
