@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use base64::{Engine, engine::general_purpose::STANDARD};
 use common::{Bearer, Options, TestApp};
 use credential_service::{
@@ -14,39 +12,13 @@ use credential_service::{
 };
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 const ADMIN: &str = "admin-bearer-7d1c93e0aa";
 const READER: &str = "reader-bearer-0b55f2c4e1";
 
 #[tokio::test]
 async fn trace_logs_hold_no_secret_and_every_call_is_audited() {
-    let capture = Capture::default();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .init();
+    let capture = common::LogCapture::install_trace();
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("callers.toml");
@@ -128,7 +100,7 @@ async fn trace_logs_hold_no_secret_and_every_call_is_audited() {
     secrets.push(hex::encode(&raw));
     drop(app);
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     for secret in &secrets {
         assert!(
             !logs.contains(secret.as_str()),

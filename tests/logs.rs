@@ -3,45 +3,15 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use common::TestApp;
 use credential_service::fake_provider::Fault;
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 #[tokio::test]
 async fn no_secret_appears_in_trace_logs() {
-    let capture = Capture::default();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .init();
+    let capture = common::LogCapture::install_trace();
 
     let app = TestApp::spawn_with(common::Options {
         request_timeout: Duration::from_millis(300),
@@ -114,7 +84,7 @@ async fn no_secret_appears_in_trace_logs() {
     secrets.extend(app.fake.received_code_verifiers());
     drop(app);
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("CompleteAuth") && logs.contains("acme"),
         "the capture saw the flow"
