@@ -87,9 +87,21 @@ async fn callback(State(broker): State<Broker>, RawQuery(query): RawQuery) -> Re
             ],
         );
     };
+    // The person in the browser is not a gRPC caller; the audit trail names the path they came by.
     match broker.complete(code, state).await {
-        Ok((account, tokens)) => connected(&account.to_string(), &tokens),
-        Err(e) => failed(e),
+        Ok((account, tokens)) => {
+            crate::audit::record(
+                "CompleteAuth",
+                "browser-callback",
+                account.as_str(),
+                tonic::Code::Ok,
+            );
+            connected(account.as_str(), &tokens)
+        }
+        Err(e) => {
+            crate::audit::record("CompleteAuth", "browser-callback", "", e.code());
+            failed(e)
+        }
     }
 }
 

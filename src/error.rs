@@ -52,9 +52,10 @@ pub enum Error {
     Internal(&'static str),
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        let code = match &e {
+impl Error {
+    /// The gRPC code this error is answered with (also what audit events and metrics record).
+    pub fn code(&self) -> Code {
+        match self {
             Error::InvalidAccount(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::UnknownAccount(_) | Error::UnknownState => Code::NotFound,
             Error::CodeRejected(_) | Error::NeedsReauth(_) => Code::FailedPrecondition,
@@ -63,16 +64,19 @@ impl From<Error> for Status {
             Error::ProviderUnavailable(_)
             | Error::TokenExpired { .. }
             | Error::ValidityNotReached(_) => Code::Unavailable,
-            Error::Store(cause) => {
-                tracing::error!(error = %cause, "storage failure");
-                return Status::internal("internal error; the service's log has the cause");
-            }
-            Error::Internal(what) => {
-                tracing::error!(error = what, "internal failure");
-                return Status::internal("internal error; the service's log has the cause");
-            }
-        };
-        Status::new(code, e.to_string())
+            Error::Store(_) | Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match &e {
+            Error::Store(cause) => tracing::error!(error = %cause, "storage failure"),
+            Error::Internal(what) => tracing::error!(error = what, "internal failure"),
+            _ => return Status::new(e.code(), e.to_string()),
+        }
+        Status::internal("internal error; the service's log has the cause")
     }
 }
 

@@ -89,6 +89,12 @@ async fn no_secret_appears_in_trace_logs() {
         logs.contains("CompleteAuth") && logs.contains("acme"),
         "the capture saw the flow"
     );
+    assert!(
+        logs.contains(
+            r#"caller="browser-callback" method="CompleteAuth" account="browser" outcome="OK""#
+        ),
+        "the browser callback's completion is audited"
+    );
     assert!(secrets.len() >= 14);
     for secret in &secrets {
         assert!(!secret.is_empty());
