@@ -211,23 +211,7 @@ async fn a_refresh_keeps_the_refresh_token_unless_edgetag_rotates_it() {
 
 #[tokio::test]
 async fn a_rotated_refresh_token_replaces_the_stored_one_durably() {
-    let clock = credential_service::clock::Clock::manual();
-    let config = credential_service::fake_provider::FakeConfig {
-        rotate_refresh_tokens: true,
-        ..common::fake_config(&clock)
-    };
-    let fake = std::sync::Arc::new(
-        credential_service::fake_provider::FakeEdgeTag::start(config)
-            .await
-            .unwrap(),
-    );
-    let app = TestApp::start(
-        fake,
-        clock,
-        std::sync::Arc::new(tempfile::tempdir().unwrap()),
-        Options::default(),
-    )
-    .await;
+    let app = TestApp::spawn_rotating().await;
     app.connect("rot").await;
     app.clock.advance(2 * HOUR);
     app.get_token("rot").await.unwrap();

@@ -51,20 +51,28 @@ fn serving_addr(line: &str) -> String {
         .to_owned()
 }
 
-/// Starts a server with a fake-free but complete configuration on port 0; returns it, its stderr
-/// and its address.
-async fn start_real(data_dir: &std::path::Path) -> (Child, Lines<BufReader<ChildStderr>>, String) {
-    let mut child = service(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
+/// The service with every required setting (client id, secret, redirect URI) plus `args`.
+fn configured(args: &[&str]) -> Command {
+    let mut cmd = service(args);
+    cmd.args([
         "--client-id",
         "cid",
         "--redirect-uri",
         "https://ops.example.com/cb",
     ])
-    .env("EDGETAG_CLIENT_SECRET", "s3cret")
+    .env("EDGETAG_CLIENT_SECRET", "s3cret");
+    cmd
+}
+
+/// Starts a server with a fake-free but complete configuration on port 0; returns it, its stderr
+/// and its address.
+async fn start_real(data_dir: &std::path::Path) -> (Child, Lines<BufReader<ChildStderr>>, String) {
+    let mut child = configured(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ])
     .spawn()
     .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -98,17 +106,12 @@ async fn a_second_process_on_the_same_data_directory_exits_at_once() {
     // The data one level down: the encryption key is created beside it, inside the temp dir.
     let data = dir.path().join("data");
     let (mut first, _lines, _addr) = start_real(&data).await;
-    let out = service(&[
+    let out = configured(&[
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
         data.to_str().unwrap(),
-        "--client-id",
-        "cid",
-        "--redirect-uri",
-        "https://ops.example.com/cb",
     ])
-    .env("EDGETAG_CLIENT_SECRET", "s3cret")
     .output()
     .await
     .unwrap();
@@ -216,17 +219,12 @@ async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
 #[tokio::test]
 async fn listening_beyond_loopback_without_a_callers_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let out = service(&[
+    let out = configured(&[
         "--listen",
         "0.0.0.0:0",
         "--data-dir",
         dir.path().join("data").to_str().unwrap(),
-        "--client-id",
-        "cid",
-        "--redirect-uri",
-        "https://ops.example.com/cb",
     ])
-    .env("EDGETAG_CLIENT_SECRET", "s3cret")
     .output()
     .await
     .unwrap();
@@ -252,19 +250,14 @@ async fn sighup_reloads_the_callers_file() {
         )
     };
     std::fs::write(&callers, file("first-token")).unwrap();
-    let mut child = service(&[
+    let mut child = configured(&[
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
         dir.path().join("data").to_str().unwrap(),
         "--callers-file",
         callers.to_str().unwrap(),
-        "--client-id",
-        "cid",
-        "--redirect-uri",
-        "https://ops.example.com/cb",
     ])
-    .env("EDGETAG_CLIENT_SECRET", "s3cret")
     .spawn()
     .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();

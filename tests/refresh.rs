@@ -14,8 +14,7 @@ use common::{Options, TestApp, assert_status};
 use credential_service::{
     account::AccountId,
     broker::{RefreshEvent, RefreshEventKind},
-    clock::Clock,
-    fake_provider::{FakeConfig, FakeEdgeTag, Fault},
+    fake_provider::Fault,
     proto::GetTokenRequest,
     tokens::{AccountStatus, RefreshOutcome},
 };
@@ -432,17 +431,7 @@ async fn a_completed_authorization_during_a_rejected_refresh_wins() {
 
 #[tokio::test]
 async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
-    let clock = Clock::manual();
-    let fake = Arc::new(
-        FakeEdgeTag::start(FakeConfig {
-            rotate_refresh_tokens: true,
-            ..common::fake_config(&clock)
-        })
-        .await
-        .unwrap(),
-    );
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let app = TestApp::start(fake, clock, dir, Options::default()).await;
+    let app = TestApp::spawn_rotating().await;
     app.connect("rot").await;
     let old = app.get_token("rot").await.unwrap().access_token;
     let mut events_rx = app.broker.subscribe();
@@ -512,17 +501,7 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
 
 #[tokio::test]
 async fn an_unusable_renewal_still_keeps_a_rotated_refresh_token() {
-    let clock = Clock::manual();
-    let fake = Arc::new(
-        FakeEdgeTag::start(FakeConfig {
-            rotate_refresh_tokens: true,
-            ..common::fake_config(&clock)
-        })
-        .await
-        .unwrap(),
-    );
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let app = TestApp::start(fake, clock, dir, Options::default()).await;
+    let app = TestApp::spawn_rotating().await;
     app.connect("rot").await;
     let first = app.get_token("rot").await.unwrap().access_token;
 

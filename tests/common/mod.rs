@@ -165,6 +165,22 @@ impl TestApp {
         Self::start(fake, clock, data_dir, options).await
     }
 
+    /// A server in front of a fake EdgeTag that rotates refresh tokens on every refresh.
+    pub async fn spawn_rotating() -> Self {
+        let clock = Clock::manual();
+        let config = FakeConfig {
+            rotate_refresh_tokens: true,
+            ..fake_config(&clock)
+        };
+        let fake = Arc::new(
+            FakeEdgeTag::start(config)
+                .await
+                .expect("fake EdgeTag starts"),
+        );
+        let data_dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start(fake, clock, data_dir, Options::default()).await
+    }
+
     /// Starts a server on an existing fake, clock and data directory.
     pub async fn start(
         fake: Arc<FakeEdgeTag>,
