@@ -9,7 +9,7 @@
 
 use tonic::{Code, Status};
 
-use crate::error::code_name;
+use crate::codes::code_name;
 use tracing::Level;
 
 /// Level of a successful GetToken's audit event (refused ones are INFO like everything else).

@@ -40,14 +40,12 @@ use crate::{
     account::AccountId,
     clock::{Clock, to_unix_ms},
     error::Error,
+    grant::{AuthCode, AuthState},
+    metrics::AccountGauges,
     oauth::{Pkce, ProviderClient, TokenResponse, UpstreamError, random_token},
     store::{Store, StoreError},
     tokens::{AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, TokenSet},
 };
-
-/// Longest code and state accepted; real ones are far shorter, these only bound the work.
-pub const MAX_CODE_LEN: usize = 2048;
-pub const MAX_STATE_LEN: usize = 256;
 
 /// Timing and limits of the broker.
 #[derive(Debug, Clone)]
@@ -297,8 +295,9 @@ impl Broker {
         code: &str,
         state: &str,
     ) -> Result<(AccountId, Arc<TokenSet>), Error> {
-        let code = parse_code(code)?;
-        let state = parse_state(state)?;
+        let code = AuthCode::parse(code)?;
+        let state = AuthState::parse(state)?;
+        let state = state.as_str();
         let inner = &self.inner;
         let pending = inner
             .store
@@ -316,7 +315,10 @@ impl Broker {
                 .acquire()
                 .await
                 .map_err(|_| Error::Internal("upstream limiter closed"))?;
-            inner.provider.exchange_code(&code, &pending.verifier).await
+            inner
+                .provider
+                .exchange_code(code.secret(), &pending.verifier)
+                .await
         };
         let response = match exchanged {
             Ok(response) => response,
@@ -338,8 +340,7 @@ impl Broker {
         if response.refresh_token.is_none() {
             tracing::warn!(account = %pending.account, "EdgeTag issued no refresh token; the account cannot be refreshed");
         }
-        let tokens = TokenSet::from_response(
-            response,
+        let tokens = response.into_token_set(
             requested_at,
             inner.provider.config().default_token_lifetime,
             None,
@@ -509,6 +510,23 @@ impl Broker {
             .collect();
         v.sort();
         v
+    }
+
+    /// Accounts by status right now, for a metrics scrape.
+    pub fn account_gauges(&self) -> AccountGauges {
+        let mut gauges = AccountGauges::default();
+        for slot in self.inner.accounts.iter() {
+            let record = slot.value().record.load();
+            match record.status {
+                AccountStatus::NeedsReauth => gauges.needs_reauth += 1,
+                AccountStatus::Active if record.refresh_failing() => gauges.refreshing_failed += 1,
+                AccountStatus::Active => gauges.active += 1,
+            }
+            if slot.value().health().unpersisted.is_some() {
+                gauges.unpersisted += 1;
+            }
+        }
+        gauges
     }
 
     /// Refreshes now, however fresh the token is (an operator's "refresh"). Joins a refresh
@@ -852,8 +870,7 @@ async fn refresh_task(
             .await
             .map(|(requested_at, response)| {
                 let rotated = response.refresh_token.is_some();
-                let tokens = TokenSet::from_response(
-                    response,
+                let tokens = response.into_token_set(
                     requested_at,
                     inner.provider.config().default_token_lifetime,
                     Some(&refresh_token),
@@ -957,32 +974,4 @@ fn log_client_rejected(status: u16) {
         "EdgeTag rejected this service's client credentials: check --client-id and the client secret \
          (EDGETAG_CLIENT_ID, EDGETAG_CLIENT_SECRET_FILE / EDGETAG_CLIENT_SECRET)"
     );
-}
-
-fn parse_code(code: &str) -> Result<SecretString, Error> {
-    if code.is_empty() {
-        return Err(Error::InvalidArgument(
-            "code is required: the `code` parameter of EdgeTag's redirect",
-        ));
-    }
-    if code.len() > MAX_CODE_LEN || !code.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::InvalidArgument(
-            "code is malformed: expected at most 2048 printable ASCII characters",
-        ));
-    }
-    Ok(SecretString::from(code))
-}
-
-fn parse_state(state: &str) -> Result<&str, Error> {
-    if state.is_empty() {
-        return Err(Error::InvalidArgument(
-            "state is required: the `state` returned by BeginAuth",
-        ));
-    }
-    if state.len() > MAX_STATE_LEN {
-        return Err(Error::InvalidArgument(
-            "state is malformed: expected at most 256 characters",
-        ));
-    }
-    Ok(state)
 }

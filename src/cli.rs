@@ -19,7 +19,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 
-use crate::error::code_name;
+use crate::codes::code_name;
 use crate::proto::{
     AccountInfo, AccountStatus, BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest,
     GetTokenRequest, ListAccountsRequest, RefreshOutcome, RefreshTokenRequest,

@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 
 use crate::{
     account::{AccountId, InvalidAccount},
+    grant::InvalidInput,
     oauth::UpstreamError,
     store::StoreError,
 };
@@ -52,6 +53,12 @@ pub enum Error {
     Internal(&'static str),
 }
 
+impl From<InvalidInput> for Error {
+    fn from(e: InvalidInput) -> Self {
+        Error::InvalidArgument(e.0)
+    }
+}
+
 impl Error {
     /// The gRPC code this error is answered with (also what audit events and metrics record).
     pub fn code(&self) -> Code {
@@ -77,29 +84,6 @@ impl From<Error> for Status {
             _ => return Status::new(e.code(), e.to_string()),
         }
         Status::internal("internal error; the service's log has the cause")
-    }
-}
-
-/// The canonical upper-case name, as in the gRPC docs and the README's error table.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

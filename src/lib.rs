@@ -5,27 +5,31 @@
 //! → CompleteAuth; internal services call GetToken.
 //!
 //! # Layout
-//! The data's path runs top to bottom; each module knows only those below it.
-//! - [`server`]: `run(listener, config, clock, shutdown)`: health, reflection, the service, upkeep.
-//! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
-//! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
-//! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
-//! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh.
-//! - [`oauth`]: PKCE, the authorize URL, the token endpoint and its answers, classified once.
-//! - [`store`]: the sled database: pending states and token sets, flushed before every reply.
-//! - [`sealing`]: encryption at rest (XChaCha20-Poly1305), key files, key ids for rotation.
-//! - [`tokens`]: the domain records (token set, account record, pending authorization).
-//! - [`account`]: [`account::AccountId`], obtainable only by parsing.
-//! - [`error`]: the domain error and its one mapping to gRPC status codes.
-//! - [`config`]: clap settings with environment variables, EdgeTag presets.
-//! - [`clock`]: wall-clock time with a test hook.
-//! - [`telemetry`]: log set-up.
-//! - [`metrics`]: Prometheus series and the `/metrics` endpoint; fed by server, oauth and broker.
-//! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
+//! The data's path runs top to bottom; each module imports only modules listed below it
+//! (`tests/layers.rs` fails on a cycle, and on a module missing here).
+//! - [`server`]: composition: keys, store, provider client, broker, the gRPC and HTTP listeners,
+//!   upkeep, shutdown.
 //! - [`dev`]: `--dev` mode: fake EdgeTag, temporary data, a banner with the commands to try.
 //! - [`fake_provider`]: a strict fake EdgeTag for tests, `--dev` mode and the `fake-edgetag` binary.
-//! - [`proto`]: generated code and the reflection descriptor set.
 //! - [`cli`]: `credctl`, the operators' command line over the gRPC API (a client, beside the rest).
+//! - [`telemetry`]: log set-up.
+//! - [`config`]: clap settings with environment variables, EdgeTag presets.
+//! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
+//! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
+//! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
+//! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
+//! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh, the scheduler.
+//! - [`error`]: the domain error and its one mapping to gRPC status codes.
+//! - [`oauth`]: PKCE, the authorize URL, the token endpoint; turns its answers into token sets.
+//! - [`store`]: durable state: pending states and account records, durable before a write returns.
+//! - [`metrics`]: Prometheus series and the `/metrics` endpoint; told things, it asks nothing.
+//! - [`tokens`]: the domain records (token set, account record, pending authorization).
+//! - [`grant`]: the authorization code and state from EdgeTag's redirect, obtainable only by parsing.
+//! - [`account`]: [`account::AccountId`], obtainable only by parsing.
+//! - [`sealing`]: encryption at rest (XChaCha20-Poly1305), key files, key ids for rotation.
+//! - [`clock`]: wall-clock time with a test hook.
+//! - [`codes`]: gRPC status codes by their canonical names.
+//! - [`proto`]: generated code and the reflection descriptor set.
 
 pub mod account;
 pub mod audit;
@@ -34,10 +38,12 @@ pub mod broker;
 pub mod callback;
 pub mod cli;
 pub mod clock;
+pub mod codes;
 pub mod config;
 pub mod dev;
 pub mod error;
 pub mod fake_provider;
+pub mod grant;
 pub mod metrics;
 pub mod oauth;
 pub mod proto;

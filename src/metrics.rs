@@ -3,7 +3,8 @@
 //! One process-wide set of series, fed from where things happen: a tower layer around the gRPC
 //! server (calls by method and status code, with latency), the EdgeTag client (upstream requests by
 //! operation and HTTP status, refreshes by outcome), the broker (single-flight waiters, background
-//! refresh lag via [`record_refresh_lag`]); accounts by status are counted at scrape time. The hot
+//! refresh lag via [`record_refresh_lag`]); accounts by status are counted at scrape time by a
+//! closure the server hands to [`router`], so this module sits below everything it measures. The hot
 //! path costs a read-locked map lookup on `&'static str` labels and an uncontended histogram lock:
 //! no allocation.
 
@@ -17,7 +18,6 @@ use std::{
 
 use axum::{
     Router,
-    extract::State,
     http::{self, HeaderValue, header},
     response::IntoResponse,
     routing::get,
@@ -30,7 +30,7 @@ use prometheus_client::{
 use std::sync::atomic::AtomicU64;
 use tonic::Code;
 
-use crate::{broker::Broker, error::code_name, tokens::AccountStatus};
+use crate::codes::code_name;
 
 /// The `Content-Type` of the OpenMetrics text format that `prometheus-client` writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -268,49 +268,52 @@ impl Drop for WaiterGuard {
     }
 }
 
-/// The text a scrape returns, with accounts counted from `broker` now.
-pub fn encode(broker: &Broker) -> String {
-    let (mut active, mut needs_reauth, mut failed) = (0, 0, 0);
-    for (_, record) in broker.list() {
-        match record.status {
-            AccountStatus::NeedsReauth => needs_reauth += 1,
-            AccountStatus::Active if record.refresh_failing() => failed += 1,
-            AccountStatus::Active => active += 1,
-        }
-    }
+/// Accounts by status, counted at scrape time by whoever owns the accounts (the broker), so this
+/// module needs to know nothing above it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountGauges {
+    pub active: i64,
+    pub needs_reauth: i64,
+    /// Still served, but the latest refresh failed.
+    pub refreshing_failed: i64,
+    /// Refreshed token sets the store has not accepted yet.
+    pub unpersisted: i64,
+}
+
+/// The text a scrape returns, with the account gauges set from `accounts`.
+pub fn encode(accounts: &AccountGauges) -> String {
     for (status, n) in [
-        ("active", active),
-        ("needs_reauth", needs_reauth),
-        ("refreshing_failed", failed),
+        ("active", accounts.active),
+        ("needs_reauth", accounts.needs_reauth),
+        ("refreshing_failed", accounts.refreshing_failed),
     ] {
         METRICS
             .accounts
             .get_or_create(&StatusLabels { status })
             .set(n);
     }
-    METRICS
-        .unpersisted
-        .set(i64::try_from(broker.unpersisted_accounts().len()).unwrap_or(i64::MAX));
+    METRICS.unpersisted.set(accounts.unpersisted);
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry);
     text
 }
 
-/// The `/metrics` endpoint.
-pub fn router(broker: Broker) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(|State(broker): State<Broker>| async move {
-                (
-                    [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))],
-                    encode(&broker),
-                )
-                    .into_response()
-            }),
-        )
-        .with_state(broker)
+/// The `/metrics` endpoint; `accounts` is called once per scrape.
+pub fn router<F>(accounts: F) -> Router
+where
+    F: Fn() -> AccountGauges + Clone + Send + Sync + 'static,
+{
+    Router::new().route(
+        "/metrics",
+        get(move || async move {
+            (
+                [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))],
+                encode(&accounts()),
+            )
+                .into_response()
+        }),
+    )
 }
 
 /// Tower layer that times every gRPC call and records it by method and status code. The code

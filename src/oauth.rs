@@ -8,7 +8,7 @@
 
 use std::{
     fmt,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -19,7 +19,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use crate::metrics;
+use crate::{
+    metrics,
+    tokens::{DEFAULT_TOKEN_TYPE, TokenSet},
+};
 
 /// Responses larger than this are not tokens; reading stops there.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -98,6 +101,28 @@ pub struct TokenResponse {
     pub refresh_token: Option<SecretString>,
     pub token_type: Option<String>,
     pub expires_in: Option<Duration>,
+}
+
+impl TokenResponse {
+    /// The domain's token set from this answer. `requested_at` is when the request left, so the
+    /// computed expiry errs early; `previous_refresh` is kept when the answer carries none.
+    pub fn into_token_set(
+        self,
+        requested_at: SystemTime,
+        default_lifetime: Duration,
+        previous_refresh: Option<&SecretString>,
+    ) -> TokenSet {
+        let lifetime = self.expires_in.unwrap_or(default_lifetime);
+        TokenSet {
+            access_token: self.access_token,
+            refresh_token: self.refresh_token.or_else(|| previous_refresh.cloned()),
+            token_type: self
+                .token_type
+                .unwrap_or_else(|| DEFAULT_TOKEN_TYPE.to_owned()),
+            issued_at: requested_at,
+            expires_at: requested_at + lifetime,
+        }
+    }
 }
 
 impl fmt::Debug for TokenResponse {
@@ -507,6 +532,41 @@ mod tests {
 
     fn parse(status: u16, body: &str) -> Result<TokenResponse, UpstreamError> {
         parse_token_response(StatusCode::from_u16(status).unwrap(), None, body.as_bytes())
+    }
+
+    fn response(refresh: Option<&str>, expires_in: Option<u64>) -> TokenResponse {
+        TokenResponse {
+            access_token: "at-secret".into(),
+            refresh_token: refresh.map(SecretString::from),
+            token_type: None,
+            expires_in: expires_in.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn keeps_the_previous_refresh_token_unless_a_new_one_arrives() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let old = SecretString::from("rt-old");
+        let kept = response(None, Some(60)).into_token_set(t0, Duration::from_secs(1), Some(&old));
+        assert_eq!(kept.refresh_token.unwrap().expose_secret(), "rt-old");
+        let rotated = response(Some("rt-new"), Some(60)).into_token_set(
+            t0,
+            Duration::from_secs(1),
+            Some(&old),
+        );
+        assert_eq!(rotated.refresh_token.unwrap().expose_secret(), "rt-new");
+    }
+
+    #[test]
+    fn expiry_counts_from_the_request_and_defaults_when_absent() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let t = response(None, Some(7200)).into_token_set(t0, Duration::from_secs(60), None);
+        assert_eq!(t.expires_at, t0 + Duration::from_secs(7200));
+        assert_eq!(t.token_type, "Bearer");
+        assert_eq!(t.lifetime(), Duration::from_secs(7200));
+        let d = response(None, None).into_token_set(t0, Duration::from_secs(60), None);
+        assert_eq!(d.expires_at, t0 + Duration::from_secs(60));
+        assert_eq!(d.remaining(t0 + Duration::from_secs(90)), Duration::ZERO);
     }
 
     #[test]

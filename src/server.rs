@@ -201,7 +201,8 @@ pub async fn serve(
     }
     if let Some(listener) = listeners.metrics {
         tracing::info!(addr = %local_addr(&listener), "metrics serving at /metrics");
-        let router = metrics::router(broker.clone());
+        let gauges = broker.clone();
+        let router = metrics::router(move || gauges.account_gauges());
         http.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
     }
     let scheduler = tokio::spawn(broker.clone().run_scheduler());

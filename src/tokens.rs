@@ -11,7 +11,7 @@ use std::{
 
 use secrecy::SecretString;
 
-use crate::{account::AccountId, oauth::TokenResponse};
+use crate::account::AccountId;
 
 /// The token type reported when the provider names none (EdgeTag never does).
 pub const DEFAULT_TOKEN_TYPE: &str = "Bearer";
@@ -29,26 +29,6 @@ pub struct TokenSet {
 }
 
 impl TokenSet {
-    /// Builds the token set from a token response. `requested_at` is when the request left, so the
-    /// computed expiry errs early; `previous_refresh` is kept when the response carries none.
-    pub fn from_response(
-        response: TokenResponse,
-        requested_at: SystemTime,
-        default_lifetime: Duration,
-        previous_refresh: Option<&SecretString>,
-    ) -> Self {
-        let lifetime = response.expires_in.unwrap_or(default_lifetime);
-        Self {
-            access_token: response.access_token,
-            refresh_token: response.refresh_token.or_else(|| previous_refresh.cloned()),
-            token_type: response
-                .token_type
-                .unwrap_or_else(|| DEFAULT_TOKEN_TYPE.to_owned()),
-            issued_at: requested_at,
-            expires_at: requested_at + lifetime,
-        }
-    }
-
     /// How long the token is valid from `now` (zero when expired).
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.expires_at
@@ -148,65 +128,23 @@ impl fmt::Debug for PendingAuth {
 
 #[cfg(test)]
 mod tests {
-    use secrecy::ExposeSecret;
-
     use super::*;
-
-    fn response(refresh: Option<&str>, expires_in: Option<u64>) -> TokenResponse {
-        TokenResponse {
-            access_token: "at-secret".into(),
-            refresh_token: refresh.map(SecretString::from),
-            token_type: None,
-            expires_in: expires_in.map(Duration::from_secs),
-        }
-    }
-
-    #[test]
-    fn keeps_the_previous_refresh_token_unless_a_new_one_arrives() {
-        let t0 = SystemTime::UNIX_EPOCH;
-        let old = SecretString::from("rt-old");
-        let kept = TokenSet::from_response(
-            response(None, Some(60)),
-            t0,
-            Duration::from_secs(1),
-            Some(&old),
-        );
-        assert_eq!(kept.refresh_token.unwrap().expose_secret(), "rt-old");
-        let rotated = TokenSet::from_response(
-            response(Some("rt-new"), Some(60)),
-            t0,
-            Duration::from_secs(1),
-            Some(&old),
-        );
-        assert_eq!(rotated.refresh_token.unwrap().expose_secret(), "rt-new");
-    }
-
-    #[test]
-    fn expiry_counts_from_the_request_and_defaults_when_absent() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let t = TokenSet::from_response(
-            response(None, Some(7200)),
-            t0,
-            Duration::from_secs(60),
-            None,
-        );
-        assert_eq!(t.expires_at, t0 + Duration::from_secs(7200));
-        assert_eq!(t.token_type, "Bearer");
-        assert_eq!(t.lifetime(), Duration::from_secs(7200));
-        let d = TokenSet::from_response(response(None, None), t0, Duration::from_secs(60), None);
-        assert_eq!(d.expires_at, t0 + Duration::from_secs(60));
-        assert_eq!(d.remaining(t0 + Duration::from_secs(90)), Duration::ZERO);
-    }
 
     #[test]
     fn debug_redacts() {
-        let t = TokenSet::from_response(
-            response(Some("rt-secret"), None),
-            SystemTime::UNIX_EPOCH,
-            Duration::from_secs(1),
-            None,
-        );
+        let t = TokenSet {
+            access_token: "at-secret".into(),
+            refresh_token: Some("rt-secret".into()),
+            token_type: DEFAULT_TOKEN_TYPE.into(),
+            issued_at: SystemTime::UNIX_EPOCH,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(60),
+        };
         let s = format!("{t:?}");
         assert!(!s.contains("at-secret") && !s.contains("rt-secret"), "{s}");
+        assert_eq!(t.lifetime(), Duration::from_secs(60));
+        assert_eq!(
+            t.remaining(SystemTime::UNIX_EPOCH + Duration::from_secs(90)),
+            Duration::ZERO
+        );
     }
 }

@@ -453,7 +453,7 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
         RefreshEventKind::NotPersisted
     );
     assert_eq!(app.broker.unpersisted_accounts(), vec![id("rot")]);
-    let scraped = credential_service::metrics::encode(&app.broker);
+    let scraped = credential_service::metrics::encode(&app.broker.account_gauges());
     assert!(
         scraped.contains("credential_accounts_unpersisted 1"),
         "{scraped}"
@@ -473,7 +473,7 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
     );
     assert!(app.broker.unpersisted_accounts().is_empty());
     assert!(
-        credential_service::metrics::encode(&app.broker)
+        credential_service::metrics::encode(&app.broker.account_gauges())
             .contains("credential_accounts_unpersisted 0")
     );
     let new = app.get_token("rot").await.unwrap().access_token;
