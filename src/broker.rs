@@ -43,7 +43,7 @@ use crate::{
     grant::{AuthCode, AuthState},
     metrics::AccountGauges,
     oauth::{Pkce, ProviderClient, TokenResponse, UpstreamError, random_token},
-    store::{Store, StoreError},
+    store::{Claim, Expected, Store, StoreError, Version},
     tokens::{AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, TokenSet},
 };
 
@@ -154,7 +154,7 @@ pub struct Broker {
 }
 
 struct Inner {
-    store: Store,
+    store: Arc<dyn Store>,
     provider: ProviderClient,
     clock: Clock,
     config: BrokerConfig,
@@ -184,6 +184,8 @@ struct Slot {
     write: tokio::sync::Mutex<()>,
     /// Set, under `write`, when the account is removed: a stale handle must not write it back.
     removed: AtomicBool,
+    /// The stored version of `record`, which the next write must name; changed only under `write`.
+    version: AtomicU64,
 }
 
 #[derive(Default)]
@@ -233,8 +235,8 @@ static NEXT_REFRESH_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Broker {
     /// Loads every stored account into memory.
-    pub fn new(
-        store: Store,
+    pub async fn new(
+        store: Arc<dyn Store>,
         provider: ProviderClient,
         clock: Clock,
         config: BrokerConfig,
@@ -251,8 +253,8 @@ impl Broker {
             events: broadcast::channel(16 * 1024).0,
             refreshes: tokio_util::task::TaskTracker::new(),
         });
-        for (id, record) in inner.store.load_accounts()? {
-            let slot = inner.new_slot(record);
+        for (id, stored) in inner.store.load_accounts().await? {
+            let slot = inner.new_slot(stored.record, stored.version);
             inner.accounts.insert(id, slot);
         }
         Ok(Self { inner })
@@ -301,7 +303,8 @@ impl Broker {
         let inner = &self.inner;
         let pending = inner
             .store
-            .take_pending(state)?
+            .take_pending(state)
+            .await?
             .ok_or(Error::UnknownState)?;
         let requested_at = inner.clock.now();
         if pending.expires_at <= requested_at {
@@ -358,16 +361,22 @@ impl Broker {
                 if slot.removed.load(Ordering::Acquire) {
                     continue; // removed while we waited: store it as a new account
                 }
-                inner.store.put_account(&pending.account, &record).await?;
+                let version = inner
+                    .store
+                    .put_account(&pending.account, &record, slot.expected())
+                    .await?;
                 // A new grant supersedes any failure, back-off or held-back refresh of the old one.
                 *slot.health() = Health::default();
-                inner.publish(&slot, record.clone());
+                inner.publish(&slot, record.clone(), version);
                 break;
             }
-            inner.store.put_account(&pending.account, &record).await?;
+            let version = inner
+                .store
+                .put_account(&pending.account, &record, Expected::Absent)
+                .await?;
             match inner.accounts.entry(pending.account.clone()) {
                 dashmap::Entry::Vacant(vacant) => {
-                    vacant.insert(inner.new_slot((*record).clone()));
+                    vacant.insert(inner.new_slot((*record).clone(), version));
                     break;
                 }
                 // Another CompleteAuth created it meanwhile: replace its record under its lock.
@@ -586,7 +595,10 @@ impl Broker {
                 Removal::RemovedWithoutRevocation
             }
         };
-        self.inner.store.delete_account(account).await?;
+        self.inner
+            .store
+            .delete_account(account, slot.version.load(Ordering::Acquire))
+            .await?;
         slot.removed.store(true, Ordering::Release);
         self.inner
             .accounts
@@ -605,7 +617,7 @@ impl Broker {
 }
 
 impl Inner {
-    fn new_slot(&self, record: AccountRecord) -> Arc<Slot> {
+    fn new_slot(&self, record: AccountRecord, version: Version) -> Arc<Slot> {
         let due = self.due_ms(&record);
         Arc::new(Slot {
             record: ArcSwap::from_pointee(record),
@@ -614,11 +626,14 @@ impl Inner {
             inflight: Mutex::new(None),
             write: tokio::sync::Mutex::new(()),
             removed: AtomicBool::new(false),
+            version: AtomicU64::new(version),
         })
     }
 
-    /// Makes `record` the one served (after it is stored) and schedules its background refresh.
-    fn publish(&self, slot: &Slot, record: Arc<AccountRecord>) {
+    /// Makes `record` (stored as `version`) the one served and schedules its background refresh.
+    /// Called under the slot's write lock, after the store accepted the record.
+    fn publish(&self, slot: &Slot, record: Arc<AccountRecord>, version: Version) {
+        slot.version.store(version, Ordering::Release);
         slot.due_ms.store(self.due_ms(&record), Ordering::Release);
         slot.record.store(record);
     }
@@ -771,6 +786,11 @@ impl Inner {
 }
 
 impl Slot {
+    /// What the next write of this account must replace.
+    fn expected(&self) -> Expected {
+        Expected::Version(self.version.load(Ordering::Acquire))
+    }
+
     fn health(&self) -> MutexGuard<'_, Health> {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -836,13 +856,13 @@ async fn refresh_task(
     // the live one.
     let held_back = slot.health().unpersisted.clone();
     if let Some(record) = held_back {
-        inner
+        let version = inner
             .store
-            .put_account(&account, &record)
+            .put_account(&account, &record, slot.expected())
             .await
             .map_err(store_failure)?;
         *slot.health() = Health::default();
-        inner.publish(&slot, record.clone());
+        inner.publish(&slot, record.clone(), version);
         tracing::info!("held-back token set stored; serving it");
         inner.emit(&account, RefreshEventKind::Refreshed);
         return Ok(record);
@@ -861,6 +881,24 @@ async fn refresh_task(
     }
     let Some(refresh_token) = current.tokens.refresh_token.clone() else {
         return Err(RefreshFailure::NeedsReauth);
+    };
+    // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the answer.
+    let claim = match inner
+        .store
+        .claim_refresh(&account, slot.version.load(Ordering::Acquire))
+        .await
+        .map_err(store_failure)?
+    {
+        Claim::Granted(claim) => claim,
+        Claim::Superseded(newer) => {
+            let record = Arc::new(newer.record);
+            inner.publish(&slot, record.clone(), newer.version);
+            return match record.status {
+                AccountStatus::Active => Ok(record),
+                AccountStatus::NeedsReauth => Err(RefreshFailure::NeedsReauth),
+            };
+        }
+        Claim::Gone => return Err(RefreshFailure::Removed),
     };
 
     let attempted_at = inner.clock.now();
@@ -892,14 +930,16 @@ async fn refresh_task(
                     }),
                     ..(*current).clone()
                 });
-                if let Err(e) = inner.store.put_account(&account, &kept).await {
-                    tracing::error!(error = %e, "rotated refresh token not stored; holding it back and retrying the write");
-                    slot.health().unpersisted = Some(kept);
-                    slot.due_ms.store(0, Ordering::Release);
-                    inner.emit(&account, RefreshEventKind::NotPersisted);
-                    return Err(RefreshFailure::Store);
+                match claim.commit(&kept).await {
+                    Ok(version) => inner.publish(&slot, kept.clone(), version),
+                    Err(e) => {
+                        tracing::error!(error = %e, "rotated refresh token not stored; holding it back and retrying the write");
+                        slot.health().unpersisted = Some(kept);
+                        slot.due_ms.store(0, Ordering::Release);
+                        inner.emit(&account, RefreshEventKind::NotPersisted);
+                        return Err(RefreshFailure::Store);
+                    }
                 }
-                inner.publish(&slot, kept.clone());
             }
             inner.note_failure(&slot, &kept, e.clone(), attempted_at);
             inner.emit(&account, RefreshEventKind::Failed);
@@ -914,15 +954,18 @@ async fn refresh_task(
                     outcome: RefreshOutcome::Succeeded,
                 }),
             });
-            if let Err(e) = inner.store.put_account(&account, &record).await {
-                tracing::error!(error = %e, "refreshed token set not stored; holding it back and retrying the write");
-                slot.health().unpersisted = Some(record);
-                slot.due_ms.store(0, Ordering::Release); // the scheduler retries the write at once
-                inner.emit(&account, RefreshEventKind::NotPersisted);
-                return Err(RefreshFailure::Store);
-            }
+            let version = match claim.commit(&record).await {
+                Ok(version) => version,
+                Err(e) => {
+                    tracing::error!(error = %e, "refreshed token set not stored; holding it back and retrying the write");
+                    slot.health().unpersisted = Some(record);
+                    slot.due_ms.store(0, Ordering::Release); // the scheduler retries the write at once
+                    inner.emit(&account, RefreshEventKind::NotPersisted);
+                    return Err(RefreshFailure::Store);
+                }
+            };
             *slot.health() = Health::default();
-            inner.publish(&slot, record.clone());
+            inner.publish(&slot, record.clone(), version);
             tracing::info!("access token refreshed");
             inner.emit(&account, RefreshEventKind::Refreshed);
             Ok(record)
@@ -936,12 +979,8 @@ async fn refresh_task(
                     outcome: RefreshOutcome::Failed,
                 }),
             });
-            inner
-                .store
-                .put_account(&account, &record)
-                .await
-                .map_err(store_failure)?;
-            inner.publish(&slot, record);
+            let version = claim.commit(&record).await.map_err(store_failure)?;
+            inner.publish(&slot, record, version);
             tracing::warn!(
                 "EdgeTag rejected the refresh token; the account needs re-authorization (BeginAuth)"
             );

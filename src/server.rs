@@ -3,7 +3,7 @@
 //! TLS, the optional HTTP listeners (browser callback, metrics), background upkeep, callers-file
 //! reload on SIGHUP and graceful shutdown.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
@@ -19,7 +19,7 @@ use crate::{
     proto::{self, credential_service_server::CredentialServiceServer},
     sealing::{KeyError, Keyring},
     service::CredentialApi,
-    store::{Store, StoreError},
+    store::{self as stores, Store, StoreError},
 };
 
 /// How long shutdown waits for open calls, and then for refreshes in flight, before it gives up on them.
@@ -96,22 +96,33 @@ pub async fn bind_http(
 pub struct App {
     config: ServiceConfig,
     clock: Clock,
-    store: Store,
+    store: Arc<dyn Store>,
     broker: Broker,
 }
 
 impl App {
     /// Loads the encryption keys, opens the store and loads every account into memory.
-    pub fn open(config: ServiceConfig, clock: Clock) -> Result<Self, ServeError> {
+    pub async fn open(config: ServiceConfig, clock: Clock) -> Result<Self, ServeError> {
+        Self::open_wrapped(config, clock, |store| store).await
+    }
+
+    /// [`App::open`], with the store passed through `wrap` first (tests wrap it in
+    /// [`stores::Faulty`] to make writes fail on demand).
+    pub async fn open_wrapped(
+        config: ServiceConfig,
+        clock: Clock,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> Result<Self, ServeError> {
         let keys = Keyring::load(&config.encryption, &config.data_dir)?;
-        let store = Store::open(&config.data_dir, keys)?;
+        let store = wrap(stores::open_sled(&config.data_dir, keys)?);
         let provider = ProviderClient::new(config.provider.clone())?;
         let broker = Broker::new(
             store.clone(),
             provider,
             clock.clone(),
             config.broker.clone(),
-        )?;
+        )
+        .await?;
         Ok(Self {
             config,
             clock,
@@ -124,7 +135,7 @@ impl App {
         &self.broker
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 }
@@ -143,7 +154,7 @@ pub async fn run(
         callback,
         metrics,
     };
-    serve(App::open(config, clock)?, listeners, shutdown).await
+    serve(App::open(config, clock).await?, listeners, shutdown).await
 }
 
 /// Serves on listeners the caller bound (port 0 in tests, or the ones `--dev` picked) until
@@ -271,7 +282,7 @@ pub async fn serve(
     {
         tracing::warn!("refreshes still running after the grace period; stopping without them");
     }
-    store.flush().await?;
+    drop(store); // the last handle closes the database (sled flushes a final time)
     served?;
     tracing::info!("stopped");
     Ok(())
@@ -297,13 +308,13 @@ async fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch
 }
 
 /// Deletes expired pending authorizations now and then; they could never complete anyway.
-async fn purge_pending(store: Store, clock: Clock, state_ttl: Duration) {
+async fn purge_pending(store: Arc<dyn Store>, clock: Clock, state_ttl: Duration) {
     let period = state_ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match store.purge_expired_pending(clock.now()) {
+        match store.purge_expired_pending(clock.now()).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "expired pending authorizations removed"),
             Err(e) => tracing::warn!(error = %e, "purging expired pending authorizations failed"),

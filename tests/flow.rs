@@ -444,7 +444,7 @@ async fn redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers() {
 async fn a_completion_the_disk_refuses_is_never_served() {
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("newcomer").await;
-    app.store.fail_writes(true);
+    app.faults.fail_writes(true);
     assert_status(app.complete(&code, &state).await, Code::Internal, "");
     assert_status(
         app.get_token("newcomer").await,
@@ -452,7 +452,7 @@ async fn a_completion_the_disk_refuses_is_never_served() {
         "not connected",
     );
     assert!(app.broker.list().is_empty(), "not even listed");
-    app.store.fail_writes(false);
+    app.faults.fail_writes(false);
     app.connect("newcomer").await;
     assert!(app.get_token("newcomer").await.is_ok());
 }

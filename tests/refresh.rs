@@ -437,7 +437,7 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
     let mut events_rx = app.broker.subscribe();
 
     app.clock.advance(2 * HOUR - 2 * MINUTE);
-    app.store.fail_writes(true);
+    app.faults.fail_writes(true);
     assert_eq!(
         app.get_token("rot").await.unwrap().access_token,
         old,
@@ -465,7 +465,7 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
     assert_status(app.get_token("rot").await, Code::Internal, "");
 
     // The disk recovers: the scheduler stores the held-back set, which then serves.
-    app.store.fail_writes(false);
+    app.faults.fail_writes(false);
     assert_eq!(app.broker.refresh_due().await, 1);
     assert_eq!(
         events(&mut events_rx, 1).await[0].kind,

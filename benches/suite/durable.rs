@@ -8,6 +8,7 @@ use credential_service::{
     broker::BrokerConfig,
     clock::Clock,
     proto::{BeginAuthRequest, CompleteAuthRequest, GetTokenRequest},
+    store::{Expected, Store},
 };
 use hdrhistogram::Histogram;
 
@@ -67,11 +68,14 @@ pub async fn run(env: &Env, ops: usize) -> Durable {
             fixture::random_token("etr_"),
         );
         let t = Instant::now();
-        store.put_account(&id, &record).await.unwrap();
+        store
+            .put_account(&id, &record, Expected::Absent)
+            .await
+            .unwrap();
         record_ns(&mut h, t);
     }
     drop(store);
-    rows.push(("Store::put_account (insert + group flush)", h));
+    rows.push(("SledStore::put_account (insert + group flush)", h));
 
     // CompleteAuth and refresh through gRPC, against the fake on loopback.
     let clock = Clock::manual();

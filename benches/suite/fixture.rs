@@ -19,7 +19,7 @@ use credential_service::{
     oauth::ProviderConfig,
     sealing::{EncryptionConfig, Keyring},
     server::{self, ServeError},
-    store::Store,
+    store::{Expected, SledStore, Store},
     tokens::{AccountRecord, TokenSet},
 };
 use futures::StreamExt;
@@ -184,9 +184,9 @@ pub fn service_config(
 }
 
 /// Opens a benchmark data directory's store with its key.
-pub fn open_store(data_dir: &Path) -> Store {
+pub fn open_store(data_dir: &Path) -> SledStore {
     let keys = Keyring::load(&encryption(data_dir), data_dir).expect("the key loads");
-    Store::open(data_dir, keys).expect("the store opens")
+    SledStore::open(data_dir, keys).expect("the store opens")
 }
 
 /// The fake EdgeTag on its own runtime, on `clock`.
@@ -250,7 +250,7 @@ pub async fn seed(
     futures::stream::iter(records)
         .map(|(id, record)| {
             let store = store.clone();
-            async move { store.put_account(&id, &record).await }
+            async move { store.put_account(&id, &record, Expected::Absent).await }
         })
         .buffer_unordered(1024)
         .for_each(|r| {
@@ -258,7 +258,6 @@ pub async fn seed(
             async {}
         })
         .await;
-    store.flush().await.expect("the seed flushes");
     drop(store); // closes the database before a server opens it
     started.elapsed()
 }

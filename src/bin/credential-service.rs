@@ -11,7 +11,7 @@ use credential_service::{
     dev,
     sealing::Keyring,
     server,
-    store::Store,
+    store::{SledStore, Store},
     telemetry,
 };
 
@@ -123,7 +123,7 @@ async fn main() -> ExitCode {
         callback,
         metrics,
     };
-    let app = match server::App::open(config, Clock::system()) {
+    let app = match server::App::open(config, Clock::system()).await {
         Ok(app) => app,
         Err(e) => return fail(e, 1),
     };
@@ -139,7 +139,7 @@ async fn rotate_keys(data_dir: PathBuf, keys: KeySettings) -> ExitCode {
         Err(e) => return fail(e, 2),
     };
     let current = keyring.current_id();
-    let store = match Store::open(&data_dir, keyring) {
+    let store = match SledStore::open(&data_dir, keyring) {
         Ok(s) => s,
         Err(e) => return fail(e, 1),
     };

@@ -17,7 +17,7 @@ use credential_service::{
     },
     sealing::{self, EncryptionConfig},
     server::{self, App, ServeError},
-    store::Store,
+    store::{Faults, Faulty},
 };
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -129,7 +129,8 @@ pub struct TestApp {
     pub fake: Arc<FakeEdgeTag>,
     pub clock: Clock,
     pub broker: Broker,
-    pub store: Store,
+    /// Makes the store's writes fail on demand.
+    pub faults: Faults,
     pub data_dir: Arc<TempDir>,
     pub options: Options,
     shutdown: Option<oneshot::Sender<()>>,
@@ -216,8 +217,13 @@ impl TestApp {
             metrics,
         };
         let (tx, rx) = oneshot::channel::<()>();
-        let app = App::open(config, clock.clone()).expect("the service opens");
-        let (broker, store) = (app.broker().clone(), app.store().clone());
+        let faults = Faults::default();
+        let app = App::open_wrapped(config, clock.clone(), |store| {
+            Arc::new(Faulty::new(store, faults.clone()))
+        })
+        .await
+        .expect("the service opens");
+        let broker = app.broker().clone();
         let server = tokio::spawn(server::serve(app, listeners, async {
             let _ = rx.await;
         }));
@@ -239,7 +245,7 @@ impl TestApp {
             fake,
             clock,
             broker,
-            store,
+            faults,
             data_dir,
             options,
             shutdown: Some(tx),

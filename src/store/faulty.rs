@@ -1,0 +1,153 @@
+//! A store wrapper for tests: writes fail while told to, and changes can be announced as if another
+//! process had made them. It replaces a test hook inside the real backends, so production code
+//! carries no switch that makes its writes fail.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::SystemTime,
+};
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::{
+    Change, Claim, Expected, RefreshClaim, Resealed, Store, StoreError, Version, Versioned,
+};
+use crate::{
+    account::AccountId,
+    tokens::{AccountRecord, PendingAuth},
+};
+
+/// The switches of a [`Faulty`] store, kept by the test; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Faults {
+    fail_writes: Arc<AtomicBool>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            fail_writes: Arc::default(),
+            changes: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl Faults {
+    /// Makes every following write (pending, account, claim commit) fail until called with `false`.
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Announces a change on [`Store::changes`], as another replica's commit would.
+    pub fn announce(&self, change: Change) {
+        let _ = self.changes.send(change);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match self.fail_writes.load(Ordering::SeqCst) {
+            true => Err(StoreError::InjectedFailure),
+            false => Ok(()),
+        }
+    }
+}
+
+/// Wraps a real store with [`Faults`].
+#[derive(Debug)]
+pub struct Faulty {
+    inner: Arc<dyn Store>,
+    faults: Faults,
+}
+
+impl Faulty {
+    pub fn new(inner: Arc<dyn Store>, faults: Faults) -> Self {
+        Self { inner, faults }
+    }
+}
+
+#[async_trait]
+impl Store for Faulty {
+    async fn put_pending(&self, state: &str, pending: &PendingAuth) -> Result<(), StoreError> {
+        self.faults.check()?;
+        self.inner.put_pending(state, pending).await
+    }
+
+    async fn take_pending(&self, state: &str) -> Result<Option<PendingAuth>, StoreError> {
+        self.inner.take_pending(state).await
+    }
+
+    async fn purge_expired_pending(&self, now: SystemTime) -> Result<usize, StoreError> {
+        self.inner.purge_expired_pending(now).await
+    }
+
+    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
+        self.inner.load_accounts().await
+    }
+
+    async fn load_account(&self, account: &AccountId) -> Result<Option<Versioned>, StoreError> {
+        self.inner.load_account(account).await
+    }
+
+    async fn put_account(
+        &self,
+        account: &AccountId,
+        record: &AccountRecord,
+        expected: Expected,
+    ) -> Result<Version, StoreError> {
+        self.faults.check()?;
+        self.inner.put_account(account, record, expected).await
+    }
+
+    async fn delete_account(
+        &self,
+        account: &AccountId,
+        expected: Version,
+    ) -> Result<(), StoreError> {
+        self.faults.check()?;
+        self.inner.delete_account(account, expected).await
+    }
+
+    async fn claim_refresh(&self, account: &AccountId, seen: Version) -> Result<Claim, StoreError> {
+        Ok(match self.inner.claim_refresh(account, seen).await? {
+            Claim::Granted(claim) => Claim::Granted(Box::new(FaultyClaim {
+                inner: claim,
+                faults: self.faults.clone(),
+            })),
+            other => other,
+        })
+    }
+
+    fn changes(&self) -> BoxStream<'static, Change> {
+        let announced = BroadcastStream::new(self.faults.changes.subscribe())
+            .map(|c| c.unwrap_or(Change::Resync)); // lagged: changes were missed
+        futures::stream::select(self.inner.changes(), announced).boxed()
+    }
+
+    async fn reseal_all(&self) -> Result<Resealed, StoreError> {
+        self.faults.check()?;
+        self.inner.reseal_all().await
+    }
+}
+
+struct FaultyClaim {
+    inner: Box<dyn RefreshClaim>,
+    faults: Faults,
+}
+
+#[async_trait]
+impl RefreshClaim for FaultyClaim {
+    fn version(&self) -> Version {
+        self.inner.version()
+    }
+
+    async fn commit(self: Box<Self>, record: &AccountRecord) -> Result<Version, StoreError> {
+        self.faults.check()?;
+        self.inner.commit(record).await
+    }
+}

@@ -1,0 +1,189 @@
+//! Durable state behind one interface: pending authorizations and versioned account records.
+//!
+//! The broker sees only [`Store`], so a networked backend can sit beside the embedded one:
+//! - [`SledStore`] ([`sled`](self::sled)): the embedded default, one process per data directory;
+//! - [`codec`]: the sealed-record format every backend writes, so a database sees account names and
+//!   ciphertext only;
+//! - [`Faulty`]: a wrapper that makes writes fail or announces changes on demand, so tests can prove
+//!   that the service fails closed and follows other writers; production never builds one.
+//!
+//! The surface is what a networked backend needs. A write returns once it is durable (there is no
+//! separate flush). Account writes name the version they replace ([`Expected`]), so a writer that
+//! lost a race is refused with [`StoreError::Conflict`] instead of overwriting. A refresh first
+//! claims the account ([`Store::claim_refresh`]): granted at once on sled, a row lock on a shared
+//! database, and answered with the newer record when another process refreshed meanwhile. Changes
+//! made by other processes arrive on [`Store::changes`] (never, on sled).
+//!
+//! `Arc<dyn Store>` rather than an enum or a type parameter: every call already costs an fsync or a
+//! network round trip, so dynamic dispatch costs nothing that matters, and no type parameter spreads
+//! through the broker and the server. GetToken's hot path never calls the store.
+
+pub mod codec;
+#[cfg(test)]
+pub(crate) mod contract;
+mod faulty;
+mod sled;
+
+use std::{fmt, io, path::PathBuf, sync::Arc, time::SystemTime};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::{
+    account::AccountId,
+    tokens::{AccountRecord, PendingAuth},
+};
+
+pub use self::{
+    faulty::{Faults, Faulty},
+    sled::SledStore,
+};
+
+/// Each successful write of an account makes its version one higher; 0 is never stored.
+pub type Version = u64;
+
+/// An account record as stored, with the version the next write must name.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub version: Version,
+    pub record: AccountRecord,
+}
+
+/// What an account write expects to replace: the optimistic check that fences a writer who lost a
+/// race (to another process, or to an operator's RemoveAccount).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// No record: a new account.
+    Absent,
+    /// The record at exactly this version.
+    Version(Version),
+}
+
+/// A change another process made, for the broker to reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The account's record is now at `version`, or gone (`None`).
+    Account {
+        account: AccountId,
+        version: Option<Version>,
+    },
+    /// Changes may have been missed (a lost connection): reload everything.
+    Resync,
+}
+
+/// The answer to [`Store::claim_refresh`].
+pub enum Claim {
+    /// This process may refresh; the new record is written through the claim.
+    Granted(Box<dyn RefreshClaim>),
+    /// Another process refreshed since the version this one judged stale: take its record, make
+    /// no upstream call.
+    Superseded(Versioned),
+    /// The account was removed.
+    Gone,
+}
+
+impl fmt::Debug for Claim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Granted(_) => f.write_str("Granted"),
+            Self::Superseded(v) => write!(f, "Superseded(version {})", v.version),
+            Self::Gone => f.write_str("Gone"),
+        }
+    }
+}
+
+/// The right to refresh one account, held from the claim until the new record is written or the
+/// claim is dropped (which releases it without writing).
+#[async_trait]
+pub trait RefreshClaim: Send {
+    /// The version claimed; the commit replaces exactly it.
+    fn version(&self) -> Version;
+
+    /// Writes the refreshed record (durably, fenced on the claimed version), then releases the
+    /// claim. Returns the new version.
+    async fn commit(self: Box<Self>, record: &AccountRecord) -> Result<Version, StoreError>;
+}
+
+/// Durable state for the broker. Every write returns once it is durable.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Records a pending authorization under `state` (stored as a hash).
+    async fn put_pending(&self, state: &str, pending: &PendingAuth) -> Result<(), StoreError>;
+
+    /// Removes and returns the pending authorization for `state`, atomically: of any number of
+    /// concurrent callers, in any number of processes, at most one gets it.
+    async fn take_pending(&self, state: &str) -> Result<Option<PendingAuth>, StoreError>;
+
+    /// Deletes pending authorizations that expired before `now`; returns how many.
+    async fn purge_expired_pending(&self, now: SystemTime) -> Result<usize, StoreError>;
+
+    /// Every stored account, for the in-memory cache at start-up and after a resync.
+    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError>;
+
+    /// One account, for reloading what another process changed.
+    async fn load_account(&self, account: &AccountId) -> Result<Option<Versioned>, StoreError>;
+
+    /// Writes an account's record if the stored one is what `expected` says; returns the new
+    /// version, or [`StoreError::Conflict`] and changes nothing.
+    async fn put_account(
+        &self,
+        account: &AccountId,
+        record: &AccountRecord,
+        expected: Expected,
+    ) -> Result<Version, StoreError>;
+
+    /// Deletes an account's record if it is at `expected`; deleting a missing one is a no-op.
+    async fn delete_account(
+        &self,
+        account: &AccountId,
+        expected: Version,
+    ) -> Result<(), StoreError>;
+
+    /// Claims the right to refresh `account`, whose record this process last saw at `seen`.
+    async fn claim_refresh(&self, account: &AccountId, seen: Version) -> Result<Claim, StoreError>;
+
+    /// Changes made by other processes, in order. A backend with a single writer never yields.
+    fn changes(&self) -> BoxStream<'static, Change>;
+
+    /// Re-seals every record not sealed with the current key (`credential-service rotate-keys`).
+    async fn reseal_all(&self) -> Result<Resealed, StoreError>;
+}
+
+/// What [`Store::reseal_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resealed {
+    /// Records that were sealed with a previous key and now are with the current one.
+    pub resealed: usize,
+    /// Records already sealed with the current key.
+    pub current: usize,
+}
+
+/// Why the store could not do what was asked. Messages name paths and causes, never record contents.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the data directory {0} is in use by another credential-service process (sled allows one writer); \
+         stop it or choose another --data-dir"
+    )]
+    Locked(PathBuf),
+    #[error("cannot create the data directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("sled: {0}")]
+    Sled(#[from] ::sled::Error),
+    #[error("a stored {tree} record cannot be decoded: {reason}")]
+    Corrupt { tree: &'static str, reason: String },
+    #[error("the flusher thread has stopped")]
+    FlusherGone,
+    #[error("account {0} was changed by another writer; reload it and decide again")]
+    Conflict(AccountId),
+    #[error("writes are failing on purpose (test fault injection)")]
+    InjectedFailure,
+}
+
+/// Opens the embedded default store.
+pub fn open_sled(
+    dir: &std::path::Path,
+    keys: crate::sealing::Keyring,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(SledStore::open(dir, keys)?))
+}

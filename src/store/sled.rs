@@ -1,0 +1,445 @@
+//! The embedded default: an sled database in the data directory, one process at a time.
+//!
+//! Two trees: `pending` (SHA-256 of the state → sealed pending record) and `accounts` (account →
+//! sealed, versioned record), both in the [`codec`](super::codec) format. Every write waits for a
+//! flush that started after it; flushes are batched by one flusher thread (group commit), which also
+//! sidesteps sled 0.34's `flush_async` hang under concurrency (spacejam/sled#1308). Versions are
+//! fenced with sled's compare-and-swap on the sealed bytes, which are unique per write (random
+//! nonce), so a swap succeeds only over exactly the record that was read.
+
+use std::{
+    fmt, io,
+    path::Path,
+    sync::{Arc, mpsc},
+    time::SystemTime,
+};
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
+use tokio::sync::oneshot;
+
+use super::{
+    Change, Claim, Expected, RefreshClaim, Resealed, Store, StoreError, Version, Versioned,
+    codec::{ACCOUNTS, Codec, PENDING, Resealing, state_key},
+};
+use crate::{
+    account::AccountId,
+    sealing::Keyring,
+    tokens::{AccountRecord, PendingAuth},
+};
+
+/// sled's page cache; the default (1 GiB) is far more than a few hundred thousand small records need.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A cheap-to-clone handle on the database.
+#[derive(Clone)]
+pub struct SledStore {
+    pending: sled::Tree,
+    accounts: sled::Tree,
+    codec: Codec,
+    flusher: Arc<Flusher>,
+}
+
+impl fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates, mode 0700, files 0600) the database in `dir`, sealing and opening
+    /// records with `keys`. Fails fast when another process holds it.
+    pub fn open(dir: &Path, keys: Keyring) -> Result<Self, StoreError> {
+        create_private_dir(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(dir.to_owned())
+                }
+                other => StoreError::Sled(other),
+            })?;
+        private_files(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let pending = db.open_tree(PENDING)?;
+        let accounts = db.open_tree(ACCOUNTS)?;
+        let flusher = Arc::new(Flusher::start(db.clone()));
+        Ok(Self {
+            pending,
+            accounts,
+            codec: Codec::new(keys),
+            flusher,
+        })
+    }
+
+    /// Waits until everything written so far is durable.
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.flusher.flush().await
+    }
+
+    fn current(&self, account: &AccountId) -> Result<Option<(sled::IVec, Versioned)>, StoreError> {
+        let Some(bytes) = self.accounts.get(account.as_str())? else {
+            return Ok(None);
+        };
+        let (_, versioned) = self
+            .codec
+            .open_account(account.as_str().as_bytes(), &bytes)?;
+        Ok(Some((bytes, versioned)))
+    }
+
+    /// The compare-and-swap behind every account write: replaces exactly the record `expected`
+    /// names, or nothing.
+    fn swap_account(
+        &self,
+        account: &AccountId,
+        expected: Expected,
+        new: Option<(&AccountRecord, Version)>,
+    ) -> Result<(), StoreError> {
+        let old = match (expected, self.current(account)?) {
+            (Expected::Absent, None) => None,
+            (Expected::Version(v), Some((bytes, stored))) if stored.version == v => Some(bytes),
+            _ => return Err(StoreError::Conflict(account.clone())),
+        };
+        let sealed = new.map(|(record, version)| self.codec.seal_account(account, record, version));
+        self.accounts
+            .compare_and_swap(account.as_str(), old, sealed)?
+            .map_err(|_| StoreError::Conflict(account.clone()))
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn put_pending(&self, state: &str, pending: &PendingAuth) -> Result<(), StoreError> {
+        let key = state_key(state);
+        self.pending
+            .insert(key, self.codec.seal_pending(&key, pending))?;
+        self.flush().await
+    }
+
+    /// The removal is not flushed: if it is lost in a crash, the provider still refuses the
+    /// already used code.
+    async fn take_pending(&self, state: &str) -> Result<Option<PendingAuth>, StoreError> {
+        let key = state_key(state);
+        let Some(bytes) = self.pending.remove(key)? else {
+            return Ok(None);
+        };
+        self.codec.open_pending(&key, &bytes).map(Some)
+    }
+
+    async fn purge_expired_pending(&self, now: SystemTime) -> Result<usize, StoreError> {
+        let mut purged = 0;
+        for item in self.pending.iter() {
+            let (key, bytes) = item?;
+            // Compare-and-swap so a record replaced meanwhile is not removed by mistake.
+            if self.codec.pending_expired(&key, &bytes, now)
+                && self
+                    .pending
+                    .compare_and_swap(&key, Some(bytes), None::<&[u8]>)?
+                    .is_ok()
+            {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
+        self.accounts
+            .iter()
+            .map(|item| {
+                let (key, bytes) = item?;
+                self.codec.open_account(&key, &bytes)
+            })
+            .collect()
+    }
+
+    async fn load_account(&self, account: &AccountId) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.current(account)?.map(|(_, v)| v))
+    }
+
+    async fn put_account(
+        &self,
+        account: &AccountId,
+        record: &AccountRecord,
+        expected: Expected,
+    ) -> Result<Version, StoreError> {
+        let version = match expected {
+            Expected::Absent => 1,
+            Expected::Version(v) => v + 1,
+        };
+        self.swap_account(account, expected, Some((record, version)))?;
+        self.flush().await?;
+        Ok(version)
+    }
+
+    async fn delete_account(
+        &self,
+        account: &AccountId,
+        expected: Version,
+    ) -> Result<(), StoreError> {
+        if self.current(account)?.is_none() {
+            return Ok(());
+        }
+        self.swap_account(account, Expected::Version(expected), None)?;
+        self.flush().await
+    }
+
+    /// One process per directory: the claim is always granted unless the record moved on (which
+    /// only this process can have done) or went away.
+    async fn claim_refresh(&self, account: &AccountId, seen: Version) -> Result<Claim, StoreError> {
+        Ok(match self.current(account)? {
+            None => Claim::Gone,
+            Some((_, stored)) if stored.version != seen => Claim::Superseded(stored),
+            Some(_) => Claim::Granted(Box::new(SledClaim {
+                store: self.clone(),
+                account: account.clone(),
+                version: seen,
+            })),
+        })
+    }
+
+    fn changes(&self) -> BoxStream<'static, Change> {
+        futures::stream::pending().boxed()
+    }
+
+    /// Run while the service is stopped (sled allows one process); a record that opens with no
+    /// loaded key stops it.
+    async fn reseal_all(&self) -> Result<Resealed, StoreError> {
+        let mut done = Resealed::default();
+        for (name, tree) in [(PENDING, &self.pending), (ACCOUNTS, &self.accounts)] {
+            for item in tree.iter() {
+                let (key, bytes) = item?;
+                match self.codec.reseal(name, &key, &bytes)? {
+                    Resealing::Current => done.current += 1,
+                    // Compare-and-swap: never overwrite a record written meanwhile.
+                    Resealing::Resealed(sealed) => {
+                        if tree
+                            .compare_and_swap(&key, Some(bytes), Some(sealed))?
+                            .is_ok()
+                        {
+                            done.resealed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.flush().await?;
+        Ok(done)
+    }
+}
+
+struct SledClaim {
+    store: SledStore,
+    account: AccountId,
+    version: Version,
+}
+
+#[async_trait]
+impl RefreshClaim for SledClaim {
+    fn version(&self) -> Version {
+        self.version
+    }
+
+    async fn commit(self: Box<Self>, record: &AccountRecord) -> Result<Version, StoreError> {
+        self.store
+            .put_account(&self.account, record, Expected::Version(self.version))
+            .await
+    }
+}
+
+/// Tightens what sled created to owner-only (its files hold sealed secrets; the directory is
+/// already 0700, this is depth in defence), and the process umask to 0077, so files sled
+/// creates later (snapshots, blobs) are born private.
+#[cfg(unix)]
+fn private_files(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let mode = if entry.file_type()?.is_dir() {
+            private_files(&entry.path())?;
+            0o700
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn private_files(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // An existing directory keeps its mode unless we tighten it.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
+
+/// Group commit: callers enqueue a waiter after their write; the thread flushes once for every
+/// waiter it has collected, so a burst of N writes costs far fewer than N fsyncs. When the last
+/// [`SledStore`] handle goes, the thread flushes a final time and the database closes before the drop
+/// returns, so a restart in the same process finds the directory free.
+struct Flusher {
+    tx: Option<mpsc::Sender<FlushWaiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type FlushWaiter = oneshot::Sender<Result<(), Arc<sled::Error>>>;
+
+impl Flusher {
+    fn start(db: sled::Db) -> Self {
+        let (tx, rx) = mpsc::channel::<FlushWaiter>();
+        let thread = std::thread::Builder::new()
+            .name("sled-flusher".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let waiters: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
+                    let result = db.flush().map(drop).map_err(Arc::new);
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
+                }
+                if let Err(e) = db.flush() {
+                    tracing::error!(error = %e, "final flush failed");
+                }
+            })
+            .expect("spawning the flusher thread");
+        Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        let tx = self.tx.as_ref().ok_or(StoreError::FlusherGone)?;
+        tx.send(done).map_err(|_| StoreError::FlusherGone)?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Sled(clone_sled_error(&e))),
+            Err(_) => Err(StoreError::FlusherGone),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn clone_sled_error(e: &sled::Error) -> sled::Error {
+    match e {
+        sled::Error::Io(io) => sled::Error::Io(io::Error::new(io.kind(), io.to_string())),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::{Backend, contract_tests, record};
+
+    /// A fresh data directory; every open is a new handle on it.
+    struct SledBackend(tempfile::TempDir);
+
+    impl SledBackend {
+        fn new() -> Self {
+            Self(tempfile::tempdir().unwrap())
+        }
+    }
+
+    #[async_trait]
+    impl Backend for SledBackend {
+        async fn open(&self, keys: Keyring) -> Arc<dyn Store> {
+            Arc::new(SledStore::open(self.0.path(), keys).unwrap())
+        }
+    }
+
+    contract_tests!(SledBackend::new());
+
+    #[test]
+    fn a_second_process_on_the_same_directory_is_refused_clearly() {
+        // sled's lock is per process (fcntl), so a second open here would succeed; the refusal
+        // across processes is tested in tests/process.rs with the real binary. Here: the message.
+        let e = StoreError::Locked("/var/lib/x".into());
+        assert!(
+            e.to_string()
+                .contains("in use by another credential-service process")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_data_directory_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = SledStore::open(&data, Keyring::ephemeral()).unwrap();
+        store
+            .put_account(
+                &AccountId::parse("acme").unwrap(),
+                &record("at", None),
+                Expected::Absent,
+            )
+            .await
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        let mut files = 0;
+        for entry in std::fs::read_dir(&data).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                files += 1;
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
+        assert!(files >= 2, "sled's conf and db files were checked");
+    }
+
+    #[tokio::test]
+    async fn records_moved_to_another_account_do_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keyring::ephemeral();
+        {
+            let store = SledStore::open(dir.path(), keys.clone()).unwrap();
+            for (name, token) in [("acme", "at-acme"), ("globex", "at-globex")] {
+                let id = AccountId::parse(name).unwrap();
+                store
+                    .put_account(&id, &record(token, Some("rt")), Expected::Absent)
+                    .await
+                    .unwrap();
+            }
+            let acme = store.accounts.get("acme").unwrap().unwrap();
+            let globex = store.accounts.get("globex").unwrap().unwrap();
+            store.accounts.insert("acme", globex).unwrap();
+            store.accounts.insert("globex", acme).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledStore::open(dir.path(), keys).unwrap();
+        let e = store.load_accounts().await.unwrap_err().to_string();
+        assert!(e.contains("does not open"), "{e}");
+    }
+}
