@@ -160,7 +160,8 @@ fn failed(e: Error) -> Response {
         | Error::UnknownAccount(_)
         | Error::NeedsReauth(_)
         | Error::TokenExpired { .. }
-        | Error::ValidityNotReached(_) => {
+        | Error::ValidityNotReached(_)
+        | Error::MinValidityTooLong { .. } => {
             tracing::error!(error = %e, "browser callback failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,

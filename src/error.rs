@@ -45,6 +45,10 @@ pub enum Error {
         account: AccountId,
         cause: UpstreamError,
     },
+    #[error(
+        "min_validity is longer than a freshly issued EdgeTag token covers before its refresh margin; ask for at most {longest:?}"
+    )]
+    MinValidityTooLong { longest: std::time::Duration },
     #[error("no token valid for the requested time could be obtained for account {0}; retry later")]
     ValidityNotReached(AccountId),
     #[error("internal error: storage")]
@@ -63,7 +67,9 @@ impl Error {
     /// The gRPC code this error is answered with (also what audit events and metrics record).
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidAccount(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidAccount(_)
+            | Error::InvalidArgument(_)
+            | Error::MinValidityTooLong { .. } => Code::InvalidArgument,
             Error::UnknownAccount(_) | Error::UnknownState => Code::NotFound,
             Error::CodeRejected(_) | Error::NeedsReauth(_) => Code::FailedPrecondition,
             // Distinct from a rejected code: nothing the caller sends can fix it, only the operator.
@@ -121,6 +127,12 @@ mod tests {
                 Code::Unavailable,
             ),
             (Error::ValidityNotReached(acme), Code::Unavailable),
+            (
+                Error::MinValidityTooLong {
+                    longest: std::time::Duration::from_secs(6900),
+                },
+                Code::InvalidArgument,
+            ),
             (Error::Store(StoreError::FlusherGone), Code::Internal),
             (Error::Internal("refresh task panicked"), Code::Internal),
         ];

@@ -216,7 +216,7 @@ pub async fn serve(
         let router = metrics::router(move || gauges.account_gauges());
         http.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
     }
-    let scheduler = tokio::spawn(broker.clone().run_scheduler());
+    let scheduler = tokio::spawn(broker.clone().run());
     let api = CredentialServiceServer::new(CredentialApi::new(broker.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 

@@ -261,7 +261,9 @@ async fn invalid_input_is_invalid_argument_with_the_rule() {
 }
 
 #[tokio::test]
-async fn a_rejected_code_uses_up_the_state() {
+async fn a_rejected_code_leaves_the_state_for_the_real_one_and_one_exchange_wins() {
+    // A made-up code sent with someone's state must not cancel their pending approval: the
+    // state stays usable until it expires, and still only one exchange ever succeeds.
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("acme").await;
     app.fake.push_faults([Fault::InvalidGrant]);
@@ -270,6 +272,7 @@ async fn a_rejected_code_uses_up_the_state() {
         Code::FailedPrecondition,
         "rejected the authorization code",
     );
+    assert_eq!(app.complete(&code, &state).await.unwrap().account, "acme");
     assert_status(
         app.complete(&code, &state).await,
         Code::NotFound,

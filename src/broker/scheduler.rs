@@ -4,14 +4,15 @@
 //! published: 20% of the lifetime left, plus jitter) has passed, oldest first, and starts their
 //! refreshes through the same single flight callers use. At most `upstream_concurrency` background
 //! refreshes run at once, so 10,000 accounts expiring together cannot flood EdgeTag, and callers'
-//! own refreshes never queue behind the whole wave. Time comes from the broker's [`Clock`], so
+//! own refreshes never queue behind the whole wave. Time comes from the broker's clock, so
 //! tests move it instead of sleeping; accounts backing off after a failure are skipped until their
-//! back-off ends, and held-back token sets (a failed write) are retried on every scan.
+//! back-off ends (or until EdgeTag answers another refresh, which ends transient back-offs and wakes
+//! the scan at once), and held-back token sets (a failed write) are retried on every scan.
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use super::{Broker, Clock, to_unix_ms};
-use crate::tokens::AccountStatus;
+use super::{Broker, refresh::Trigger};
+use crate::{clock::to_unix_ms, tokens::AccountStatus};
 
 impl Broker {
     /// Runs the scheduler until the task is dropped or aborted.
@@ -25,7 +26,10 @@ impl Broker {
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.inner.wake_scheduler.notified() => {}
+            }
             self.refresh_due().await;
         }
     }
@@ -66,7 +70,11 @@ impl Broker {
             let lag_ms = to_unix_ms(inner.clock.now()).saturating_sub(due_ms);
             crate::metrics::record_refresh_lag(Duration::from_millis(lag_ms.max(0).unsigned_abs()));
             tracing::debug!(account = %account, lag_ms, "background refresh");
-            let refresh = inner.start_refresh(&account, &slot, current.tokens.clone());
+            let Some(refresh) =
+                inner.start_refresh(&account, &slot, current.tokens.clone(), Trigger::Background)
+            else {
+                continue; // only callers are ever refused
+            };
             tokio::spawn(async move {
                 let _ = refresh.await;
                 drop(permit);
@@ -74,10 +82,5 @@ impl Broker {
             started += 1;
         }
         started
-    }
-
-    /// The clock the broker decides expiry by (tests share it with the fake provider).
-    pub fn clock(&self) -> &Clock {
-        &self.inner.clock
     }
 }

@@ -1,0 +1,184 @@
+//! Following other processes: when a shared store reports that another process changed an account
+//! (a refresh, a new CompleteAuth, a removal), the slot is reloaded from the store, so memory
+//! follows the database. A record replaces the one in memory only when its version is newer; a
+//! resync reloads everything. On sled no change ever arrives.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use futures::StreamExt;
+
+use super::{Broker, slot::Health};
+use crate::{
+    account::AccountId,
+    store::{Change, StoreError, Versioned},
+};
+
+impl Broker {
+    /// Applies the store's change notifications until the stream ends (or the task is aborted).
+    pub(super) async fn follow_changes(self) {
+        let mut changes = self.inner.store.changes();
+        while let Some(change) = changes.next().await {
+            let applied = match &change {
+                Change::Account { account, .. } => self.reload(account).await,
+                Change::Resync => self.resync().await,
+            };
+            if let Err(e) = applied {
+                tracing::warn!(error = %e, change = ?change, "could not apply a change from the store; the next resync will");
+            }
+        }
+    }
+
+    /// Makes memory match the store for one account.
+    pub(super) async fn reload(&self, account: &AccountId) -> Result<(), StoreError> {
+        let stored = self.inner.store.load_account(account).await?;
+        self.apply(account, stored).await;
+        Ok(())
+    }
+
+    /// Makes memory match the store for every account.
+    async fn resync(&self) -> Result<(), StoreError> {
+        let stored = self.inner.store.load_accounts().await?;
+        let mut gone: std::collections::HashSet<AccountId> = self
+            .inner
+            .accounts
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        for (account, versioned) in stored {
+            gone.remove(&account);
+            self.apply(&account, Some(versioned)).await;
+        }
+        for account in gone {
+            self.apply(&account, None).await;
+        }
+        Ok(())
+    }
+
+    /// Takes `stored` (or its absence) as the truth for `account` unless memory is already as new.
+    async fn apply(&self, account: &AccountId, stored: Option<Versioned>) {
+        let inner = &self.inner;
+        let slot = inner.accounts.get(account).map(|s| s.value().clone());
+        match (slot, stored) {
+            (None, None) => {}
+            (None, Some(v)) => {
+                inner
+                    .accounts
+                    .entry(account.clone())
+                    .or_insert_with(|| inner.new_slot(v.record, v.version));
+            }
+            (Some(slot), stored) => {
+                let _write = slot.write.lock().await;
+                if slot.removed.load(Ordering::Acquire) {
+                    return;
+                }
+                match stored {
+                    Some(v) if v.version > slot.version.load(Ordering::Acquire) => {
+                        // Another process wrote it: its state replaces ours, back-off included.
+                        *slot.health() = Health::default();
+                        inner.publish(&slot, Arc::new(v.record), v.version);
+                    }
+                    Some(_) => {}
+                    None => {
+                        slot.removed.store(true, Ordering::Release);
+                        inner
+                            .accounts
+                            .remove_if(account, |_, s| Arc::ptr_eq(s, &slot));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use secrecy::ExposeSecret;
+
+    use super::*;
+    use crate::{
+        broker::BrokerConfig,
+        clock::Clock,
+        oauth::{ProviderClient, ProviderConfig},
+        sealing::Keyring,
+        store::{Expected, Faults, Faulty, SledStore, Store, contract::record},
+    };
+
+    fn provider() -> ProviderClient {
+        let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
+        ProviderClient::new(ProviderConfig {
+            authorize_url: url("authorize"),
+            token_url: url("token"),
+            revoke_url: url("revoke"),
+            client_id: "client".into(),
+            client_secret: "secret".into(),
+            redirect_uri: url("callback"),
+            scope: "full".into(),
+            request_timeout: Duration::from_secs(1),
+            default_token_lifetime: Duration::from_secs(7200),
+            send_redirect_uri: false,
+        })
+        .unwrap()
+    }
+
+    /// What another replica does to a shared store, seen by this broker only through the change
+    /// stream: a new account, a refresh, a removal.
+    #[tokio::test]
+    async fn memory_follows_changes_made_by_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared: Arc<dyn Store> =
+            Arc::new(SledStore::open(dir.path(), Keyring::ephemeral()).unwrap());
+        let faults = Faults::default();
+        let store = Arc::new(Faulty::new(shared.clone(), faults.clone()));
+        let broker = Broker::new(store, provider(), Clock::manual(), BrokerConfig::default())
+            .await
+            .unwrap();
+        tokio::spawn(broker.clone().follow_changes());
+        let acme = AccountId::parse("acme").unwrap();
+        let served = |b: &Broker| {
+            b.describe(&acme)
+                .map(|r| r.tokens.access_token.expose_secret().to_owned())
+                .ok()
+        };
+        let until = async |b: &Broker, want: Option<&str>| {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while served(b).as_deref() != want {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the change is applied");
+        };
+
+        let v1 = shared
+            .put_account(&acme, &record("at-1", Some("rt")), Expected::Absent)
+            .await
+            .unwrap();
+        assert_eq!(
+            served(&broker),
+            None,
+            "nothing is known before the change arrives"
+        );
+        faults.announce(Change::Account {
+            account: acme.clone(),
+            version: Some(v1),
+        });
+        until(&broker, Some("at-1")).await;
+
+        let v2 = shared
+            .put_account(&acme, &record("at-2", Some("rt")), Expected::Version(v1))
+            .await
+            .unwrap();
+        faults.announce(Change::Account {
+            account: acme.clone(),
+            version: Some(v2),
+        });
+        until(&broker, Some("at-2")).await;
+
+        shared.delete_account(&acme, v2).await.unwrap();
+        faults.announce(Change::Resync);
+        until(&broker, None).await;
+        assert_eq!(broker.account_count(), 0);
+    }
+}

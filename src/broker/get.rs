@@ -1,0 +1,118 @@
+//! GetToken: from memory when the token is fresh enough, through the single flight when not, and
+//! one answer per cause when no refresh can help.
+
+use std::{sync::Arc, time::Duration};
+
+use super::{Broker, RefreshFailure, policy, refresh::Trigger, slot::Slot};
+use crate::{
+    account::AccountId,
+    error::Error,
+    metrics,
+    tokens::{AccountRecord, AccountStatus, TokenSet},
+};
+
+impl Broker {
+    /// A token for `account` valid for at least `min_validity` (and, unless the provider is down,
+    /// beyond the refresh margin). Answered from memory unless a refresh is due.
+    pub async fn get_token(
+        &self,
+        account: &AccountId,
+        min_validity: Duration,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let slot = self.slot(account)?;
+        let record = slot.record.load();
+        if record.status == AccountStatus::Active
+            && self.inner.fresh_enough(&record.tokens, min_validity)
+        {
+            return Ok(Arc::clone(&record.tokens));
+        }
+        // What was judged too old is what the refresh must replace; a record published since
+        // then is taken as the answer instead of refreshing again.
+        let seen = arc_swap::Guard::into_inner(record);
+        self.get_token_slow(account, &slot, min_validity, seen)
+            .await
+    }
+
+    async fn get_token_slow(
+        &self,
+        account: &AccountId,
+        slot: &Arc<Slot>,
+        min_validity: Duration,
+        mut seen: Arc<AccountRecord>,
+    ) -> Result<Arc<TokenSet>, Error> {
+        let inner = &self.inner;
+        if seen.status == AccountStatus::NeedsReauth {
+            return Err(Error::NeedsReauth(account.clone()));
+        }
+        let longest = policy::max_min_validity(seen.tokens.lifetime(), inner.margin(&seen.tokens));
+        if min_validity > longest {
+            return Err(Error::MinValidityTooLong { longest });
+        }
+        // Two rounds at most: a refresh started for someone with a shorter need may not satisfy ours.
+        for _ in 0..2 {
+            let backing_off = slot.backing_off(inner.clock.now());
+            if let Some(failure) = &backing_off
+                && (covers(slot, inner.clock.now(), min_validity)
+                    || slot.held_by_provider(inner.clock.now()))
+            {
+                // Do not hammer a failing provider: the scheduler retries when the back-off ends,
+                // and nobody returns before EdgeTag's Retry-After.
+                return self.without_refresh(account, slot, min_validity, Some(failure.clone()));
+            }
+            // Otherwise callers want a token the current one cannot give: a refresh, or while the
+            // account backs off, a probe; callers start at most one per demand interval.
+            let Some(refresh) =
+                inner.start_refresh(account, slot, seen.tokens.clone(), Trigger::Caller)
+            else {
+                return self.without_refresh(account, slot, min_validity, backing_off);
+            };
+            let waited = {
+                let _waiting = metrics::single_flight_waiter();
+                refresh.await
+            };
+            match waited {
+                Ok(record) if inner.fresh_enough(&record.tokens, min_validity) => {
+                    return Ok(record.tokens.clone());
+                }
+                Ok(record) => seen = record,
+                Err(failure) => {
+                    return self.without_refresh(account, slot, min_validity, Some(failure));
+                }
+            }
+        }
+        self.without_refresh(account, slot, min_validity, None)
+    }
+
+    /// The answer when no refresh can help now: the current token while it still covers the need
+    /// (even inside the margin), else the error for `why` (or, without a failure, that the
+    /// needed validity could not be reached yet).
+    fn without_refresh(
+        &self,
+        account: &AccountId,
+        slot: &Slot,
+        min_validity: Duration,
+        why: Option<RefreshFailure>,
+    ) -> Result<Arc<TokenSet>, Error> {
+        if why == Some(RefreshFailure::Removed) {
+            return Err(Error::UnknownAccount(account.clone()));
+        }
+        let current = slot.record.load();
+        if current.status == AccountStatus::NeedsReauth {
+            return Err(Error::NeedsReauth(account.clone()));
+        }
+        if covers(slot, self.inner.clock.now(), min_validity) {
+            tracing::debug!(account = %account, why = ?why, "no refresh now; serving the current token");
+            return Ok(current.tokens.clone());
+        }
+        Err(match why {
+            Some(failure) => failure.into_error(account),
+            None => Error::ValidityNotReached(account.clone()),
+        })
+    }
+}
+
+/// Whether the slot's current token outlasts `min_validity` (and has not expired).
+fn covers(slot: &Slot, now: std::time::SystemTime, min_validity: Duration) -> bool {
+    let remaining = slot.record.load().tokens.remaining(now);
+    remaining > min_validity && remaining > Duration::ZERO
+}

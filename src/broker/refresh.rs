@@ -1,0 +1,448 @@
+//! The single flight and the refresh state machine.
+//!
+//! One refresh per account at a time, whoever asks: the first asker spawns the task and stores a
+//! shared handle in the slot; later askers await the same handle. The task takes the account's
+//! write lock, claims the account in the store (another process may have refreshed it already),
+//! asks EdgeTag with retries inside a budget, writes the outcome durably and only then publishes
+//! it. A write that fails holds the new token set back (never served) and the scheduler retries
+//! the write; the held-back path is [`persist_or_hold_back`], used by every write of a refresh.
+//!
+//! [`RefreshFailure`] is the one type for why a refresh did not produce a token: callers' statuses
+//! ([`RefreshFailure::into_error`]), observers' events and the account's back-off all derive from it.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use secrecy::SecretString;
+
+use super::{
+    Inner, RefreshEventKind, policy,
+    slot::{Health, Inflight, Slot},
+};
+use crate::{
+    account::AccountId,
+    error::Error,
+    oauth::{TokenResponse, UpstreamError},
+    store::{Claim, RefreshClaim, StoreError, Version},
+    tokens::{AccountRecord, AccountStatus, LastRefresh, RefreshOutcome, TokenSet},
+};
+
+/// The shared result of one refresh: the record it produced, or why it failed.
+pub(super) type RefreshResult = Result<Arc<AccountRecord>, RefreshFailure>;
+pub(super) type SharedRefresh = Shared<BoxFuture<'static, RefreshResult>>;
+
+/// Why a refresh did not produce a servable token; cloneable, so every waiter gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshFailure {
+    /// EdgeTag failed in a way that may pass (unreachable, 5xx, 429, an unusable answer, a 4xx
+    /// other than the two below).
+    Upstream(UpstreamError),
+    /// EdgeTag rejected the refresh token: only a new authorization helps.
+    NeedsReauth,
+    /// EdgeTag rejected this service's client credentials: only an operator helps.
+    ClientRejected,
+    /// The store refused the write (logged where it happened); the new tokens are held back.
+    Store,
+    /// The account was removed meanwhile.
+    Removed,
+    /// The refresh task panicked.
+    Panicked,
+}
+
+impl RefreshFailure {
+    /// What a GetToken caller is told when this failure leaves no token that covers its need. The
+    /// same failure gets the same status and message on every path (the caller's own refresh, or
+    /// a back-off after the scheduler's).
+    pub fn into_error(self, account: &AccountId) -> Error {
+        match self {
+            Self::Upstream(cause) => Error::TokenExpired {
+                account: account.clone(),
+                cause,
+            },
+            Self::NeedsReauth => Error::NeedsReauth(account.clone()),
+            Self::ClientRejected => Error::ClientCredentialsRejected,
+            Self::Store => Error::Internal("a refreshed token set could not be stored yet"),
+            Self::Removed => Error::UnknownAccount(account.clone()),
+            Self::Panicked => Error::Internal("refresh task failed"),
+        }
+    }
+
+    fn event_kind(&self) -> RefreshEventKind {
+        match self {
+            Self::NeedsReauth => RefreshEventKind::NeedsReauth,
+            Self::Store => RefreshEventKind::NotPersisted,
+            Self::Upstream(_) | Self::ClientRejected | Self::Removed | Self::Panicked => {
+                RefreshEventKind::Failed
+            }
+        }
+    }
+}
+
+/// Who wants a refresh: callers are limited to one started refresh per account per
+/// [`super::RefreshPolicy::demand_interval`]; the scheduler and operators are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Trigger {
+    Caller,
+    Background,
+    Operator,
+}
+
+static NEXT_REFRESH_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Inner {
+    /// Joins the refresh in flight for `account`, or starts one. `seen` is the token set the asker
+    /// judged too old: if the stored one differs by the time the refresh runs, that one is the
+    /// answer. `None` when a caller may not start one now (see [`Trigger::Caller`]).
+    pub(super) fn start_refresh(
+        self: &Arc<Self>,
+        account: &AccountId,
+        slot: &Arc<Slot>,
+        seen: Arc<TokenSet>,
+        trigger: Trigger,
+    ) -> Option<SharedRefresh> {
+        let mut inflight = slot.inflight();
+        if let Some(running) = &*inflight {
+            return Some(running.result.clone());
+        }
+        if trigger == Trigger::Caller
+            && !slot.take_demand_turn(self.clock.now(), self.config.refresh.demand_interval)
+        {
+            return None;
+        }
+        let id = NEXT_REFRESH_ID.fetch_add(1, Ordering::Relaxed);
+        let task = self.refreshes.spawn(refresh_task(
+            self.clone(),
+            account.clone(),
+            slot.clone(),
+            seen,
+            id,
+        ));
+        let result = async move { task.await.unwrap_or(Err(RefreshFailure::Panicked)) }
+            .boxed()
+            .shared();
+        *inflight = Some(Inflight {
+            id,
+            result: result.clone(),
+        });
+        Some(result)
+    }
+
+    /// One refresh request with retries for transient failures, inside the policy's budget.
+    /// Returns when the successful request was sent, for a conservative expiry.
+    async fn refresh_with_retries(
+        &self,
+        refresh_token: &SecretString,
+    ) -> Result<(SystemTime, TokenResponse), UpstreamError> {
+        let policy = &self.config.refresh;
+        let started = Instant::now();
+        let mut pause = policy.retry_base;
+        let mut attempt = 1;
+        loop {
+            let requested_at = self.clock.now();
+            let result = {
+                let Ok(_permit) = self.upstream.acquire().await else {
+                    return Err(UpstreamError::Unreachable("shutting down"));
+                };
+                self.provider.refresh(refresh_token).await
+            };
+            let e = match result {
+                Ok(response) => return Ok((requested_at, response)),
+                Err(e) => e,
+            };
+            let wait = e
+                .retry_after()
+                .unwrap_or_else(|| policy::jittered(pause, rand::random()));
+            if !e.is_transient()
+                || attempt >= policy.attempts
+                || started.elapsed() + wait > policy.retry_budget
+            {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, attempt, "transient refresh failure; retrying");
+            tokio::time::sleep(wait).await;
+            pause *= 2;
+            attempt += 1;
+        }
+    }
+
+    /// Notes a failed refresh: the account backs off (longer with each failure, honouring
+    /// `Retry-After`), and its record shows the failed attempt.
+    fn note_failure(
+        &self,
+        account: &AccountId,
+        slot: &Slot,
+        current: &AccountRecord,
+        failure: RefreshFailure,
+        at: SystemTime,
+    ) -> RefreshFailure {
+        let policy = &self.config.refresh;
+        {
+            let mut health = slot.health();
+            health.failures = health.failures.saturating_add(1);
+            let retry_after = match &failure {
+                RefreshFailure::Upstream(e) => e.retry_after(),
+                _ => None,
+            };
+            let wait = policy::backoff(
+                health.failures,
+                policy.backoff_base,
+                policy.backoff_max,
+                retry_after,
+                rand::random(),
+            );
+            health.retry_at = Some(at + wait);
+            health.hold_until = retry_after.map(|ra| at + ra);
+            health.last_failure = Some(failure.clone());
+        }
+        if matches!(&failure, RefreshFailure::Upstream(e) if e.is_transient()) {
+            self.transient_backoffs.store(true, Ordering::Release);
+        }
+        slot.record.store(Arc::new(AccountRecord {
+            last_refresh: Some(LastRefresh {
+                at,
+                outcome: RefreshOutcome::Failed,
+            }),
+            ..current.clone()
+        }));
+        self.emit(account, failure.event_kind());
+        failure
+    }
+
+    /// EdgeTag answered a refresh again: every account backing off after a transient failure may
+    /// refresh at once, unless EdgeTag's `Retry-After` still holds it, instead of waiting out
+    /// back-offs of up to `backoff_max`. The scheduler takes them most overdue first, within the
+    /// upstream cap.
+    fn end_transient_backoffs(&self) {
+        if !self.transient_backoffs.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let mut ended = 0usize;
+        for entry in self.accounts.iter() {
+            let mut health = entry.value().health();
+            if health.retry_at.is_some()
+                && matches!(&health.last_failure, Some(RefreshFailure::Upstream(e)) if e.is_transient())
+            {
+                // An explicit Retry-After still holds.
+                health.retry_at = health.hold_until;
+                ended += 1;
+            }
+        }
+        if ended > 0 {
+            tracing::info!(
+                accounts = ended,
+                "EdgeTag answers again; refreshing the accounts that were backing off"
+            );
+            self.wake_scheduler.notify_one();
+        }
+    }
+}
+
+/// Writes `record` through the claim (or, without one, over the slot's stored version) and
+/// returns its version. If the store refuses, the record is held back: never served, written again
+/// by the scheduler at once, and the account counts as unpersisted until then (fail closed: it may
+/// carry the only live refresh token).
+async fn persist_or_hold_back(
+    inner: &Inner,
+    account: &AccountId,
+    slot: &Slot,
+    claim: Option<Box<dyn RefreshClaim>>,
+    record: &Arc<AccountRecord>,
+) -> Result<Version, RefreshFailure> {
+    let written = match claim {
+        Some(claim) => claim.commit(record).await,
+        None => {
+            inner
+                .store
+                .put_account(account, record, slot.expected())
+                .await
+        }
+    };
+    written.map_err(|e| {
+        tracing::error!(error = %e, "refreshed token set not stored; holding it back and retrying the write");
+        let newly_held = slot.health().unpersisted.replace(record.clone()).is_none();
+        slot.due_ms.store(0, Ordering::Release); // the scheduler retries the write at once
+        if newly_held {
+            inner.emit(account, RefreshEventKind::NotPersisted);
+        }
+        RefreshFailure::Store
+    })
+}
+
+/// Clears the slot's in-flight marker when the refresh task ends, however it ends (panics included),
+/// but only its own: a newer refresh's marker stays.
+struct InflightGuard {
+    slot: Arc<Slot>,
+    id: u64,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let mut inflight = self.slot.inflight();
+        if inflight.as_ref().is_some_and(|i| i.id == self.id) {
+            *inflight = None;
+        }
+    }
+}
+
+#[tracing::instrument(name = "refresh", skip_all, fields(account = %account))]
+async fn refresh_task(
+    inner: Arc<Inner>,
+    account: AccountId,
+    slot: Arc<Slot>,
+    seen: Arc<TokenSet>,
+    id: u64,
+) -> RefreshResult {
+    let _guard = InflightGuard {
+        slot: slot.clone(),
+        id,
+    };
+    let _write = slot.write.lock().await;
+    if slot.removed.load(Ordering::Acquire) {
+        return Err(RefreshFailure::Removed);
+    }
+
+    // Fail closed: a refreshed set the store has not accepted yet goes first; its refresh token is
+    // the live one.
+    let held_back = slot.health().unpersisted.clone();
+    if let Some(record) = held_back {
+        let version = persist_or_hold_back(&inner, &account, &slot, None, &record).await?;
+        *slot.health() = Health::default();
+        inner.publish(&slot, record.clone(), version);
+        tracing::info!("held-back token set stored; serving it");
+        inner.emit(&account, RefreshEventKind::Refreshed);
+        return Ok(record);
+    }
+
+    let current = slot.record.load_full();
+    if !Arc::ptr_eq(&current.tokens, &seen) {
+        // Replaced meanwhile (CompleteAuth or an earlier refresh): that is the answer.
+        return servable(current);
+    }
+    if current.status == AccountStatus::NeedsReauth {
+        return Err(RefreshFailure::NeedsReauth);
+    }
+    let Some(refresh_token) = current.tokens.refresh_token.clone() else {
+        return Err(RefreshFailure::NeedsReauth);
+    };
+    // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the answer.
+    let claim = match inner
+        .store
+        .claim_refresh(&account, slot.version.load(Ordering::Acquire))
+        .await
+    {
+        Ok(Claim::Granted(claim)) => claim,
+        Ok(Claim::Superseded(newer)) => {
+            let record = Arc::new(newer.record);
+            inner.publish(&slot, record.clone(), newer.version);
+            return servable(record);
+        }
+        Ok(Claim::Gone) => return Err(RefreshFailure::Removed),
+        Err(e) => return Err(store_failure(e)),
+    };
+
+    let attempted_at = inner.clock.now();
+    let response = match inner.refresh_with_retries(&refresh_token).await {
+        Ok(response) => response,
+        Err(UpstreamError::InvalidGrant) => {
+            let record = Arc::new(AccountRecord {
+                tokens: current.tokens.clone(),
+                status: AccountStatus::NeedsReauth,
+                last_refresh: Some(LastRefresh {
+                    at: attempted_at,
+                    outcome: RefreshOutcome::Failed,
+                }),
+            });
+            let version = claim.commit(&record).await.map_err(store_failure)?;
+            inner.publish(&slot, record, version);
+            tracing::warn!(
+                "EdgeTag rejected the refresh token; the account needs re-authorization (BeginAuth)"
+            );
+            inner.emit(&account, RefreshEventKind::NeedsReauth);
+            return Err(RefreshFailure::NeedsReauth);
+        }
+        Err(UpstreamError::InvalidClient { status }) => {
+            log_client_rejected(status);
+            let failure = RefreshFailure::ClientRejected;
+            return Err(inner.note_failure(&account, &slot, &current, failure, attempted_at));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refresh failed");
+            let failure = RefreshFailure::Upstream(e);
+            return Err(inner.note_failure(&account, &slot, &current, failure, attempted_at));
+        }
+    };
+
+    let (requested_at, response) = response;
+    let rotated = response.refresh_token.is_some();
+    let tokens = response.into_token_set(
+        requested_at,
+        inner.provider.config().default_token_lifetime,
+        Some(&refresh_token),
+    );
+    if tokens.expires_at <= current.tokens.expires_at {
+        // Not a usable renewal. A rotated refresh token is kept all the same: the old one may
+        // already be dead at the provider.
+        let e = UpstreamError::Malformed("the new token expires no later than the old one");
+        tracing::warn!(error = %e, rotated, "refresh answer not used");
+        let mut kept = current.clone();
+        if rotated {
+            kept = Arc::new(AccountRecord {
+                tokens: Arc::new(TokenSet {
+                    refresh_token: tokens.refresh_token,
+                    ..(*current.tokens).clone()
+                }),
+                ..(*current).clone()
+            });
+            let version = persist_or_hold_back(&inner, &account, &slot, Some(claim), &kept).await?;
+            inner.publish(&slot, kept.clone(), version);
+        }
+        let failure = RefreshFailure::Upstream(e);
+        return Err(inner.note_failure(&account, &slot, &kept, failure, attempted_at));
+    }
+
+    let record = Arc::new(AccountRecord {
+        tokens: Arc::new(tokens),
+        status: AccountStatus::Active,
+        last_refresh: Some(LastRefresh {
+            at: requested_at,
+            outcome: RefreshOutcome::Succeeded,
+        }),
+    });
+    let version = persist_or_hold_back(&inner, &account, &slot, Some(claim), &record).await?;
+    *slot.health() = Health::default();
+    inner.publish(&slot, record.clone(), version);
+    tracing::info!("access token refreshed");
+    inner.emit(&account, RefreshEventKind::Refreshed);
+    inner.end_transient_backoffs();
+    Ok(record)
+}
+
+/// A record someone else produced, as the answer to a refresh.
+fn servable(record: Arc<AccountRecord>) -> RefreshResult {
+    match record.status {
+        AccountStatus::Active => Ok(record),
+        AccountStatus::NeedsReauth => Err(RefreshFailure::NeedsReauth),
+    }
+}
+
+fn store_failure(e: StoreError) -> RefreshFailure {
+    tracing::error!(error = %e, "storing a token set failed");
+    RefreshFailure::Store
+}
+
+pub(super) fn log_client_rejected(status: u16) {
+    tracing::error!(
+        http_status = status,
+        "EdgeTag rejected this service's client credentials: check --client-id and the client secret \
+         (EDGETAG_CLIENT_ID, EDGETAG_CLIENT_SECRET_FILE / EDGETAG_CLIENT_SECRET)"
+    );
+}

@@ -1,0 +1,176 @@
+//! One account in memory: the record served, its stored version, when to refresh it, its health
+//! and the refresh in flight.
+//!
+//! # Locks, and their order
+//! - `record` is an `ArcSwap`: readers (GetToken) load it without a lock.
+//! - `write` (async mutex) serialises persist-and-publish of this account: a refresh, a
+//!   CompleteAuth, a removal, a reload of another process's change. It is the only lock held across
+//!   an `.await` (the store write, the upstream call of a refresh), and it is taken first.
+//! - `health` and `inflight` (std mutexes) are leaves: held for a few instructions, never across an
+//!   `.await`, never one while taking the other. Either may be taken while `write` is held.
+//! - `version`, `due_ms`, `last_demand_ms` and `removed` are atomics. `version` and `removed`
+//!   change only under `write`.
+
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+
+use super::{Inner, RefreshFailure, policy, refresh::SharedRefresh};
+use crate::{
+    clock::to_unix_ms,
+    store::{Expected, Version},
+    tokens::{AccountRecord, AccountStatus, TokenSet},
+};
+
+pub(super) struct Slot {
+    /// What is stored now. Replaced only after the store has accepted the replacement.
+    pub(super) record: ArcSwap<AccountRecord>,
+    /// The stored version of `record`, which the next write must name.
+    pub(super) version: AtomicU64,
+    /// When the scheduler should refresh (Unix ms); `i64::MAX` when it never should.
+    pub(super) due_ms: AtomicI64,
+    /// When a caller last started a refresh (Unix ms), for [`super::RefreshPolicy::demand_interval`].
+    pub(super) last_demand_ms: AtomicI64,
+    /// Failures and back-off; touched only off the hot path.
+    health: Mutex<Health>,
+    /// The refresh in flight, if any.
+    inflight: Mutex<Option<Inflight>>,
+    /// Serialises persist-and-publish of this account.
+    pub(super) write: tokio::sync::Mutex<()>,
+    /// Set, under `write`, when the account is removed: a stale handle must not write it back.
+    pub(super) removed: AtomicBool,
+}
+
+/// Failures and back-off of one account.
+#[derive(Default)]
+pub(super) struct Health {
+    pub(super) failures: u32,
+    pub(super) retry_at: Option<SystemTime>,
+    /// Until when EdgeTag asked us to stay away (`Retry-After`): no probe passes before it.
+    pub(super) hold_until: Option<SystemTime>,
+    /// Why the last refresh failed: what callers are told while no refresh can help.
+    pub(super) last_failure: Option<RefreshFailure>,
+    /// A refreshed token set that the store has not accepted yet (fail closed: never served).
+    pub(super) unpersisted: Option<Arc<AccountRecord>>,
+}
+
+pub(super) struct Inflight {
+    pub(super) id: u64,
+    pub(super) result: SharedRefresh,
+}
+
+impl Slot {
+    /// What the next write of this account must replace.
+    pub(super) fn expected(&self) -> Expected {
+        Expected::Version(self.version.load(Ordering::Acquire))
+    }
+
+    pub(super) fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn inflight(&self) -> MutexGuard<'_, Option<Inflight>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why the last refresh failed, while the account is backing off after it.
+    pub(super) fn backing_off(&self, now: SystemTime) -> Option<RefreshFailure> {
+        let health = self.health();
+        match health.retry_at {
+            Some(at) if now < at => Some(health.last_failure.clone().unwrap_or(
+                RefreshFailure::Upstream(crate::oauth::UpstreamError::Unreachable("backing off")),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether EdgeTag's `Retry-After` still holds the account back at `now`.
+    pub(super) fn held_by_provider(&self, now: SystemTime) -> bool {
+        self.health().hold_until.is_some_and(|until| now < until)
+    }
+
+    /// Records that a caller starts a refresh now, if the demand interval allows one; false when
+    /// a caller-started refresh began less than `interval` ago.
+    pub(super) fn take_demand_turn(&self, now: SystemTime, interval: Duration) -> bool {
+        let now_ms = to_unix_ms(now);
+        let gap = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+        let last = self.last_demand_ms.load(Ordering::Acquire);
+        now_ms.saturating_sub(last) >= gap
+            && self
+                .last_demand_ms
+                .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+}
+
+impl Inner {
+    pub(super) fn new_slot(&self, record: AccountRecord, version: Version) -> Arc<Slot> {
+        let due = self.due_ms(&record);
+        Arc::new(Slot {
+            record: ArcSwap::from_pointee(record),
+            version: AtomicU64::new(version),
+            due_ms: AtomicI64::new(due),
+            last_demand_ms: AtomicI64::new(i64::MIN),
+            health: Mutex::new(Health::default()),
+            inflight: Mutex::new(None),
+            write: tokio::sync::Mutex::new(()),
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes `record` (stored as `version`) the one served and schedules its background refresh.
+    /// Called under the slot's write lock, after the store accepted the record.
+    pub(super) fn publish(&self, slot: &Slot, record: Arc<AccountRecord>, version: Version) {
+        slot.version.store(version, Ordering::Release);
+        slot.due_ms.store(self.due_ms(&record), Ordering::Release);
+        slot.record.store(record);
+    }
+
+    /// When the scheduler should refresh this record; never for an account that cannot refresh.
+    pub(super) fn due_ms(&self, record: &AccountRecord) -> i64 {
+        if record.status != AccountStatus::Active || record.tokens.refresh_token.is_none() {
+            return i64::MAX;
+        }
+        let policy = &self.config.refresh;
+        to_unix_ms(policy::due(
+            &record.tokens,
+            policy.ahead_fraction,
+            policy.jitter_fraction * rand::random::<f64>(),
+            self.margin(&record.tokens),
+        ))
+    }
+
+    /// The refresh margin in force for `tokens` (see [`policy::margin`]); logs once when the cap
+    /// shortens the configured margin, so the operator learns why it acts shorter than set.
+    pub(super) fn margin(&self, tokens: &TokenSet) -> Duration {
+        let lifetime = tokens.lifetime();
+        let margin = policy::margin(self.config.refresh_margin, lifetime);
+        if margin < self.config.refresh_margin
+            && !self.margin_cap_logged.load(Ordering::Relaxed)
+            && !self.margin_cap_logged.swap(true, Ordering::Relaxed)
+        {
+            tracing::info!(
+                configured = ?self.config.refresh_margin,
+                token_lifetime = ?lifetime,
+                in_force = ?margin,
+                "the refresh margin is capped at half the token lifetime, so short-lived tokens are not refreshed on every call"
+            );
+        }
+        margin
+    }
+
+    /// Whether `tokens` can be handed out without refreshing first.
+    pub(super) fn fresh_enough(&self, tokens: &TokenSet, min_validity: Duration) -> bool {
+        policy::fresh_enough(
+            tokens.remaining(self.clock.now()),
+            min_validity,
+            self.margin(tokens),
+        )
+    }
+}
