@@ -4,14 +4,12 @@
 
 use std::net::SocketAddr;
 
+use fake_edgetag::{FakeConfig, FakeEdgeTag};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use url::Url;
 
-use crate::{
-    config::Settings,
-    fake_provider::{FakeConfig, FakeEdgeTag},
-};
+use crate::config::Settings;
 
 /// Where the browser callback listens in dev mode unless `--callback-listen` says otherwise.
 pub const DEV_CALLBACK_LISTEN: &str = "127.0.0.1:8976";

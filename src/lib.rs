@@ -22,8 +22,8 @@
 //! - [`telemetry`]: log set-up.
 //! - [`metrics`]: Prometheus series and the `/metrics` endpoint; fed by server, oauth and broker.
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
-//! - [`dev`]: `--dev` mode: fake EdgeTag, temporary data, a banner with the commands to try.
-//! - [`fake_provider`]: a strict fake EdgeTag for tests, `--dev` mode and the `fake-edgetag` binary.
+//! - [`dev`]: `--dev` mode: the fake EdgeTag (crate `fake-edgetag`), temporary data, a banner with
+//!   the commands to try.
 //! - [`proto`]: generated code and the reflection descriptor set.
 //! - [`cli`]: `credctl`, the operators' command line over the gRPC API (a client, beside the rest).
 
@@ -37,7 +37,6 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod error;
-pub mod fake_provider;
 pub mod metrics;
 pub mod oauth;
 pub mod proto;

@@ -5,8 +5,8 @@
 //! authentication, `{"access_token","refresh_token","expires_in"}` with no `token_type`), and it is
 //! deliberately *stricter* than EdgeTag is known to be: unknown form fields, missing Basic auth, a
 //! wrong content type or a PKCE mismatch are all rejected, so a client that works against the fake
-//! does not rely on the real provider being lenient. Every expiry decision uses the configured
-//! [`Clock`], so tests move time with [`Clock::advance`] instead of sleeping.
+//! does not rely on the real provider being lenient. Every expiry decision reads the configured
+//! [`FakeClock`], so a test hands in its own clock and moves time instead of sleeping.
 //!
 //! For failure testing the token endpoint has a fault queue ([`FakeEdgeTag::push_faults`],
 //! [`FakeEdgeTag::set_persistent_fault`]) covering HTTP errors, garbage bodies, hangs and dropped
@@ -41,8 +41,12 @@ use axum::{
     routing::{get, post},
     serve::{IncomingStream, Listener},
 };
-use base64::{Engine, engine::general_purpose::STANDARD};
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
 use futures::task::AtomicWaker;
+use rand::RngCore;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::{
@@ -52,8 +56,6 @@ use tokio::{
     task::JoinHandle,
 };
 use url::Url;
-
-use crate::clock::Clock;
 
 /// Path of the browser-facing authorize endpoint.
 pub const AUTHORIZE_PATH: &str = "/oauth/app/login";
@@ -94,7 +96,7 @@ pub struct FakeConfig {
     /// to reject it like any other unknown field.
     pub accept_redirect_uri_in_body: bool,
     /// Source of "now" for every expiry decision.
-    pub clock: Clock,
+    pub clock: FakeClock,
 }
 
 impl Default for FakeConfig {
@@ -106,8 +108,42 @@ impl Default for FakeConfig {
             access_token_lifetime: Duration::from_secs(7200),
             rotate_refresh_tokens: false,
             accept_redirect_uri_in_body: false,
-            clock: Clock::system(),
+            clock: FakeClock::system(),
         }
+    }
+}
+
+/// Where the fake reads "now". A test that moves its client's clock hands in a reading of that same
+/// clock, so the fake and the client agree on when codes and tokens expire.
+#[derive(Clone)]
+pub struct FakeClock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
+
+impl FakeClock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self::from_fn(SystemTime::now)
+    }
+
+    /// A clock that reads `now` each time the fake needs the time.
+    pub fn from_fn(now: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
+    /// The current instant as this clock sees it.
+    pub fn now(&self) -> SystemTime {
+        (self.0)()
+    }
+}
+
+impl Default for FakeClock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl std::fmt::Debug for FakeClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeClock")
     }
 }
 
@@ -561,7 +597,14 @@ impl Store {
 
 /// A prefixed random token: 256 bits, base64url without padding.
 fn random_token(prefix: &str) -> String {
-    format!("{prefix}{}", crate::oauth::random_token())
+    format!("{prefix}{}", random_base64url())
+}
+
+/// 256 random bits, base64url without padding: 43 characters, also a valid PKCE verifier.
+fn random_base64url() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -661,6 +704,12 @@ impl Inner {
     }
 }
 
+/// RFC 7636 §4.2: `BASE64URL-NOPAD(SHA256(verifier))`. The fake's own, so that a mistake in the
+/// client's PKCE code cannot be mirrored here and pass unnoticed.
+fn s256_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
 /// RFC 7636 S256 challenge: base64url (no padding) of a SHA-256 digest, hence 43 characters.
 fn is_s256_challenge(s: &str) -> bool {
     s.len() == 43
@@ -704,7 +753,21 @@ fn error_page(status: StatusCode, problem: &str) -> Response {
         .into_response()
 }
 
-use crate::callback::html_escape;
+/// Escapes the five characters that matter in HTML text and attribute values.
+fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 // ---------------------------------------------------------------------------------------------
 // Token and revoke
@@ -925,7 +988,7 @@ impl Inner {
         store.received_verifiers.push(verifier.to_owned());
         let pending = store.codes.remove(code).ok_or(Refusal::InvalidGrant)?;
         let fresh = now < pending.issued_at + CODE_LIFETIME;
-        let challenge = crate::oauth::s256_challenge(verifier);
+        let challenge = s256_challenge(verifier);
         let verifier_ok = is_code_verifier(verifier) && challenge == pending.code_challenge;
         let redirect_ok = body_redirect_uri.is_none_or(|uri| uri == pending.redirect_uri);
         if !(fresh && verifier_ok && redirect_ok && pending.client_id == self.config.client_id) {
@@ -1319,8 +1382,8 @@ mod tests {
 
     /// A fresh PKCE pair: (verifier, S256 challenge).
     fn pkce() -> (String, String) {
-        let verifier = crate::oauth::random_token();
-        let challenge = crate::oauth::s256_challenge(&verifier);
+        let verifier = random_base64url();
+        let challenge = s256_challenge(&verifier);
         (verifier, challenge)
     }
 
@@ -1439,6 +1502,24 @@ mod tests {
 
     async fn start(config: FakeConfig) -> FakeEdgeTag {
         FakeEdgeTag::start(config).await.unwrap()
+    }
+
+    /// The system clock plus an offset the test moves, as a client's test clock would be.
+    #[derive(Default)]
+    struct ManualClock(Arc<AtomicU64>);
+
+    impl ManualClock {
+        fn fake_clock(&self) -> FakeClock {
+            let offset = self.0.clone();
+            FakeClock::from_fn(move || {
+                SystemTime::now() + Duration::from_millis(offset.load(Ordering::Relaxed))
+            })
+        }
+
+        fn advance(&self, by: Duration) {
+            let ms = u64::try_from(by.as_millis()).unwrap();
+            self.0.fetch_add(ms, Ordering::Relaxed);
+        }
     }
 
     #[tokio::test]
@@ -1724,9 +1805,9 @@ mod tests {
 
     #[tokio::test]
     async fn codes_expire_after_ten_minutes_by_the_clock() {
-        let clock = Clock::manual();
+        let clock = ManualClock::default();
         let fake = start(FakeConfig {
-            clock: clock.clone(),
+            clock: clock.fake_clock(),
             ..FakeConfig::default()
         })
         .await;
@@ -1745,9 +1826,9 @@ mod tests {
 
     #[tokio::test]
     async fn access_tokens_expire_by_the_clock() {
-        let clock = Clock::manual();
+        let clock = ManualClock::default();
         let fake = start(FakeConfig {
-            clock: clock.clone(),
+            clock: clock.fake_clock(),
             access_token_lifetime: Duration::from_secs(60),
             ..FakeConfig::default()
         })
@@ -2135,7 +2216,7 @@ mod tests {
     fn pkce_checks_follow_rfc_7636() {
         // RFC 7636 appendix B.
         let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-        let challenge = crate::oauth::s256_challenge(verifier);
+        let challenge = s256_challenge(verifier);
         assert_eq!(challenge, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
         assert!(is_code_verifier(verifier) && is_s256_challenge(&challenge));
         assert!(is_code_verifier(&"~._-".repeat(32)));
