@@ -22,8 +22,8 @@
 //! - [`telemetry`]: log set-up.
 //! - [`metrics`]: Prometheus series and the `/metrics` endpoint; fed by server, oauth and broker.
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
-//! - [`dev`]: `--dev` mode: the fake EdgeTag (crate `fake-edgetag`), temporary data, a banner with
-//!   the commands to try.
+//! - [`dev`]: `--dev` mode (cargo feature `dev`, on by default): the fake EdgeTag (crate
+//!   `fake-edgetag`), temporary data, a banner with the commands to try.
 //! - [`proto`]: generated code and the reflection descriptor set.
 //! - [`cli`]: `credctl`, the operators' command line over the gRPC API (a client, beside the rest).
 
