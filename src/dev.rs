@@ -1,17 +1,33 @@
 //! `credential-service --dev`: the whole flow on one machine with no EdgeTag account, like
 //! `vault server -dev`. A temporary data directory, the fake EdgeTag on loopback, loopback only,
 //! and the browser callback as redirect target, so opening BeginAuth's URL connects the account.
+//!
+//! The fake comes from the `fake-edgetag` crate behind the default cargo feature `dev`. A build
+//! without it (`--no-default-features`, as the container image is built) carries no fake: there
+//! [`start`] refuses with [`DevError::NotBuiltIn`], and no [`DevEnvironment`] can exist.
 
 use std::net::SocketAddr;
 
+#[cfg(feature = "dev")]
+use fake_edgetag::{FakeConfig, FakeEdgeTag};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use url::Url;
 
-use crate::{
-    config::Settings,
-    fake_provider::{FakeConfig, FakeEdgeTag},
-};
+use crate::config::Settings;
+
+/// Stands in for the fake in a build without it. It has no values, so neither has
+/// [`DevEnvironment`], and code that uses one still compiles.
+#[cfg(not(feature = "dev"))]
+#[derive(Debug)]
+pub enum FakeEdgeTag {}
+
+#[cfg(not(feature = "dev"))]
+impl FakeEdgeTag {
+    fn base_url(&self) -> String {
+        match *self {}
+    }
+}
 
 /// Where the browser callback listens in dev mode unless `--callback-listen` says otherwise.
 pub const DEV_CALLBACK_LISTEN: &str = "127.0.0.1:8976";
@@ -40,9 +56,20 @@ pub enum DevError {
         "cannot listen on {0} for the browser callback (--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN): {1}"
     )]
     Callback(SocketAddr, std::io::Error),
+    #[error(
+        "--dev is not available: this binary was built without the `dev` feature (cargo build --features dev)"
+    )]
+    NotBuiltIn,
+}
+
+/// In a build without the `dev` feature there is no fake EdgeTag to start.
+#[cfg(not(feature = "dev"))]
+pub async fn start(_settings: &mut Settings) -> Result<DevEnvironment, DevError> {
+    Err(DevError::NotBuiltIn)
 }
 
 /// Starts the fake EdgeTag and points `settings` at it and at a fresh temporary data directory.
+#[cfg(feature = "dev")]
 pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> {
     if !settings.listen.ip().is_loopback() {
         return Err(DevError::NotLoopback(settings.listen));

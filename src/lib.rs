@@ -9,8 +9,8 @@
 //! (`tests/layers.rs` fails on a cycle, and on a module missing here).
 //! - [`server`]: composition: keys, store, provider client, broker, the gRPC and HTTP listeners,
 //!   upkeep, shutdown.
-//! - [`dev`]: `--dev` mode: fake EdgeTag, temporary data, a banner with the commands to try.
-//! - [`fake_provider`]: a strict fake EdgeTag for tests, `--dev` mode and the `fake-edgetag` binary.
+//! - [`dev`]: `--dev` mode (cargo feature `dev`, on by default): the fake EdgeTag (crate
+//!   `fake-edgetag`), temporary data, a banner with the commands to try.
 //! - [`cli`]: `credctl`, the operators' command line over the gRPC API (a client, beside the rest).
 //! - [`telemetry`]: log set-up.
 //! - [`config`]: clap settings with environment variables, EdgeTag presets.
@@ -42,7 +42,6 @@ pub mod codes;
 pub mod config;
 pub mod dev;
 pub mod error;
-pub mod fake_provider;
 pub mod grant;
 pub mod metrics;
 pub mod oauth;

@@ -6,13 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::{Options, TestApp, assert_status};
-use credential_service::{
-    fake_provider::Fault,
-    proto::{
-        AccountInfo, AccountStatus, DescribeAccountRequest, ListAccountsRequest, RefreshOutcome,
-        RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome,
-    },
+use credential_service::proto::{
+    AccountInfo, AccountStatus, DescribeAccountRequest, ListAccountsRequest, RefreshOutcome,
+    RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome,
 };
+use fake_edgetag::Fault;
 use tonic::{Code, Status};
 
 async fn list(app: &TestApp, page_size: i32, page_token: &str) -> (Vec<String>, String) {

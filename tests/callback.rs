@@ -6,7 +6,7 @@ mod common;
 use std::{path::Path, process::Stdio, time::Duration};
 
 use common::{Options, TestApp};
-use credential_service::fake_provider::Fault;
+use fake_edgetag::Fault;
 use reqwest::{StatusCode, header};
 
 async fn spawn() -> TestApp {

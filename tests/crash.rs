@@ -12,13 +12,11 @@ use std::{
     time::Duration,
 };
 
-use credential_service::{
-    fake_provider::{FakeConfig, FakeEdgeTag},
-    proto::{
-        BeginAuthRequest, CompleteAuthRequest, GetTokenRequest,
-        credential_service_client::CredentialServiceClient,
-    },
+use credential_service::proto::{
+    BeginAuthRequest, CompleteAuthRequest, GetTokenRequest,
+    credential_service_client::CredentialServiceClient,
 };
+use fake_edgetag::{FakeConfig, FakeEdgeTag};
 use rand::Rng;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},

@@ -146,6 +146,37 @@ fn dockerfile_builds_the_binaries_and_runs_them_unprivileged() {
     assert!(docker.contains(&format!("--chown=65532:65532 /out{data_dir} {data_dir}")));
 }
 
+#[test]
+fn the_image_is_built_without_the_fake_edgetag() {
+    let docker = read("deploy/Dockerfile");
+    let build = docker.lines().find(|l| l.contains("cargo build")).unwrap();
+    assert!(
+        build.contains("--no-default-features"),
+        "the image carries no fake EdgeTag: {build}"
+    );
+    assert!(
+        !build.contains("--features") && !build.contains("--all-features"),
+        "{build}"
+    );
+
+    // What that leaves out: the fake comes in only through `dev`, a default feature.
+    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    let fake = &manifest["dependencies"]["fake-edgetag"];
+    assert_eq!(fake.get("optional").and_then(|o| o.as_bool()), Some(true));
+    let features = manifest["features"].as_table().unwrap();
+    let enables = |name: &str, what: &str| {
+        features[name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str() == Some(what))
+    };
+    for name in features.keys() {
+        assert_eq!(enables(name, "dep:fake-edgetag"), name == "dev", "{name}");
+    }
+    assert!(enables("default", "dev"));
+}
+
 fn manifests() -> Vec<Value> {
     serde_yaml_ng::Deserializer::from_str(&read("deploy/kubernetes/credential-service.yaml"))
         .map(|d| Value::deserialize(d).unwrap())

@@ -6,7 +6,8 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use common::{Options, REDIRECT_URI, TestApp, assert_status};
-use credential_service::{fake_provider::Fault, proto::GetTokenRequest};
+use credential_service::proto::GetTokenRequest;
+use fake_edgetag::Fault;
 use tonic::Code;
 use url::Url;
 
@@ -412,15 +413,11 @@ async fn min_validity_forces_a_refresh_and_impossible_values_are_rejected() {
 async fn redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers() {
     // EdgeTag's documented exchange carries no redirect_uri; a strict server requires it.
     let clock = credential_service::clock::Clock::manual();
-    let strict = credential_service::fake_provider::FakeConfig {
+    let strict = fake_edgetag::FakeConfig {
         accept_redirect_uri_in_body: true,
         ..common::fake_config(&clock)
     };
-    let fake = std::sync::Arc::new(
-        credential_service::fake_provider::FakeEdgeTag::start(strict)
-            .await
-            .unwrap(),
-    );
+    let fake = std::sync::Arc::new(fake_edgetag::FakeEdgeTag::start(strict).await.unwrap());
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let options = Options {
         send_redirect_uri: true,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use common::TestApp;
-use credential_service::fake_provider::Fault;
+use fake_edgetag::Fault;
 
 #[tokio::test]
 async fn no_secret_appears_in_trace_logs() {

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Options, TestApp};
-use credential_service::fake_provider::Fault;
+use fake_edgetag::Fault;
 
 async fn scrape(app: &TestApp) -> String {
     let response = reqwest::get(app.metrics_url.as_ref().unwrap())

@@ -14,10 +14,10 @@ use common::{Options, TestApp, assert_status};
 use credential_service::{
     account::AccountId,
     broker::{RefreshEvent, RefreshEventKind},
-    fake_provider::Fault,
     proto::GetTokenRequest,
     tokens::{AccountStatus, RefreshOutcome},
 };
+use fake_edgetag::Fault;
 use secrecy::ExposeSecret;
 use tokio::sync::broadcast;
 use tonic::Code;

@@ -15,13 +15,13 @@ use credential_service::{
     broker::BrokerConfig,
     clock::Clock,
     config::ServiceConfig,
-    fake_provider::{FakeConfig, FakeEdgeTag},
     oauth::ProviderConfig,
     sealing::{EncryptionConfig, Keyring},
     server::{self, ServeError},
     store::{Expected, SledStore, Store},
     tokens::{AccountRecord, TokenSet},
 };
+use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
 use futures::StreamExt;
 use tempfile::TempDir;
 use tokio::{
@@ -193,7 +193,10 @@ pub fn open_store(data_dir: &Path) -> SledStore {
 pub async fn start_fake(fake_rt: &Handle, clock: &Clock) -> Arc<FakeEdgeTag> {
     let config = FakeConfig {
         redirect_uris: vec![REDIRECT_URI.to_owned()],
-        clock: clock.clone(),
+        clock: {
+            let clock = clock.clone();
+            FakeClock::from_fn(move || clock.now())
+        },
         ..FakeConfig::default()
     };
     let fake = fake_rt

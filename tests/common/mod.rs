@@ -9,7 +9,6 @@ use credential_service::{
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
     config::{CallbackConfig, ServiceConfig, TlsConfig},
-    fake_provider::{FakeConfig, FakeEdgeTag},
     oauth::ProviderConfig,
     proto::{
         BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
@@ -19,6 +18,7 @@ use credential_service::{
     server::{self, App, ServeError},
     store::{Faults, Faulty},
 };
+use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{
@@ -137,10 +137,16 @@ pub struct TestApp {
     server: Option<JoinHandle<Result<(), ServeError>>>,
 }
 
+/// The fake EdgeTag reads the test's clock, so both sides agree when time is moved.
+pub fn fake_clock(clock: &Clock) -> FakeClock {
+    let clock = clock.clone();
+    FakeClock::from_fn(move || clock.now())
+}
+
 pub fn fake_config(clock: &Clock) -> FakeConfig {
     FakeConfig {
         redirect_uris: vec![REDIRECT_URI.to_owned()],
-        clock: clock.clone(),
+        clock: fake_clock(clock),
         ..FakeConfig::default()
     }
 }

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use credential_service::fake_provider::{FakeConfig, FakeEdgeTag};
+use fake_edgetag::{FakeConfig, FakeEdgeTag};
 use tracing_subscriber::EnvFilter;
 
 /// A fake EdgeTag OAuth 2.0 provider for local development and tests. Not for production: it
