@@ -8,9 +8,8 @@ use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
-    config::{CallbackConfig, ServiceConfig, TlsConfig},
+    config::{CallbackConfig, ServiceConfig, TlsConfig, Upstream},
     fake_provider::{FakeConfig, FakeEdgeTag},
-    oauth::ProviderConfig,
     proto::{
         BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
         GetTokenRequest, GetTokenResponse, credential_service_client::CredentialServiceClient,
@@ -31,12 +30,11 @@ use url::Url;
 
 pub const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
 
-/// Knobs a test may turn; everything else is the production default.
+/// Knobs a test may turn; everything else is the production default (`ServiceConfig::new`).
 #[derive(Clone)]
 pub struct Options {
     pub broker: BrokerConfig,
     pub request_timeout: Duration,
-    pub default_token_lifetime: Duration,
     /// Send `redirect_uri` in the code exchange (strict OAuth servers).
     pub send_redirect_uri: bool,
     /// Who may call; open (no callers file) by default.
@@ -90,7 +88,6 @@ impl Default for Options {
                 ..BrokerConfig::default()
             },
             request_timeout: Duration::from_secs(2),
-            default_token_lifetime: Duration::from_secs(3600),
             send_redirect_uri: false,
             callers: Callers::open(),
             tls: None,
@@ -329,33 +326,28 @@ impl Drop for TestApp {
     }
 }
 
+/// The production configuration (`ServiceConfig::new`) pointed at `fake`, with `options` applied.
 pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) -> ServiceConfig {
     let url = |s: String| Url::parse(&s).unwrap();
-    ServiceConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir,
-        provider: ProviderConfig {
-            authorize_url: url(fake.authorize_url()),
-            token_url: url(fake.token_url()),
-            revoke_url: options
-                .revoke_url
-                .clone()
-                .unwrap_or_else(|| url(fake.revoke_url())),
-            client_id: fake.config().client_id.clone(),
-            client_secret: fake.config().client_secret.clone().into(),
-            redirect_uri: url(REDIRECT_URI.to_owned()),
-            scope: "full".into(),
-            request_timeout: options.request_timeout,
-            default_token_lifetime: options.default_token_lifetime,
-            send_redirect_uri: options.send_redirect_uri,
-        },
-        broker: options.broker.clone(),
-        callers: options.callers.clone(),
-        tls: options.tls.clone(),
-        encryption: options.encryption.clone(),
-        callback: None,
-        metrics_listen: None,
-    }
+    let upstream = Upstream {
+        authorize_url: url(fake.authorize_url()),
+        token_url: url(fake.token_url()),
+        revoke_url: options
+            .revoke_url
+            .clone()
+            .unwrap_or_else(|| url(fake.revoke_url())),
+        client_id: fake.config().client_id.clone(),
+        client_secret: fake.config().client_secret.clone().into(),
+        redirect_uri: url(REDIRECT_URI.to_owned()),
+    };
+    let mut config = ServiceConfig::new(upstream, data_dir);
+    config.provider.request_timeout = options.request_timeout;
+    config.provider.send_redirect_uri = options.send_redirect_uri;
+    config.broker = options.broker.clone();
+    config.callers = options.callers.clone();
+    config.tls = options.tls.clone();
+    config.encryption = options.encryption.clone();
+    config
 }
 
 /// Asserts the status code and that the message contains `needle`.
