@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! The data's path runs top to bottom; each module knows only those below it.
+//! - [`launch`]: what the binary does: `--dev`, settings to bound listeners, serving, exit codes.
 //! - [`server`]: `run(listener, config, clock, shutdown)`: health, reflection, the service, upkeep.
 //! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
@@ -38,6 +39,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod fake_provider;
+pub mod launch;
 pub mod metrics;
 pub mod oauth;
 pub mod proto;
