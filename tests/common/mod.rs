@@ -2,8 +2,14 @@
 //! in front of the strict fake EdgeTag, and typed helpers for the calls tests make.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
+pub use credential_service::cli::Bearer;
 use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
@@ -11,8 +17,10 @@ use credential_service::{
     config::{CallbackConfig, ServiceConfig, TlsConfig, Upstream},
     fake_provider::{FakeConfig, FakeEdgeTag},
     proto::{
-        BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
-        GetTokenRequest, GetTokenResponse, credential_service_client::CredentialServiceClient,
+        AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
+        CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
+        ListAccountsRequest, RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome,
+        credential_service_client::CredentialServiceClient,
     },
     sealing::{self, EncryptionConfig},
     server::{self, App, ServeError},
@@ -20,15 +28,12 @@ use credential_service::{
 };
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::{
-    Code, Request, Status,
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::Channel,
-};
+use tonic::{Code, Status, service::interceptor::InterceptedService, transport::Channel};
 use url::Url;
 
 pub const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
+pub const HOUR: Duration = Duration::from_secs(3600);
+pub const MINUTE: Duration = Duration::from_secs(60);
 
 /// Knobs a test may turn; everything else is the production default (`ServiceConfig::new`).
 #[derive(Clone)]
@@ -52,27 +57,6 @@ pub struct Options {
     pub callback: bool,
     /// Serve `/metrics` on a port of its own.
     pub metrics: bool,
-}
-
-/// Adds `authorization: Bearer <token>` to every call, if there is a token.
-#[derive(Clone)]
-pub struct Bearer(pub Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    pub fn new(token: Option<&str>) -> Self {
-        Self(token.map(|t| format!("Bearer {t}").parse().unwrap()))
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
 }
 
 pub type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
@@ -164,6 +148,10 @@ impl TestApp {
 
     /// A server in front of a fake EdgeTag that rotates refresh tokens on every refresh.
     pub async fn spawn_rotating() -> Self {
+        Self::spawn_rotating_with(Options::default()).await
+    }
+
+    pub async fn spawn_rotating_with(options: Options) -> Self {
         let clock = Clock::manual();
         let config = FakeConfig {
             rotate_refresh_tokens: true,
@@ -175,7 +163,7 @@ impl TestApp {
                 .expect("fake EdgeTag starts"),
         );
         let data_dir = Arc::new(tempfile::tempdir().unwrap());
-        Self::start(fake, clock, data_dir, Options::default()).await
+        Self::start(fake, clock, data_dir, options).await
     }
 
     /// Starts a server on an existing fake, clock and data directory.
@@ -226,7 +214,7 @@ impl TestApp {
         };
         let client = CredentialServiceClient::with_interceptor(
             channel,
-            Bearer::new(options.token.as_deref()),
+            Bearer::new(options.token.as_deref()).unwrap(),
         );
         Self {
             addr,
@@ -315,6 +303,92 @@ impl TestApp {
     pub async fn connect(&self, account: &str) -> CompleteAuthResponse {
         let (code, state) = self.authorize(account).await;
         self.complete(&code, &state).await.expect("CompleteAuth")
+    }
+
+    /// ListAccounts: one page's account names and the next page's token.
+    pub async fn list(&self, page_size: i32, page_token: &str) -> (Vec<String>, String) {
+        let page = self
+            .client
+            .clone()
+            .list_accounts(ListAccountsRequest {
+                page_size,
+                page_token: page_token.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (
+            page.accounts.into_iter().map(|a| a.account).collect(),
+            page.next_page_token,
+        )
+    }
+
+    /// DescribeAccount.
+    pub async fn describe(&self, account: &str) -> Result<AccountInfo, Status> {
+        self.client
+            .clone()
+            .describe_account(DescribeAccountRequest {
+                account: account.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// RefreshToken: the new access token's expiry.
+    pub async fn refresh(&self, account: &str) -> Result<prost_types::Timestamp, Status> {
+        self.client
+            .clone()
+            .refresh_token(RefreshTokenRequest {
+                account: account.into(),
+            })
+            .await
+            .map(|r| r.into_inner().expires_at.unwrap())
+    }
+
+    /// RemoveAccount.
+    pub async fn remove(&self, account: &str, force: bool) -> Result<RemoveOutcome, Status> {
+        self.client
+            .clone()
+            .remove_account(RemoveAccountRequest {
+                account: account.into(),
+                force,
+            })
+            .await
+            .map(|r| r.into_inner().outcome())
+    }
+
+    /// A client of this server that sends `token` (or nothing), beside the harness's own.
+    pub fn client_with_token(&self, token: Option<&str>) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy();
+        CredentialServiceClient::with_interceptor(channel, Bearer::new(token).unwrap())
+    }
+
+    /// `/metrics` as a scraper gets it (needs [`Options::metrics`]).
+    pub async fn metrics(&self) -> String {
+        let response = reqwest::get(self.metrics_url.as_ref().expect("Options::metrics"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        response.text().await.unwrap()
+    }
+
+    /// Seconds from the test clock's now until `expires_at`.
+    pub fn seconds_left(&self, expires_at: Option<prost_types::Timestamp>) -> i64 {
+        let now = self
+            .clock
+            .now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        expires_at.unwrap().seconds - now
     }
 }
 
