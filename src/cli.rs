@@ -14,7 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tonic::{
     Code, Request, Status,
-    metadata::MetadataValue,
+    metadata::{Ascii, MetadataValue, errors::InvalidMetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
@@ -198,9 +198,24 @@ impl From<Status> for CliError {
 
 type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
-/// Adds `authorization: Bearer ...` to every call when a token is configured.
+/// Adds `authorization: Bearer ...` to every call when a token is configured, marked sensitive
+/// so that no `Debug` output shows it. For any client of the service (the tests use it too).
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Fails when the token holds characters a header cannot carry; the error shows none of them.
+    pub fn new(token: Option<&str>) -> Result<Self, InvalidMetadataValue> {
+        let header = token
+            .map(|t| {
+                let mut value = MetadataValue::try_from(format!("Bearer {t}"))?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()?;
+        Ok(Self(header))
+    }
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -502,20 +517,10 @@ async fn connect(
             server: crate::config::printable(&url),
             cause: error_chain(&e),
         })?;
-    let header = token
-        .map(|t| {
-            let mut v =
-                MetadataValue::try_from(format!("Bearer {}", t.expose_secret())).map_err(|_| {
-                    CliError::Usage("the token contains characters a header cannot carry".into())
-                })?;
-            v.set_sensitive(true);
-            Ok::<_, CliError>(v)
-        })
-        .transpose()?;
-    Ok(CredentialServiceClient::with_interceptor(
-        channel,
-        Bearer(header),
-    ))
+    let bearer = Bearer::new(token.as_ref().map(|t| t.expose_secret())).map_err(|_| {
+        CliError::Usage("the token contains characters a header cannot carry".into())
+    })?;
+    Ok(CredentialServiceClient::with_interceptor(channel, bearer))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -664,9 +669,10 @@ mod tests {
 
     #[test]
     fn the_token_goes_in_the_authorization_header_only_when_set() {
-        let mut value = MetadataValue::try_from("Bearer tok").unwrap();
-        value.set_sensitive(true);
-        let request = Bearer(Some(value)).call(Request::new(())).unwrap();
+        let request = Bearer::new(Some("tok"))
+            .unwrap()
+            .call(Request::new(()))
+            .unwrap();
         assert_eq!(
             request.metadata().get("authorization").unwrap(),
             "Bearer tok"
@@ -675,7 +681,7 @@ mod tests {
             !format!("{:?}", request.metadata()).contains("tok"),
             "sensitive"
         );
-        let request = Bearer(None).call(Request::new(())).unwrap();
+        let request = Bearer::new(None).unwrap().call(Request::new(())).unwrap();
         assert!(request.metadata().get("authorization").is_none());
     }
 

@@ -11,10 +11,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::{
-    auth::Callers,
-    broker::{BrokerConfig, RefreshPolicy},
-    oauth::ProviderConfig,
-    sealing::EncryptionConfig,
+    auth::Callers, broker::BrokerConfig, oauth::ProviderConfig, sealing::EncryptionConfig,
 };
 
 /// Which EdgeTag deployment to talk to.
@@ -239,18 +236,93 @@ pub struct CallbackConfig {
 #[error("{0}")]
 pub struct ConfigError(String);
 
+/// Where EdgeTag is and who this service is to it: the settings that have no default.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub authorize_url: Url,
+    pub token_url: Url,
+    pub revoke_url: Url,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// Must match a redirect URI registered for the OAuth app exactly.
+    pub redirect_uri: Url,
+}
+
+impl ServiceConfig {
+    /// The production defaults (those `--help` shows) around what has none. [`Settings::resolve`]
+    /// starts here, and so do the tests and the benchmarks, each then setting what it is about:
+    /// a new setting gets its default once, here.
+    pub fn new(upstream: Upstream, data_dir: PathBuf) -> Self {
+        let Upstream {
+            authorize_url,
+            token_url,
+            revoke_url,
+            client_id,
+            client_secret,
+            redirect_uri,
+        } = upstream;
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir,
+            provider: ProviderConfig {
+                authorize_url,
+                token_url,
+                revoke_url,
+                client_id,
+                client_secret,
+                redirect_uri,
+                scope: "full".into(),
+                request_timeout: Duration::from_secs(10),
+                default_token_lifetime: Duration::from_secs(3600),
+                send_redirect_uri: false,
+            },
+            broker: BrokerConfig::default(),
+            callers: Callers::open(),
+            tls: None,
+            encryption: EncryptionConfig::default(),
+            callback: None,
+            metrics_listen: None,
+        }
+    }
+}
+
 impl Settings {
     /// Checks the settings and fills in the environment's defaults. `client_secret_env` is the
     /// value of EDGETAG_CLIENT_SECRET, passed in so tests need not touch the process environment.
     pub fn resolve(self, client_secret_env: Option<String>) -> Result<ServiceConfig, ConfigError> {
-        let client_id = self
-            .client_id
-            .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| {
-                ConfigError("missing client id: set --client-id or EDGETAG_CLIENT_ID".into())
-            })?;
+        // Every flag named here, so a new one cannot be forgotten.
+        let Settings {
+            listen,
+            data_dir,
+            environment,
+            authorize_url,
+            token_url,
+            revoke_url,
+            client_id,
+            client_secret_file,
+            redirect_uri,
+            scope,
+            state_ttl,
+            refresh_margin,
+            upstream_timeout,
+            default_token_lifetime,
+            upstream_concurrency,
+            send_redirect_uri,
+            callback_listen,
+            callback_path,
+            metrics_listen,
+            log_format: _, // read by the binary before anything else
+            callers_file,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            keys,
+        } = self;
+        let client_id = client_id.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            ConfigError("missing client id: set --client-id or EDGETAG_CLIENT_ID".into())
+        })?;
         let client_secret = match (
-            &self.client_secret_file,
+            &client_secret_file,
             client_secret_env.filter(|s| !s.is_empty()),
         ) {
             (Some(path), _) => {
@@ -274,35 +346,29 @@ impl Settings {
                 ));
             }
         };
-        let redirect_uri = self.redirect_uri.ok_or_else(|| {
+        let redirect_uri = redirect_uri.ok_or_else(|| {
             ConfigError("missing redirect URI: set --redirect-uri or EDGETAG_REDIRECT_URI".into())
         })?;
 
-        let (ui, api) = self.environment.hosts();
+        let (ui, api) = environment.hosts();
         let preset = |base: &str, path: &str| {
             Url::parse(&format!("{base}{path}")).expect("preset URLs are valid")
         };
-        let authorize_url = self
-            .authorize_url
-            .unwrap_or_else(|| preset(ui, "/oauth/app/login"));
-        let token_url = self
-            .token_url
-            .unwrap_or_else(|| preset(api, "/v1/oauth-app/client/token"));
-        let revoke_url = self
-            .revoke_url
-            .unwrap_or_else(|| preset(api, "/v1/oauth-app/client/revoke"));
+        let authorize_url = authorize_url.unwrap_or_else(|| preset(ui, "/oauth/app/login"));
+        let token_url = token_url.unwrap_or_else(|| preset(api, "/v1/oauth-app/client/token"));
+        let revoke_url = revoke_url.unwrap_or_else(|| preset(api, "/v1/oauth-app/client/revoke"));
         require_https(&authorize_url, "--authorize-url / EDGETAG_AUTHORIZE_URL")?;
         require_https(&token_url, "--token-url / EDGETAG_TOKEN_URL")?;
         require_https(&revoke_url, "--revoke-url / EDGETAG_REVOKE_URL")?;
 
         for (value, name) in [
-            (self.state_ttl, "--state-ttl / CREDENTIAL_SERVICE_STATE_TTL"),
+            (state_ttl, "--state-ttl / CREDENTIAL_SERVICE_STATE_TTL"),
             (
-                self.upstream_timeout,
+                upstream_timeout,
                 "--upstream-timeout / EDGETAG_REQUEST_TIMEOUT",
             ),
             (
-                self.default_token_lifetime,
+                default_token_lifetime,
                 "--default-token-lifetime / EDGETAG_DEFAULT_TOKEN_LIFETIME",
             ),
         ] {
@@ -310,20 +376,19 @@ impl Settings {
                 return Err(ConfigError(format!("{name} must be longer than zero")));
             }
         }
-        if self.upstream_concurrency == 0 {
+        if upstream_concurrency == 0 {
             return Err(ConfigError(
                 "--upstream-concurrency / CREDENTIAL_SERVICE_UPSTREAM_CONCURRENCY must be at least 1".into(),
             ));
         }
 
-        let callers = match &self.callers_file {
+        let callers = match &callers_file {
             Some(path) => Callers::load(path).map_err(|e| ConfigError(e.to_string()))?,
-            None if !self.listen.ip().is_loopback() => {
+            None if !listen.ip().is_loopback() => {
                 return Err(ConfigError(format!(
-                    "refusing to listen on {} without a callers file: anyone who can reach it could \
+                    "refusing to listen on {listen} without a callers file: anyone who can reach it could \
                      take every token. Set --callers-file / CREDENTIAL_SERVICE_CALLERS_FILE, or listen \
-                     on loopback",
-                    self.listen
+                     on loopback"
                 )));
             }
             None => Callers::open(),
@@ -333,12 +398,11 @@ impl Settings {
                 ConfigError(format!("cannot read {name} file {}: {e}", path.display()))
             })
         };
-        let tls = match (&self.tls_cert, &self.tls_key) {
+        let tls = match (&tls_cert, &tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig {
                 cert_pem: read(cert, "--tls-cert / CREDENTIAL_SERVICE_TLS_CERT")?,
                 key_pem: read(key, "--tls-key / CREDENTIAL_SERVICE_TLS_KEY")?,
-                client_ca_pem: self
-                    .tls_client_ca
+                client_ca_pem: tls_client_ca
                     .as_ref()
                     .map(|ca| read(ca, "--tls-client-ca / CREDENTIAL_SERVICE_TLS_CLIENT_CA"))
                     .transpose()?,
@@ -350,51 +414,45 @@ impl Settings {
                 ));
             }
         };
-        let encryption = self.keys.encryption();
-        if !self.callback_path.starts_with('/') || self.callback_path.contains(['?', '#']) {
+        if !callback_path.starts_with('/') || callback_path.contains(['?', '#']) {
             return Err(ConfigError(format!(
-                "--callback-path / CREDENTIAL_SERVICE_CALLBACK_PATH must be a path starting with /: {:?}",
-                self.callback_path
+                "--callback-path / CREDENTIAL_SERVICE_CALLBACK_PATH must be a path starting with /: {callback_path:?}"
             )));
         }
-        if self.callback_listen.is_some() && redirect_uri.path() != self.callback_path {
+        if callback_listen.is_some() && redirect_uri.path() != callback_path {
             tracing::warn!(
                 redirect_uri = %printable(&redirect_uri),
-                callback_path = %self.callback_path,
+                callback_path = %callback_path,
                 "the redirect URI's path is not the callback path; fine behind a proxy that rewrites it"
             );
         }
 
-        Ok(ServiceConfig {
-            listen: self.listen,
-            data_dir: self.data_dir,
-            provider: ProviderConfig {
-                authorize_url,
-                token_url,
-                revoke_url,
-                client_id,
-                client_secret,
-                redirect_uri,
-                scope: self.scope,
-                request_timeout: self.upstream_timeout,
-                default_token_lifetime: self.default_token_lifetime,
-                send_redirect_uri: self.send_redirect_uri,
-            },
-            broker: BrokerConfig {
-                state_ttl: self.state_ttl,
-                refresh_margin: self.refresh_margin,
-                upstream_concurrency: self.upstream_concurrency,
-                refresh: RefreshPolicy::default(),
-            },
-            callers,
-            tls,
-            encryption,
-            callback: self.callback_listen.map(|listen| CallbackConfig {
-                listen,
-                path: self.callback_path,
-            }),
-            metrics_listen: self.metrics_listen,
-        })
+        let upstream = Upstream {
+            authorize_url,
+            token_url,
+            revoke_url,
+            client_id,
+            client_secret,
+            redirect_uri,
+        };
+        let mut config = ServiceConfig::new(upstream, data_dir);
+        config.listen = listen;
+        config.provider.scope = scope;
+        config.provider.request_timeout = upstream_timeout;
+        config.provider.default_token_lifetime = default_token_lifetime;
+        config.provider.send_redirect_uri = send_redirect_uri;
+        config.broker.state_ttl = state_ttl;
+        config.broker.refresh_margin = refresh_margin;
+        config.broker.upstream_concurrency = upstream_concurrency;
+        config.callers = callers;
+        config.tls = tls;
+        config.encryption = keys.encryption();
+        config.callback = callback_listen.map(|listen| CallbackConfig {
+            listen,
+            path: callback_path,
+        });
+        config.metrics_listen = metrics_listen;
+        Ok(config)
     }
 }
 
@@ -486,6 +544,33 @@ mod tests {
             "https://api.edgetag.io/v1/oauth-app/client/revoke"
         );
         assert_eq!(c.broker.state_ttl, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn the_flags_defaults_are_the_builders() {
+        let resolved = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
+        let (ui, api) = Environment::Sandbox.hosts();
+        let url = |base: &str, path: &str| Url::parse(&format!("{base}{path}")).unwrap();
+        let built = ServiceConfig::new(
+            Upstream {
+                authorize_url: url(ui, "/oauth/app/login"),
+                token_url: url(api, "/v1/oauth-app/client/token"),
+                revoke_url: url(api, "/v1/oauth-app/client/revoke"),
+                client_id: "cid".into(),
+                client_secret: "s".into(),
+                redirect_uri: url("https://ops.example.com", "/cb"),
+            },
+            "./data".into(),
+        );
+        assert_eq!(format!("{resolved:?}"), format!("{built:?}"));
+        // What the provider's Debug leaves out.
+        let (r, b) = (&resolved.provider, &built.provider);
+        assert_eq!(
+            r.client_secret.expose_secret(),
+            b.client_secret.expose_secret()
+        );
+        assert_eq!(r.default_token_lifetime, b.default_token_lifetime);
+        assert_eq!(r.send_redirect_uri, b.send_redirect_uri);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! # Layout
 //! The data's path runs top to bottom; each module imports only modules listed below it
 //! (`tests/layers.rs` fails on a cycle, and on a module missing here).
+//! - [`launch`]: what the binary does: `--dev`, settings to bound listeners, serving, exit codes.
 //! - [`server`]: composition: keys, store, provider client, broker, the gRPC and HTTP listeners,
 //!   upkeep, shutdown.
 //! - [`dev`]: `--dev` mode (cargo feature `dev`, on by default): the fake EdgeTag (crate
@@ -43,6 +44,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod grant;
+pub mod launch;
 pub mod metrics;
 pub mod oauth;
 pub mod proto;

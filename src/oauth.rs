@@ -1,8 +1,9 @@
 //! Everything that speaks OAuth 2.0 to EdgeTag: PKCE, the authorize URL, the token endpoint and the
 //! classification of its answers.
 //!
-//! The wire format follows `EDGETAG.md`: form POSTs with HTTP Basic client authentication, no
-//! `token_type` in responses, undocumented error bodies. Responses are parsed leniently but never
+//! The wire format follows EdgeTag's public API docs (docs.edgetag.io, "OAuth 2.0 →
+//! Implementation"): form POSTs with HTTP Basic client authentication, no `token_type` in
+//! responses, undocumented error bodies. Responses are parsed leniently but never
 //! echoed: an upstream body may hold a token, so errors carry only the status and a known OAuth error
 //! code.
 

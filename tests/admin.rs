@@ -7,80 +7,31 @@ use std::time::Duration;
 
 use common::{Options, TestApp, assert_status};
 use credential_service::proto::{
-    AccountInfo, AccountStatus, DescribeAccountRequest, ListAccountsRequest, RefreshOutcome,
-    RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome,
+    AccountStatus, ListAccountsRequest, RefreshOutcome, RemoveOutcome,
 };
 use fake_edgetag::Fault;
-use tonic::{Code, Status};
-
-async fn list(app: &TestApp, page_size: i32, page_token: &str) -> (Vec<String>, String) {
-    let page = app
-        .client
-        .clone()
-        .list_accounts(ListAccountsRequest {
-            page_size,
-            page_token: page_token.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (
-        page.accounts.into_iter().map(|a| a.account).collect(),
-        page.next_page_token,
-    )
-}
-
-async fn describe(app: &TestApp, account: &str) -> Result<AccountInfo, Status> {
-    app.client
-        .clone()
-        .describe_account(DescribeAccountRequest {
-            account: account.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn refresh(app: &TestApp, account: &str) -> Result<prost_types::Timestamp, Status> {
-    app.client
-        .clone()
-        .refresh_token(RefreshTokenRequest {
-            account: account.into(),
-        })
-        .await
-        .map(|r| r.into_inner().expires_at.unwrap())
-}
-
-async fn remove(app: &TestApp, account: &str, force: bool) -> Result<RemoveOutcome, Status> {
-    app.client
-        .clone()
-        .remove_account(RemoveAccountRequest {
-            account: account.into(),
-            force,
-        })
-        .await
-        .map(|r| r.into_inner().outcome())
-}
+use tonic::Code;
 
 #[tokio::test]
 async fn list_pages_through_accounts_in_name_order() {
     let app = TestApp::spawn().await;
-    assert_eq!(list(&app, 0, "").await, (vec![], String::new()));
+    assert_eq!(app.list(0, "").await, (vec![], String::new()));
     for account in ["carol", "alice", "bob", "dave", "erin"] {
         app.connect(account).await;
     }
 
-    let (first, token) = list(&app, 2, "").await;
+    let (first, token) = app.list(2, "").await;
     assert_eq!(first, ["alice", "bob"]);
     assert!(!token.is_empty());
     // An account added between pages neither repeats nor hides anything after the token.
     app.connect("aaron").await;
-    let (second, token) = list(&app, 2, &token).await;
+    let (second, token) = app.list(2, &token).await;
     assert_eq!(second, ["carol", "dave"]);
-    let (third, token) = list(&app, 2, &token).await;
+    let (third, token) = app.list(2, &token).await;
     assert_eq!(third, ["erin"]);
     assert_eq!(token, "", "the last page has no next token");
 
-    let (all, token) = list(&app, 0, "").await;
+    let (all, token) = app.list(0, "").await;
     assert_eq!(all, ["aaron", "alice", "bob", "carol", "dave", "erin"]);
     assert_eq!(token, "");
 
@@ -108,7 +59,7 @@ async fn list_pages_through_accounts_in_name_order() {
 async fn describe_shows_status_expiry_and_refreshes_but_never_a_token() {
     let app = TestApp::spawn().await;
     let connected = app.connect("acme").await;
-    let info = describe(&app, "acme").await.unwrap();
+    let info = app.describe("acme").await.unwrap();
     assert_eq!(info.account, "acme");
     assert_eq!(info.status(), AccountStatus::Active);
     assert_eq!(info.access_token_expires_at, connected.expires_at);
@@ -127,8 +78,8 @@ async fn describe_shows_status_expiry_and_refreshes_but_never_a_token() {
     assert_eq!(listed.accounts, vec![info.clone()]);
     assert!(!format!("{listed:?}{info:?}").contains(&token));
 
-    assert_status(describe(&app, "nobody").await, Code::NotFound, "nobody");
-    assert_status(describe(&app, "a b").await, Code::InvalidArgument, "1-128");
+    assert_status(app.describe("nobody").await, Code::NotFound, "nobody");
+    assert_status(app.describe("a b").await, Code::InvalidArgument, "1-128");
 }
 
 #[tokio::test]
@@ -138,14 +89,14 @@ async fn refresh_token_forces_a_refresh_and_reports_each_outcome() {
     app.clock.advance(Duration::from_secs(60));
     let before = app.fake.stats().refreshes_ok;
 
-    let expires_at = refresh(&app, "acme").await.unwrap();
+    let expires_at = app.refresh("acme").await.unwrap();
     assert_eq!(app.fake.stats().refreshes_ok, before + 1);
     assert_eq!(
         expires_at.seconds,
         connected.expires_at.unwrap().seconds + 60,
         "a fresh two-hour token from the new request time"
     );
-    let info = describe(&app, "acme").await.unwrap();
+    let info = app.describe("acme").await.unwrap();
     assert_eq!(info.status(), AccountStatus::Active);
     assert_eq!(info.last_refresh_outcome(), RefreshOutcome::Succeeded);
     assert_eq!(info.access_token_expires_at, Some(expires_at));
@@ -155,8 +106,8 @@ async fn refresh_token_forces_a_refresh_and_reports_each_outcome() {
     app.fake
         .set_persistent_fault(Some(Fault::ServiceUnavailable));
     app.clock.advance(Duration::from_secs(60));
-    assert_status(refresh(&app, "acme").await, Code::Unavailable, "retry");
-    let info = describe(&app, "acme").await.unwrap();
+    assert_status(app.refresh("acme").await, Code::Unavailable, "retry");
+    let info = app.describe("acme").await.unwrap();
     assert_eq!(info.status(), AccountStatus::RefreshingFailed);
     assert_eq!(info.last_refresh_outcome(), RefreshOutcome::Failed);
     app.get_token("acme").await.unwrap();
@@ -165,13 +116,13 @@ async fn refresh_token_forces_a_refresh_and_reports_each_outcome() {
     // EdgeTag rejects the refresh token: the account needs re-authorization.
     app.fake.revoke_all_refresh_tokens();
     assert_status(
-        refresh(&app, "acme").await,
+        app.refresh("acme").await,
         Code::FailedPrecondition,
         "re-authorization",
     );
-    let info = describe(&app, "acme").await.unwrap();
+    let info = app.describe("acme").await.unwrap();
     assert_eq!(info.status(), AccountStatus::NeedsReauth);
-    assert_status(refresh(&app, "ghost").await, Code::NotFound, "ghost");
+    assert_status(app.refresh("ghost").await, Code::NotFound, "ghost");
 }
 
 #[tokio::test]
@@ -183,7 +134,7 @@ async fn remove_revokes_at_edgetag_deletes_durably_and_is_idempotent() {
     assert!(app.fake.access_token_is_valid(&token));
 
     assert_eq!(
-        remove(&app, "acme", false).await.unwrap(),
+        app.remove("acme", false).await.unwrap(),
         RemoveOutcome::Revoked
     );
     assert!(
@@ -193,14 +144,14 @@ async fn remove_revokes_at_edgetag_deletes_durably_and_is_idempotent() {
     assert_eq!(app.fake.stats().revokes, 1);
     assert_status(app.get_token("acme").await, Code::NotFound, "not connected");
     assert_eq!(
-        remove(&app, "acme", false).await.unwrap(),
+        app.remove("acme", false).await.unwrap(),
         RemoveOutcome::NotFound
     );
     assert_eq!(app.fake.stats().revokes, 1, "nothing left to revoke");
 
     let app = app.restart().await;
     assert_eq!(
-        list(&app, 0, "").await.0,
+        app.list(0, "").await.0,
         ["keep"],
         "gone after a restart too"
     );
@@ -220,18 +171,14 @@ async fn remove_with_edgetag_unreachable_needs_force() {
     .await;
     app.connect("acme").await;
 
-    assert_status(
-        remove(&app, "acme", false).await,
-        Code::Unavailable,
-        "retry",
-    );
+    assert_status(app.remove("acme", false).await, Code::Unavailable, "retry");
     app.get_token("acme").await.expect("kept without force");
 
     assert_eq!(
-        remove(&app, "acme", true).await.unwrap(),
+        app.remove("acme", true).await.unwrap(),
         RemoveOutcome::RemovedWithoutRevocation
     );
-    assert_status(describe(&app, "acme").await, Code::NotFound, "acme");
+    assert_status(app.describe("acme").await, Code::NotFound, "acme");
     let app = app.restart().await;
-    assert_status(describe(&app, "acme").await, Code::NotFound, "acme");
+    assert_status(app.describe("acme").await, Code::NotFound, "acme");
 }

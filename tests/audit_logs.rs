@@ -5,13 +5,9 @@
 mod common;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{Bearer, Options, TestApp};
-use credential_service::{
-    auth::Callers,
-    proto::{GetTokenRequest, credential_service_client::CredentialServiceClient},
-};
+use common::{Options, TestApp};
+use credential_service::{auth::Callers, proto::GetTokenRequest};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 
 const ADMIN: &str = "admin-bearer-7d1c93e0aa";
 const READER: &str = "reader-bearer-0b55f2c4e1";
@@ -43,12 +39,7 @@ async fn trace_logs_hold_no_secret_and_every_call_is_audited() {
 
     let (code, state) = app.authorize("acme").await;
     app.complete(&code, &state).await.unwrap();
-    let reader = CredentialServiceClient::with_interceptor(
-        Channel::from_shared(format!("http://{}", app.addr))
-            .unwrap()
-            .connect_lazy(),
-        Bearer::new(Some(READER)),
-    );
+    let reader = app.client_with_token(Some(READER));
     let get = |account: &str| {
         let mut reader = reader.clone();
         let account = account.to_owned();
@@ -66,12 +57,7 @@ async fn trace_logs_hold_no_secret_and_every_call_is_audited() {
         get("globex").await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
-    let stranger = CredentialServiceClient::with_interceptor(
-        Channel::from_shared(format!("http://{}", app.addr))
-            .unwrap()
-            .connect_lazy(),
-        Bearer::new(Some("not-a-known-token-12345")),
-    );
+    let stranger = app.client_with_token(Some("not-a-known-token-12345"));
     assert!(
         stranger
             .clone()

@@ -26,7 +26,7 @@ fn known_variables() -> BTreeSet<String> {
         .filter_map(|a| a.get_env())
         .map(|e| e.to_string_lossy().into_owned())
         .collect();
-    names.insert("EDGETAG_CLIENT_SECRET".into()); // read by the binary itself
+    names.insert("EDGETAG_CLIENT_SECRET".into()); // read by launch::Launch::build, not clap
     names
 }
 

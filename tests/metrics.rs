@@ -9,20 +9,6 @@ use std::time::Duration;
 use common::{Options, TestApp};
 use fake_edgetag::Fault;
 
-async fn scrape(app: &TestApp) -> String {
-    let response = reqwest::get(app.metrics_url.as_ref().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/openmetrics-text")
-    );
-    response.text().await.unwrap()
-}
-
 /// The value of the series whose line starts with `series ` exactly (name and labels).
 #[track_caller]
 fn value(text: &str, series: &str) -> f64 {
@@ -51,7 +37,7 @@ async fn metrics_count_calls_upstream_requests_refreshes_and_accounts() {
     app.fake.push_faults([Fault::InvalidGrant]);
     assert!(app.get_token("bad").await.is_err()); // refresh rejected: needs re-authorization
 
-    let text = scrape(&app).await;
+    let text = app.metrics().await;
     let rpc = |method: &str, code: &str| {
         value(
             &text,
@@ -115,7 +101,7 @@ async fn metrics_count_calls_upstream_requests_refreshes_and_accounts() {
         .collect();
     // Scrape until all five callers have joined the one refresh (it takes 500 ms at the fake).
     let all_waiting = async {
-        while value(&scrape(&app).await, "credential_single_flight_waiters") < 5.0 {
+        while value(&app.metrics().await, "credential_single_flight_waiters") < 5.0 {
             tokio::task::yield_now().await;
         }
     };
@@ -130,7 +116,7 @@ async fn metrics_count_calls_upstream_requests_refreshes_and_accounts() {
     for w in waiting {
         w.await.unwrap().unwrap();
     }
-    let after = scrape(&app).await;
+    let after = app.metrics().await;
     assert_eq!(value(&after, "credential_single_flight_waiters"), 0.0);
     assert_eq!(
         value(&after, "credential_refreshes_total{outcome=\"succeeded\"}"),
@@ -139,7 +125,7 @@ async fn metrics_count_calls_upstream_requests_refreshes_and_accounts() {
 
     credential_service::metrics::record_refresh_lag(Duration::from_millis(1500));
     assert_eq!(
-        value(&scrape(&app).await, "credential_refresh_lag_seconds"),
+        value(&app.metrics().await, "credential_refresh_lag_seconds"),
         1.5
     );
 }

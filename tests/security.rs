@@ -86,13 +86,6 @@ async fn secured() -> (TestApp, TempDir, std::path::PathBuf, Callers) {
     (app, dir, path, callers)
 }
 
-fn client_for(app: &TestApp, token: Option<&str>) -> Client {
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect_lazy();
-    CredentialServiceClient::with_interceptor(channel, Bearer::new(token))
-}
-
 async fn get_token(client: &Client, account: &str) -> Result<String, tonic::Status> {
     client
         .clone()
@@ -119,7 +112,7 @@ async fn calls_without_or_with_a_wrong_token_are_unauthenticated() {
     let (app, _dir, _path, _callers) = secured().await;
     app.connect("acme-1").await;
     for token in [None, Some("wrong-token"), Some("")] {
-        let client = client_for(&app, token);
+        let client = app.client_with_token(token);
         assert_status(
             get_token(&client, "acme-1").await,
             Code::Unauthenticated,
@@ -129,7 +122,7 @@ async fn calls_without_or_with_a_wrong_token_are_unauthenticated() {
     }
     // The right token, for contrast.
     assert!(
-        get_token(&client_for(&app, Some(READER)), "acme-1")
+        get_token(&app.client_with_token(Some(READER)), "acme-1")
             .await
             .is_ok()
     );
@@ -140,7 +133,7 @@ async fn a_reader_may_only_get_tokens_and_only_for_its_accounts() {
     let (app, _dir, _path, _callers) = secured().await;
     app.connect("acme-1").await;
     app.connect("globex").await;
-    let reader = client_for(&app, Some(READER));
+    let reader = app.client_with_token(Some(READER));
 
     let token = get_token(&reader, "acme-1").await.unwrap();
     assert!(app.fake.access_token_is_valid(&token));
@@ -179,7 +172,7 @@ async fn a_reader_may_only_get_tokens_and_only_for_its_accounts() {
 async fn admins_are_limited_to_their_account_globs_too() {
     let (app, _dir, _path, _callers) = secured().await;
     app.connect("globex").await;
-    let acme_admin = client_for(&app, Some(ACME_ADMIN));
+    let acme_admin = app.client_with_token(Some(ACME_ADMIN));
     assert!(begin(&acme_admin, "acme-7").await.is_ok());
     assert_status(
         begin(&acme_admin, "globex").await,
@@ -241,8 +234,8 @@ async fn a_reload_swaps_the_callers_file_and_a_bad_one_keeps_the_old() {
     let (app, _dir, path, callers) = secured().await;
     app.connect("acme-1").await;
     let (old, new) = (
-        client_for(&app, Some(READER)),
-        client_for(&app, Some("rotated-reader-token")),
+        app.client_with_token(Some(READER)),
+        app.client_with_token(Some("rotated-reader-token")),
     );
     assert!(get_token(&old, "acme-1").await.is_ok());
 
@@ -493,7 +486,7 @@ async fn tls_client(
         .await?;
     Ok(CredentialServiceClient::with_interceptor(
         channel,
-        Bearer::new(token),
+        Bearer::new(token).unwrap(),
     ))
 }
 
@@ -535,7 +528,7 @@ async fn tls_refuses_plaintext_and_certificates_from_another_ca() {
     let pki = Pki::new();
     let app = tls_app(&pki).await;
 
-    let plain = client_for(&app, Some(ADMIN));
+    let plain = app.client_with_token(Some(ADMIN));
     assert!(begin(&plain, "acme-1").await.is_err());
 
     let other = Pki::new();
@@ -586,7 +579,7 @@ async fn admin_rpcs_need_the_admin_role_and_respect_account_globs() {
     };
 
     // A reader may not call any admin RPC, even for its own accounts.
-    let reader = client_for(&app, Some(READER));
+    let reader = app.client_with_token(Some(READER));
     assert_status(
         list(reader.clone()).await,
         Code::PermissionDenied,
@@ -608,7 +601,7 @@ async fn admin_rpcs_need_the_admin_role_and_respect_account_globs() {
     assert_status(refresh, Code::PermissionDenied, "permission denied");
 
     // An admin limited to acme-* sees and touches only those, and learns nothing of the others.
-    let acme_admin = client_for(&app, Some(ACME_ADMIN));
+    let acme_admin = app.client_with_token(Some(ACME_ADMIN));
     assert_eq!(list(acme_admin.clone()).await.unwrap(), vec!["acme-1"]);
     for account in ["globex", "no-such-account"] {
         let removed = acme_admin
@@ -622,14 +615,14 @@ async fn admin_rpcs_need_the_admin_role_and_respect_account_globs() {
         assert!(!status.message().contains("not connected"));
     }
     assert!(
-        get_token(&client_for(&app, Some(ADMIN)), "globex")
+        get_token(&app.client_with_token(Some(ADMIN)), "globex")
             .await
             .is_ok()
     );
 
     // The all-accounts admin sees everything.
     assert_eq!(
-        list(client_for(&app, Some(ADMIN))).await.unwrap(),
+        list(app.client_with_token(Some(ADMIN))).await.unwrap(),
         vec!["acme-1", "globex"]
     );
 }

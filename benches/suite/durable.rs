@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 
 use crate::{
     Env,
-    fixture::{self, RunningServer, TOKEN_LIFETIME, Upstream},
+    fixture::{self, RunningServer, TOKEN_LIFETIME},
     load,
 };
 
@@ -83,7 +83,7 @@ pub async fn run(env: &Env, ops: usize) -> Durable {
     let dir = fixture::temp_dir(root, "cs-bench-durable-");
     let config = fixture::service_config(
         dir.path(),
-        &Upstream::fake(&fake),
+        fixture::fake_upstream(&fake),
         BrokerConfig::default(),
         None,
     );

@@ -1,4 +1,4 @@
-//! What every benchmark needs: the runtimes, the one function that builds a `ServiceConfig`, seeded
+//! What every benchmark needs: the runtimes, the service's configuration for a benchmark, seeded
 //! data directories, and an in-process server with a handle to stop it.
 
 use std::{
@@ -14,8 +14,7 @@ use credential_service::{
     auth::Callers,
     broker::BrokerConfig,
     clock::Clock,
-    config::ServiceConfig,
-    oauth::ProviderConfig,
+    config::{ServiceConfig, Upstream},
     sealing::{EncryptionConfig, Keyring},
     server::{self, ServeError},
     store::{Expected, SledStore, Store},
@@ -69,37 +68,28 @@ impl Runtimes {
     }
 }
 
-/// Where the service's EdgeTag client points.
-#[derive(Clone)]
-pub struct Upstream {
-    authorize_url: Url,
-    token_url: Url,
-    revoke_url: Url,
-    client_id: String,
-    client_secret: String,
+/// The service's EdgeTag client pointed at `fake`.
+pub fn fake_upstream(fake: &FakeEdgeTag) -> Upstream {
+    Upstream {
+        authorize_url: Url::parse(&fake.authorize_url()).unwrap(),
+        token_url: Url::parse(&fake.token_url()).unwrap(),
+        revoke_url: Url::parse(&fake.revoke_url()).unwrap(),
+        client_id: fake.client_id().to_owned(),
+        client_secret: fake.client_secret().into(),
+        redirect_uri: Url::parse(REDIRECT_URI).unwrap(),
+    }
 }
 
-impl Upstream {
-    pub fn fake(fake: &FakeEdgeTag) -> Self {
-        Self {
-            authorize_url: Url::parse(&fake.authorize_url()).unwrap(),
-            token_url: Url::parse(&fake.token_url()).unwrap(),
-            revoke_url: Url::parse(&fake.revoke_url()).unwrap(),
-            client_id: fake.client_id().to_owned(),
-            client_secret: fake.client_secret().to_owned(),
-        }
-    }
-
-    /// A closed loopback port: enough for benchmarks whose tokens never need a refresh.
-    pub fn unreachable() -> Self {
-        let url = |path: &str| Url::parse(&format!("http://127.0.0.1:9{path}")).unwrap();
-        Self {
-            authorize_url: url("/oauth/app/login"),
-            token_url: url("/v1/oauth-app/client/token"),
-            revoke_url: url("/v1/oauth-app/client/revoke"),
-            client_id: "bench-client".into(),
-            client_secret: "bench-secret".into(),
-        }
+/// A closed loopback port: enough for benchmarks whose tokens never need a refresh.
+pub fn unreachable_upstream() -> Upstream {
+    let url = |path: &str| Url::parse(&format!("http://127.0.0.1:9{path}")).unwrap();
+    Upstream {
+        authorize_url: url("/oauth/app/login"),
+        token_url: url("/v1/oauth-app/client/token"),
+        revoke_url: url("/v1/oauth-app/client/revoke"),
+        client_id: "bench-client".into(),
+        client_secret: "bench-secret".into(),
+        redirect_uri: Url::parse(REDIRECT_URI).unwrap(),
     }
 }
 
@@ -149,38 +139,22 @@ fn encryption(data_dir: &Path) -> EncryptionConfig {
     }
 }
 
-/// The one place a `ServiceConfig` is built: a new configuration field needs one edit, here.
+/// The production configuration (`ServiceConfig::new`) with the benchmark's upstream, broker
+/// settings, callers and key, and EdgeTag's real token lifetime.
 pub fn service_config(
     data_dir: &Path,
-    upstream: &Upstream,
+    upstream: Upstream,
     broker: BrokerConfig,
     auth: Option<&CallerAuth>,
 ) -> ServiceConfig {
-    ServiceConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.to_owned(),
-        provider: ProviderConfig {
-            authorize_url: upstream.authorize_url.clone(),
-            token_url: upstream.token_url.clone(),
-            revoke_url: upstream.revoke_url.clone(),
-            client_id: upstream.client_id.clone(),
-            client_secret: upstream.client_secret.clone().into(),
-            redirect_uri: Url::parse(REDIRECT_URI).unwrap(),
-            scope: "full".into(),
-            request_timeout: Duration::from_secs(10),
-            default_token_lifetime: TOKEN_LIFETIME,
-            send_redirect_uri: false,
-        },
-        broker,
-        callers: match auth {
-            Some(auth) => Callers::load(&auth.callers_file).expect("the callers file loads"),
-            None => Callers::open(),
-        },
-        tls: None,
-        encryption: encryption(data_dir),
-        callback: None,
-        metrics_listen: None,
+    let mut config = ServiceConfig::new(upstream, data_dir.to_owned());
+    config.provider.default_token_lifetime = TOKEN_LIFETIME;
+    config.broker = broker;
+    if let Some(auth) = auth {
+        config.callers = Callers::load(&auth.callers_file).expect("the callers file loads");
     }
+    config.encryption = encryption(data_dir);
+    config
 }
 
 /// Opens a benchmark data directory's store with its key.

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 
 use crate::{
     Env,
-    fixture::{self, RunningServer, TOKEN_LIFETIME, Upstream},
+    fixture::{self, RunningServer, TOKEN_LIFETIME},
     load,
 };
 
@@ -87,7 +87,7 @@ async fn run(
     fixture::seed(dir.path(), &names, &clock, |_| fake.seed_grant()).await;
     let broker = BrokerConfig::default();
     let cap = broker.upstream_concurrency;
-    let config = fixture::service_config(dir.path(), &Upstream::fake(&fake), broker, None);
+    let config = fixture::service_config(dir.path(), fixture::fake_upstream(&fake), broker, None);
     let server = RunningServer::service(env.runtimes.server.handle(), config, clock.clone()).await;
     let clients = load::connect(server.addr, CHANNELS).await;
 

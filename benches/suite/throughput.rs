@@ -8,7 +8,7 @@ use tonic::metadata::AsciiMetadataValue;
 
 use crate::{
     Env,
-    fixture::{self, CallerAuth, RunningServer, Upstream},
+    fixture::{self, CallerAuth, RunningServer},
     floor,
     load::{self, LoadResult, ServerCpu},
 };
@@ -54,7 +54,7 @@ pub async fn compare(
     let server_rt = env.runtimes.server.handle();
     let config = fixture::service_config(
         data_dir,
-        &Upstream::unreachable(),
+        fixture::unreachable_upstream(),
         BrokerConfig::default(),
         auth,
     );

@@ -1,18 +1,12 @@
-//! The credential-service binary: parse settings, set up logs, bind, serve. All logic is in the library.
+//! The credential-service binary: parse, build, run. All logic is in the library ([`launch`]).
 
-use std::process::ExitCode;
-
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use credential_service::{
-    clock::Clock,
     config::{KeySettings, Settings},
-    dev,
-    sealing::Keyring,
-    server,
-    store::{SledStore, Store},
-    telemetry,
+    launch::{self, Launch, LaunchError},
+    server, telemetry,
 };
 
 /// Holds EdgeTag OAuth 2.0 credentials and serves fresh access tokens over gRPC.
@@ -49,114 +43,19 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let Cli {
-        mut settings,
+        settings,
         dev,
         command,
     } = Cli::parse();
     telemetry::init(settings.log_format);
-    if let Some(Command::RotateKeys { data_dir, keys }) = command {
-        return rotate_keys(data_dir, keys).await;
-    }
-
-    let mut client_secret = std::env::var("EDGETAG_CLIENT_SECRET").ok();
-    let mut dev_env = if dev {
-        match dev::start(&mut settings).await {
-            Ok(env) => {
-                client_secret = Some(env.client_secret.clone());
-                Some(env)
-            }
-            Err(e) => return fail(e, 2),
-        }
-    } else {
-        None
+    let outcome = match command {
+        Some(Command::RotateKeys { data_dir, keys }) => launch::rotate_keys(&data_dir, &keys).await,
+        None => serve(settings, dev).await,
     };
-    let config = match settings.resolve(client_secret) {
-        Ok(config) => config,
-        Err(e) => return fail(e, 2),
-    };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            return fail(
-                format!(
-                    "cannot listen on {} (--listen / CREDENTIAL_SERVICE_LISTEN): {e}",
-                    config.listen
-                ),
-                1,
-            );
-        }
-    };
-    // Dev mode bound the callback already: its address is the redirect URI.
-    let callback = match (
-        dev_env.as_mut().and_then(|e| e.callback.take()),
-        &config.callback,
-    ) {
-        (Some(bound), _) => Some(bound),
-        (None, Some(c)) => match server::bind(
-            c.listen,
-            "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
-        )
-        .await
-        {
-            Ok(l) => Some(l),
-            Err(e) => return fail(e, 1),
-        },
-        (None, None) => None,
-    };
-    let metrics = match config.metrics_listen {
-        Some(addr) => {
-            match server::bind(addr, "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN").await {
-                Ok(l) => Some(l),
-                Err(e) => return fail(e, 1),
-            }
-        }
-        None => None,
-    };
-    if let Some(env) = &dev_env {
-        eprintln!(
-            "{}",
-            dev::banner(listener.local_addr().unwrap_or(config.listen), env)
-        );
-    }
-    let listeners = server::Listeners {
-        grpc: listener,
-        callback,
-        metrics,
-    };
-    let app = match server::App::open(config, Clock::system()).await {
-        Ok(app) => app,
-        Err(e) => return fail(e, 1),
-    };
-    match server::serve(app, listeners, server::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e, 1),
-    }
+    launch::exit(outcome)
 }
 
-async fn rotate_keys(data_dir: PathBuf, keys: KeySettings) -> ExitCode {
-    let keyring = match Keyring::load(&keys.encryption(), &data_dir) {
-        Ok(k) => k,
-        Err(e) => return fail(e, 2),
-    };
-    let current = keyring.current_id();
-    let store = match SledStore::open(&data_dir, keyring) {
-        Ok(s) => s,
-        Err(e) => return fail(e, 1),
-    };
-    match store.reseal_all().await {
-        Ok(done) => {
-            eprintln!(
-                "credential-service: {} record(s) re-sealed with key {current}, {} already were; \
-                 the previous key files are no longer needed",
-                done.resealed, done.current
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(e, 1),
-    }
-}
-
-fn fail(e: impl std::fmt::Display, code: u8) -> ExitCode {
-    eprintln!("credential-service: {e}");
-    ExitCode::from(code)
+async fn serve(settings: Settings, dev: bool) -> Result<(), LaunchError> {
+    let service = Launch::build(settings, dev).await?;
+    service.run(server::shutdown_signal()).await
 }

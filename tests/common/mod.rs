@@ -2,17 +2,24 @@
 //! in front of the strict fake EdgeTag, and typed helpers for the calls tests make.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
+pub use credential_service::cli::Bearer;
 use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
-    config::{CallbackConfig, ServiceConfig, TlsConfig},
-    oauth::ProviderConfig,
+    config::{CallbackConfig, ServiceConfig, TlsConfig, Upstream},
     proto::{
-        BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest, CompleteAuthResponse,
-        GetTokenRequest, GetTokenResponse, credential_service_client::CredentialServiceClient,
+        AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
+        CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
+        ListAccountsRequest, RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome,
+        credential_service_client::CredentialServiceClient,
     },
     sealing::{self, EncryptionConfig},
     server::{self, App, ServeError},
@@ -21,22 +28,18 @@ use credential_service::{
 use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::{
-    Code, Request, Status,
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::Channel,
-};
+use tonic::{Code, Status, service::interceptor::InterceptedService, transport::Channel};
 use url::Url;
 
 pub const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
+pub const HOUR: Duration = Duration::from_secs(3600);
+pub const MINUTE: Duration = Duration::from_secs(60);
 
-/// Knobs a test may turn; everything else is the production default.
+/// Knobs a test may turn; everything else is the production default (`ServiceConfig::new`).
 #[derive(Clone)]
 pub struct Options {
     pub broker: BrokerConfig,
     pub request_timeout: Duration,
-    pub default_token_lifetime: Duration,
     /// Send `redirect_uri` in the code exchange (strict OAuth servers).
     pub send_redirect_uri: bool,
     /// Who may call; open (no callers file) by default.
@@ -56,27 +59,6 @@ pub struct Options {
     pub metrics: bool,
 }
 
-/// Adds `authorization: Bearer <token>` to every call, if there is a token.
-#[derive(Clone)]
-pub struct Bearer(pub Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    pub fn new(token: Option<&str>) -> Self {
-        Self(token.map(|t| format!("Bearer {t}").parse().unwrap()))
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 pub type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl Default for Options {
@@ -90,7 +72,6 @@ impl Default for Options {
                 ..BrokerConfig::default()
             },
             request_timeout: Duration::from_secs(2),
-            default_token_lifetime: Duration::from_secs(3600),
             send_redirect_uri: false,
             callers: Callers::open(),
             tls: None,
@@ -174,6 +155,10 @@ impl TestApp {
 
     /// A server in front of a fake EdgeTag that rotates refresh tokens on every refresh.
     pub async fn spawn_rotating() -> Self {
+        Self::spawn_rotating_with(Options::default()).await
+    }
+
+    pub async fn spawn_rotating_with(options: Options) -> Self {
         let clock = Clock::manual();
         let config = FakeConfig {
             rotate_refresh_tokens: true,
@@ -185,7 +170,7 @@ impl TestApp {
                 .expect("fake EdgeTag starts"),
         );
         let data_dir = Arc::new(tempfile::tempdir().unwrap());
-        Self::start(fake, clock, data_dir, Options::default()).await
+        Self::start(fake, clock, data_dir, options).await
     }
 
     /// Starts a server on an existing fake, clock and data directory.
@@ -241,7 +226,7 @@ impl TestApp {
         };
         let client = CredentialServiceClient::with_interceptor(
             channel,
-            Bearer::new(options.token.as_deref()),
+            Bearer::new(options.token.as_deref()).unwrap(),
         );
         Self {
             addr,
@@ -331,6 +316,92 @@ impl TestApp {
         let (code, state) = self.authorize(account).await;
         self.complete(&code, &state).await.expect("CompleteAuth")
     }
+
+    /// ListAccounts: one page's account names and the next page's token.
+    pub async fn list(&self, page_size: i32, page_token: &str) -> (Vec<String>, String) {
+        let page = self
+            .client
+            .clone()
+            .list_accounts(ListAccountsRequest {
+                page_size,
+                page_token: page_token.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (
+            page.accounts.into_iter().map(|a| a.account).collect(),
+            page.next_page_token,
+        )
+    }
+
+    /// DescribeAccount.
+    pub async fn describe(&self, account: &str) -> Result<AccountInfo, Status> {
+        self.client
+            .clone()
+            .describe_account(DescribeAccountRequest {
+                account: account.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// RefreshToken: the new access token's expiry.
+    pub async fn refresh(&self, account: &str) -> Result<prost_types::Timestamp, Status> {
+        self.client
+            .clone()
+            .refresh_token(RefreshTokenRequest {
+                account: account.into(),
+            })
+            .await
+            .map(|r| r.into_inner().expires_at.unwrap())
+    }
+
+    /// RemoveAccount.
+    pub async fn remove(&self, account: &str, force: bool) -> Result<RemoveOutcome, Status> {
+        self.client
+            .clone()
+            .remove_account(RemoveAccountRequest {
+                account: account.into(),
+                force,
+            })
+            .await
+            .map(|r| r.into_inner().outcome())
+    }
+
+    /// A client of this server that sends `token` (or nothing), beside the harness's own.
+    pub fn client_with_token(&self, token: Option<&str>) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy();
+        CredentialServiceClient::with_interceptor(channel, Bearer::new(token).unwrap())
+    }
+
+    /// `/metrics` as a scraper gets it (needs [`Options::metrics`]).
+    pub async fn metrics(&self) -> String {
+        let response = reqwest::get(self.metrics_url.as_ref().expect("Options::metrics"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        response.text().await.unwrap()
+    }
+
+    /// Seconds from the test clock's now until `expires_at`.
+    pub fn seconds_left(&self, expires_at: Option<prost_types::Timestamp>) -> i64 {
+        let now = self
+            .clock
+            .now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        expires_at.unwrap().seconds - now
+    }
 }
 
 impl Drop for TestApp {
@@ -341,33 +412,28 @@ impl Drop for TestApp {
     }
 }
 
+/// The production configuration (`ServiceConfig::new`) pointed at `fake`, with `options` applied.
 pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) -> ServiceConfig {
     let url = |s: String| Url::parse(&s).unwrap();
-    ServiceConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir,
-        provider: ProviderConfig {
-            authorize_url: url(fake.authorize_url()),
-            token_url: url(fake.token_url()),
-            revoke_url: options
-                .revoke_url
-                .clone()
-                .unwrap_or_else(|| url(fake.revoke_url())),
-            client_id: fake.config().client_id.clone(),
-            client_secret: fake.config().client_secret.clone().into(),
-            redirect_uri: url(REDIRECT_URI.to_owned()),
-            scope: "full".into(),
-            request_timeout: options.request_timeout,
-            default_token_lifetime: options.default_token_lifetime,
-            send_redirect_uri: options.send_redirect_uri,
-        },
-        broker: options.broker.clone(),
-        callers: options.callers.clone(),
-        tls: options.tls.clone(),
-        encryption: options.encryption.clone(),
-        callback: None,
-        metrics_listen: None,
-    }
+    let upstream = Upstream {
+        authorize_url: url(fake.authorize_url()),
+        token_url: url(fake.token_url()),
+        revoke_url: options
+            .revoke_url
+            .clone()
+            .unwrap_or_else(|| url(fake.revoke_url())),
+        client_id: fake.config().client_id.clone(),
+        client_secret: fake.config().client_secret.clone().into(),
+        redirect_uri: url(REDIRECT_URI.to_owned()),
+    };
+    let mut config = ServiceConfig::new(upstream, data_dir);
+    config.provider.request_timeout = options.request_timeout;
+    config.provider.send_redirect_uri = options.send_redirect_uri;
+    config.broker = options.broker.clone();
+    config.callers = options.callers.clone();
+    config.tls = options.tls.clone();
+    config.encryption = options.encryption.clone();
+    config
 }
 
 /// Asserts the status code and that the message contains `needle`.

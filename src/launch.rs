@@ -1,0 +1,140 @@
+//! What the `credential-service` binary does between parsing its flags and exiting, so that its
+//! `main` reads parse, build, run: `--dev`'s set-up, resolving the settings, binding every listener
+//! before anything is opened, serving until a signal, `rotate-keys`, and the exit code of each
+//! failure (2: the settings cannot work as given; 1: starting or serving failed).
+
+use std::{future::Future, path::Path, process::ExitCode};
+
+use crate::{
+    clock::Clock,
+    config::{ConfigError, KeySettings, Settings},
+    dev::{self, DevEnvironment, DevError},
+    sealing::{KeyError, Keyring},
+    server::{self, App, Listeners, ServeError},
+    store::{SledStore, Store, StoreError},
+};
+
+/// Why the binary stops with an error; [`LaunchError::exit_code`] tells scripts which kind.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Dev(#[from] DevError),
+    /// The key files given to `rotate-keys` (the server's own key errors come as [`ServeError`]).
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl LaunchError {
+    /// 2 when the settings must change, like a usage error; 1 when starting or serving failed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::Dev(_) | Self::Keys(_) => 2,
+            Self::Serve(_) | Self::Store(_) => 1,
+        }
+    }
+}
+
+/// Prints a failure as the binary's one line on stderr and turns the outcome into its exit code.
+pub fn exit(outcome: Result<(), LaunchError>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credential-service: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// The service with its settings checked, its listeners bound and its data opened: what is left
+/// is to serve.
+pub struct Launch {
+    app: App,
+    listeners: Listeners,
+    /// `--dev`'s fake EdgeTag and temporary data directory, kept alive while the service runs.
+    dev: Option<DevEnvironment>,
+}
+
+impl Launch {
+    /// With `dev`, first starts the fake EdgeTag and points `settings` at it (see [`dev::start`]).
+    /// The client secret may come from EDGETAG_CLIENT_SECRET, read here rather than by clap so that
+    /// it never shows in `--help`.
+    pub async fn build(mut settings: Settings, dev: bool) -> Result<Self, LaunchError> {
+        let mut client_secret = std::env::var("EDGETAG_CLIENT_SECRET").ok();
+        let mut dev_env = None;
+        if dev {
+            let env = dev::start(&mut settings).await?;
+            client_secret = Some(env.client_secret.clone());
+            dev_env = Some(env);
+        }
+        let config = settings.resolve(client_secret)?;
+        let grpc = server::bind(config.listen, "--listen / CREDENTIAL_SERVICE_LISTEN").await?;
+        // Dev mode bound the callback already: its address is the redirect URI.
+        let callback = match (
+            dev_env.as_mut().and_then(|e| e.callback.take()),
+            &config.callback,
+        ) {
+            (Some(bound), _) => Some(bound),
+            (None, Some(c)) => Some(
+                server::bind(
+                    c.listen,
+                    "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
+                )
+                .await?,
+            ),
+            (None, None) => None,
+        };
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                server::bind(addr, "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN").await?,
+            ),
+            None => None,
+        };
+        if let Some(env) = &dev_env {
+            let listen = grpc.local_addr().unwrap_or(config.listen);
+            eprintln!("{}", dev::banner(listen, env));
+        }
+        let app = App::open(config, Clock::system()).await?;
+        let listeners = Listeners {
+            grpc,
+            callback,
+            metrics,
+        };
+        Ok(Self {
+            app,
+            listeners,
+            dev: dev_env,
+        })
+    }
+
+    /// Serves until `shutdown` resolves (see [`server::serve`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), LaunchError> {
+        let Self {
+            app,
+            listeners,
+            dev,
+        } = self;
+        server::serve(app, listeners, shutdown).await?;
+        drop(dev); // only now: the fake and the temporary data outlive the server
+        Ok(())
+    }
+}
+
+/// `rotate-keys`: re-seals every record with the current key, so previous keys can be retired.
+pub async fn rotate_keys(data_dir: &Path, keys: &KeySettings) -> Result<(), LaunchError> {
+    let keyring = Keyring::load(&keys.encryption(), data_dir)?;
+    let current = keyring.current_id();
+    let store = SledStore::open(data_dir, keyring)?;
+    let done = store.reseal_all().await?;
+    eprintln!(
+        "credential-service: {} record(s) re-sealed with key {current}, {} already were; \
+         the previous key files are no longer needed",
+        done.resealed, done.current
+    );
+    Ok(())
+}
