@@ -1,6 +1,8 @@
 //! Assembles the service and serves it. [`App::open`] loads keys, store, provider client and
 //! broker; [`serve`] composes the pieces, each in its own file:
-//! - `grpc`: the credential service with health and reflection, the layers, TLS, the drain;
+//! - `grpc`: the credential service with health and reflection, the layers, the drain;
+//! - `conn`: accepting connections within bounds: how many, handshake deadline, TLS;
+//! - `limits`: bounds on calls in flight and on health Watch streams;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
 //! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP.
@@ -8,8 +10,10 @@
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
 //! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, store flushed.
 
+mod conn;
 mod grpc;
 mod http;
+mod limits;
 mod signals;
 mod upkeep;
 
@@ -32,7 +36,8 @@ use crate::{
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// Requests are tiny (an account name, a code and a state); anything bigger is refused unread.
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// The default of `--max-request-bytes`.
+pub const MAX_REQUEST_BYTES: usize = crate::config::Limits::DEFAULT.max_request_bytes;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,8 @@ pub enum ServeError {
     HttpClient(#[from] reqwest::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
