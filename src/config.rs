@@ -14,7 +14,7 @@ use crate::{
     auth::Callers,
     broker::{BrokerConfig, RefreshPolicy},
     oauth::ProviderConfig,
-    sealing::EncryptionConfig,
+    sealing::{self, EncryptionConfig},
 };
 
 /// Which EdgeTag deployment to talk to.
@@ -395,6 +395,7 @@ impl Settings {
                 let raw = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError(format!("cannot read the client secret file {} (--client-secret-file / EDGETAG_CLIENT_SECRET_FILE): {e}", path.display()))
                 })?;
+                sealing::warn_if_open_to_others(path, "the client secret file");
                 let secret = raw.trim();
                 if secret.is_empty() {
                     return Err(ConfigError(format!(

@@ -1,7 +1,8 @@
 //! What a hostile process on the network can do without credentials, tried with real connections
 //! against the real binary: flood health with huge messages over one HTTP/2 connection (the
 //! server's memory, read from /proc, must stay small and health must keep answering), hold
-//! connections open without a handshake, exceed the connection, in-flight and Watch bounds.
+//! connections open without a handshake, exceed the connection, in-flight and Watch bounds. And a
+//! start with secret files open to others warns.
 
 use std::{path::Path, process::Stdio, time::Duration};
 
@@ -484,4 +485,87 @@ async fn health_watches_are_capped_and_a_closed_one_frees_its_place() {
     };
     drop(third);
     server.child.kill().await.unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn secret_files_open_to_others_are_named_with_their_mode_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "s3cret-from-file\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = dir.path().join("encryption.key");
+    credential_service::sealing::create_key_file(&key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let mut child = service(dir.path(), &[])
+        .env_remove("EDGETAG_CLIENT_SECRET")
+        .arg("--client-secret-file")
+        .arg(&secret)
+        .arg("--encryption-key-file")
+        .arg(&key)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let serving = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("credential-service serving") {
+                return;
+            }
+            seen.push(line);
+        }
+        panic!("the service stopped");
+    };
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .unwrap();
+    let warning = |file: &Path| {
+        seen.iter()
+            .filter(|l| l.contains("WARN") && l.contains(&*file.to_string_lossy()))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let secret_lines = warning(&secret);
+    assert_eq!(secret_lines.len(), 1, "{seen:#?}");
+    assert!(
+        secret_lines[0].contains("client secret file") && secret_lines[0].contains("0644"),
+        "{secret_lines:?}"
+    );
+    let key_lines = warning(&key);
+    assert_eq!(key_lines.len(), 1, "{seen:#?}");
+    assert!(
+        key_lines[0].contains("encryption key file") && key_lines[0].contains("0640"),
+        "{key_lines:?}"
+    );
+    assert!(!seen.iter().any(|l| l.contains("s3cret-from-file")));
+
+    // Mode 0600: no warning.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+    let mut child = service(dir.path(), &[])
+        .env_remove("EDGETAG_CLIENT_SECRET")
+        .arg("--client-secret-file")
+        .arg(&secret)
+        .arg("--encryption-key-file")
+        .arg(&key)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let quiet = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("credential-service serving") {
+                return;
+            }
+            assert!(!line.contains("open to group or others"), "{line}");
+        }
+        panic!("the service stopped");
+    };
+    tokio::time::timeout(Duration::from_secs(30), quiet)
+        .await
+        .unwrap();
+    child.kill().await.unwrap();
 }
