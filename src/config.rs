@@ -690,6 +690,42 @@ mod tests {
     }
 
     #[test]
+    fn limits_default_to_the_documented_values_and_none_may_be_zero() {
+        let c = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
+        assert_eq!(c.limits, Limits::DEFAULT);
+        let mut args = REQUIRED.to_vec();
+        args.extend(["--max-health-watches", "3", "--handshake-timeout", "2s"]);
+        let c = settings(&args).resolve(Some("s".into())).unwrap();
+        assert_eq!(c.limits.max_health_watches, 3);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
+        for (flag, value, variable) in [
+            (
+                "--max-connections",
+                "0",
+                "CREDENTIAL_SERVICE_MAX_CONNECTIONS",
+            ),
+            (
+                "--max-calls-in-flight",
+                "0",
+                "CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT",
+            ),
+            (
+                "--handshake-timeout",
+                "0s",
+                "CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT",
+            ),
+        ] {
+            let mut args = REQUIRED.to_vec();
+            args.extend([flag, value]);
+            let e = settings(&args)
+                .resolve(Some("s".into()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag) && e.contains(variable), "{e}");
+        }
+    }
+
+    #[test]
     fn credentials_never_go_over_plain_http_except_to_loopback() {
         let mut args = REQUIRED.to_vec();
         args.extend(["--token-url", "http://api.example.com/token"]);

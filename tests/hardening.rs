@@ -366,6 +366,69 @@ async fn tls_connections_without_a_handshake_or_a_preface_are_closed_within_the_
     server.child.kill().await.unwrap();
 }
 
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn out_of_file_descriptors_the_accept_loop_backs_off_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    // The binary under a small open-files limit, as in a tight container.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -n 64 && exec "$0" "$@""#)
+        .arg(BIN)
+        .args(
+            service(dir.path(), &["--handshake-timeout", "60s"])
+                .as_std()
+                .get_args(),
+        );
+    cmd.env_clear()
+        .env("EDGETAG_CLIENT_SECRET", "s3cret")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = field(
+        &wait_for_line(&mut lines, "credential-service serving").await,
+        "addr",
+    );
+    // Silent connections until the server runs out of descriptors (the backlog holds the rest).
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    wait_for_line(&mut lines, "cannot accept connections; backing off").await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await; // measuring CPU use over time
+    let used = cpu_ticks(pid) - before;
+    eprintln!("out of descriptors: {used} ticks of CPU in 2 s");
+    // Spinning would use about 200 ticks (two seconds of a core); backing off, a handful.
+    assert!(
+        used < 40,
+        "{used} ticks of CPU in 2 s while out of descriptors"
+    );
+    drop(silent);
+    wait_for_line(&mut lines, "accepting connections again").await;
+    let mut client = health(&addr).await;
+    assert_eq!(check(&mut client).await.unwrap(), 1);
+    child.kill().await.unwrap();
+}
+
 #[tokio::test]
 async fn past_the_connection_bound_a_connection_is_closed_at_once() {
     let mut server = start(&["--max-connections", "3"]).await;
