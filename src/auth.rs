@@ -330,9 +330,15 @@ impl Callers {
             && let Some(leaf) = certs.first()
             && let Ok(cert) = webpki::EndEntityCert::try_from(leaf)
         {
-            // rustls verified the chain against --tls-client-ca during the handshake.
+            // rustls verified the chain against --tls-client-ca during the handshake. A wildcard
+            // would stand for every caller under its domain, so a certificate with one names none.
+            if cert.valid_dns_names().any(|name| name.contains('*')) {
+                return Err(Status::unauthenticated(
+                    "client certificates with a wildcard name are not accepted",
+                ));
+            }
             for (san, caller) in &table.by_san {
-                if cert.verify_is_valid_for_subject_name(san).is_ok() {
+                if san_matches(&cert, san) {
                     return Ok(caller.clone());
                 }
             }
@@ -343,6 +349,19 @@ impl Callers {
         Err(Status::unauthenticated(
             "no credentials: send `authorization: Bearer <token>` (or a client certificate listed in the callers file)",
         ))
+    }
+}
+
+/// Whether the certificate carries `san` exactly: a DNS name equal to one of its DNS names (ASCII
+/// case aside), or an IP address equal to one of its IP addresses. Not webpki's server-name rules,
+/// which let a wildcard stand for the name.
+fn san_matches(cert: &webpki::EndEntityCert<'_>, san: &ServerName<'_>) -> bool {
+    match san {
+        ServerName::DnsName(name) => cert
+            .valid_dns_names()
+            .any(|presented| presented.eq_ignore_ascii_case(name.as_ref())),
+        ServerName::IpAddress(_) => cert.verify_is_valid_for_subject_name(san).is_ok(),
+        _ => false,
     }
 }
 

@@ -11,7 +11,10 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::{
-    auth::Callers, broker::BrokerConfig, oauth::ProviderConfig, sealing::EncryptionConfig,
+    auth::Callers,
+    broker::BrokerConfig,
+    oauth::ProviderConfig,
+    sealing::{self, EncryptionConfig},
 };
 
 /// Which EdgeTag deployment to talk to.
@@ -158,6 +161,142 @@ pub struct Settings {
 
     #[command(flatten)]
     pub keys: KeySettings,
+
+    #[command(flatten)]
+    pub limits: LimitSettings,
+}
+
+/// What one peer, or all of them together, may hold of the gRPC listener at once. Each bound
+/// answers a way to exhaust the service's memory or file descriptors without credentials.
+#[derive(Debug, Clone, Args)]
+pub struct LimitSettings {
+    /// Largest request message on every gRPC service (health and reflection too); a larger one is
+    /// refused (OUT_OF_RANGE) before it is read.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_REQUEST_BYTES", default_value_t = Limits::DEFAULT.max_request_bytes)]
+    pub max_request_bytes: usize,
+
+    /// Most gRPC connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_CONNECTIONS", default_value_t = Limits::DEFAULT.max_connections)]
+    pub max_connections: usize,
+
+    /// Most concurrent calls (HTTP/2 streams) on one connection.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_STREAMS_PER_CONNECTION", default_value_t = Limits::DEFAULT.max_streams_per_connection)]
+    pub max_streams_per_connection: u32,
+
+    /// Most gRPC calls in progress at once over all connections (health checks aside); one more
+    /// is refused with RESOURCE_EXHAUSTED, not queued.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT", default_value_t = Limits::DEFAULT.max_calls_in_flight)]
+    pub max_calls_in_flight: usize,
+
+    /// Most health Watch streams open at once; one more is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES", default_value_t = Limits::DEFAULT.max_health_watches)]
+    pub max_health_watches: usize,
+
+    /// A connection that has not finished its TLS handshake and sent the HTTP/2 preface within
+    /// this is closed.
+    #[arg(long, env = "CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Sends an HTTP/2 PING to a peer that has been silent this long, so dead peers are found.
+    #[arg(long, env = "CREDENTIAL_SERVICE_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// Closes a connection whose peer has not answered a keepalive PING within this.
+    #[arg(long, env = "CREDENTIAL_SERVICE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+}
+
+/// The bounds of the gRPC listener, checked; see [`LimitSettings`] for what each means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    pub max_calls_in_flight: usize,
+    pub max_health_watches: usize,
+    pub handshake_timeout: Duration,
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Limits {
+    /// The production defaults (those of the flags).
+    pub const DEFAULT: Self = Self {
+        max_request_bytes: 16 * 1024,
+        max_connections: 512,
+        max_streams_per_connection: 100,
+        max_calls_in_flight: 1024,
+        max_health_watches: 64,
+        handshake_timeout: Duration::from_secs(10),
+        http2_keepalive_interval: Duration::from_secs(60),
+        http2_keepalive_timeout: Duration::from_secs(20),
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl LimitSettings {
+    fn resolve(&self) -> Result<Limits, ConfigError> {
+        let counts = [
+            (
+                self.max_request_bytes,
+                "--max-request-bytes / CREDENTIAL_SERVICE_MAX_REQUEST_BYTES",
+            ),
+            (
+                self.max_connections,
+                "--max-connections / CREDENTIAL_SERVICE_MAX_CONNECTIONS",
+            ),
+            (
+                self.max_streams_per_connection as usize,
+                "--max-streams-per-connection / CREDENTIAL_SERVICE_MAX_STREAMS_PER_CONNECTION",
+            ),
+            (
+                self.max_calls_in_flight,
+                "--max-calls-in-flight / CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT",
+            ),
+            (
+                self.max_health_watches,
+                "--max-health-watches / CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES",
+            ),
+        ];
+        for (value, name) in counts {
+            if value == 0 {
+                return Err(ConfigError(format!("{name} must be at least 1")));
+            }
+        }
+        for (value, name) in [
+            (
+                self.handshake_timeout,
+                "--handshake-timeout / CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT",
+            ),
+            (
+                self.http2_keepalive_interval,
+                "--http2-keepalive-interval / CREDENTIAL_SERVICE_HTTP2_KEEPALIVE_INTERVAL",
+            ),
+            (
+                self.http2_keepalive_timeout,
+                "--http2-keepalive-timeout / CREDENTIAL_SERVICE_HTTP2_KEEPALIVE_TIMEOUT",
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{name} must be longer than zero")));
+            }
+        }
+        Ok(Limits {
+            max_request_bytes: self.max_request_bytes,
+            max_connections: self.max_connections,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_calls_in_flight: self.max_calls_in_flight,
+            max_health_watches: self.max_health_watches,
+            handshake_timeout: self.handshake_timeout,
+            http2_keepalive_interval: self.http2_keepalive_interval,
+            http2_keepalive_timeout: self.http2_keepalive_timeout,
+        })
+    }
 }
 
 /// The encryption keys of the data directory; shared by the server and `rotate-keys`.
@@ -221,6 +360,8 @@ pub struct ServiceConfig {
     pub callback: Option<CallbackConfig>,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The bounds of the gRPC listener.
+    pub limits: Limits,
 }
 
 /// Where the browser callback listens and on which path.
@@ -282,6 +423,7 @@ impl ServiceConfig {
             encryption: EncryptionConfig::default(),
             callback: None,
             metrics_listen: None,
+            limits: Limits::DEFAULT,
         }
     }
 }
@@ -317,6 +459,7 @@ impl Settings {
             tls_key,
             tls_client_ca,
             keys,
+            limits,
         } = self;
         let client_id = client_id.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
             ConfigError("missing client id: set --client-id or EDGETAG_CLIENT_ID".into())
@@ -329,6 +472,7 @@ impl Settings {
                 let raw = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError(format!("cannot read the client secret file {} (--client-secret-file / EDGETAG_CLIENT_SECRET_FILE): {e}", path.display()))
                 })?;
+                sealing::warn_if_open_to_others(path, "the client secret file");
                 let secret = raw.trim();
                 if secret.is_empty() {
                     return Err(ConfigError(format!(
@@ -414,6 +558,7 @@ impl Settings {
                 ));
             }
         };
+        let limits = limits.resolve()?;
         if !callback_path.starts_with('/') || callback_path.contains(['?', '#']) {
             return Err(ConfigError(format!(
                 "--callback-path / CREDENTIAL_SERVICE_CALLBACK_PATH must be a path starting with /: {callback_path:?}"
@@ -452,6 +597,7 @@ impl Settings {
             path: callback_path,
         });
         config.metrics_listen = metrics_listen;
+        config.limits = limits;
         Ok(config)
     }
 }
@@ -631,6 +777,42 @@ mod tests {
         assert!(!c.callers.is_open());
         let c = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
         assert!(c.callers.is_open());
+    }
+
+    #[test]
+    fn limits_default_to_the_documented_values_and_none_may_be_zero() {
+        let c = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
+        assert_eq!(c.limits, Limits::DEFAULT);
+        let mut args = REQUIRED.to_vec();
+        args.extend(["--max-health-watches", "3", "--handshake-timeout", "2s"]);
+        let c = settings(&args).resolve(Some("s".into())).unwrap();
+        assert_eq!(c.limits.max_health_watches, 3);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
+        for (flag, value, variable) in [
+            (
+                "--max-connections",
+                "0",
+                "CREDENTIAL_SERVICE_MAX_CONNECTIONS",
+            ),
+            (
+                "--max-calls-in-flight",
+                "0",
+                "CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT",
+            ),
+            (
+                "--handshake-timeout",
+                "0s",
+                "CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT",
+            ),
+        ] {
+            let mut args = REQUIRED.to_vec();
+            args.extend([flag, value]);
+            let e = settings(&args)
+                .resolve(Some("s".into()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag) && e.contains(variable), "{e}");
+        }
     }
 
     #[test]

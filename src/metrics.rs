@@ -119,6 +119,11 @@ struct StatusLabels {
     status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
 struct Metrics {
     registry: Registry,
     rpc: Family<RpcLabels, Histogram>,
@@ -128,6 +133,8 @@ struct Metrics {
     unpersisted: Gauge,
     waiters: Gauge,
     refresh_lag: Gauge<f64, AtomicU64>,
+    limit_hits: Family<LimitLabels, Counter>,
+    connections: Gauge,
 }
 
 /// Latency buckets from 100µs (a GetToken from memory) to 10s (the default upstream timeout).
@@ -152,6 +159,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let unpersisted = Gauge::default();
     let waiters = Gauge::default();
     let refresh_lag = Gauge::<f64, AtomicU64>::default();
+    let limit_hits = Family::<LimitLabels, Counter>::default();
+    let connections = Gauge::default();
     registry.register(
         "rpc_duration_seconds",
         "gRPC calls by service, method and status code, with their latency (the _count is the number of calls)",
@@ -188,6 +197,17 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "How late the most recent background refresh started after it was due",
         refresh_lag.clone(),
     );
+    registry.register(
+        "limit_hits",
+        "Connections or calls refused, or connections closed, by the listener's bounds (connections, \
+         calls_in_flight, health_watches, handshake_timeout, accept_errors)",
+        limit_hits.clone(),
+    );
+    registry.register(
+        "grpc_connections",
+        "gRPC connections open now (handshakes in progress included)",
+        connections.clone(),
+    );
     Metrics {
         registry,
         rpc,
@@ -197,6 +217,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         unpersisted,
         waiters,
         refresh_lag,
+        limit_hits,
+        connections,
     }
 });
 
@@ -250,6 +272,30 @@ pub fn record_refresh(outcome: &'static str) {
 /// time). Exposed as `credential_refresh_lag_seconds`.
 pub fn record_refresh_lag(lag: Duration) {
     METRICS.refresh_lag.set(lag.as_secs_f64());
+}
+
+/// Counts one refusal by a bound of the gRPC listener; `limit` names it.
+pub fn record_limit_hit(limit: &'static str) {
+    METRICS
+        .limit_hits
+        .get_or_create(&LimitLabels { limit })
+        .inc();
+}
+
+/// Counts an open gRPC connection for as long as it lives.
+#[must_use = "the connection counts as open only while the guard lives"]
+pub struct ConnectionGuard(());
+
+/// Call when a gRPC connection is accepted; drop the guard when it closes.
+pub fn grpc_connection() -> ConnectionGuard {
+    METRICS.connections.inc();
+    ConnectionGuard(())
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        METRICS.connections.dec();
+    }
 }
 
 /// Counts a caller waiting on a shared refresh for as long as it lives.

@@ -255,18 +255,29 @@ pub fn create_key_file(path: &Path) -> Result<(), KeyError> {
     })
 }
 
+/// Logs one warning, naming the file and its mode (never its content), when a secret file is open
+/// to its group or to others: anyone who can read it holds what it protects.
+pub fn warn_if_open_to_others(path: &Path, what: &str) {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = %format_args!("{mode:04o}"),
+                "{what} is open to group or others; chmod 600 it"
+            );
+        }
+    }
+}
+
 fn read_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
         path: path.to_owned(),
         source,
     })?;
-    #[cfg(unix)]
-    if let Ok(meta) = std::fs::metadata(path) {
-        use std::os::unix::fs::PermissionsExt;
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(key_file = %path.display(), "the encryption key file is readable by others; chmod 600 it");
-        }
-    }
+    warn_if_open_to_others(path, "the encryption key file");
     let bytes = STANDARD
         .decode(text.trim())
         .map_err(|_| KeyError::Invalid(path.to_owned()))?;

@@ -1,24 +1,34 @@
-//! Assembles the service and serves it: keys, store, provider client, broker, the gRPC service
-//! with health and reflection (v1 and v1alpha, for grpcurl 1.8) behind the caller check, optional
-//! TLS, the optional HTTP listeners (browser callback, metrics), background upkeep, callers-file
-//! reload on SIGHUP and graceful shutdown.
+//! Assembles the service and serves it. [`App::open`] loads keys, store, provider client and
+//! broker; [`serve`] composes the pieces, each in its own file:
+//! - `grpc`: the credential service with health and reflection, the layers, the drain;
+//! - `conn`: accepting connections within bounds: how many, handshake deadline, TLS;
+//! - `limits`: bounds on calls in flight and on health Watch streams;
+//! - `http`: the optional HTTP listeners (browser callback, metrics);
+//! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
+//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP.
+//!
+//! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
+//! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, the last store handle closes.
+
+mod conn;
+mod grpc;
+mod http;
+mod limits;
+mod signals;
+mod upkeep;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tokio::net::TcpListener;
 
+pub use self::signals::shutdown_signal;
+use self::{http::HttpListeners, upkeep::Upkeep};
 use crate::{
-    auth::{AuthLayer, Callers},
     broker::Broker,
-    callback,
     clock::Clock,
     config::ServiceConfig,
-    metrics::{self, RpcMetricsLayer},
     oauth::ProviderClient,
-    proto::{self, credential_service_server::CredentialServiceServer},
     sealing::{KeyError, Keyring},
-    service::CredentialApi,
     store::{self as stores, Store, StoreError},
 };
 
@@ -26,7 +36,8 @@ use crate::{
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// Requests are tiny (an account name, a code and a state); anything bigger is refused unread.
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// The default of `--max-request-bytes`.
+pub const MAX_REQUEST_BYTES: usize = crate::config::Limits::DEFAULT.max_request_bytes;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +54,8 @@ pub enum ServeError {
     HttpClient(#[from] reqwest::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -171,7 +184,36 @@ pub async fn serve(
         store,
         broker,
     } = app;
-    let listener = listeners.grpc;
+    announce(&listeners.grpc, &config, &broker)?;
+    let http = HttpListeners::spawn(listeners.callback, listeners.metrics, &config, &broker);
+    let upkeep = Upkeep::spawn(&config, &store, clock, &broker);
+    let shutdown = async {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight calls");
+        http.stop();
+    };
+    let served = grpc::serve(listeners.grpc, &config, &broker, shutdown).await;
+    http.finish().await;
+    upkeep.stop().await;
+    // Refreshes in flight finish their write (each is bounded by the retry budget).
+    if tokio::time::timeout(DRAIN_GRACE, broker.finish_refreshes())
+        .await
+        .is_err()
+    {
+        tracing::warn!("refreshes still running after the grace period; stopping without them");
+    }
+    drop(store); // the last handle closes the database (sled flushes a final time)
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Refuses an open service (no callers file) beyond loopback, then logs what is about to serve.
+fn announce(
+    listener: &TcpListener,
+    config: &ServiceConfig,
+    broker: &Broker,
+) -> Result<(), ServeError> {
     let local = listener.local_addr().ok();
     if let Some(addr) = local
         && config.callers.is_open()
@@ -187,177 +229,5 @@ pub async fn serve(
         accounts = broker.account_count(),
         "credential-service serving"
     );
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CredentialServiceServer<CredentialApi>>()
-        .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-    let (stop_http, stopped) = watch::channel(false);
-    let mut http = Vec::new();
-    if let Some(listener) = listeners.callback {
-        let path = config
-            .callback
-            .as_ref()
-            .map_or("/oauth/callback", |c| c.path.as_str());
-        tracing::info!(addr = %local_addr(&listener), path, "browser callback serving");
-        let router = callback::router(broker.clone(), path);
-        http.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
-    }
-    if let Some(listener) = listeners.metrics {
-        tracing::info!(addr = %local_addr(&listener), "metrics serving at /metrics");
-        let gauges = broker.clone();
-        let router = metrics::router(move || gauges.account_gauges());
-        http.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
-    }
-    let scheduler = tokio::spawn(broker.clone().run());
-    let api = CredentialServiceServer::new(CredentialApi::new(broker.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-
-    let purge = tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl));
-    let reload = tokio::spawn(reload_on_sighup(config.callers.clone()));
-    let (draining, mut drain_started) = watch::channel(false);
-    let (stop_http_ref, health) = (&stop_http, &health);
-    let shutdown = async move {
-        shutdown.await;
-        tracing::info!("shutting down: finishing in-flight calls");
-        stop_http_ref.send_replace(true);
-        health
-            .set_not_serving::<CredentialServiceServer<CredentialApi>>()
-            .await;
-        draining.send_replace(true);
-    };
-    // Calls that never end on their own (health Watch streams) must not hold the exit forever.
-    let drain_deadline = async move {
-        let _ = drain_started.wait_for(|started| *started).await;
-        tokio::time::sleep(DRAIN_GRACE).await;
-    };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = Server::builder();
-    if let Some(tls) = &config.tls {
-        let mut tls_config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-        if let Some(ca) = &tls.client_ca_pem {
-            // Optional: bearer-token callers need no certificate; a presented one must verify.
-            tls_config = tls_config
-                .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(true);
-        }
-        builder = builder.tls_config(tls_config)?;
-    }
-    let served = builder
-        .layer(RpcMetricsLayer)
-        .layer(AuthLayer::new(config.callers.clone()))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(api)
-        .serve_with_incoming_shutdown(incoming, shutdown);
-    let served = tokio::select! {
-        served = served => served,
-        () = drain_deadline => {
-            tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after the grace period; closing them");
-            Ok(())
-        }
-    };
-    stop_http.send_replace(true);
-    for server in http {
-        // An HTTP listener's failure is logged where it happens; the store still gets flushed.
-        let _ = server.await;
-    }
-    for task in [purge, scheduler, reload] {
-        task.abort();
-        let _ = task.await; // each holds a store handle: wait until it is dropped
-    }
-    // Refreshes in flight finish their write (each is bounded by the retry budget).
-    if tokio::time::timeout(DRAIN_GRACE, broker.finish_refreshes())
-        .await
-        .is_err()
-    {
-        tracing::warn!("refreshes still running after the grace period; stopping without them");
-    }
-    drop(store); // the last handle closes the database (sled flushes a final time)
-    served?;
-    tracing::info!("stopped");
     Ok(())
-}
-
-fn local_addr(listener: &TcpListener) -> String {
-    listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default()
-}
-
-/// Serves an HTTP router until `stop` turns true, letting requests in flight finish.
-async fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-        })
-        .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "HTTP listener failed");
-    }
-}
-
-/// Deletes expired pending authorizations now and then; they could never complete anyway.
-async fn purge_pending(store: Arc<dyn Store>, clock: Clock, state_ttl: Duration) {
-    let period = state_ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match store.purge_expired_pending(clock.now()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(purged = n, "expired pending authorizations removed"),
-            Err(e) => tracing::warn!(error = %e, "purging expired pending authorizations failed"),
-        }
-    }
-}
-
-/// Re-reads the callers file on each SIGHUP, for as long as the server runs.
-async fn reload_on_sighup(callers: Callers) {
-    if callers.is_open() {
-        return;
-    }
-    #[cfg(unix)]
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(mut hangups) => {
-            while hangups.recv().await.is_some() {
-                callers.reload_and_log();
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; the callers file will not be reloaded")
-        }
-    }
-}
-
-/// Resolves on ctrl-c or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }

@@ -523,6 +523,56 @@ async fn tls_serves_token_callers_and_mtls_names_callers_by_certificate() {
     );
 }
 
+/// A CA that issues wildcards must not let `*.internal.example.com` pass for the caller named
+/// `ops.internal.example.com`. The answer is UNAUTHENTICATED, not PERMISSION_DENIED: the
+/// certificate identifies no caller at all, so there is nobody whose rights could be checked.
+#[tokio::test]
+async fn a_wildcard_client_certificate_names_no_caller_and_only_the_exact_name_does() {
+    let pki = Pki::new();
+    let app = tls_app(&pki).await;
+    let client = |names: &'static [&'static str]| {
+        let (app, pki) = (&app, &pki);
+        async move {
+            let identity = pki.leaf(names, ExtendedKeyUsagePurpose::ClientAuth);
+            tls_client(app, pki, Some(identity), None).await.unwrap()
+        }
+    };
+
+    for names in [
+        &["*.internal.example.com"][..],
+        &["*.example.com"],
+        &["ops.internal.example.com", "*.internal.example.com"],
+    ] {
+        let wildcard = client(names).await;
+        assert_status(
+            begin(&wildcard, "globex").await,
+            Code::Unauthenticated,
+            "wildcard",
+        );
+        assert_status(
+            get_token(&wildcard, "globex").await,
+            Code::Unauthenticated,
+            "wildcard",
+        );
+    }
+    // A longer or shorter name under the same domain is another name.
+    for names in [
+        &["x.ops.internal.example.com"][..],
+        &["internal.example.com"],
+    ] {
+        let other = client(names).await;
+        assert_status(begin(&other, "globex").await, Code::Unauthenticated, "");
+    }
+    // The exact name works, in any ASCII case.
+    for names in [
+        &["ops.internal.example.com"][..],
+        &["OPS.Internal.Example.COM"],
+    ] {
+        let exact = client(names).await;
+        assert!(begin(&exact, "globex").await.is_ok(), "{names:?}");
+    }
+}
+
 #[tokio::test]
 async fn tls_refuses_plaintext_and_certificates_from_another_ca() {
     let pki = Pki::new();

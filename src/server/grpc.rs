@@ -1,0 +1,109 @@
+//! The gRPC side: the credential service with health and reflection (v1 and v1alpha, for grpcurl
+//! 1.8) behind the metrics, load and caller-check layers, with the listener's bounds (request size
+//! on every service, streams per connection, HTTP/2 keepalive; connections and handshakes in
+//! `conn`, calls in flight and health watches in `limits`), optional TLS, and the drain at shutdown.
+
+use std::future::Future;
+
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::Server;
+use tonic_health::{
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
+
+use super::{
+    DRAIN_GRACE, ServeError, conn,
+    limits::{CappedHealth, InFlightLayer},
+};
+use crate::{
+    auth::AuthLayer,
+    broker::Broker,
+    config::ServiceConfig,
+    metrics::RpcMetricsLayer,
+    proto::{self, credential_service_server::CredentialServiceServer},
+    service::CredentialApi,
+};
+
+/// Serves gRPC on `listener` until `shutdown` resolves; then health turns NOT_SERVING and open
+/// calls get [`DRAIN_GRACE`] to finish.
+pub(super) async fn serve(
+    listener: TcpListener,
+    config: &ServiceConfig,
+    broker: &Broker,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let limits = &config.limits;
+    let max_request = limits.max_request_bytes;
+    let health = HealthReporter::new();
+    health
+        .set_serving::<CredentialServiceServer<CredentialApi>>()
+        .await;
+    let health_service = HealthServer::new(CappedHealth::new(
+        HealthService::from_health_reporter(health.clone()),
+        limits.max_health_watches,
+    ))
+    .max_decoding_message_size(max_request);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()?
+        .max_decoding_message_size(max_request);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()?
+        .max_decoding_message_size(max_request);
+    let api = CredentialServiceServer::new(CredentialApi::new(broker.clone()))
+        .max_decoding_message_size(max_request);
+    let tls = config.tls.as_ref().map(conn::tls_acceptor).transpose()?;
+
+    let (draining, mut drain_started) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        health
+            .set_not_serving::<CredentialServiceServer<CredentialApi>>()
+            .await;
+        draining.send_replace(true);
+    };
+    // Calls that never end on their own (health Watch streams) must not hold the exit forever.
+    let drain_deadline = async move {
+        let _ = drain_started.wait_for(|started| *started).await;
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    let router = Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .layer(RpcMetricsLayer)
+        .layer(InFlightLayer::new(limits.max_calls_in_flight))
+        .layer(AuthLayer::new(config.callers.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(api);
+    let served = async {
+        match tls {
+            Some(acceptor) => {
+                let incoming = conn::tls(listener, limits, acceptor);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            None => {
+                let incoming = conn::plain(listener, limits);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        }
+    };
+    tokio::select! {
+        served = served => served?,
+        () = drain_deadline => {
+            tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after the grace period; closing them");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! The optional HTTP listeners beside gRPC: the browser callback and `/metrics`. They stop when
+//! the shutdown starts, letting requests in flight finish.
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{broker::Broker, callback, config::ServiceConfig, metrics};
+
+/// The running HTTP listeners and the switch that stops them.
+pub(super) struct HttpListeners {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl HttpListeners {
+    /// Serves the callback and metrics routers on the listeners the caller bound (either may be absent).
+    pub(super) fn spawn(
+        callback: Option<TcpListener>,
+        metrics: Option<TcpListener>,
+        config: &ServiceConfig,
+        broker: &Broker,
+    ) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        if let Some(listener) = callback {
+            let path = config
+                .callback
+                .as_ref()
+                .map_or("/oauth/callback", |c| c.path.as_str());
+            tracing::info!(addr = %local_addr(&listener), path, "browser callback serving");
+            let router = callback::router(broker.clone(), path);
+            tasks.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
+        }
+        if let Some(listener) = metrics {
+            tracing::info!(addr = %local_addr(&listener), "metrics serving at /metrics");
+            let gauges = broker.clone();
+            let router = metrics::router(move || gauges.account_gauges());
+            tasks.push(tokio::spawn(serve_http(listener, router, stopped.clone())));
+        }
+        Self { stop, tasks }
+    }
+
+    /// Stops accepting; requests in flight go on. Idempotent.
+    pub(super) fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Stops and waits until every listener has finished.
+    pub(super) async fn finish(self) {
+        self.stop();
+        for server in self.tasks {
+            // An HTTP listener's failure is logged where it happens; the store still closes cleanly.
+            let _ = server.await;
+        }
+    }
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// Serves an HTTP router until `stop` turns true, letting requests in flight finish.
+async fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP listener failed");
+    }
+}

@@ -1,0 +1,54 @@
+//! Background work for as long as the server runs: the broker's refresh scheduler, the purge of
+//! expired pending authorizations and the callers-file reload on SIGHUP.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::task::JoinHandle;
+
+use super::signals::reload_on_sighup;
+use crate::{broker::Broker, clock::Clock, config::ServiceConfig, store::Store};
+
+/// The upkeep tasks; each holds a store handle until [`Upkeep::stop`] has waited for it.
+pub(super) struct Upkeep {
+    tasks: [JoinHandle<()>; 3],
+}
+
+impl Upkeep {
+    pub(super) fn spawn(
+        config: &ServiceConfig,
+        store: &Arc<dyn Store>,
+        clock: Clock,
+        broker: &Broker,
+    ) -> Self {
+        Self {
+            tasks: [
+                tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl)),
+                tokio::spawn(broker.clone().run()),
+                tokio::spawn(reload_on_sighup(config.callers.clone())),
+            ],
+        }
+    }
+
+    /// Ends every task and waits until each has dropped its store handle.
+    pub(super) async fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Deletes expired pending authorizations now and then; they could never complete anyway.
+async fn purge_pending(store: Arc<dyn Store>, clock: Clock, state_ttl: Duration) {
+    let period = state_ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store.purge_expired_pending(clock.now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "expired pending authorizations removed"),
+            Err(e) => tracing::warn!(error = %e, "purging expired pending authorizations failed"),
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! What a hostile process on the network can do without credentials, tried with real connections
+//! against the real binary: flood health with huge messages over one HTTP/2 connection (the
+//! server's memory, read from /proc, must stay small and health must keep answering), hold
+//! connections open without a handshake, exceed the connection, in-flight and Watch bounds. And a
+//! start with secret files open to others warns.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use credential_service::proto::{
+    GetTokenRequest, credential_service_client::CredentialServiceClient,
+};
+use h2::client::SendRequest;
+use prost::Message;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines},
+    net::TcpStream,
+    process::{Child, ChildStderr, Command},
+};
+use tonic::{
+    Code,
+    codegen::{Bytes, http},
+    transport::Channel,
+};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_credential-service");
+
+/// The binary with its required settings, a data directory in `dir`, on an ephemeral port.
+fn service(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--client-id",
+        "cid",
+        "--redirect-uri",
+        "https://ops.example.com/cb",
+        "--data-dir",
+    ])
+    .arg(dir.join("data"))
+    .args(args)
+    .env_clear()
+    .env("EDGETAG_CLIENT_SECRET", "s3cret")
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    cmd
+}
+
+/// Reads stderr until a line contains `needle`; returns that line.
+async fn wait_for_line(lines: &mut Lines<BufReader<ChildStderr>>, needle: &str) -> String {
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("stderr ended before a line with {needle:?}");
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the line appears")
+}
+
+fn field(line: &str, name: &str) -> String {
+    line.split(&format!("{name}="))
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+struct Server {
+    child: Child,
+    lines: Lines<BufReader<ChildStderr>>,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(args: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = service(dir.path(), args).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = field(
+        &wait_for_line(&mut lines, "credential-service serving").await,
+        "addr",
+    );
+    Server {
+        child,
+        lines,
+        addr,
+        _dir: dir,
+    }
+}
+
+/// A line of /proc/<pid>/status, in KiB (VmRSS now, VmHWM the peak so far).
+fn proc_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+async fn health(addr: &str) -> HealthClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+}
+
+async fn check(client: &mut HealthClient<Channel>) -> Result<i32, tonic::Status> {
+    client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+/// A raw HTTP/2 connection, as an attacker's own client would open it.
+async fn h2_connect(addr: &str) -> SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+fn grpc_request(addr: &str, path: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// A gRPC frame: uncompressed, length-prefixed.
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(5 + message.len());
+    frame.push(0);
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(message);
+    frame.into()
+}
+
+/// The grpc-status of an answer: in its headers (trailers-only) or its trailers.
+async fn grpc_status(response: h2::client::ResponseFuture) -> Option<i32> {
+    let response = response.await.ok()?;
+    let parse = |h: &http::HeaderMap| {
+        h.get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    };
+    if let Some(code) = parse(response.headers()) {
+        return Some(code);
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.ok()?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    parse(&body.trailers().await.ok()??)
+}
+
+#[tokio::test]
+async fn a_flood_of_huge_health_requests_on_one_connection_stays_small_and_health_answers() {
+    const STREAMS: usize = 100;
+    // 4 MB: just under tonic's default limit of 4 MiB, which alone would refuse it.
+    const MESSAGE: usize = 4_000_000;
+    let mut server = start(&[]).await;
+    let pid = server.child.id().unwrap();
+    let mut prober = health(&server.addr).await;
+    assert_eq!(check(&mut prober).await.unwrap(), 1); // SERVING
+    let before = proc_kib(pid, "VmHWM:");
+
+    let message = HealthCheckRequest {
+        service: "x".repeat(MESSAGE),
+    }
+    .encode_to_vec();
+    let frame = grpc_frame(&message);
+    let attacker = h2_connect(&server.addr).await;
+    let attack = {
+        let addr = server.addr.clone();
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..STREAMS {
+                let mut sender = attacker.clone().ready().await.unwrap();
+                let request = grpc_request(&addr, "/grpc.health.v1.Health/Check");
+                let (response, mut body) = sender.send_request(request, false).unwrap();
+                // Queued in the client and pushed as fast as the server's flow control allows.
+                let _ = body.send_data(frame.clone(), true);
+                answers.push(tokio::spawn(async move {
+                    let code = grpc_status(response).await;
+                    drop(body);
+                    code
+                }));
+            }
+            let mut codes = Vec::new();
+            for answer in answers {
+                codes.push(answer.await.unwrap());
+            }
+            codes
+        })
+    };
+    // Health keeps answering on another connection while the flood runs.
+    let mut probes = 0;
+    while !attack.is_finished() {
+        let answered = tokio::time::timeout(Duration::from_secs(5), check(&mut prober)).await;
+        assert_eq!(answered.expect("health answers in time").unwrap(), 1);
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let codes = tokio::time::timeout(Duration::from_secs(60), attack)
+        .await
+        .expect("the flood ends")
+        .unwrap();
+    assert_eq!(check(&mut prober).await.unwrap(), 1);
+    let after = proc_kib(pid, "VmHWM:");
+    let grown_mib = after.saturating_sub(before) / 1024;
+    eprintln!(
+        "server peak RSS {} MiB before, {} MiB after {STREAMS} x {} MB on one connection (+{grown_mib} MiB); {probes} health checks answered meanwhile",
+        before / 1024,
+        after / 1024,
+        MESSAGE / 1_000_000,
+    );
+    assert!(grown_mib < 32, "the server grew by {grown_mib} MiB");
+    // Every stream was answered, and refused unread: OUT_OF_RANGE (11).
+    assert_eq!(codes.len(), STREAMS);
+    assert!(codes.iter().all(|c| *c == Some(11)), "{codes:?}");
+    server.child.kill().await.unwrap();
+}
+
+/// Reads until the server closes the connection (EOF or reset); the bytes it sent are ignored.
+async fn closed_by_server(mut tcp: TcpStream) {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_without_a_handshake_are_closed_within_the_timeout() {
+    let mut server = start(&[
+        "--handshake-timeout",
+        "1s",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let metrics = field(
+        &wait_for_line(&mut server.lines, "metrics serving").await,
+        "addr",
+    );
+    let started = tokio::time::Instant::now();
+    let mut silent = Vec::new();
+    for i in 0..100 {
+        let mut tcp = TcpStream::connect(&server.addr).await.unwrap();
+        if i % 10 == 0 {
+            // Some begin the preface and stop halfway.
+            tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        }
+        silent.push(tokio::spawn(closed_by_server(tcp)));
+    }
+    for conn in silent {
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the server closes a silent connection")
+            .unwrap();
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // A real client is unaffected, also after the timeout.
+    let mut client = health(&server.addr).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // idle past the timeout on purpose
+    assert_eq!(check(&mut client).await.unwrap(), 1);
+    wait_for_line(
+        &mut server.lines,
+        "no TLS handshake or HTTP/2 preface in time",
+    )
+    .await;
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let timeouts: u64 = text
+        .lines()
+        .find(|l| l.starts_with("credential_limit_hits_total{limit=\"handshake_timeout\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("no handshake_timeout count in\n{text}"));
+    assert_eq!(timeouts, 100);
+    server.child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_connections_without_a_handshake_or_a_preface_are_closed_within_the_timeout() {
+    use rcgen::{CertifiedKey, generate_simple_self_signed};
+    use tokio_rustls::{
+        TlsConnector,
+        rustls::{ClientConfig, RootCertStore, pki_types::ServerName},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let CertifiedKey { cert, signing_key } =
+        generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, signing_key.serialize_pem()).unwrap();
+    let mut server = start(&[
+        "--handshake-timeout",
+        "1s",
+        "--tls-cert",
+        cert_file.to_str().unwrap(),
+        "--tls-key",
+        key_file.to_str().unwrap(),
+    ])
+    .await;
+    let mut roots = RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let mut config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = TlsConnector::from(std::sync::Arc::new(config));
+
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        // No TLS handshake at all.
+        let tcp = TcpStream::connect(&server.addr).await.unwrap();
+        silent.push(tokio::spawn(closed_by_server(tcp)));
+    }
+    for _ in 0..20 {
+        // A complete TLS handshake, then no HTTP/2 preface.
+        let tcp = TcpStream::connect(&server.addr).await.unwrap();
+        let mut tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("the TLS handshake succeeds");
+        silent.push(tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = tls.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }));
+    }
+    for conn in silent {
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the server closes a silent TLS connection")
+            .unwrap();
+    }
+    wait_for_line(
+        &mut server.lines,
+        "no TLS handshake or HTTP/2 preface in time",
+    )
+    .await;
+    server.child.kill().await.unwrap();
+}
+
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn out_of_file_descriptors_the_accept_loop_backs_off_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    // The binary under a small open-files limit, as in a tight container.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -n 64 && exec "$0" "$@""#)
+        .arg(BIN)
+        .args(
+            service(dir.path(), &["--handshake-timeout", "60s"])
+                .as_std()
+                .get_args(),
+        );
+    cmd.env_clear()
+        .env("EDGETAG_CLIENT_SECRET", "s3cret")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = field(
+        &wait_for_line(&mut lines, "credential-service serving").await,
+        "addr",
+    );
+    // Silent connections until the server runs out of descriptors (the backlog holds the rest).
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    wait_for_line(&mut lines, "cannot accept connections; backing off").await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await; // measuring CPU use over time
+    let used = cpu_ticks(pid) - before;
+    eprintln!("out of descriptors: {used} ticks of CPU in 2 s");
+    // Spinning would use about 200 ticks (two seconds of a core); backing off, a handful.
+    assert!(
+        used < 40,
+        "{used} ticks of CPU in 2 s while out of descriptors"
+    );
+    drop(silent);
+    wait_for_line(&mut lines, "accepting connections again").await;
+    let mut client = health(&addr).await;
+    assert_eq!(check(&mut client).await.unwrap(), 1);
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn past_the_connection_bound_a_connection_is_closed_at_once() {
+    let mut server = start(&["--max-connections", "3"]).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(health(&server.addr).await);
+    }
+    for client in &mut held {
+        assert_eq!(check(client).await.unwrap(), 1);
+    }
+    let extra = TcpStream::connect(&server.addr).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), closed_by_server(extra))
+        .await
+        .expect("the connection past the bound is closed at once");
+    wait_for_line(&mut server.lines, "too many open (--max-connections").await;
+    drop(held);
+    // Places free up when connections close.
+    let mut client = loop {
+        let mut client = health(&server.addr).await;
+        if check(&mut client).await.is_ok() {
+            break client;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(check(&mut client).await.unwrap(), 1);
+    server.child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn calls_past_the_in_flight_bound_are_refused_and_health_still_answers() {
+    let mut server = start(&["--max-calls-in-flight", "2"]).await;
+    // Two GetToken calls whose body never comes: each stays in flight.
+    let attacker = h2_connect(&server.addr).await;
+    let mut hanging = Vec::new();
+    for _ in 0..2 {
+        let mut sender = attacker.clone().ready().await.unwrap();
+        let request = grpc_request(&server.addr, "/credential.v1.CredentialService/GetToken");
+        hanging.push(sender.send_request(request, false).unwrap());
+    }
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let get = || {
+        let mut client = CredentialServiceClient::new(channel.clone());
+        async move {
+            client
+                .get_token(GetTokenRequest {
+                    account: "acme".into(),
+                    min_validity: None,
+                })
+                .await
+        }
+    };
+    // The hanging calls may take a moment to reach the server.
+    let refused = loop {
+        match get().await {
+            Err(status) if status.code() == Code::ResourceExhausted => break status,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert!(refused.message().contains("too many calls"), "{refused:?}");
+    wait_for_line(&mut server.lines, "too many in flight").await;
+    let mut prober = health(&server.addr).await;
+    assert_eq!(check(&mut prober).await.unwrap(), 1);
+
+    // The hanging calls end: their places are free again.
+    for (_, mut body) in hanging {
+        let message = GetTokenRequest {
+            account: "acme".into(),
+            min_validity: None,
+        }
+        .encode_to_vec();
+        body.send_data(grpc_frame(&message), true).unwrap();
+    }
+    let answered = loop {
+        match get().await {
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(answered.unwrap_err().code(), Code::NotFound); // never connected: but served
+    server.child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_watches_are_capped_and_a_closed_one_frees_its_place() {
+    let mut server = start(&["--max-health-watches", "2"]).await;
+    let mut client = health(&server.addr).await;
+    let watch = |mut client: HealthClient<Channel>| async move {
+        client
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+    };
+    let mut first = watch(client.clone()).await.unwrap().into_inner();
+    let _second = watch(client.clone()).await.unwrap().into_inner();
+    assert_eq!(first.message().await.unwrap().unwrap().status, 1);
+    let refused = watch(client.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    wait_for_line(&mut server.lines, "too many open (--max-health-watches").await;
+    assert_eq!(check(&mut client).await.unwrap(), 1);
+
+    drop(first);
+    let third = loop {
+        match watch(client.clone()).await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    drop(third);
+    server.child.kill().await.unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn secret_files_open_to_others_are_named_with_their_mode_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "s3cret-from-file\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = dir.path().join("encryption.key");
+    credential_service::sealing::create_key_file(&key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let mut child = service(dir.path(), &[])
+        .env_remove("EDGETAG_CLIENT_SECRET")
+        .arg("--client-secret-file")
+        .arg(&secret)
+        .arg("--encryption-key-file")
+        .arg(&key)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let serving = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("credential-service serving") {
+                return;
+            }
+            seen.push(line);
+        }
+        panic!("the service stopped");
+    };
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .unwrap();
+    let warning = |file: &Path| {
+        seen.iter()
+            .filter(|l| l.contains("WARN") && l.contains(&*file.to_string_lossy()))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let secret_lines = warning(&secret);
+    assert_eq!(secret_lines.len(), 1, "{seen:#?}");
+    assert!(
+        secret_lines[0].contains("client secret file") && secret_lines[0].contains("0644"),
+        "{secret_lines:?}"
+    );
+    let key_lines = warning(&key);
+    assert_eq!(key_lines.len(), 1, "{seen:#?}");
+    assert!(
+        key_lines[0].contains("encryption key file") && key_lines[0].contains("0640"),
+        "{key_lines:?}"
+    );
+    assert!(!seen.iter().any(|l| l.contains("s3cret-from-file")));
+
+    // Mode 0600: no warning.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+    let mut child = service(dir.path(), &[])
+        .env_remove("EDGETAG_CLIENT_SECRET")
+        .arg("--client-secret-file")
+        .arg(&secret)
+        .arg("--encryption-key-file")
+        .arg(&key)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let quiet = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("credential-service serving") {
+                return;
+            }
+            assert!(!line.contains("open to group or others"), "{line}");
+        }
+        panic!("the service stopped");
+    };
+    tokio::time::timeout(Duration::from_secs(30), quiet)
+        .await
+        .unwrap();
+    child.kill().await.unwrap();
+}
