@@ -321,10 +321,10 @@ impl Broker {
         let response = match exchanged {
             Ok(response) => response,
             Err(e) => {
-                if e.is_transient() || matches!(e, UpstreamError::InvalidClient { .. }) {
-                    // The code was not consumed as far as we know: keep the state for a retry.
-                    inner.store.put_pending(state, &pending).await?;
-                }
+                // Keep the state for a retry: after a transient error the code was not consumed;
+                // after a rejected code it may have been anyone's guess, and the person who
+                // approves must still be able to finish. Only one exchange can hold the state.
+                inner.store.put_pending(state, &pending).await?;
                 return Err(match e {
                     UpstreamError::InvalidClient { status } => {
                         log_client_rejected(status);

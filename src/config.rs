@@ -161,6 +161,15 @@ pub struct Settings {
 
     #[command(flatten)]
     pub keys: KeySettings,
+
+    /// How often the aggregated audit events (token reads, refusals) are written.
+    #[arg(long, env = "CREDENTIAL_SERVICE_AUDIT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub audit_interval: Duration,
+
+    /// Most distinct refusals (caller, method, account, outcome, peer) counted apart per thread and
+    /// audit interval; the rest are counted together under `(others)`.
+    #[arg(long, env = "CREDENTIAL_SERVICE_AUDIT_MAX_KEYS", default_value_t = crate::audit::DEFAULT_MAX_KEYS)]
+    pub audit_max_keys: usize,
 }
 
 /// The encryption keys of the data directory; shared by the server and `rotate-keys`.
@@ -224,6 +233,8 @@ pub struct ServiceConfig {
     pub callback: Option<CallbackConfig>,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// How the audit trail aggregates.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Where the browser callback listens and on which path.
@@ -394,6 +405,10 @@ impl Settings {
                 path: self.callback_path,
             }),
             metrics_listen: self.metrics_listen,
+            audit: crate::audit::AuditConfig {
+                interval: self.audit_interval,
+                max_keys: self.audit_max_keys,
+            },
         })
     }
 }

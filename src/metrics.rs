@@ -208,6 +208,22 @@ fn method_labels(path: &str) -> (&'static str, &'static str) {
         .map_or(("unknown", "unknown"), |(_, s, m)| (*s, *m))
 }
 
+/// The method name of a request path from the table of served methods, `unknown` for any other
+/// path: what logs and audit events may name without echoing client input.
+pub fn method_name(path: &str) -> &'static str {
+    method_labels(path).1
+}
+
+/// The status of a gRPC answer: its `grpc-status` header (trailers-only answers: every error),
+/// else OK (an answer with a body; its status follows in trailers).
+pub fn grpc_status(headers: &http::HeaderMap) -> Code {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
 fn observe_rpc_labels(service: &'static str, method: &'static str, code: Code, elapsed: Duration) {
     METRICS
         .rpc
@@ -376,12 +392,7 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         let code = match &result {
-            Ok(response) => response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map_or(Code::Ok, Code::from_i32),
+            Ok(response) => grpc_status(response.headers()),
             Err(_) => Code::Unknown,
         };
         observe_rpc_labels(this.service, this.method, code, this.started.elapsed());

@@ -210,6 +210,7 @@ pub async fn serve(
 
     let purge = tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl));
     let reload = tokio::spawn(reload_on_sighup(config.callers.clone()));
+    let audit = tokio::spawn(crate::audit::run_flusher(config.audit));
     let (draining, mut drain_started) = watch::channel(false);
     let (stop_http_ref, health) = (&stop_http, &health);
     let shutdown = async move {
@@ -259,10 +260,11 @@ pub async fn serve(
         // An HTTP listener's failure is logged where it happens; the store still gets flushed.
         let _ = server.await;
     }
-    for task in [purge, scheduler, reload] {
+    for task in [purge, scheduler, reload, audit] {
         task.abort();
         let _ = task.await; // each holds a store handle: wait until it is dropped
     }
+    crate::audit::flush(); // calls have ended: the counts written now add up to every call
     // Refreshes in flight finish their write (each is bounded by the retry budget).
     if tokio::time::timeout(DRAIN_GRACE, broker.finish_refreshes())
         .await
@@ -285,6 +287,8 @@ fn local_addr(listener: &TcpListener) -> String {
 
 /// Serves an HTTP router until `stop` turns true, letting requests in flight finish.
 async fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    // The peer's address is for the audit of refusals.
+    let router = router.into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|stop| *stop).await;

@@ -180,6 +180,7 @@ pub fn service_config(
         encryption: encryption(data_dir),
         callback: None,
         metrics_listen: None,
+        audit: Default::default(),
     }
 }
 

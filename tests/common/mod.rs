@@ -355,6 +355,7 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
         encryption: options.encryption.clone(),
         callback: None,
         metrics_listen: None,
+        audit: Default::default(),
     }
 }
 
