@@ -260,16 +260,24 @@ async fn invalid_input_is_invalid_argument_with_the_rule() {
     );
 }
 
+/// Issue 10, finding 6: a code EdgeTag rejects (maybe a guess by someone who saw the state) does
+/// not use up the state; the real code still completes, once.
 #[tokio::test]
-async fn a_rejected_code_uses_up_the_state() {
+async fn a_rejected_code_keeps_the_state_and_one_exchange_still_wins() {
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("acme").await;
+    assert_status(
+        app.complete("guessed-code", &state).await,
+        Code::FailedPrecondition,
+        "rejected the authorization code",
+    );
     app.fake.push_faults([Fault::InvalidGrant]);
     assert_status(
         app.complete(&code, &state).await,
         Code::FailedPrecondition,
         "rejected the authorization code",
     );
+    app.complete(&code, &state).await.unwrap();
     assert_status(
         app.complete(&code, &state).await,
         Code::NotFound,
