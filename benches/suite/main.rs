@@ -135,9 +135,12 @@ fn main() {
                     .await;
                     small.path()
                 };
-                comparisons.push(throughput::compare(&env, dir, names.clone(), None).await);
+                comparisons.push(throughput::compare(&env, dir, names.clone(), None, false).await);
                 let auth = fixture::caller_auth(dir);
-                comparisons.push(throughput::compare(&env, dir, names.clone(), Some(&auth)).await);
+                comparisons
+                    .push(throughput::compare(&env, dir, names.clone(), Some(&auth), false).await);
+                comparisons
+                    .push(throughput::compare(&env, dir, names.clone(), Some(&auth), true).await);
             }
             println!("{}", report::throughput(&comparisons, &env));
         }
