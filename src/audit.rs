@@ -370,7 +370,11 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|v| v["fields"]["caller"] == "json-test")
-            .map(|v| v["fields"]["count"].as_u64().expect("count is a JSON number"))
+            .map(|v| {
+                v["fields"]["count"]
+                    .as_u64()
+                    .expect("count is a JSON number")
+            })
             .sum();
         assert_eq!(total, 1000, "{text}");
     }

@@ -240,7 +240,10 @@ fn page(status: StatusCode, ok: bool, title: &str, paragraphs: &[String]) -> Res
 /// At most `max` characters, control and invisible format characters dropped (provider text is
 /// untrusted, and bidi overrides such as U+202E would make the page say something else).
 fn cap(s: &str, max: usize) -> String {
-    let shown = || s.chars().filter(|&c| !c.is_control() && !is_invisible_format(c));
+    let shown = || {
+        s.chars()
+            .filter(|&c| !c.is_control() && !is_invisible_format(c))
+    };
     let mut out: String = shown().take(max).collect();
     if shown().nth(max).is_some() {
         out.push('…');

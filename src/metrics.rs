@@ -243,7 +243,13 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Code {
         .map_or(Code::Ok, Code::from_i32)
 }
 
-fn observe_rpc(index: usize, service: &'static str, method: &'static str, code: Code, elapsed: Duration) {
+fn observe_rpc(
+    index: usize,
+    service: &'static str,
+    method: &'static str,
+    code: Code,
+    elapsed: Duration,
+) {
     let code_index = usize::try_from(code as i32).map_or(CODES, |c| c.min(CODES - 1));
     let series = || {
         METRICS.rpc.get_or_create_owned(&RpcLabels {
@@ -420,7 +426,13 @@ where
             Ok(response) => grpc_status(response.headers()),
             Err(_) => Code::Unknown,
         };
-        observe_rpc(*this.index, this.service, this.method, code, this.started.elapsed());
+        observe_rpc(
+            *this.index,
+            this.service,
+            this.method,
+            code,
+            this.started.elapsed(),
+        );
         Poll::Ready(result)
     }
 }

@@ -248,15 +248,14 @@ async fn calls_refused_before_the_handler_are_audited_with_caller_or_peer() {
         !capture().text().contains("RemoveAccount"),
         "the raw path is never logged"
     );
-    assert!(
-        audit_lines(&[
+    assert_eq!(
+        total(&audit_lines(&[
             "caller=\"\"",
             "method=\"unknown\"",
             "outcome=\"UNAUTHENTICATED\"",
             "peer=127.0.0.1"
-        ])
-        .len()
-            >= 1
+        ])),
+        1
     );
 }
 

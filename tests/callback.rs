@@ -176,7 +176,10 @@ async fn a_garbage_code_does_not_cancel_the_pending_authorization() {
     for _ in 0..3 {
         let (status, _, page) = visit(&format!("{callback}?code=garbage&state={state}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(page.contains("EdgeTag rejected the authorization"), "{page}");
+        assert!(
+            page.contains("EdgeTag rejected the authorization"),
+            "{page}"
+        );
     }
     let (status, _, page) = visit(&begun.authorize_url).await;
     assert_eq!(status, StatusCode::OK, "{page}");
@@ -200,7 +203,14 @@ async fn bidi_overrides_in_provider_text_are_stripped() {
     );
     let (status, _, page) = visit(&url).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    for c in ['\u{202E}', '\u{202C}', '\u{2066}', '\u{200B}', '\u{FEFF}', '\u{E0041}'] {
+    for c in [
+        '\u{202E}',
+        '\u{202C}',
+        '\u{2066}',
+        '\u{200B}',
+        '\u{FEFF}',
+        '\u{E0041}',
+    ] {
         assert!(!page.contains(c), "U+{:04X} reached the page", c as u32);
     }
     assert!(page.contains("EdgeTag answered: accessdeined"), "{page}");
