@@ -117,7 +117,8 @@ pub async fn run_flusher(config: AuditConfig) {
     tick.tick().await; // the first tick is immediate
     loop {
         tick.tick().await;
-        flush();
+        // Formatting thousands of events must not hold up a worker thread that serves calls.
+        let _ = tokio::task::spawn_blocking(flush).await;
     }
 }
 
