@@ -1,28 +1,104 @@
-//! The audit trail: one structured event (tracing target `audit`) for every call to the credential
-//! service, authenticated or refused: caller, method, account and outcome (the gRPC code name).
-//! Never a secret, and never raw input: the account is the parsed name or empty.
+//! The audit trail: structured events (tracing target `audit`) that account for every call to the
+//! credential service, authenticated or refused: caller, method, account and outcome (the gRPC code
+//! name). Never a secret, and never raw input: the method comes from the known method table
+//! (`unknown` otherwise), the account is the parsed name or empty.
 //!
-//! GetToken is the hot path: a successful one is recorded at [`GET_TOKEN_OK_LEVEL`] (DEBUG), so
-//! the default `info` level logs every refusal and every operator action but not each of the tens
-//! of thousands of routine token reads a second; `RUST_LOG=info,audit=debug` records those too. The
-//! fields are borrowed strings, so a disabled level costs one comparison.
+//! Two kinds of event, both at INFO:
+//! - [`record`]: one event per call, written at once. For operator actions (BeginAuth,
+//!   CompleteAuth, the admin RPCs by an admin): rare, and each one matters on its own.
+//! - [`count`]: aggregated. Token reads (tens of thousands a second) and refusals (which anyone on
+//!   the network can cause) are counted per (caller, method, account, outcome, peer) and written
+//!   once per `--audit-interval` as one `calls` event with a `count` field and the `first` and
+//!   `last` time. Counting touches only the calling thread's own table (its mutex is contended
+//!   only by the flush, once an interval), so no lock is shared between calls. [`flush`] at
+//!   shutdown writes what is left, so the `count`s always add up to the number of calls.
+//!
+//! Refused calls carry the peer's IP address (the caller is then unknown or untrusted); so that
+//! an attacker cannot grow the table without bound, refusals beyond `--audit-max-keys` distinct
+//! keys per thread and interval are counted under `account="(others)"`, `peer="(others)"`, and the
+//! flush says so in a warning.
+
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
 
 use tonic::{Code, Status};
 
-use crate::codes::code_name;
 use tracing::Level;
 
-/// Level of a successful GetToken's audit event (refused ones are INFO like everything else).
-pub const GET_TOKEN_OK_LEVEL: Level = Level::DEBUG;
+use crate::codes::code_name;
 
-/// Records one call. `caller` and `account` may be empty when not (yet) known.
-pub fn record(method: &str, caller: &str, account: &str, outcome: Code) {
-    let outcome_name = code_name(outcome);
-    if method == "GetToken" && outcome == Code::Ok {
-        tracing::event!(target: "audit", GET_TOKEN_OK_LEVEL, caller, method, account, outcome = outcome_name, "call");
-    } else {
-        tracing::event!(target: "audit", Level::INFO, caller, method, account, outcome = outcome_name, "call");
+/// The audit settings (`--audit-interval`, `--audit-max-keys`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// How often aggregated events are written.
+    pub interval: Duration,
+    /// Most distinct refusal keys a thread keeps per interval before folding the rest.
+    pub max_keys: usize,
+}
+
+/// `--audit-interval`'s default.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+/// `--audit-max-keys`' default.
+pub const DEFAULT_MAX_KEYS: usize = 10_000;
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_INTERVAL,
+            max_keys: DEFAULT_MAX_KEYS,
+        }
     }
+}
+
+/// What refusals fold into once a thread's table holds `max_keys` keys.
+pub const OTHERS: &str = "(others)";
+
+static MAX_KEYS: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_KEYS);
+
+thread_local! {
+    /// Set by [`record`] and [`count`]: lets [`Scope`] tell a call its handler audited from one
+    /// that tonic refused before the handler ran.
+    static AUDITED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records one call, at once. `caller` and `account` may be empty when not (yet) known.
+pub fn record(method: &str, caller: &str, account: &str, outcome: Code) {
+    AUDITED.set(true);
+    let outcome = code_name(outcome);
+    tracing::event!(target: "audit", Level::INFO, caller, method, account, outcome, "call");
+}
+
+/// Counts one call into the next aggregated event; see the module docs. `peer` is for refusals.
+pub fn count(method: &str, caller: &str, account: &str, outcome: Code, peer: Option<IpAddr>) {
+    AUDITED.set(true);
+    let now = SystemTime::now();
+    SHARD.with(|shard| {
+        let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let Local { map, key } = &mut *local;
+        encode(key, outcome, peer, method, caller, account);
+        if let Some(tally) = map.get_mut(key.as_slice()) {
+            tally.add(now);
+            return;
+        }
+        if outcome != Code::Ok && map.len() >= MAX_KEYS.load(Ordering::Relaxed) {
+            // Refusals can carry anything a client sends: fold them rather than grow.
+            encode(key, outcome, None, method, caller, OTHERS);
+            key[1] = PEER_OTHERS;
+            if let Some(tally) = map.get_mut(key.as_slice()) {
+                tally.add(now);
+                return;
+            }
+        }
+        map.insert(key.as_slice().into(), Tally::new(now));
+    });
 }
 
 /// The outcome of a handler's result.
@@ -30,5 +106,303 @@ pub fn outcome<T>(result: &Result<T, Status>) -> Code {
     match result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
+    }
+}
+
+/// Applies `config` and writes aggregated events every `config.interval`, for as long as it runs.
+/// The server runs it beside the gRPC service and calls [`flush`] once more after it stops.
+pub async fn run_flusher(config: AuditConfig) {
+    MAX_KEYS.store(config.max_keys.max(1), Ordering::Relaxed);
+    let mut tick = tokio::time::interval(config.interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate
+    loop {
+        tick.tick().await;
+        // Formatting thousands of events must not hold up a worker thread that serves calls.
+        let _ = tokio::task::spawn_blocking(flush).await;
+    }
+}
+
+/// Writes one event per key counted since the last flush, from every thread's table.
+pub fn flush() {
+    // One flush at a time, so two never interleave their events.
+    static FLUSHING: Mutex<()> = Mutex::new(());
+    let _one = FLUSHING.lock().unwrap_or_else(|e| e.into_inner());
+    let shards: Vec<Arc<Mutex<Local>>> = {
+        let mut shards = SHARDS.lock().unwrap_or_else(|e| e.into_inner());
+        // A thread that ended leaves its table here; drop it once it is drained.
+        shards.retain(|s| {
+            Arc::strong_count(s) > 1 || !s.lock().unwrap_or_else(|e| e.into_inner()).map.is_empty()
+        });
+        shards.clone()
+    };
+    let mut merged: BTreeMap<Box<[u8]>, Tally> = BTreeMap::new();
+    for shard in shards {
+        let taken = {
+            let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let capacity = local.map.capacity();
+            std::mem::replace(
+                &mut local.map,
+                HashMap::with_capacity_and_hasher(capacity, Default::default()),
+            )
+        };
+        for (key, tally) in taken {
+            merged
+                .entry(key)
+                .and_modify(|t| t.merge(&tally))
+                .or_insert(tally);
+        }
+    }
+    let mut folded = 0u64;
+    for (key, tally) in &merged {
+        let Some(event) = decode(key) else { continue };
+        if event.peer == OTHERS {
+            folded += tally.count;
+        }
+        tracing::event!(
+            target: "audit",
+            Level::INFO,
+            caller = event.caller,
+            method = event.method,
+            account = event.account,
+            outcome = event.outcome,
+            count = tally.count,
+            first = %humantime::format_rfc3339_millis(tally.first),
+            last = %humantime::format_rfc3339_millis(tally.last),
+            peer = %event.peer,
+            "calls"
+        );
+    }
+    if folded > 0 {
+        tracing::warn!(
+            target: "audit",
+            calls = folded,
+            max_keys = MAX_KEYS.load(Ordering::Relaxed),
+            "more distinct refusals than --audit-max-keys in one interval; the rest are counted under (others)"
+        );
+    }
+}
+
+/// Marks the calls a future serves, so the auth layer can audit what no handler did (calls tonic
+/// refused before the handler: undecodable, missing or compressed messages, unknown methods).
+#[derive(Default)]
+pub struct Scope {
+    audited: bool,
+}
+
+impl Scope {
+    /// Polls `f` with this call's mark in place.
+    pub fn enter<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let outer = AUDITED.replace(self.audited);
+        let out = f();
+        self.audited = AUDITED.replace(outer);
+        out
+    }
+
+    /// Whether a handler recorded the call.
+    pub fn audited(&self) -> bool {
+        self.audited
+    }
+}
+
+struct Tally {
+    count: u64,
+    first: SystemTime,
+    last: SystemTime,
+}
+
+impl Tally {
+    fn new(now: SystemTime) -> Self {
+        Self {
+            count: 1,
+            first: now,
+            last: now,
+        }
+    }
+
+    fn add(&mut self, now: SystemTime) {
+        self.count += 1;
+        self.last = self.last.max(now);
+    }
+
+    fn merge(&mut self, other: &Tally) {
+        self.count += other.count;
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
+    }
+}
+
+/// One thread's counts, and the buffer its keys are built in (so counting does not allocate).
+#[derive(Default)]
+struct Local {
+    map: HashMap<Box<[u8]>, Tally, foldhash::fast::RandomState>,
+    key: Vec<u8>,
+}
+
+static SHARDS: Mutex<Vec<Arc<Mutex<Local>>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static SHARD: Arc<Mutex<Local>> = {
+        let shard = Arc::new(Mutex::new(Local::default()));
+        SHARDS.lock().unwrap_or_else(|e| e.into_inner()).push(shard.clone());
+        shard
+    };
+}
+
+const PEER_NONE: u8 = 0;
+const PEER_V4: u8 = 4;
+const PEER_V6: u8 = 6;
+const PEER_OTHERS: u8 = 0xff;
+
+/// The key: outcome, peer (tag and octets), then method, caller and account, each
+/// length-prefixed, so any text round-trips.
+fn encode(
+    key: &mut Vec<u8>,
+    outcome: Code,
+    peer: Option<IpAddr>,
+    method: &str,
+    caller: &str,
+    account: &str,
+) {
+    key.clear();
+    key.push(outcome as i32 as u8);
+    match peer {
+        None => key.push(PEER_NONE),
+        Some(IpAddr::V4(ip)) => {
+            key.push(PEER_V4);
+            key.extend_from_slice(&ip.octets());
+        }
+        Some(IpAddr::V6(ip)) => {
+            key.push(PEER_V6);
+            key.extend_from_slice(&ip.octets());
+        }
+    }
+    for text in [method, caller, account] {
+        let bytes = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
+        key.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        key.extend_from_slice(bytes);
+    }
+}
+
+struct Event<'a> {
+    outcome: &'static str,
+    peer: String,
+    method: &'a str,
+    caller: &'a str,
+    account: &'a str,
+}
+
+fn decode(key: &[u8]) -> Option<Event<'_>> {
+    let (&outcome, rest) = key.split_first()?;
+    let (&tag, mut rest) = rest.split_first()?;
+    let peer = match tag {
+        PEER_V4 => {
+            let (ip, r) = rest.split_first_chunk::<4>()?;
+            rest = r;
+            IpAddr::from(*ip).to_string()
+        }
+        PEER_V6 => {
+            let (ip, r) = rest.split_first_chunk::<16>()?;
+            rest = r;
+            IpAddr::from(*ip).to_string()
+        }
+        PEER_OTHERS => OTHERS.to_owned(),
+        _ => String::new(),
+    };
+    let mut text = || -> Option<&str> {
+        let (len, r) = rest.split_first_chunk::<2>()?;
+        let (bytes, r) = r.split_at_checked(usize::from(u16::from_le_bytes(*len)))?;
+        rest = r;
+        // Cut at a byte boundary only when a name was longer than 64 KiB.
+        Some(std::str::from_utf8(bytes).unwrap_or(OTHERS))
+    };
+    Some(Event {
+        outcome: code_name(Code::from_i32(i32::from(outcome))),
+        peer,
+        method: text()?,
+        caller: text()?,
+        account: text()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_logs_carry_the_count_as_a_number_and_counts_are_exact_across_threads() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    std::thread::spawn(|| {
+                        for _ in 0..250 {
+                            count("GetToken", "json-test", "acme", Code::Ok, None);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            flush();
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let total: u64 = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["fields"]["caller"] == "json-test")
+            .map(|v| {
+                v["fields"]["count"]
+                    .as_u64()
+                    .expect("count is a JSON number")
+            })
+            .sum();
+        assert_eq!(total, 1000, "{text}");
+    }
+
+    #[test]
+    fn keys_round_trip_whatever_the_text() {
+        let mut key = Vec::new();
+        for (peer, caller, account) in [
+            (None, "billing", "acme"),
+            (Some("10.0.0.7".parse().unwrap()), "", ""),
+            (Some("::1".parse().unwrap()), "a\u{1f}b\0c", "x"),
+        ] {
+            encode(
+                &mut key,
+                Code::PermissionDenied,
+                peer,
+                "GetToken",
+                caller,
+                account,
+            );
+            let event = decode(&key).unwrap();
+            assert_eq!(event.outcome, "PERMISSION_DENIED");
+            assert_eq!(event.method, "GetToken");
+            assert_eq!(event.caller, caller);
+            assert_eq!(event.account, account);
+            assert_eq!(event.peer, peer.map(|p| p.to_string()).unwrap_or_default());
+        }
     }
 }

@@ -10,13 +10,15 @@
 
 use std::{
     fmt,
+    future::Future,
+    net::IpAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use arc_swap::ArcSwap;
-use futures::future::{Either, Ready, ready};
 use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -27,7 +29,7 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use crate::{account::AccountId, audit};
+use crate::{account::AccountId, audit, metrics};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -425,22 +427,38 @@ pub struct AuthService<S> {
     callers: Callers,
 }
 
+/// The IP address a request came from (plaintext or TLS), for refusals' audit events.
+fn peer<B>(req: &http::Request<B>) -> Option<IpAddr> {
+    let extensions = req.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+        .map(|addr| addr.ip())
+}
+
 impl<S> AuthService<S> {
+    /// The caller, `None` for open methods; a refusal is counted into the audit trail with the
+    /// peer's address, and its message names only a method from the known table.
     fn check<B>(&self, req: &http::Request<B>) -> Result<Option<Arc<Caller>>, Status> {
         let path = req.uri().path();
         let need = access(path);
         if need == Access::Open {
             return Ok(None);
         }
-        let method = path.rsplit('/').next().unwrap_or(path);
+        let method = metrics::method_name(path);
         let caller = self.callers.authenticate(req).inspect_err(|status| {
-            audit::record(method, "", "", status.code());
+            audit::count(method, "", "", status.code(), peer(req));
         })?;
         if need == Access::Admin && caller.role != Role::Admin {
             let status = Status::permission_denied(format!(
                 "permission denied: {method} needs the admin role"
             ));
-            audit::record(method, caller.name(), "", status.code());
+            audit::count(method, caller.name(), "", status.code(), peer(req));
             return Err(status);
         }
         Ok(Some(caller))
@@ -453,7 +471,7 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<Self::Response, S::Error>>>;
+    type Future = AuthFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -461,13 +479,72 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         match self.check(&req) {
-            Ok(caller) => {
-                if let Some(caller) = caller {
-                    req.extensions_mut().insert(caller);
+            Ok(None) => AuthFuture::Open {
+                inner: self.inner.call(req),
+            },
+            Ok(Some(caller)) => {
+                let method = metrics::method_name(req.uri().path());
+                req.extensions_mut().insert(caller.clone());
+                AuthFuture::Checked {
+                    inner: self.inner.call(req),
+                    caller,
+                    method,
+                    scope: audit::Scope::default(),
                 }
-                Either::Left(self.inner.call(req))
             }
-            Err(status) => Either::Right(ready(Ok(status.into_http()))),
+            Err(status) => AuthFuture::Refused {
+                response: Some(status.into_http()),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An authenticated call audits itself in its handler; one that tonic refused before the
+    /// handler ran (undecodable, missing or compressed message, unknown method) is counted here,
+    /// with its caller and the status tonic answered.
+    #[project = AuthFutureProj]
+    pub enum AuthFuture<F> {
+        Open { #[pin] inner: F },
+        Checked {
+            #[pin]
+            inner: F,
+            caller: Arc<Caller>,
+            method: &'static str,
+            scope: audit::Scope,
+        },
+        Refused { response: Option<http::Response<tonic::body::Body>> },
+    }
+}
+
+impl<F, E> Future for AuthFuture<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AuthFutureProj::Open { inner } => inner.poll(cx),
+            AuthFutureProj::Checked {
+                inner,
+                caller,
+                method,
+                scope,
+            } => {
+                let result = std::task::ready!(scope.enter(|| inner.poll(cx)));
+                if !scope.audited() {
+                    let code = match &result {
+                        Ok(response) => metrics::grpc_status(response.headers()),
+                        Err(_) => tonic::Code::Unknown,
+                    };
+                    audit::count(method, caller.name(), "", code, None);
+                }
+                Poll::Ready(result)
+            }
+            AuthFutureProj::Refused { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
         }
     }
 }

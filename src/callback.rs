@@ -6,9 +6,11 @@
 //! Everything rendered is HTML-escaped and capped; the code and the tokens are never rendered or
 //! logged, and the page is neither cached nor sent as a referrer.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::{
     Router,
-    extract::{RawQuery, State},
+    extract::{ConnectInfo, RawQuery, Request, State},
     http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -52,12 +54,30 @@ impl Redirect {
     }
 }
 
+/// How the audit trail names the browser callback (the person in the browser is not a gRPC caller).
+const CALLER: &str = "browser-callback";
+
+/// Counts a request that connected nothing; anyone can send those, so they are aggregated per
+/// peer (see [`crate::audit`]) rather than logged one line each.
+fn refused(outcome: tonic::Code, peer: Option<IpAddr>) {
+    crate::audit::count("CompleteAuth", CALLER, "", outcome, peer);
+}
+
 #[tracing::instrument(name = "callback", skip_all, fields(account = tracing::field::Empty))]
-async fn callback(State(broker): State<Broker>, RawQuery(query): RawQuery) -> Response {
+async fn callback(
+    State(broker): State<Broker>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
     let redirect = Redirect::parse(query.as_deref().unwrap_or(""));
     if let Some(error) = &redirect.error {
         let error = cap(error, MAX_ERROR_CHARS);
-        tracing::info!(error = %error, "EdgeTag redirected with an error");
+        tracing::debug!(error = %error, "EdgeTag redirected with an error");
+        refused(tonic::Code::PermissionDenied, peer);
         let mut lines = vec![format!("EdgeTag answered: {error}")];
         if let Some(d) = &redirect.error_description {
             lines.push(cap(d, MAX_DESCRIPTION_CHARS));
@@ -75,6 +95,7 @@ async fn callback(State(broker): State<Broker>, RawQuery(query): RawQuery) -> Re
         );
     }
     let (Some(code), Some(state)) = (&redirect.code, &redirect.state) else {
+        refused(tonic::Code::InvalidArgument, peer);
         return page(
             StatusCode::BAD_REQUEST,
             false,
@@ -87,19 +108,13 @@ async fn callback(State(broker): State<Broker>, RawQuery(query): RawQuery) -> Re
             ],
         );
     };
-    // The person in the browser is not a gRPC caller; the audit trail names the path they came by.
     match broker.complete(code, state).await {
         Ok((account, tokens)) => {
-            crate::audit::record(
-                "CompleteAuth",
-                "browser-callback",
-                account.as_str(),
-                tonic::Code::Ok,
-            );
+            crate::audit::record("CompleteAuth", CALLER, account.as_str(), tonic::Code::Ok);
             connected(account.as_str(), &tokens)
         }
         Err(e) => {
-            crate::audit::record("CompleteAuth", "browser-callback", "", e.code());
+            refused(e.code(), peer);
             failed(e)
         }
     }
@@ -171,7 +186,8 @@ fn failed(e: Error) -> Response {
         }
     };
     if status != StatusCode::INTERNAL_SERVER_ERROR {
-        tracing::info!(error = %e, "browser callback did not connect an account");
+        // DEBUG: anyone can cause this; the aggregated audit event counts it.
+        tracing::debug!(error = %e, "browser callback did not connect an account");
     }
     let mut lines = vec![advice.to_owned()];
     if matches!(
@@ -222,13 +238,36 @@ fn page(status: StatusCode, ok: bool, title: &str, paragraphs: &[String]) -> Res
         .into_response()
 }
 
-/// At most `max` characters, control characters dropped (provider text is untrusted).
+/// At most `max` characters, control and invisible format characters dropped (provider text is
+/// untrusted, and bidi overrides such as U+202E would make the page say something else).
 fn cap(s: &str, max: usize) -> String {
-    let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
-    if s.chars().filter(|c| !c.is_control()).nth(max).is_some() {
+    let shown = || {
+        s.chars()
+            .filter(|&c| !c.is_control() && !is_invisible_format(c))
+    };
+    let mut out: String = shown().take(max).collect();
+    if shown().nth(max).is_some() {
         out.push('…');
     }
     out
+}
+
+/// Unicode's bidi controls and the other invisible format characters (general category Cf, the
+/// ones browsers render as nothing or use to reorder text): U+00AD, U+061C, U+180E, U+200B–U+200F,
+/// U+202A–U+202E, U+2060–U+206F, U+FEFF, U+FFF9–U+FFFB and the tag characters U+E0000–U+E007F.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 /// Escapes the five characters that matter in HTML text and attribute values.
@@ -260,6 +299,10 @@ mod tests {
         assert_eq!(cap("ab\ncd", 10), "abcd");
         assert_eq!(cap(&"x".repeat(100), 64).chars().count(), 65);
         assert_eq!(cap("short", 64), "short");
+        assert_eq!(
+            cap("a\u{202E}b\u{2066}c\u{200B}d\u{FEFF}e\u{E0041}f", 64),
+            "abcdef"
+        );
     }
 
     #[test]

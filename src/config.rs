@@ -162,6 +162,15 @@ pub struct Settings {
     #[command(flatten)]
     pub keys: KeySettings,
 
+    /// How often the aggregated audit events (token reads, refusals) are written.
+    #[arg(long, env = "CREDENTIAL_SERVICE_AUDIT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub audit_interval: Duration,
+
+    /// Most distinct refusals (caller, method, account, outcome, peer) counted apart per thread and
+    /// audit interval; the rest are counted together under `(others)`.
+    #[arg(long, env = "CREDENTIAL_SERVICE_AUDIT_MAX_KEYS", default_value_t = crate::audit::DEFAULT_MAX_KEYS)]
+    pub audit_max_keys: usize,
+
     #[command(flatten)]
     pub limits: LimitSettings,
 }
@@ -362,6 +371,8 @@ pub struct ServiceConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The bounds of the gRPC listener.
     pub limits: Limits,
+    /// How the audit trail aggregates.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Where the browser callback listens and on which path.
@@ -424,6 +435,7 @@ impl ServiceConfig {
             callback: None,
             metrics_listen: None,
             limits: Limits::DEFAULT,
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }
@@ -460,6 +472,8 @@ impl Settings {
             tls_client_ca,
             keys,
             limits,
+            audit_interval,
+            audit_max_keys,
         } = self;
         let client_id = client_id.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
             ConfigError("missing client id: set --client-id or EDGETAG_CLIENT_ID".into())
@@ -598,6 +612,10 @@ impl Settings {
         });
         config.metrics_listen = metrics_listen;
         config.limits = limits;
+        config.audit = crate::audit::AuditConfig {
+            interval: audit_interval,
+            max_keys: audit_max_keys,
+        };
         Ok(config)
     }
 }

@@ -4,14 +4,14 @@
 //! server (calls by method and status code, with latency), the EdgeTag client (upstream requests by
 //! operation and HTTP status, refreshes by outcome), the broker (single-flight waiters, background
 //! refresh lag via [`record_refresh_lag`]); accounts by status are counted at scrape time by a
-//! closure the server hands to [`router`], so this module sits below everything it measures. The hot
-//! path costs a read-locked map lookup on `&'static str` labels and an uncontended histogram lock:
-//! no allocation.
+//! closure the server hands to [`router`], so this module sits below everything it measures. The
+//! hot path costs an array lookup of the (method, code) series and an uncontended histogram lock:
+//! no allocation, no hashing.
 
 use std::{
     future::Future,
     pin::Pin,
-    sync::LazyLock,
+    sync::{LazyLock, OnceLock},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -224,21 +224,66 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 
 /// The (service, method) labels of a request path.
 fn method_labels(path: &str) -> (&'static str, &'static str) {
-    METHODS
-        .iter()
-        .find(|(p, _, _)| *p == path)
-        .map_or(("unknown", "unknown"), |(_, s, m)| (*s, *m))
+    let (_, service, method) = method_entry(path);
+    (service, method)
 }
 
-fn observe_rpc_labels(service: &'static str, method: &'static str, code: Code, elapsed: Duration) {
-    METRICS
-        .rpc
-        .get_or_create(&RpcLabels {
+/// The index of a request path in [`METHODS`] (`METHODS.len()` for `unknown`) and its labels.
+fn method_entry(path: &str) -> (usize, &'static str, &'static str) {
+    METHODS
+        .iter()
+        .position(|(p, _, _)| *p == path)
+        .map_or((METHODS.len(), "unknown", "unknown"), |i| {
+            (i, METHODS[i].1, METHODS[i].2)
+        })
+}
+
+/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
+const CODES: usize = 17;
+
+/// Each (method, code) series' histogram, looked up in the family once: the hot path then costs
+/// two array indexings instead of hashing the labels under the family's lock on every call.
+static RPC_SERIES: LazyLock<Vec<[OnceLock<Histogram>; CODES]>> = LazyLock::new(|| {
+    (0..=METHODS.len())
+        .map(|_| std::array::from_fn(|_| OnceLock::new()))
+        .collect()
+});
+
+/// The method name of a request path from the table of served methods, `unknown` for any other
+/// path: what logs and audit events may name without echoing client input.
+pub fn method_name(path: &str) -> &'static str {
+    method_labels(path).1
+}
+
+/// The status of a gRPC answer: its `grpc-status` header (trailers-only answers: every error),
+/// else OK (an answer with a body; its status follows in trailers).
+pub fn grpc_status(headers: &http::HeaderMap) -> Code {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+fn observe_rpc(
+    index: usize,
+    service: &'static str,
+    method: &'static str,
+    code: Code,
+    elapsed: Duration,
+) {
+    let code_index = usize::try_from(code as i32).map_or(CODES, |c| c.min(CODES - 1));
+    let series = || {
+        METRICS.rpc.get_or_create_owned(&RpcLabels {
             service,
             method,
             code: code_name(code),
         })
-        .observe(elapsed.as_secs_f64());
+    };
+    match RPC_SERIES.get(index).and_then(|m| m.get(code_index)) {
+        Some(cell) => cell.get_or_init(series).observe(elapsed.as_secs_f64()),
+        None => series().observe(elapsed.as_secs_f64()),
+    }
 }
 
 /// Records one request to EdgeTag; `status` is the HTTP status, or `None` when none arrived
@@ -394,9 +439,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (service, method) = method_labels(request.uri().path());
+        let (index, service, method) = method_entry(request.uri().path());
         RpcFuture {
             inner: self.inner.call(request),
+            index,
             service,
             method,
             started: Instant::now(),
@@ -409,6 +455,7 @@ pin_project_lite::pin_project! {
     pub struct RpcFuture<F> {
         #[pin]
         inner: F,
+        index: usize,
         service: &'static str,
         method: &'static str,
         started: Instant,
@@ -425,15 +472,16 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         let code = match &result {
-            Ok(response) => response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map_or(Code::Ok, Code::from_i32),
+            Ok(response) => grpc_status(response.headers()),
             Err(_) => Code::Unknown,
         };
-        observe_rpc_labels(this.service, this.method, code, this.started.elapsed());
+        observe_rpc(
+            *this.index,
+            this.service,
+            this.method,
+            code,
+            this.started.elapsed(),
+        );
         Poll::Ready(result)
     }
 }

@@ -195,6 +195,7 @@ pub async fn serve(
     let served = grpc::serve(listeners.grpc, &config, &broker, shutdown).await;
     http.finish().await;
     upkeep.stop().await;
+    crate::audit::flush(); // calls have ended: the counts written now add up to every call
     // Refreshes in flight finish their write (each is bounded by the retry budget).
     if tokio::time::timeout(DRAIN_GRACE, broker.finish_refreshes())
         .await

@@ -164,3 +164,55 @@ async fn headless_chromium_goes_from_the_authorize_url_to_a_connected_account() 
     let token = app.get_token("acme").await.unwrap();
     assert!(app.fake.access_token_is_valid(&token.access_token));
 }
+
+/// Issue 10, finding 6: someone who learnt the state sends a garbage code first; the person who
+/// then approves still connects the account.
+#[tokio::test]
+async fn a_garbage_code_does_not_cancel_the_pending_authorization() {
+    let app = spawn().await;
+    let begun = app.begin("acme").await.unwrap();
+    let callback = app.callback_url.clone().unwrap();
+    let state = url_encoded(&begun.state);
+    for _ in 0..3 {
+        let (status, _, page) = visit(&format!("{callback}?code=garbage&state={state}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            page.contains("EdgeTag rejected the authorization"),
+            "{page}"
+        );
+    }
+    let (status, _, page) = visit(&begun.authorize_url).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Connected account acme"), "{page}");
+    let (status, _, page) = visit(&format!("{callback}?code=garbage&state={state}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(page.contains("expired or was already used"), "{page}");
+}
+
+/// Issue 10, finding 8: bidi overrides and other invisible format characters in EdgeTag's error
+/// text cannot reorder what the page says.
+#[tokio::test]
+async fn bidi_overrides_in_provider_text_are_stripped() {
+    let app = spawn().await;
+    let callback = app.callback_url.clone().unwrap();
+    let sneaky = "access\u{202E}deined\u{2066}\u{200B}";
+    let url = format!(
+        "{callback}?error={}&error_description={}&state=x",
+        url_encoded(sneaky),
+        url_encoded("Click \u{202E}moc.elgoog\u{202C} to fix \u{FEFF}\u{E0041}it")
+    );
+    let (status, _, page) = visit(&url).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for c in [
+        '\u{202E}',
+        '\u{202C}',
+        '\u{2066}',
+        '\u{200B}',
+        '\u{FEFF}',
+        '\u{E0041}',
+    ] {
+        assert!(!page.contains(c), "U+{:04X} reached the page", c as u32);
+    }
+    assert!(page.contains("EdgeTag answered: accessdeined"), "{page}");
+    assert!(page.contains("Click moc.elgoog to fix it"), "{page}");
+}

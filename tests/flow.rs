@@ -250,12 +250,19 @@ async fn invalid_input_is_invalid_argument_with_the_rule() {
     );
 }
 
+/// Issue 10, finding 6: a code EdgeTag rejects (maybe a guess by someone who saw the state) does
+/// not use up the state; the real code still completes, once.
 #[tokio::test]
 async fn a_rejected_code_leaves_the_state_for_the_real_one_and_one_exchange_wins() {
     // A made-up code sent with someone's state must not cancel their pending approval: the
     // state stays usable until it expires, and still only one exchange ever succeeds.
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("acme").await;
+    assert_status(
+        app.complete("guessed-code", &state).await,
+        Code::FailedPrecondition,
+        "rejected the authorization code",
+    );
     app.fake.push_faults([Fault::InvalidGrant]);
     assert_status(
         app.complete(&code, &state).await,

@@ -53,6 +53,10 @@ struct Cli {
     /// Rounds of floor/service alternation.
     #[arg(long)]
     rounds: Option<usize>,
+    /// Throughput rows to run, by their `auth` column (`no`, `yes`, `production`); all when none
+    /// is named. For profiling one configuration.
+    #[arg(long, value_delimiter = ',')]
+    settings: Vec<String>,
     /// Where data directories go (default: the system's temporary directory).
     #[arg(long)]
     data_root: Option<PathBuf>,
@@ -135,9 +139,20 @@ fn main() {
                     .await;
                     small.path()
                 };
-                comparisons.push(throughput::compare(&env, dir, names.clone(), None).await);
+                let row = |s: &str| cli.settings.is_empty() || cli.settings.iter().any(|w| w == s);
+                if row("no") {
+                    comparisons
+                        .push(throughput::compare(&env, dir, names.clone(), None, false).await);
+                }
                 let auth = fixture::caller_auth(dir);
-                comparisons.push(throughput::compare(&env, dir, names.clone(), Some(&auth)).await);
+                for (label, production) in [("yes", false), ("production", true)] {
+                    if row(label) {
+                        comparisons.push(
+                            throughput::compare(&env, dir, names.clone(), Some(&auth), production)
+                                .await,
+                        );
+                    }
+                }
             }
             println!("{}", report::throughput(&comparisons, &env));
         }
@@ -158,6 +173,9 @@ fn cli_line(cli: &Cli) -> String {
     let mut line = String::from("cargo bench --bench suite --");
     if cli.quick {
         line.push_str(" --quick");
+    }
+    if !cli.settings.is_empty() {
+        line.push_str(&format!(" --settings {}", cli.settings.join(",")));
     }
     for s in &cli.sections {
         line.push(' ');

@@ -17,10 +17,43 @@ use crate::{
 pub const MIN_THROUGHPUT_RATIO: f64 = 0.90;
 /// p99 latency at most this multiple of the floor's.
 pub const MAX_P99_RATIO: f64 = 1.2;
+/// Issue 11's targets for production settings (callers file, bearer tokens, `/metrics`, the
+/// default log level with the aggregated read audit).
+pub const PRODUCTION_MIN_THROUGHPUT_RATIO: f64 = 0.95;
+pub const PRODUCTION_MAX_P99_RATIO: f64 = 1.1;
+
+/// What the service under test is configured with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Settings {
+    /// No callers file.
+    Open,
+    /// A callers file and a bearer token on every call.
+    Auth,
+    /// Auth, plus `/metrics` served, at the default log level with the read audit.
+    Production,
+}
+
+impl Settings {
+    pub fn label(self) -> &'static str {
+        match self {
+            Settings::Open => "no",
+            Settings::Auth => "yes",
+            Settings::Production => "production",
+        }
+    }
+
+    /// The (throughput, p99) targets.
+    pub fn targets(self) -> (f64, f64) {
+        match self {
+            Settings::Production => (PRODUCTION_MIN_THROUGHPUT_RATIO, PRODUCTION_MAX_P99_RATIO),
+            _ => (MIN_THROUGHPUT_RATIO, MAX_P99_RATIO),
+        }
+    }
+}
 
 pub struct Comparison {
     pub accounts: usize,
-    pub auth: bool,
+    pub settings: Settings,
     pub floor: LoadResult,
     pub service: LoadResult,
     /// Requests per second of each round, floor and service.
@@ -37,8 +70,9 @@ impl Comparison {
     }
 
     pub fn holds(&self) -> bool {
-        self.throughput_ratio() >= MIN_THROUGHPUT_RATIO
-            && self.p99_ratio() <= MAX_P99_RATIO
+        let (throughput, p99) = self.settings.targets();
+        self.throughput_ratio() >= throughput
+            && self.p99_ratio() <= p99
             && self.service.errors == 0
             && self.floor.errors == 0
     }
@@ -50,14 +84,18 @@ pub async fn compare(
     data_dir: &Path,
     accounts: Arc<[String]>,
     auth: Option<&CallerAuth>,
+    production: bool,
 ) -> Comparison {
     let server_rt = env.runtimes.server.handle();
-    let config = fixture::service_config(
+    let mut config = fixture::service_config(
         data_dir,
         fixture::unreachable_upstream(),
         BrokerConfig::default(),
         auth,
     );
+    if production {
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    }
     let service = RunningServer::service(server_rt, config, Clock::system()).await;
     let floor = RunningServer::spawn(server_rt, floor::run).await;
     let bearer = auth.map(|a| {
@@ -66,7 +104,11 @@ pub async fn compare(
 
     let mut comparison = Comparison {
         accounts: accounts.len(),
-        auth: auth.is_some(),
+        settings: match (auth.is_some(), production) {
+            (_, true) => Settings::Production,
+            (true, false) => Settings::Auth,
+            (false, false) => Settings::Open,
+        },
         floor: LoadResult::empty(),
         service: LoadResult::empty(),
         rounds: Vec::new(),

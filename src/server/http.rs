@@ -63,6 +63,8 @@ fn local_addr(listener: &TcpListener) -> String {
 
 /// Serves an HTTP router until `stop` turns true, letting requests in flight finish.
 async fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    // The peer's address is for the audit of refusals.
+    let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|stop| *stop).await;

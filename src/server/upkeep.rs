@@ -1,5 +1,6 @@
 //! Background work for as long as the server runs: the broker's refresh scheduler, the purge of
-//! expired pending authorizations and the callers-file reload on SIGHUP.
+//! expired pending authorizations, the callers-file reload on SIGHUP and the audit's periodic
+//! flush of its counts.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,7 +11,7 @@ use crate::{broker::Broker, clock::Clock, config::ServiceConfig, store::Store};
 
 /// The upkeep tasks; each holds a store handle until [`Upkeep::stop`] has waited for it.
 pub(super) struct Upkeep {
-    tasks: [JoinHandle<()>; 3],
+    tasks: [JoinHandle<()>; 4],
 }
 
 impl Upkeep {
@@ -25,6 +26,7 @@ impl Upkeep {
                 tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl)),
                 tokio::spawn(broker.clone().run()),
                 tokio::spawn(reload_on_sighup(config.callers.clone())),
+                tokio::spawn(crate::audit::run_flusher(config.audit)),
             ],
         }
     }
