@@ -96,9 +96,16 @@ pub struct Settings {
     #[arg(long, env = "CREDENTIAL_SERVICE_STATE_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub state_ttl: Duration,
 
-    /// GetToken refreshes first when the access token expires within this margin.
+    /// GetToken refreshes first when the access token expires within this margin (never more
+    /// than half the token's lifetime, so short-lived tokens are not refreshed on every call).
     #[arg(long, env = "CREDENTIAL_SERVICE_REFRESH_MARGIN", default_value = "5m", value_parser = humantime::parse_duration)]
     pub refresh_margin: Duration,
+
+    /// Callers start at most one refresh per account in this interval: a token just issued is not
+    /// refreshed again on demand, and an expired account backing off lets one probe through this
+    /// often.
+    #[arg(long, env = "CREDENTIAL_SERVICE_DEMAND_REFRESH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub demand_refresh_interval: Duration,
 
     /// Deadline for each request to EdgeTag, connecting included.
     #[arg(long, env = "EDGETAG_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -458,6 +465,7 @@ impl Settings {
             scope,
             state_ttl,
             refresh_margin,
+            demand_refresh_interval,
             upstream_timeout,
             default_token_lifetime,
             upstream_concurrency,
@@ -602,6 +610,7 @@ impl Settings {
         config.provider.send_redirect_uri = send_redirect_uri;
         config.broker.state_ttl = state_ttl;
         config.broker.refresh_margin = refresh_margin;
+        config.broker.refresh.demand_interval = demand_refresh_interval;
         config.broker.upstream_concurrency = upstream_concurrency;
         config.callers = callers;
         config.tls = tls;
