@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{Broker, RefreshFailure, policy, refresh::Trigger, slot::Slot};
+use super::{Broker, RefreshFailure, refresh::Trigger, slot::Slot};
 use crate::{
     account::AccountId,
     error::Error,
@@ -21,8 +21,11 @@ impl Broker {
     ) -> Result<Arc<TokenSet>, Error> {
         let slot = self.slot(account)?;
         let record = slot.record.load();
+        // A need no fresh token meets is refused (in the slow path) whatever the current token's
+        // age, so one request always gets one answer; the common call without a need skips it.
         if record.status == AccountStatus::Active
             && self.inner.fresh_enough(&record.tokens, min_validity)
+            && (min_validity.is_zero() || min_validity <= self.inner.longest_need(&record.tokens))
         {
             return Ok(Arc::clone(&record.tokens));
         }
@@ -44,7 +47,7 @@ impl Broker {
         if seen.status == AccountStatus::NeedsReauth {
             return Err(Error::NeedsReauth(account.clone()));
         }
-        let longest = policy::max_min_validity(seen.tokens.lifetime(), inner.margin(&seen.tokens));
+        let longest = inner.longest_need(&seen.tokens);
         if min_validity > longest {
             return Err(Error::MinValidityTooLong { longest });
         }
@@ -64,7 +67,10 @@ impl Broker {
             let Some(refresh) =
                 inner.start_refresh(account, slot, seen.tokens.clone(), Trigger::Caller)
             else {
-                return self.without_refresh(account, slot, min_validity, backing_off);
+                // A held-back token set is the store's failure: the same answer the caller that
+                // met it got.
+                let why = backing_off.or_else(|| slot.held_back().then_some(RefreshFailure::Store));
+                return self.without_refresh(account, slot, min_validity, why);
             };
             let waited = {
                 let _waiting = metrics::single_flight_waiter();

@@ -90,6 +90,11 @@ impl Slot {
         }
     }
 
+    /// Whether a refreshed token set is held back because the store refused it.
+    pub(super) fn held_back(&self) -> bool {
+        self.health().unpersisted.is_some()
+    }
+
     /// Whether EdgeTag's `Retry-After` still holds the account back at `now`.
     pub(super) fn held_by_provider(&self, now: SystemTime) -> bool {
         self.health().hold_until.is_some_and(|until| now < until)
@@ -163,6 +168,12 @@ impl Inner {
             );
         }
         margin
+    }
+
+    /// The largest `min_validity` a caller may ask for with tokens like `tokens` (see
+    /// [`policy::max_min_validity`]).
+    pub(super) fn longest_need(&self, tokens: &TokenSet) -> Duration {
+        policy::max_min_validity(tokens.lifetime(), self.margin(tokens))
     }
 
     /// Whether `tokens` can be handed out without refreshing first.
