@@ -380,7 +380,8 @@ pub fn soak(s: &Soak) -> String {
     let fmt = |v: Option<Sample>, f: &dyn Fn(&Sample) -> String| v.map_or("-".into(), |x| f(&x));
     let mib = |b: f64| format!("{:.2} MiB", b / 1048576.0);
     type Getter = Box<dyn Fn(&Sample) -> f64>;
-    let measures: Vec<(&str, Getter, Box<dyn Fn(f64) -> String>)> = vec![
+    type Shower = Box<dyn Fn(f64) -> String>;
+    let measures: Vec<(&str, Getter, Shower)> = vec![
         (
             "resident memory (VmRSS, whole bench process)",
             Box::new(|x: &Sample| x.rss_kib as f64 * 1024.0),
