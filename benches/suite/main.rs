@@ -6,6 +6,8 @@
 //! - [`storm`]: refresh storms, counted at the fake EdgeTag.
 //! - [`scale`]: the real binary on 100,000 accounts: time to serve, memory, throughput.
 //! - [`durable`]: CompleteAuth and refresh latency against a bare sled insert + flush.
+//! - [`soak`]: ten minutes of refreshes, churn and reads, watching memory, descriptors and disk
+//!   (only when named: `-- soak`, shortened with `--soak-seconds`).
 //! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
 
 mod durable;
@@ -14,6 +16,7 @@ mod floor;
 mod load;
 mod report;
 mod scale;
+mod soak;
 mod storm;
 mod throughput;
 
@@ -27,7 +30,8 @@ use crate::{fixture::Runtimes, load::LoadSpec};
 #[derive(Parser)]
 #[command(about = "credential-service performance suite (issue 6)")]
 struct Cli {
-    /// Sections to run (throughput, storm, scale, durable); all when none is named.
+    /// Sections to run (throughput, storm, scale, durable; recovery alone; soak only when named);
+    /// all but soak when none is named.
     sections: Vec<String>,
     /// A short smoke run: fewer accounts, one short round, fewer operations.
     #[arg(long)]
@@ -57,6 +61,9 @@ struct Cli {
     /// is named. For profiling one configuration.
     #[arg(long, value_delimiter = ',')]
     settings: Vec<String>,
+    /// Length of the soak section (run only when named: `-- soak`).
+    #[arg(long, default_value_t = 600)]
+    soak_seconds: u64,
     /// Where data directories go (default: the system's temporary directory).
     #[arg(long)]
     data_root: Option<PathBuf>,
@@ -78,8 +85,17 @@ fn main() {
     }
     // The binary's logging, so the hot path pays what it pays in production.
     telemetry::init(LogFormat::Text);
-    let all = ["throughput", "storm", "scale", "durable"];
-    let wanted = |s: &str| cli.sections.is_empty() || cli.sections.iter().any(|w| w == s);
+    let all = [
+        "throughput",
+        "storm",
+        "scale",
+        "durable",
+        "recovery",
+        "soak",
+    ];
+    // `soak` is long and runs only when named; `recovery` is part of `storm`, or alone.
+    let named = |s: &str| cli.sections.iter().any(|w| w == s);
+    let wanted = |s: &str| s != "soak" && (cli.sections.is_empty() || named(s));
     for s in &cli.sections {
         assert!(
             all.contains(&s.as_str()),
@@ -161,9 +177,21 @@ fn main() {
             let many = storm::many_accounts(&env, if q { 1_000 } else { 10_000 }).await;
             println!("{}", report::storms(&[one, many]));
         }
+        if wanted("storm") || named("recovery") {
+            let mut recoveries = Vec::new();
+            for wake in [storm::Wake::Callers, storm::Wake::Scheduler] {
+                recoveries.push(storm::recovery(&env, 1_000, wake).await);
+            }
+            println!("{}", report::recovery(&recoveries));
+        }
         if wanted("durable") {
             let durable = durable::run(&env, if q { 30 } else { 300 }).await;
             println!("{}", report::durable(&durable));
+        }
+        if named("soak") {
+            let spec = soak::SoakSpec::new(Duration::from_secs(cli.soak_seconds));
+            let soak = soak::run(&env, spec).await;
+            println!("{}", report::soak(&soak));
         }
     });
     println!("{}", report::load_after());
@@ -173,6 +201,9 @@ fn cli_line(cli: &Cli) -> String {
     let mut line = String::from("cargo bench --bench suite --");
     if cli.quick {
         line.push_str(" --quick");
+    }
+    if cli.sections.iter().any(|s| s == "soak") {
+        line.push_str(&format!(" --soak-seconds {}", cli.soak_seconds));
     }
     if !cli.settings.is_empty() {
         line.push_str(&format!(" --settings {}", cli.settings.join(",")));

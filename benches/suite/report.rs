@@ -6,7 +6,8 @@ use crate::{
     Env,
     durable::Durable,
     scale::{self, Scale},
-    storm::Storm,
+    soak::{Sample, Soak},
+    storm::{Recovery, Storm, Wake},
     throughput::{self, Comparison},
 };
 
@@ -287,6 +288,67 @@ pub fn storms(storms: &[Storm]) -> String {
     )
 }
 
+pub fn recovery(rs: &[Recovery]) -> String {
+    let rows: Vec<Vec<String>> = rs
+        .iter()
+        .map(|r| {
+            vec![
+                match r.wake {
+                    Wake::Callers => "expired accounts, EdgeTag back, callers waiting".into(),
+                    Wake::Scheduler => {
+                        "expired accounts, EdgeTag back, one operator refresh, no callers".into()
+                    }
+                },
+                r.accounts.to_string(),
+                format!("{:?}", r.upstream_delay),
+                format!(
+                    "{} requests, {} of {} callers UNAVAILABLE, all backing off: {}",
+                    r.outage_requests,
+                    r.outage_unavailable,
+                    r.accounts,
+                    if r.all_backing_off { "yes" } else { "no" }
+                ),
+                format!("{} ({} ok)", r.upstream_calls, r.refreshes_ok),
+                format!("{} (cap {})", r.peak_upstream, r.cap),
+                format!("{:.0} ms", r.refreshed.as_secs_f64() * 1000.0),
+                format!("{:.0} ms", r.served.as_secs_f64() * 1000.0),
+                format!("{:.0} ms", r.limit().as_secs_f64() * 1000.0),
+                format!(
+                    "{:.2}",
+                    r.served.as_secs_f64() / r.limit().as_secs_f64().max(1e-9)
+                ),
+                match &r.first_error {
+                    Some(e) => format!("{} (first: {e})", r.errors),
+                    None => r.errors.to_string(),
+                },
+                verdict(r.holds()),
+            ]
+        })
+        .collect();
+    format!(
+        "## Recovery after an EdgeTag outage\n\nEvery token expires while EdgeTag answers 503 to every \
+         refresh, until every account backs off; then EdgeTag is back. The limit is accounts × \
+         upstream delay ÷ cap; the target is served within 1.2× of it.\n\n{}",
+        table(
+            &[
+                "storm",
+                "accounts",
+                "upstream delay",
+                "outage",
+                "upstream calls after",
+                "peak upstream in flight",
+                "until all refreshed",
+                "until all served",
+                "limit",
+                "served ÷ limit",
+                "errors",
+                "target",
+            ],
+            &rows
+        )
+    )
+}
+
 pub fn durable(d: &Durable) -> String {
     let rows: Vec<Vec<String>> = d
         .rows
@@ -308,5 +370,112 @@ pub fn durable(d: &Durable) -> String {
         d.refreshes_seen,
         d.ops,
         table(&["operation", "ops", "p50", "p99", "mean"], &rows)
+    )
+}
+
+pub fn soak(s: &Soak) -> String {
+    let first = s.samples.first().copied();
+    let warm = s.samples.iter().find(|x| x.at >= s.spec.warmup).copied();
+    let last = s.samples.last().copied();
+    let fmt = |v: Option<Sample>, f: &dyn Fn(&Sample) -> String| v.map_or("-".into(), |x| f(&x));
+    let mib = |b: f64| format!("{:.2} MiB", b / 1048576.0);
+    type Getter = Box<dyn Fn(&Sample) -> f64>;
+    type Shower = Box<dyn Fn(f64) -> String>;
+    let measures: Vec<(&str, Getter, Shower)> = vec![
+        (
+            "resident memory (VmRSS, whole bench process)",
+            Box::new(|x: &Sample| x.rss_kib as f64 * 1024.0),
+            Box::new(mib),
+        ),
+        (
+            "open file descriptors (/proc/self/fd)",
+            Box::new(|x: &Sample| x.fds as f64),
+            Box::new(|v| format!("{v:.0}")),
+        ),
+        (
+            "data directory size",
+            Box::new(|x: &Sample| x.data_bytes as f64),
+            Box::new(mib),
+        ),
+        (
+            "data directory files",
+            Box::new(|x: &Sample| x.data_files as f64),
+            Box::new(|v| format!("{v:.0}")),
+        ),
+    ];
+    let rows: Vec<Vec<String>> = measures
+        .iter()
+        .map(|(name, get, show)| {
+            vec![
+                (*name).into(),
+                fmt(first, &|x| show(get(x))),
+                fmt(warm, &|x| show(get(x))),
+                fmt(last, &|x| show(get(x))),
+                format!("{}/h", show(s.slope_per_hour(get))),
+            ]
+        })
+        .collect();
+    let secs = s.samples.last().map_or(0.0, |x| x.at.as_secs_f64());
+    let samples: Vec<Vec<String>> = s
+        .samples
+        .iter()
+        .map(|x| {
+            vec![
+                format!("{:.0}", x.at.as_secs_f64()),
+                format!("{:.1}", x.rss_kib as f64 / 1024.0),
+                x.fds.to_string(),
+                format!("{:.2}", x.data_bytes as f64 / 1048576.0),
+                x.data_files.to_string(),
+                x.refreshes_ok.to_string(),
+            ]
+        })
+        .collect();
+    format!(
+        "## Soak\n\n{} accounts on {:?} tokens refreshed by the scheduler; {} new accounts connected \
+         (BeginAuth, approval, CompleteAuth) and {} removed (RemoveAccount) per second; {} GetToken \
+         per second. Sampled every {:?}; slopes are least-squares fits over the samples after a \
+         {:?} warm-up. Ran {:.0} s (asked: {:?}). Load average before / after: {} / {}.\n\n{}\n\
+         | counts |  |\n|---|---|\n| GetToken calls (errors) | {} ({}) |\n| accounts connected / \
+         removed (errors) | {} / {} ({}) |\n| refreshes answered by the fake | {} ({:.0}/s) |\n\
+         | token requests not answered with a token | {} |\n| accounts at the end | {} |\n\
+         | errors in all | {}{} |\n\n<details><summary>samples</summary>\n\n{}\n</details>\n",
+        s.spec.accounts,
+        s.spec.token_lifetime,
+        s.spec.churn_per_sec,
+        s.spec.churn_per_sec,
+        s.spec.gets_per_sec,
+        s.spec.sample_every,
+        s.spec.warmup,
+        secs,
+        s.spec.duration,
+        s.load_before,
+        s.load_after,
+        table(
+            &[
+                "measure",
+                "at start",
+                "after warm-up",
+                "at end",
+                "slope after warm-up"
+            ],
+            &rows
+        ),
+        s.gets,
+        s.get_errors,
+        s.connected,
+        s.removed,
+        s.churn_errors,
+        s.refreshes_ok,
+        s.refreshes_ok as f64 / secs.max(1.0),
+        s.upstream_failures,
+        s.accounts_at_end,
+        s.errors(),
+        s.first_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(" (first: {e})")),
+        table(
+            &["s", "RSS MiB", "fds", "data MiB", "data files", "refreshes"],
+            &samples
+        ),
     )
 }

@@ -6,8 +6,11 @@ use std::time::{Duration, Instant};
 use credential_service::{
     broker::BrokerConfig,
     clock::Clock,
-    proto::{GetTokenRequest, credential_service_client::CredentialServiceClient},
+    proto::{
+        GetTokenRequest, RefreshTokenRequest, credential_service_client::CredentialServiceClient,
+    },
 };
+use fake_edgetag::{FakeEdgeTag, Fault};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
@@ -153,4 +156,202 @@ async fn call(
         Ok(_) => Err("OK without a token".into()),
         Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
     }
+}
+
+/// How the accounts are brought back after the outage.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Every account's caller is waiting: a second after the outage each caller calls again, and
+    /// its demand probe (or the scheduler's refresh it joins) serves it.
+    Callers,
+    /// Nobody calls: one operator refresh succeeds, which ends every transient back-off and wakes
+    /// the scheduler; the scheduler alone refreshes the rest.
+    Scheduler,
+}
+
+/// Recovery after an EdgeTag outage (issue 11 item 1): every account's token has expired while
+/// EdgeTag answered 503 to every refresh, until each account was backing off; then EdgeTag is back.
+pub struct Recovery {
+    pub wake: Wake,
+    pub accounts: usize,
+    pub upstream_delay: Duration,
+    pub cap: usize,
+    /// Token requests during the outage (each failed), and callers told UNAVAILABLE.
+    pub outage_requests: u64,
+    pub outage_unavailable: u64,
+    /// Whether a second round of calls during the outage started no upstream request (every account
+    /// backing off).
+    pub all_backing_off: bool,
+    pub upstream_calls: u64,
+    pub refreshes_ok: u64,
+    pub peak_upstream: u64,
+    /// From EdgeTag's return until the fake had answered every refresh.
+    pub refreshed: Duration,
+    /// From EdgeTag's return until every account had served a new token.
+    pub served: Duration,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl Recovery {
+    /// accounts × upstream latency ÷ cap: the drain if every upstream slot were always busy.
+    pub fn limit(&self) -> Duration {
+        self.upstream_delay * self.accounts as u32 / self.cap as u32
+    }
+
+    pub fn holds(&self) -> bool {
+        self.errors == 0
+            && self.all_backing_off
+            && self.refreshes_ok == self.accounts as u64
+            && self.served.as_secs_f64() <= 1.2 * self.limit().as_secs_f64()
+    }
+}
+
+/// `accounts` expired accounts through an outage and EdgeTag's return; see [`Recovery`].
+pub async fn recovery(env: &Env, accounts: usize, wake: Wake) -> Recovery {
+    let upstream_delay = Duration::from_millis(2);
+    let clock = Clock::manual();
+    let fake = fixture::start_fake(env.runtimes.fake.handle(), &clock).await;
+    let dir = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-recovery-");
+    let names = fixture::account_names(accounts);
+    fixture::seed(dir.path(), &names, &clock, |_| fake.seed_grant()).await;
+    let broker = BrokerConfig::default();
+    let cap = broker.upstream_concurrency;
+    let demand_interval = broker.refresh.demand_interval;
+    let config = fixture::service_config(dir.path(), fixture::fake_upstream(&fake), broker, None);
+    let server = RunningServer::service(env.runtimes.server.handle(), config, clock.clone()).await;
+    let clients = load::connect(server.addr, CHANNELS).await;
+    fake.set_token_delay(upstream_delay);
+
+    // The outage: every token expires while every refresh gets 503. One call per account; each
+    // must fail, after which the account backs off.
+    fake.set_persistent_fault(Some(Fault::ServiceUnavailable));
+    let before_outage = fake.stats().token_requests;
+    clock.advance(TOKEN_LIFETIME + Duration::from_secs(60));
+    let outage = sweep(&clients, &names).await;
+    let outage_unavailable = outage
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.starts_with("Unavailable")))
+        .count() as u64;
+    // Let background refreshes the scheduler started end too.
+    quiet(&fake).await;
+    let outage_requests = fake.stats().token_requests - before_outage;
+    // A second round on the same (manual) instant must not reach EdgeTag: all are backing off.
+    let probe_before = fake.stats().token_requests;
+    let again = sweep(&clients, &names).await;
+    quiet(&fake).await;
+    let all_backing_off =
+        again.iter().all(Result::is_err) && fake.stats().token_requests == probe_before;
+
+    // EdgeTag is back.
+    fake.set_persistent_fault(None);
+    fake.reset_peak();
+    let before = fake.stats();
+    let (mut errors, mut first_error) = (0, None);
+    let back = Instant::now();
+    let (refreshed, served) = match wake {
+        Wake::Callers => {
+            clock.advance(demand_interval);
+            let results = sweep(&clients, &names).await;
+            let served = back.elapsed();
+            for r in results {
+                if let Err(e) = r {
+                    errors += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+            let refreshed = wait_refreshed(&fake, before.refreshes_ok, accounts, back).await;
+            (refreshed, served)
+        }
+        Wake::Scheduler => {
+            let mut admin = clients[0].clone();
+            if let Err(s) = admin
+                .refresh_token(RefreshTokenRequest {
+                    account: names[0].clone(),
+                })
+                .await
+            {
+                errors += 1;
+                first_error.get_or_insert(format!("{:?}: {}", s.code(), s.message()));
+            }
+            let refreshed = wait_refreshed(&fake, before.refreshes_ok, accounts, back).await;
+            // Until every account answers with a token (refreshes finishing their writes are
+            // joined, never started: the clock has not moved, so callers get no demand turn).
+            let mut left: Vec<String> = names.to_vec();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !left.is_empty() && Instant::now() < deadline {
+                let results = sweep(&clients, &left).await;
+                left = left
+                    .into_iter()
+                    .zip(results)
+                    .filter_map(|(n, r)| r.is_err().then_some(n))
+                    .collect();
+            }
+            if !left.is_empty() {
+                errors += left.len() as u64;
+                first_error.get_or_insert(format!("{} accounts never served", left.len()));
+            }
+            (refreshed, back.elapsed())
+        }
+    };
+    let after = fake.stats();
+    drop(clients);
+    server.stop().await;
+    Recovery {
+        wake,
+        accounts,
+        upstream_delay,
+        cap,
+        outage_requests,
+        outage_unavailable,
+        all_backing_off,
+        upstream_calls: after.token_requests - before.token_requests,
+        refreshes_ok: after.refreshes_ok - before.refreshes_ok,
+        peak_upstream: after.peak_token_concurrency,
+        refreshed,
+        served,
+        errors,
+        first_error,
+    }
+}
+
+/// One GetToken per account, all at once; each call's outcome, in order.
+async fn sweep(
+    clients: &[CredentialServiceClient<Channel>],
+    names: &[String],
+) -> Vec<Result<u64, String>> {
+    let calls: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| tokio::spawn(call(clients[i % clients.len()].clone(), name.clone())))
+        .collect();
+    let mut out = Vec::with_capacity(calls.len());
+    for c in calls {
+        out.push(c.await.expect("a recovery call"));
+    }
+    out
+}
+
+/// Waits until no token request is in flight at the fake and none arrived for longer than the
+/// scheduler's scan interval.
+async fn quiet(fake: &FakeEdgeTag) {
+    let mut last = fake.stats().token_requests;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = fake.stats().token_requests;
+        if now == last && fake.token_requests_in_flight() == 0 {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Polls the fake until it has answered `accounts` successful refreshes since `from`; the time
+/// since `back` when it had.
+async fn wait_refreshed(fake: &FakeEdgeTag, from: u64, accounts: usize, back: Instant) -> Duration {
+    let deadline = back + Duration::from_secs(60);
+    while fake.stats().refreshes_ok - from < accounts as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    back.elapsed()
 }
