@@ -8,13 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{HOUR, MINUTE, Options, TestApp, assert_status, test_policy};
+use common::{HOUR, MINUTE, Options, TestApp, assert_status, events, test_policy};
 use credential_service::{
-    broker::{BrokerConfig, RefreshEvent, RefreshEventKind, RefreshPolicy},
+    broker::{BrokerConfig, RefreshEventKind, RefreshPolicy},
     proto::{GetTokenRequest, GetTokenResponse},
 };
 use fake_edgetag::Fault;
-use tokio::sync::broadcast;
 use tonic::{Code, Status};
 
 /// Refresh margin in force for the fake's 2-hour tokens (the 5-minute default; below half the
@@ -70,20 +69,6 @@ async fn get_for(
         })
         .await
         .map(|r| r.into_inner())
-}
-
-/// Waits for `n` refresh events (of any kind) and returns them.
-async fn events(rx: &mut broadcast::Receiver<RefreshEvent>, n: usize) -> Vec<RefreshEvent> {
-    let collect = async {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            out.push(rx.recv().await.expect("event stream open"));
-        }
-        out
-    };
-    tokio::time::timeout(Duration::from_secs(30), collect)
-        .await
-        .expect("events arrive")
 }
 
 // ---- Issue 10, finding 3: a reader cannot make the service refresh over and over ----

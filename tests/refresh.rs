@@ -10,33 +10,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{HOUR, MINUTE, Options, TestApp, assert_status};
+use common::{HOUR, MINUTE, Options, TestApp, assert_status, events};
 use credential_service::{
     account::AccountId,
-    broker::{RefreshEvent, RefreshEventKind},
+    broker::RefreshEventKind,
     proto::{AccountStatus, GetTokenRequest, RefreshOutcome},
 };
 use fake_edgetag::Fault;
 use secrecy::ExposeSecret;
-use tokio::sync::broadcast;
 use tonic::Code;
 
 fn id(s: &str) -> AccountId {
     AccountId::parse(s).unwrap()
-}
-
-/// Waits for `n` refresh events (of any kind) and returns them.
-async fn events(rx: &mut broadcast::Receiver<RefreshEvent>, n: usize) -> Vec<RefreshEvent> {
-    let collect = async {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            out.push(rx.recv().await.expect("event stream open"));
-        }
-        out
-    };
-    tokio::time::timeout(Duration::from_secs(60), collect)
-        .await
-        .expect("events arrive")
 }
 
 /// A connected account whose access token has just expired: the next GetToken must refresh.

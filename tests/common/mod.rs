@@ -490,3 +490,20 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
         self.clone()
     }
 }
+
+/// Waits for `n` refresh events (of any kind) and returns them.
+pub async fn events(
+    rx: &mut tokio::sync::broadcast::Receiver<credential_service::broker::RefreshEvent>,
+    n: usize,
+) -> Vec<credential_service::broker::RefreshEvent> {
+    let collect = async {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            out.push(rx.recv().await.expect("event stream open"));
+        }
+        out
+    };
+    tokio::time::timeout(Duration::from_secs(60), collect)
+        .await
+        .expect("events arrive")
+}
