@@ -15,15 +15,19 @@ use crate::{
 
 impl Broker {
     /// Applies the store's change notifications until the stream ends (or the task is aborted).
-    pub(super) async fn follow_changes(self) {
+    /// Subscribes when called, not when first polled, so no change announced after this call is
+    /// missed while the returned future waits to be scheduled.
+    pub(super) fn follow_changes(self) -> impl std::future::Future<Output = ()> + Send {
         let mut changes = self.inner.store.changes();
-        while let Some(change) = changes.next().await {
-            let applied = match &change {
-                Change::Account { account, .. } => self.reload(account).await,
-                Change::Resync => self.resync().await,
-            };
-            if let Err(e) = applied {
-                tracing::warn!(error = %e, change = ?change, "could not apply a change from the store; the next resync will");
+        async move {
+            while let Some(change) = changes.next().await {
+                let applied = match &change {
+                    Change::Account { account, .. } => self.reload(account).await,
+                    Change::Resync => self.resync().await,
+                };
+                if let Err(e) = applied {
+                    tracing::warn!(error = %e, change = ?change, "could not apply a change from the store; the next resync will");
+                }
             }
         }
     }
