@@ -445,14 +445,17 @@ async fn past_the_connection_bound_a_connection_is_closed_at_once() {
         .expect("the connection past the bound is closed at once");
     wait_for_line(&mut server.lines, "too many open (--max-connections").await;
     drop(held);
-    // Places free up when connections close.
-    let mut client = loop {
-        let mut client = health(&server.addr).await;
-        if check(&mut client).await.is_ok() {
-            break client;
+    // Places free up when connections close (the server sees the close a moment later).
+    let mut client = within(async {
+        loop {
+            let mut client = health(&server.addr).await;
+            if check(&mut client).await.is_ok() {
+                break client;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert_eq!(check(&mut client).await.unwrap(), 1);
     server.child.kill().await.unwrap();
 }
@@ -460,14 +463,21 @@ async fn past_the_connection_bound_a_connection_is_closed_at_once() {
 #[tokio::test]
 async fn calls_past_the_in_flight_bound_are_refused_and_health_still_answers() {
     let mut server = start(&["--max-calls-in-flight", "2"]).await;
-    // Two GetToken calls whose body never comes: each stays in flight.
+    // Three GetToken calls whose body never comes. A call is refused only while two others hold
+    // both places, and these never end on their own: so once one of the three is refused, the
+    // other two fill the bound until their bodies come.
     let attacker = h2_connect(&server.addr).await;
-    let mut hanging = Vec::new();
-    for _ in 0..2 {
+    let (mut answers, mut bodies) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
         let mut sender = attacker.clone().ready().await.unwrap();
         let request = grpc_request(&server.addr, "/credential.v1.CredentialService/GetToken");
-        hanging.push(sender.send_request(request, false).unwrap());
+        let (response, body) = sender.send_request(request, false).unwrap();
+        answers.push(Box::pin(grpc_status(response)));
+        bodies.push(body);
     }
+    let (refused, index, hanging) = within(futures::future::select_all(answers)).await;
+    assert_eq!(refused, Some(Code::ResourceExhausted as i32));
+    bodies.swap_remove(index); // select_all removes the finished future the same way
     let channel = Channel::from_shared(format!("http://{}", server.addr))
         .unwrap()
         .connect()
@@ -484,37 +494,34 @@ async fn calls_past_the_in_flight_bound_are_refused_and_health_still_answers() {
                 .await
         }
     };
-    // The hanging calls may take a moment to reach the server.
-    let refused = loop {
-        match get().await {
-            Err(status) if status.code() == Code::ResourceExhausted => break status,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let refused = within(get()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("too many calls"), "{refused:?}");
     wait_for_line(&mut server.lines, "too many in flight").await;
     let mut prober = health(&server.addr).await;
-    assert_eq!(check(&mut prober).await.unwrap(), 1);
+    assert_eq!(within(check(&mut prober)).await.unwrap(), 1);
 
-    // The hanging calls end: their places are free again.
-    for (_, mut body) in hanging {
-        let message = GetTokenRequest {
-            account: "acme".into(),
-            min_validity: None,
-        }
-        .encode_to_vec();
-        body.send_data(grpc_frame(&message), true).unwrap();
+    // The hanging calls end (each answered): their places are free again.
+    let message = GetTokenRequest {
+        account: "acme".into(),
+        min_validity: None,
     }
-    let answered = loop {
-        match get().await {
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            other => break other,
-        }
-    };
-    assert_eq!(answered.unwrap_err().code(), Code::NotFound); // never connected: but served
+    .encode_to_vec();
+    for (response, mut body) in hanging.into_iter().zip(bodies) {
+        body.send_data(grpc_frame(&message), true).unwrap();
+        let answered = within(response).await;
+        assert_eq!(answered, Some(Code::NotFound as i32)); // never connected: but served
+    }
+    let answered = within(get()).await;
+    assert_eq!(answered.unwrap_err().code(), Code::NotFound);
     server.child.kill().await.unwrap();
+}
+
+/// Awaits `future`, failing the test instead of hanging it when the server never answers.
+async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), future)
+        .await
+        .expect("the server answers within 30 s")
 }
 
 #[tokio::test]
@@ -537,15 +544,19 @@ async fn health_watches_are_capped_and_a_closed_one_frees_its_place() {
     assert_eq!(check(&mut client).await.unwrap(), 1);
 
     drop(first);
-    let third = loop {
-        match watch(client.clone()).await {
-            Ok(stream) => break stream,
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted);
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    // The server sees the stream's reset a moment later.
+    let third = within(async {
+        loop {
+            match watch(client.clone()).await {
+                Ok(stream) => break stream,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
-    };
+    })
+    .await;
     drop(third);
     server.child.kill().await.unwrap();
 }
