@@ -177,8 +177,8 @@ fn the_image_is_built_without_the_fake_edgetag() {
     assert!(enables("default", "dev"));
 }
 
-fn manifests() -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(&read("deploy/kubernetes/credential-service.yaml"))
+fn manifests(path: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(&read(path))
         .map(|d| Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
@@ -194,12 +194,9 @@ fn str_of(v: &Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v:?}"))
 }
 
-#[test]
-fn kubernetes_manifests_agree_with_the_service() {
-    let docs = manifests();
-    let set = kind(&docs, "StatefulSet");
-    assert_eq!(set["spec"]["replicas"], 1, "sled is single-writer");
-    let pod = &set["spec"]["template"]["spec"];
+/// The pod's one container, after checking that pod and container run unprivileged.
+#[track_caller]
+fn locked_down_container(pod: &Value) -> &Value {
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["automountServiceAccountToken"], false);
     let containers = pod["containers"].as_sequence().unwrap();
@@ -210,6 +207,16 @@ fn kubernetes_manifests_agree_with_the_service() {
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    c
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_the_service() {
+    let docs = manifests("deploy/kubernetes/credential-service.yaml");
+    let set = kind(&docs, "StatefulSet");
+    assert_eq!(set["spec"]["replicas"], 1, "sled is single-writer");
+    let pod = &set["spec"]["template"]["spec"];
+    let c = locked_down_container(pod);
 
     let port = |name: &str| -> u64 {
         c["ports"]
@@ -378,4 +385,250 @@ fn systemd_unit_is_hardened_and_agrees_with_the_service() {
         .unwrap()
         .1;
     assert_eq!(listen, default_settings().listen.to_string());
+}
+
+const REPLICATED: &str = "deploy/kubernetes/replicated.yaml";
+
+/// Every long flag the service accepts, with its dashes.
+fn known_flags() -> BTreeSet<String> {
+    Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .map(|l| format!("--{l}"))
+        .collect()
+}
+
+/// A container's environment: each variable's literal value, or `None` when it comes from
+/// elsewhere (`valueFrom`).
+fn env_of(c: &Value) -> Vec<(&str, Option<&str>)> {
+    c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (str_of(&e["name"]), e["value"].as_str()))
+        .collect()
+}
+
+#[track_caller]
+fn container_port(c: &Value, name: &str) -> u64 {
+    c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no container port {name}"))["containerPort"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn replicated_manifest_keeps_two_of_three_replicas_through_any_one_failure() {
+    let docs = manifests(REPLICATED);
+    assert!(
+        docs.iter()
+            .all(|d| d["kind"] != "StatefulSet" && d["kind"] != "PersistentVolumeClaim"),
+        "the replicas share PostgreSQL, not a volume"
+    );
+    let deployment = kind(&docs, "Deployment");
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(
+        spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
+        "a rolling deploy never drops below three"
+    );
+    let selector = &spec["selector"]["matchLabels"];
+    let labels = &spec["template"]["metadata"]["labels"];
+    assert!(!selector.is_null());
+    for (key, value) in selector.as_mapping().unwrap() {
+        assert_eq!(&labels[key], value, "the Deployment selects its own pods");
+    }
+
+    let budget = kind(&docs, "PodDisruptionBudget");
+    assert_eq!(budget["spec"]["minAvailable"], 2);
+    assert_eq!(budget["spec"]["selector"]["matchLabels"], *selector);
+
+    // One replica per zone, and per node, so that losing either leaves two.
+    let constraints = spec["template"]["spec"]["topologySpreadConstraints"]
+        .as_sequence()
+        .expect("topology spread constraints");
+    for key in ["topology.kubernetes.io/zone", "kubernetes.io/hostname"] {
+        let c = constraints
+            .iter()
+            .find(|c| c["topologyKey"] == key)
+            .unwrap_or_else(|| panic!("no spread across {key}"));
+        assert_eq!(c["maxSkew"], 1, "{key}");
+        assert_eq!(c["whenUnsatisfiable"], "DoNotSchedule", "{key}");
+        assert_eq!(c["labelSelector"]["matchLabels"], *selector, "{key}");
+    }
+}
+
+#[test]
+fn replicated_manifest_agrees_with_the_service() {
+    let docs = manifests(REPLICATED);
+    let deployment = kind(&docs, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = locked_down_container(pod);
+    for field in ["command", "args"] {
+        for arg in c[field].as_sequence().into_iter().flatten() {
+            let flag = str_of(arg).split('=').next().unwrap();
+            assert_ne!(flag, "--dev", "dev mode runs a fake EdgeTag");
+            if flag.starts_with("--") {
+                assert!(known_flags().contains(flag), "{flag}: no such flag");
+            }
+        }
+    }
+
+    let port = |name: &str| container_port(c, name);
+    let env = env_of(c);
+    let entry = |name: &str| {
+        c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not set"))
+    };
+    let var = |name: &str| {
+        str_of(&entry(name)["value"]).to_owned() // a literal, not from a Secret
+    };
+    assert_eq!(port("grpc"), u64::from(default_settings().listen.port()));
+    for (variable, port_name) in [
+        ("CREDENTIAL_SERVICE_LISTEN", "grpc"),
+        ("CREDENTIAL_SERVICE_CALLBACK_LISTEN", "callback"),
+        ("CREDENTIAL_SERVICE_METRICS_LISTEN", "metrics"),
+    ] {
+        let addr: std::net::SocketAddr = var(variable).parse().unwrap();
+        assert_eq!(u64::from(addr.port()), port(port_name), "{variable}");
+    }
+    assert!(var("EDGETAG_REDIRECT_URI").ends_with(&default_settings().callback_path));
+
+    // Probes: native gRPC on the gRPC port; readiness asks for the credential service itself.
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        assert_eq!(
+            c[probe]["grpc"]["port"].as_u64(),
+            Some(port("grpc")),
+            "{probe}"
+        );
+    }
+    assert_eq!(
+        c["readinessProbe"]["grpc"]["service"],
+        grpc_service_name().as_str()
+    );
+
+    // The store URL comes from the Secret, and names PostgreSQL without a password.
+    let secret = kind(&docs, "Secret");
+    let store = &entry("CREDENTIAL_SERVICE_STORE")["valueFrom"]["secretKeyRef"];
+    assert_eq!(store["name"], secret["metadata"]["name"]);
+    let url: url::Url = str_of(&secret["stringData"][str_of(&store["key"])])
+        .parse()
+        .unwrap();
+    assert_eq!(url.scheme(), "postgres");
+    assert!(!url.username().is_empty());
+    assert_eq!(url.password(), None, "the password comes from its own file");
+    let sslmode = url
+        .query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .expect("sslmode is explicit")
+        .1;
+    assert_eq!(
+        sslmode, "verify-full",
+        "the replicas leave the pod for the database"
+    );
+    let store_port = url.port().unwrap();
+
+    // Every secret is a file from the Secret: the password, the CA, and the encryption key that
+    // PostgreSQL requires (every replica seals with the same key).
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret["metadata"]["name"])
+        .expect("the Secret is mounted");
+    let secret_dir = str_of(
+        &c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .expect("the Secret's volume is mounted")["mountPath"],
+    );
+    let mounted: BTreeSet<&str> = volume["secret"]["items"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            assert_eq!(i["key"], i["path"]);
+            str_of(&i["key"])
+        })
+        .collect();
+    let files: BTreeSet<&str> = env
+        .iter()
+        .filter(|(n, _)| n.ends_with("_FILE"))
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(
+        files,
+        BTreeSet::from([
+            "CREDENTIAL_SERVICE_STORE_PASSWORD_FILE",
+            "CREDENTIAL_SERVICE_STORE_CA_FILE",
+            "EDGETAG_CLIENT_SECRET_FILE",
+            "CREDENTIAL_SERVICE_ENCRYPTION_KEY_FILE",
+            "CREDENTIAL_SERVICE_CALLERS_FILE",
+        ])
+    );
+    for name in files {
+        let path = var(name);
+        let (dir, key) = path.rsplit_once('/').unwrap();
+        assert_eq!(dir, secret_dir, "{name}");
+        assert!(mounted.contains(key), "{name}: {key} is not mounted");
+        assert_eq!(
+            secret["stringData"][key], "CHANGE-ME",
+            "{name}: no value is committed for {key}"
+        );
+    }
+    // Nothing secret as a literal variable (EDGETAG_CLIENT_SECRET would put it in the pod spec).
+    for (name, value) in &env {
+        let secret_like = ["SECRET", "PASSWORD", "KEY", "STORE"]
+            .iter()
+            .any(|w| name.contains(w));
+        assert!(
+            value.is_none() || !secret_like || name.ends_with("_FILE"),
+            "{name} is set in the manifest itself"
+        );
+    }
+
+    // The Service and the NetworkPolicy only name ports the container has; PostgreSQL is reachable.
+    let service = kind(&docs, "Service");
+    for p in service["spec"]["ports"].as_sequence().unwrap() {
+        port(str_of(&p["targetPort"]));
+    }
+    let policy = kind(&docs, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["podSelector"], deployment["spec"]["selector"],
+        "the policy covers the pods"
+    );
+    for rule in policy["spec"]["ingress"].as_sequence().unwrap() {
+        for p in rule["ports"].as_sequence().unwrap() {
+            port(str_of(&p["port"]));
+        }
+    }
+    assert!(
+        policy["spec"]["egress"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["ports"].as_sequence().unwrap())
+            .any(|p| p["port"].as_u64() == Some(u64::from(store_port))),
+        "egress to PostgreSQL on {store_port}"
+    );
+}
+
+/// Needs `--store`, `--store-password-file` and `--store-ca-file` in `config::Settings`.
+#[test]
+fn replicated_manifest_sets_only_variables_the_service_reads() {
+    let docs = manifests(REPLICATED);
+    let c = &kind(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    for (name, _) in env_of(c) {
+        assert_known(name);
+    }
 }
