@@ -164,6 +164,16 @@ fn failed(e: Error) -> Response {
             "EdgeTag could not be reached",
             "Nothing is lost: reload this page in a minute to try again, while the link is valid.",
         ),
+        Error::StoreUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The service's database could not be reached",
+            "Reload this page in a minute to try again, while the link is valid.",
+        ),
+        Error::Store(cause) if cause.is_unavailable() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The service's database could not be reached",
+            "Reload this page in a minute to try again, while the link is valid.",
+        ),
         Error::ClientCredentialsRejected => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "The service's EdgeTag credentials were rejected",

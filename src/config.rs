@@ -59,6 +59,9 @@ pub struct Settings {
     #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    #[command(flatten)]
+    pub store: StoreSettings,
+
     /// EdgeTag deployment whose hosts the URLs default to.
     #[arg(long, env = "EDGETAG_ENVIRONMENT", value_enum, default_value_t = Environment::Sandbox)]
     pub environment: Environment,
@@ -315,6 +318,89 @@ impl LimitSettings {
     }
 }
 
+/// Where state lives: sled in `--data-dir` (the default), or a PostgreSQL database that several
+/// replicas share. Shared by the server and `rotate-keys`.
+#[derive(Debug, Clone, Args)]
+pub struct StoreSettings {
+    /// `sled` (in --data-dir), or `postgres://USER@HOST:PORT/DB?sslmode=verify-full|require|disable`
+    /// for several replicas sharing one database.
+    #[arg(long, env = "CREDENTIAL_SERVICE_STORE", default_value = "sled")]
+    pub store: String,
+
+    /// File with the PostgreSQL password (kept out of the URL and the environment).
+    #[arg(long, env = "CREDENTIAL_SERVICE_STORE_PASSWORD_FILE")]
+    pub store_password_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed PostgreSQL's certificate (needed for sslmode=verify-full).
+    #[arg(long, env = "CREDENTIAL_SERVICE_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
+}
+
+impl StoreSettings {
+    /// The store to open. PostgreSQL needs an explicit encryption key: every replica must seal
+    /// with the same one, and a key created on one machine would exist on that machine only.
+    pub fn resolve(&self, keys: &KeySettings) -> Result<StoreConfig, ConfigError> {
+        let store = self.store.trim();
+        if store.is_empty() || store == "sled" {
+            if self.store_password_file.is_some() || self.store_ca_file.is_some() {
+                return Err(ConfigError(
+                    "--store-password-file and --store-ca-file are for --store postgres://…; the sled store has no server".into(),
+                ));
+            }
+            return Ok(StoreConfig::Sled);
+        }
+        if !(store.starts_with("postgres://") || store.starts_with("postgresql://")) {
+            return Err(ConfigError(
+                "--store / CREDENTIAL_SERVICE_STORE must be `sled` or a postgres:// URL".into(),
+            ));
+        }
+        if keys.encryption_key_file.is_none() {
+            return Err(ConfigError(
+                "--store postgres://… needs --encryption-key-file (CREDENTIAL_SERVICE_ENCRYPTION_KEY_FILE): every replica must seal with the same key".into(),
+            ));
+        }
+        let password = self
+            .store_password_file
+            .as_ref()
+            .map(|path| {
+                let raw = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!(
+                        "cannot read the store password file {} (--store-password-file / CREDENTIAL_SERVICE_STORE_PASSWORD_FILE): {e}",
+                        path.display()
+                    ))
+                })?;
+                sealing::warn_if_open_to_others(path, "the store password file");
+                Ok(SecretString::from(raw.trim_end_matches(['\n', '\r'])))
+            })
+            .transpose()?;
+        let ca = self
+            .store_ca_file
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).map_err(|e| {
+                    ConfigError(format!(
+                        "cannot read --store-ca-file / CREDENTIAL_SERVICE_STORE_CA_FILE {}: {e}",
+                        path.display()
+                    ))
+                })
+            })
+            .transpose()?;
+        crate::store::PostgresConfig::parse(store, password, ca)
+            .map(|pg| StoreConfig::Postgres(Box::new(pg)))
+            .map_err(|e| ConfigError(format!("--store / CREDENTIAL_SERVICE_STORE: {e}")))
+    }
+}
+
+/// Which store the service opens.
+#[derive(Debug, Clone, Default)]
+pub enum StoreConfig {
+    /// sled in the data directory: one process.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by several replicas.
+    Postgres(Box<crate::store::PostgresConfig>),
+}
+
 /// The encryption keys of the data directory; shared by the server and `rotate-keys`.
 #[derive(Debug, Clone, Args)]
 pub struct KeySettings {
@@ -372,6 +458,8 @@ pub struct ServiceConfig {
     /// `None`: plaintext gRPC.
     pub tls: Option<TlsConfig>,
     pub encryption: EncryptionConfig,
+    /// Where state lives.
+    pub store: StoreConfig,
     /// The browser callback listener, if any.
     pub callback: Option<CallbackConfig>,
     /// Where `/metrics` is served, if anywhere.
@@ -439,6 +527,7 @@ impl ServiceConfig {
             callers: Callers::open(),
             tls: None,
             encryption: EncryptionConfig::default(),
+            store: StoreConfig::Sled,
             callback: None,
             metrics_listen: None,
             limits: Limits::DEFAULT,
@@ -455,6 +544,7 @@ impl Settings {
         let Settings {
             listen,
             data_dir,
+            store,
             environment,
             authorize_url,
             token_url,
@@ -581,6 +671,7 @@ impl Settings {
             }
         };
         let limits = limits.resolve()?;
+        let store = store.resolve(&keys)?;
         if !callback_path.starts_with('/') || callback_path.contains(['?', '#']) {
             return Err(ConfigError(format!(
                 "--callback-path / CREDENTIAL_SERVICE_CALLBACK_PATH must be a path starting with /: {callback_path:?}"
@@ -615,6 +706,7 @@ impl Settings {
         config.callers = callers;
         config.tls = tls;
         config.encryption = keys.encryption();
+        config.store = store;
         config.callback = callback_listen.map(|listen| CallbackConfig {
             listen,
             path: callback_path,
@@ -684,6 +776,48 @@ mod tests {
         "--redirect-uri",
         "https://ops.example.com/cb",
     ];
+
+    #[test]
+    fn postgres_needs_a_shared_key_and_keeps_the_password_in_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("store-password");
+        std::fs::write(&password, "s3cret-pw\n").unwrap();
+        let key = dir.path().join("key");
+        let url = "postgres://svc@db.internal:5432/creds?sslmode=disable";
+        let with = |extra: &[&str]| {
+            let mut args = REQUIRED.to_vec();
+            args.extend_from_slice(&["--store", url]);
+            args.extend_from_slice(extra);
+            settings(&args).resolve(Some("secret".into()))
+        };
+
+        let e = with(&[]).unwrap_err().to_string();
+        assert!(e.contains("needs --encryption-key-file"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+
+        let key_arg = key.to_str().unwrap();
+        let password_arg = password.to_str().unwrap();
+        let config = with(&[
+            "--encryption-key-file",
+            key_arg,
+            "--store-password-file",
+            password_arg,
+        ])
+        .unwrap();
+        let StoreConfig::Postgres(pg) = &config.store else {
+            panic!("a postgres:// store is PostgreSQL");
+        };
+        assert_eq!(pg.url(), url);
+        assert!(!format!("{config:?}").contains("s3cret-pw"), "{config:?}");
+
+        // sled stays the default, and PostgreSQL's settings mean nothing to it.
+        let config = settings(&REQUIRED).resolve(Some("secret".into())).unwrap();
+        assert!(matches!(config.store, StoreConfig::Sled));
+        let mut args = REQUIRED.to_vec();
+        args.extend_from_slice(&["--store-password-file", password_arg]);
+        let e = settings(&args).resolve(Some("secret".into())).unwrap_err();
+        assert!(e.to_string().contains("sled store has no server"), "{e}");
+    }
 
     #[test]
     fn sandbox_is_the_default_and_production_switches_every_host() {

@@ -51,6 +51,9 @@ pub enum Error {
     MinValidityTooLong { longest: std::time::Duration },
     #[error("no token valid for the requested time could be obtained for account {0}; retry later")]
     ValidityNotReached(AccountId),
+    /// The shared store (PostgreSQL) is unreachable; it logs that once, not per call.
+    #[error("the credential store is unreachable; retry later")]
+    StoreUnavailable,
     #[error("internal error: storage")]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -76,7 +79,9 @@ impl Error {
             Error::ClientCredentialsRejected => Code::Internal,
             Error::ProviderUnavailable(_)
             | Error::TokenExpired { .. }
-            | Error::ValidityNotReached(_) => Code::Unavailable,
+            | Error::ValidityNotReached(_)
+            | Error::StoreUnavailable => Code::Unavailable,
+            Error::Store(e) if e.is_unavailable() => Code::Unavailable,
             Error::Store(_) | Error::Internal(_) => Code::Internal,
         }
     }
@@ -85,6 +90,9 @@ impl Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match &e {
+            Error::Store(cause) if cause.is_unavailable() => {
+                return Status::new(e.code(), Error::StoreUnavailable.to_string());
+            }
             Error::Store(cause) => tracing::error!(error = %cause, "storage failure"),
             Error::Internal(what) => tracing::error!(error = what, "internal failure"),
             _ => return Status::new(e.code(), e.to_string()),

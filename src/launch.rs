@@ -7,11 +7,11 @@ use std::{future::Future, path::Path, process::ExitCode};
 
 use crate::{
     clock::Clock,
-    config::{ConfigError, KeySettings, Settings},
+    config::{ConfigError, KeySettings, Settings, StoreConfig, StoreSettings},
     dev::{self, DevEnvironment, DevError},
     sealing::{KeyError, Keyring},
     server::{self, App, Listeners, ServeError},
-    store::{SledStore, Store, StoreError},
+    store::{PostgresStore, SledStore, Store, StoreError},
 };
 
 /// Why the binary stops with an error; [`LaunchError::exit_code`] tells scripts which kind.
@@ -126,11 +126,22 @@ impl Launch {
 }
 
 /// `rotate-keys`: re-seals every record with the current key, so previous keys can be retired.
-pub async fn rotate_keys(data_dir: &Path, keys: &KeySettings) -> Result<(), LaunchError> {
+pub async fn rotate_keys(
+    data_dir: &Path,
+    store: &StoreSettings,
+    keys: &KeySettings,
+) -> Result<(), LaunchError> {
     let keyring = Keyring::load(&keys.encryption(), data_dir)?;
     let current = keyring.current_id();
-    let store = SledStore::open(data_dir, keyring)?;
-    let done = store.reseal_all().await?;
+    let done = match store.resolve(keys)? {
+        StoreConfig::Sled => SledStore::open(data_dir, keyring)?.reseal_all().await?,
+        StoreConfig::Postgres(pg) => {
+            PostgresStore::open(&pg, keyring)
+                .await?
+                .reseal_all()
+                .await?
+        }
+    };
     eprintln!(
         "credential-service: {} record(s) re-sealed with key {current}, {} already were; \
          the previous key files are no longer needed",

@@ -135,6 +135,7 @@ struct Metrics {
     refresh_lag: Gauge<f64, AtomicU64>,
     limit_hits: Family<LimitLabels, Counter>,
     connections: Gauge,
+    store_up: Gauge,
 }
 
 /// Latency buckets from 100µs (a GetToken from memory) to 10s (the default upstream timeout).
@@ -161,6 +162,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let refresh_lag = Gauge::<f64, AtomicU64>::default();
     let limit_hits = Family::<LimitLabels, Counter>::default();
     let connections = Gauge::default();
+    let store_up = Gauge::default();
+    store_up.set(1);
     registry.register(
         "rpc_duration_seconds",
         "gRPC calls by service, method and status code, with their latency (the _count is the number of calls)",
@@ -208,6 +211,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "gRPC connections open now (handshakes in progress included)",
         connections.clone(),
     );
+    registry.register(
+        "store_up",
+        "1 while the shared store (PostgreSQL) answers, 0 while it is unreachable: tokens are then served \
+         from memory while they last, and refreshes and writes fail (always 1 on sled)",
+        store_up.clone(),
+    );
     Metrics {
         registry,
         rpc,
@@ -219,6 +228,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         refresh_lag,
         limit_hits,
         connections,
+        store_up,
     }
 });
 
@@ -325,6 +335,11 @@ pub fn record_limit_hit(limit: &'static str) {
         .limit_hits
         .get_or_create(&LimitLabels { limit })
         .inc();
+}
+
+/// Whether the shared store answers (see the `store_up` gauge).
+pub fn set_store_up(up: bool) {
+    METRICS.store_up.set(i64::from(up));
 }
 
 /// Counts an open gRPC connection for as long as it lives.

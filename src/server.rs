@@ -26,7 +26,7 @@ use self::{http::HttpListeners, upkeep::Upkeep};
 use crate::{
     broker::Broker,
     clock::Clock,
-    config::ServiceConfig,
+    config::{ServiceConfig, StoreConfig},
     oauth::ProviderClient,
     sealing::{KeyError, Keyring},
     store::{self as stores, Store, StoreError},
@@ -105,6 +105,21 @@ pub async fn bind_http(
     Ok((callback, metrics))
 }
 
+/// Opens the configured store. On PostgreSQL a refresh may hold an account's lock for as long as
+/// EdgeTag may take to answer it, retries included.
+async fn open_store(config: &ServiceConfig, keys: Keyring) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.store {
+        StoreConfig::Sled => stores::open_sled(&config.data_dir, keys),
+        StoreConfig::Postgres(pg) => {
+            let mut pg = (**pg).clone();
+            pg.lock_hold = config.provider.request_timeout
+                + config.broker.refresh.retry_budget
+                + Duration::from_secs(5);
+            Ok(Arc::new(stores::PostgresStore::open(&pg, keys).await?))
+        }
+    }
+}
+
 /// The assembled service before it serves: tests reach the broker and the store through it.
 pub struct App {
     config: ServiceConfig,
@@ -127,7 +142,7 @@ impl App {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Self, ServeError> {
         let keys = Keyring::load(&config.encryption, &config.data_dir)?;
-        let store = wrap(stores::open_sled(&config.data_dir, keys)?);
+        let store = wrap(open_store(&config, keys).await?);
         let provider = ProviderClient::new(config.provider.clone())?;
         let broker = Broker::new(
             store.clone(),

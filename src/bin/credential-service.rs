@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use credential_service::{
-    config::{KeySettings, Settings},
+    config::{KeySettings, Settings, StoreSettings},
     launch::{self, Launch, LaunchError},
     server, telemetry,
 };
@@ -28,12 +28,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Re-seal every stored record with the current encryption key, so previous keys can be
-    /// retired. Run it with the service stopped, with the new key as --encryption-key-file and the
-    /// old one(s) as --previous-encryption-key-file.
+    /// retired. With the new key as --encryption-key-file and the old one(s) as
+    /// --previous-encryption-key-file. On sled, with the service stopped; on PostgreSQL, while
+    /// the replicas run (each already holding both keys).
     RotateKeys {
         /// Directory of the embedded sled database.
         #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
+
+        #[command(flatten)]
+        store: StoreSettings,
 
         #[command(flatten)]
         keys: KeySettings,
@@ -49,7 +53,11 @@ async fn main() -> ExitCode {
     } = Cli::parse();
     telemetry::init(settings.log_format);
     let outcome = match command {
-        Some(Command::RotateKeys { data_dir, keys }) => launch::rotate_keys(&data_dir, &keys).await,
+        Some(Command::RotateKeys {
+            data_dir,
+            store,
+            keys,
+        }) => launch::rotate_keys(&data_dir, &store, &keys).await,
         None => serve(settings, dev).await,
     };
     launch::exit(outcome)

@@ -30,9 +30,10 @@ use super::{
 };
 use crate::{
     account::AccountId,
+    clock::to_unix_ms,
     error::Error,
     oauth::{TokenResponse, UpstreamError},
-    store::{Claim, RefreshClaim, StoreError, Version},
+    store::{Backoff, Claim, ClaimMode, RefreshClaim, StoreError, Version},
     tokens::{AccountRecord, AccountStatus, LastRefresh, RefreshOutcome, TokenSet},
 };
 
@@ -52,6 +53,8 @@ pub enum RefreshFailure {
     ClientRejected,
     /// The store refused the write (logged where it happened); the new tokens are held back.
     Store,
+    /// The shared store could not be reached to claim the account: nothing was asked of EdgeTag.
+    StoreUnavailable,
     /// The account was removed meanwhile.
     Removed,
     /// The refresh task panicked.
@@ -71,6 +74,7 @@ impl RefreshFailure {
             Self::NeedsReauth => Error::NeedsReauth(account.clone()),
             Self::ClientRejected => Error::ClientCredentialsRejected,
             Self::Store => Error::Internal("a refreshed token set could not be stored yet"),
+            Self::StoreUnavailable => Error::StoreUnavailable,
             Self::Removed => Error::UnknownAccount(account.clone()),
             Self::Panicked => Error::Internal("refresh task failed"),
         }
@@ -80,9 +84,11 @@ impl RefreshFailure {
         match self {
             Self::NeedsReauth => RefreshEventKind::NeedsReauth,
             Self::Store => RefreshEventKind::NotPersisted,
-            Self::Upstream(_) | Self::ClientRejected | Self::Removed | Self::Panicked => {
-                RefreshEventKind::Failed
-            }
+            Self::Upstream(_)
+            | Self::ClientRejected
+            | Self::Removed
+            | Self::Panicked
+            | Self::StoreUnavailable => RefreshEventKind::Failed,
         }
     }
 }
@@ -125,6 +131,7 @@ impl Inner {
             slot.clone(),
             seen,
             id,
+            trigger,
         ));
         let result = async move { task.await.unwrap_or(Err(RefreshFailure::Panicked)) }
             .boxed()
@@ -300,6 +307,7 @@ async fn refresh_task(
     slot: Arc<Slot>,
     seen: Arc<TokenSet>,
     id: u64,
+    trigger: Trigger,
 ) -> RefreshResult {
     let _guard = InflightGuard {
         slot: slot.clone(),
@@ -334,9 +342,16 @@ async fn refresh_task(
         return Err(RefreshFailure::NeedsReauth);
     };
     // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the answer.
+    // The scheduler never waits for another process's refresh, and honours the fleet's back-off.
+    let mode = match trigger {
+        Trigger::Background => ClaimMode::Skip {
+            now: inner.clock.now(),
+        },
+        Trigger::Caller | Trigger::Operator => ClaimMode::Wait,
+    };
     let claim = match inner
         .store
-        .claim_refresh(&account, slot.version.load(Ordering::Acquire))
+        .claim_refresh(&account, slot.version.load(Ordering::Acquire), mode)
         .await
     {
         Ok(Claim::Granted(claim)) => claim,
@@ -346,6 +361,20 @@ async fn refresh_task(
             return servable(record);
         }
         Ok(Claim::Gone) => return Err(RefreshFailure::Removed),
+        Ok(Claim::Busy) => {
+            // Another process refreshes it now; its commit reaches us as a change. Look again
+            // after a scan or two in case that never comes.
+            let later = inner.clock.now() + inner.config.refresh.scan_interval * 2;
+            slot.due_ms.store(to_unix_ms(later), Ordering::Release);
+            return servable(current);
+        }
+        Ok(Claim::BackingOff(backoff)) => {
+            let mut health = slot.health();
+            health.failures = health.failures.max(backoff.failures);
+            health.retry_at = Some(backoff.retry_at);
+            drop(health);
+            return servable(current);
+        }
         Err(e) => return Err(store_failure(e)),
     };
 
@@ -372,12 +401,16 @@ async fn refresh_task(
         Err(UpstreamError::InvalidClient { status }) => {
             log_client_rejected(status);
             let failure = RefreshFailure::ClientRejected;
-            return Err(inner.note_failure(&account, &slot, &current, failure, attempted_at));
+            let failure = inner.note_failure(&account, &slot, &current, failure, attempted_at);
+            share_backoff(claim, &slot).await;
+            return Err(failure);
         }
         Err(e) => {
             tracing::warn!(error = %e, "refresh failed");
             let failure = RefreshFailure::Upstream(e);
-            return Err(inner.note_failure(&account, &slot, &current, failure, attempted_at));
+            let failure = inner.note_failure(&account, &slot, &current, failure, attempted_at);
+            share_backoff(claim, &slot).await;
+            return Err(failure);
         }
     };
 
@@ -394,7 +427,8 @@ async fn refresh_task(
         let e = UpstreamError::Malformed("the new token expires no later than the old one");
         tracing::warn!(error = %e, rotated, "refresh answer not used");
         let mut kept = current.clone();
-        if rotated {
+        let mut claim = Some(claim);
+        if let Some(claim) = claim.take().filter(|_| rotated) {
             kept = Arc::new(AccountRecord {
                 tokens: Arc::new(TokenSet {
                     refresh_token: tokens.refresh_token,
@@ -406,7 +440,11 @@ async fn refresh_task(
             inner.publish(&slot, kept.clone(), version);
         }
         let failure = RefreshFailure::Upstream(e);
-        return Err(inner.note_failure(&account, &slot, &kept, failure, attempted_at));
+        let failure = inner.note_failure(&account, &slot, &kept, failure, attempted_at);
+        if let Some(claim) = claim {
+            share_backoff(claim, &slot).await;
+        }
+        return Err(failure);
     }
 
     let record = Arc::new(AccountRecord {
@@ -426,6 +464,24 @@ async fn refresh_task(
     Ok(record)
 }
 
+/// Releases a claim after a failed refresh, leaving the account's back-off where other processes
+/// see it (on a shared store), so a fleet does not multiply the attempts on a failing EdgeTag.
+async fn share_backoff(claim: Box<dyn RefreshClaim>, slot: &Slot) {
+    let backoff = {
+        let health = slot.health();
+        health.retry_at.map(|retry_at| Backoff {
+            failures: health.failures,
+            retry_at,
+        })
+    };
+    let Some(backoff) = backoff else {
+        return;
+    };
+    if let Err(e) = claim.fail(backoff).await {
+        tracing::warn!(error = %e, "could not share the back-off with other replicas");
+    }
+}
+
 /// A record someone else produced, as the answer to a refresh.
 fn servable(record: Arc<AccountRecord>) -> RefreshResult {
     match record.status {
@@ -435,6 +491,10 @@ fn servable(record: Arc<AccountRecord>) -> RefreshResult {
 }
 
 fn store_failure(e: StoreError) -> RefreshFailure {
+    if e.is_unavailable() {
+        // Logged once per outage by the store.
+        return RefreshFailure::StoreUnavailable;
+    }
     tracing::error!(error = %e, "storing a token set failed");
     RefreshFailure::Store
 }

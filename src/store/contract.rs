@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{Claim, Expected, Resealed, Store, StoreError};
+use super::{Claim, ClaimMode, Expected, Resealed, Store, StoreError};
 use crate::{
     account::AccountId,
     clock::from_unix_ms,
@@ -231,14 +231,21 @@ pub(crate) async fn refresh_claims_are_fenced_on_the_version_seen(b: &dyn Backen
     let store = b.open(Keyring::ephemeral()).await;
     let acme = id("acme");
     assert!(matches!(
-        store.claim_refresh(&acme, 1).await.unwrap(),
+        store
+            .claim_refresh(&acme, 1, ClaimMode::Wait)
+            .await
+            .unwrap(),
         Claim::Gone
     ));
     let v1 = store
         .put_account(&acme, &record("at-1", Some("rt")), Expected::Absent)
         .await
         .unwrap();
-    let Claim::Granted(claim) = store.claim_refresh(&acme, v1).await.unwrap() else {
+    let Claim::Granted(claim) = store
+        .claim_refresh(&acme, v1, ClaimMode::Wait)
+        .await
+        .unwrap()
+    else {
         panic!("the current version is claimable");
     };
     assert_eq!(claim.version(), v1);
@@ -246,19 +253,30 @@ pub(crate) async fn refresh_claims_are_fenced_on_the_version_seen(b: &dyn Backen
     assert_eq!(v2, v1 + 1);
 
     // Someone judged version 1 stale after version 2 was written: take version 2, no refresh.
-    match store.claim_refresh(&acme, v1).await.unwrap() {
+    match store
+        .claim_refresh(&acme, v1, ClaimMode::Wait)
+        .await
+        .unwrap()
+    {
         Claim::Superseded(newer) => {
             assert_eq!((newer.version, access(&newer.record)), (v2, "at-2"));
         }
         other => panic!("expected Superseded, got {other:?}"),
     }
     // A claim dropped without a commit writes nothing and leaves the account claimable.
-    let Claim::Granted(dropped) = store.claim_refresh(&acme, v2).await.unwrap() else {
+    let Claim::Granted(dropped) = store
+        .claim_refresh(&acme, v2, ClaimMode::Wait)
+        .await
+        .unwrap()
+    else {
         panic!("claimable");
     };
     drop(dropped);
     assert!(matches!(
-        store.claim_refresh(&acme, v2).await.unwrap(),
+        store
+            .claim_refresh(&acme, v2, ClaimMode::Wait)
+            .await
+            .unwrap(),
         Claim::Granted(_)
     ));
     let stored = store.load_account(&acme).await.unwrap().unwrap();

@@ -16,7 +16,8 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::{
-    Change, Claim, Expected, RefreshClaim, Resealed, Store, StoreError, Version, Versioned,
+    Backoff, Change, Claim, ClaimMode, Expected, RefreshClaim, Resealed, Store, StoreError,
+    Version, Versioned,
 };
 use crate::{
     account::AccountId,
@@ -113,8 +114,13 @@ impl Store for Faulty {
         self.inner.delete_account(account, expected).await
     }
 
-    async fn claim_refresh(&self, account: &AccountId, seen: Version) -> Result<Claim, StoreError> {
-        Ok(match self.inner.claim_refresh(account, seen).await? {
+    async fn claim_refresh(
+        &self,
+        account: &AccountId,
+        seen: Version,
+        mode: ClaimMode,
+    ) -> Result<Claim, StoreError> {
+        Ok(match self.inner.claim_refresh(account, seen, mode).await? {
             Claim::Granted(claim) => Claim::Granted(Box::new(FaultyClaim {
                 inner: claim,
                 faults: self.faults.clone(),
@@ -149,5 +155,10 @@ impl RefreshClaim for FaultyClaim {
     async fn commit(self: Box<Self>, record: &AccountRecord) -> Result<Version, StoreError> {
         self.faults.check()?;
         self.inner.commit(record).await
+    }
+
+    async fn fail(self: Box<Self>, backoff: Backoff) -> Result<(), StoreError> {
+        self.faults.check()?;
+        self.inner.fail(backoff).await
     }
 }

@@ -22,6 +22,7 @@ pub mod codec;
 #[cfg(test)]
 pub(crate) mod contract;
 mod faulty;
+pub mod postgres;
 mod sled;
 
 use std::{fmt, io, path::PathBuf, sync::Arc, time::SystemTime};
@@ -36,6 +37,7 @@ use crate::{
 
 pub use self::{
     faulty::{Faults, Faulty},
+    postgres::{PostgresConfig, PostgresStore},
     sled::SledStore,
 };
 
@@ -71,6 +73,28 @@ pub enum Change {
     Resync,
 }
 
+/// Who claims a refresh, which decides what a claim held elsewhere means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimMode {
+    /// A caller (or an operator) needs the token: wait, within a bound, for another process's
+    /// refresh of the account to finish, then take its result.
+    Wait,
+    /// The background scheduler: never queue behind another process. An account another process
+    /// is refreshing is [`Claim::Busy`]; one the fleet is backing off (as of `now`) is
+    /// [`Claim::BackingOff`].
+    Skip { now: SystemTime },
+}
+
+/// A fleet-wide back-off, kept beside the record (plain values, nothing secret), so that several
+/// processes do not multiply the attempts against a failing EdgeTag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Failed refreshes in a row.
+    pub failures: u32,
+    /// No background refresh before this.
+    pub retry_at: SystemTime,
+}
+
 /// The answer to [`Store::claim_refresh`].
 pub enum Claim {
     /// This process may refresh; the new record is written through the claim.
@@ -80,6 +104,10 @@ pub enum Claim {
     Superseded(Versioned),
     /// The account was removed.
     Gone,
+    /// ([`ClaimMode::Skip`] only) another process is refreshing the account right now.
+    Busy,
+    /// ([`ClaimMode::Skip`] only) the fleet backs off this account until then.
+    BackingOff(Backoff),
 }
 
 impl fmt::Debug for Claim {
@@ -88,6 +116,8 @@ impl fmt::Debug for Claim {
             Self::Granted(_) => f.write_str("Granted"),
             Self::Superseded(v) => write!(f, "Superseded(version {})", v.version),
             Self::Gone => f.write_str("Gone"),
+            Self::Busy => f.write_str("Busy"),
+            Self::BackingOff(b) => write!(f, "BackingOff({} failures)", b.failures),
         }
     }
 }
@@ -102,6 +132,13 @@ pub trait RefreshClaim: Send {
     /// Writes the refreshed record (durably, fenced on the claimed version), then releases the
     /// claim. Returns the new version.
     async fn commit(self: Box<Self>, record: &AccountRecord) -> Result<Version, StoreError>;
+
+    /// Releases the claim after a failed refresh, recording the back-off where every process
+    /// sees it. A single process keeps its back-off in memory: the default records nothing.
+    async fn fail(self: Box<Self>, backoff: Backoff) -> Result<(), StoreError> {
+        let _ = backoff;
+        Ok(())
+    }
 }
 
 /// Durable state for the broker. Every write returns once it is durable.
@@ -140,7 +177,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
 
     /// Claims the right to refresh `account`, whose record this process last saw at `seen`.
-    async fn claim_refresh(&self, account: &AccountId, seen: Version) -> Result<Claim, StoreError>;
+    async fn claim_refresh(
+        &self,
+        account: &AccountId,
+        seen: Version,
+        mode: ClaimMode,
+    ) -> Result<Claim, StoreError>;
 
     /// Changes made by other processes, in order. A backend with a single writer never yields.
     fn changes(&self) -> BoxStream<'static, Change>;
@@ -178,6 +220,22 @@ pub enum StoreError {
     Conflict(AccountId),
     #[error("writes are failing on purpose (test fault injection)")]
     InjectedFailure,
+    #[error("the database is unreachable: {0}")]
+    Unavailable(String),
+    #[error("the database refused: {0}")]
+    Postgres(String),
+    #[error(
+        "the database's schema is version {found}, newer than this binary knows ({known}); \
+         run the newer credential-service, or restore the database"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
+}
+
+impl StoreError {
+    /// Whether the store could not be reached (worth a retry later), rather than refused.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// Opens the embedded default store.

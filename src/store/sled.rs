@@ -19,7 +19,8 @@ use futures::{StreamExt, stream::BoxStream};
 use tokio::sync::oneshot;
 
 use super::{
-    Change, Claim, Expected, RefreshClaim, Resealed, Store, StoreError, Version, Versioned,
+    Change, Claim, ClaimMode, Expected, RefreshClaim, Resealed, Store, StoreError, Version,
+    Versioned,
     codec::{ACCOUNTS, Codec, PENDING, Resealing, state_key},
 };
 use crate::{
@@ -193,7 +194,12 @@ impl Store for SledStore {
 
     /// One process per directory: the claim is always granted unless the record moved on (which
     /// only this process can have done) or went away.
-    async fn claim_refresh(&self, account: &AccountId, seen: Version) -> Result<Claim, StoreError> {
+    async fn claim_refresh(
+        &self,
+        account: &AccountId,
+        seen: Version,
+        _mode: ClaimMode,
+    ) -> Result<Claim, StoreError> {
         Ok(match self.current(account)? {
             None => Claim::Gone,
             Some((_, stored)) if stored.version != seen => Claim::Superseded(stored),
