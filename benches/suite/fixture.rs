@@ -128,7 +128,7 @@ pub fn key_file(data_dir: &Path) -> PathBuf {
     data_dir.join("bench.key")
 }
 
-fn encryption(data_dir: &Path) -> EncryptionConfig {
+pub fn encryption(data_dir: &Path) -> EncryptionConfig {
     let key_file = key_file(data_dir);
     if !key_file.exists() {
         credential_service::sealing::create_key_file(&key_file).expect("a key file");
@@ -210,10 +210,24 @@ pub async fn seed(
     dir: &Path,
     names: &[String],
     clock: &Clock,
-    mut refresh: impl FnMut(usize) -> String,
+    refresh: impl FnMut(usize) -> String,
 ) -> Duration {
     let started = Instant::now();
     let store = open_store(dir);
+    // Concurrent writes share the store's group-committed flushes.
+    seed_into(&store, names, clock, refresh, 1024).await;
+    drop(store); // closes the database before a server opens it
+    started.elapsed()
+}
+
+/// [`seed`] into any store, `concurrency` writes at a time.
+pub async fn seed_into(
+    store: &dyn Store,
+    names: &[String],
+    clock: &Clock,
+    mut refresh: impl FnMut(usize) -> String,
+    concurrency: usize,
+) {
     let now = clock.now();
     let records: Vec<(AccountId, AccountRecord)> = names
         .iter()
@@ -223,20 +237,14 @@ pub async fn seed(
             (AccountId::parse(name).unwrap(), record)
         })
         .collect();
-    // Concurrent writes share the store's group-committed flushes.
     futures::stream::iter(records)
-        .map(|(id, record)| {
-            let store = store.clone();
-            async move { store.put_account(&id, &record, Expected::Absent).await }
-        })
-        .buffer_unordered(1024)
+        .map(|(id, record)| async move { store.put_account(&id, &record, Expected::Absent).await })
+        .buffer_unordered(concurrency)
         .for_each(|r| {
             r.expect("seeding writes");
             async {}
         })
         .await;
-    drop(store); // closes the database before a server opens it
-    started.elapsed()
 }
 
 pub fn record(now: SystemTime, access: String, refresh: String) -> AccountRecord {

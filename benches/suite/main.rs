@@ -6,6 +6,7 @@
 //! - [`storm`]: refresh storms, counted at the fake EdgeTag.
 //! - [`scale`]: the real binary on 100,000 accounts: time to serve, memory, throughput.
 //! - [`durable`]: CompleteAuth and refresh latency against a bare sled insert + flush.
+//! - [`postgres`]: the same rows on a private PostgreSQL cluster, a three-replica storm, start-up.
 //! - [`soak`]: ten minutes of refreshes, churn and reads, watching memory, descriptors and disk
 //!   (only when named: `-- soak`, shortened with `--soak-seconds`).
 //! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
@@ -14,6 +15,7 @@ mod durable;
 mod fixture;
 mod floor;
 mod load;
+mod postgres;
 mod report;
 mod scale;
 mod soak;
@@ -30,7 +32,7 @@ use crate::{fixture::Runtimes, load::LoadSpec};
 #[derive(Parser)]
 #[command(about = "credential-service performance suite (issue 6)")]
 struct Cli {
-    /// Sections to run (throughput, storm, scale, durable; recovery alone; soak only when named);
+    /// Sections to run (throughput, storm, scale, durable, postgres; recovery alone; soak only when named);
     /// all but soak when none is named.
     sections: Vec<String>,
     /// A short smoke run: fewer accounts, one short round, fewer operations.
@@ -91,6 +93,7 @@ fn main() {
         "scale",
         "durable",
         "recovery",
+        "postgres",
         "soak",
     ];
     // `soak` is long and runs only when named; `recovery` is part of `storm`, or alone.
@@ -187,6 +190,10 @@ fn main() {
         if wanted("durable") {
             let durable = durable::run(&env, if q { 30 } else { 300 }).await;
             println!("{}", report::durable(&durable));
+        }
+        if wanted("postgres") {
+            let pg = postgres::run(&env, q).await;
+            println!("{}", report::postgres(&pg));
         }
         if named("soak") {
             let spec = soak::SoakSpec::new(Duration::from_secs(cli.soak_seconds));

@@ -5,6 +5,7 @@ use std::process::Command;
 use crate::{
     Env,
     durable::Durable,
+    postgres::Postgres,
     scale::{self, Scale},
     soak::{Sample, Soak},
     storm::{Recovery, Storm, Wake},
@@ -478,4 +479,99 @@ pub fn soak(s: &Soak) -> String {
             &samples
         ),
     )
+}
+
+pub fn postgres(p: &Postgres) -> String {
+    let mut out = String::from("### PostgreSQL (issue 12)\n\n");
+    let rows: Vec<Vec<String>> = p
+        .throughput
+        .iter()
+        .map(|(store, c)| {
+            vec![
+                (*store).to_owned(),
+                c.accounts.to_string(),
+                format!("{:.0}", c.floor.rps()),
+                format!("{:.0}", c.service.rps()),
+                format!("{:.2}", c.throughput_ratio()),
+                format!("{:.2}", c.p99_ratio()),
+                verdict(c.throughput_ratio() >= 0.90),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "GetToken on",
+            "accounts",
+            "floor req/s",
+            "service req/s",
+            "throughput ratio",
+            "p99 ratio",
+            "≥ 0.90× floor",
+        ],
+        &rows,
+    ));
+    out.push('\n');
+    let rows: Vec<Vec<String>> = p
+        .refresh
+        .iter()
+        .map(|(store, h)| {
+            vec![
+                (*store).to_owned(),
+                h.len().to_string(),
+                us(h.value_at_quantile(0.5)),
+                us(h.value_at_quantile(0.99)),
+                us(h.max()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["GetToken that refreshes, on", "calls", "p50", "p99", "max"],
+        &rows,
+    ));
+    out.push('\n');
+    let f = &p.fleet;
+    let exact = f.upstream_calls == f.accounts as u64 && f.not_refreshed_once == 0;
+    let within = f.peak_upstream <= (f.cap_per_replica * f.replicas) as u64;
+    out.push_str(&table(
+        &[
+            "fleet storm",
+            "GetToken calls",
+            "upstream calls",
+            "accounts not refreshed exactly once",
+            "distinct tokens per account (max)",
+            "peak upstream in flight (cap × replicas)",
+            "errors",
+            "drained in",
+            "exactly one per account",
+        ],
+        &[vec![
+            format!("{} accounts × {} replicas", f.accounts, f.replicas),
+            f.calls.to_string(),
+            f.upstream_calls.to_string(),
+            f.not_refreshed_once.to_string(),
+            f.distinct_tokens_per_account_max.to_string(),
+            format!(
+                "{} ({} × {}) {}",
+                f.peak_upstream,
+                f.cap_per_replica,
+                f.replicas,
+                if within { "✅" } else { "❌" }
+            ),
+            f.errors.to_string(),
+            format!("{:.2?}", f.drain),
+            verdict(exact && f.errors == 0 && f.distinct_tokens_per_account_max == 1),
+        ]],
+    ));
+    out.push('\n');
+    let s = &p.startup;
+    out.push_str(&table(
+        &["start-up", "seeded in", "SERVING after", "≤ 2 s"],
+        &[vec![
+            format!("{} accounts in PostgreSQL", s.accounts),
+            format!("{:.1?}", s.seeded_in),
+            format!("{:.2?}", s.serving_after),
+            verdict(s.serving_after <= std::time::Duration::from_secs(2)),
+        ]],
+    ));
+    out
 }

@@ -3,7 +3,7 @@
 
 use std::{path::Path, sync::Arc};
 
-use credential_service::{broker::BrokerConfig, clock::Clock};
+use credential_service::{broker::BrokerConfig, clock::Clock, config::StoreConfig};
 use tonic::metadata::AsciiMetadataValue;
 
 use crate::{
@@ -86,6 +86,18 @@ pub async fn compare(
     auth: Option<&CallerAuth>,
     production: bool,
 ) -> Comparison {
+    compare_on(env, data_dir, accounts, auth, production, StoreConfig::Sled).await
+}
+
+/// [`compare`] with the service on `store` (its key still in `data_dir`).
+pub async fn compare_on(
+    env: &Env,
+    data_dir: &Path,
+    accounts: Arc<[String]>,
+    auth: Option<&CallerAuth>,
+    production: bool,
+    store: StoreConfig,
+) -> Comparison {
     let server_rt = env.runtimes.server.handle();
     let mut config = fixture::service_config(
         data_dir,
@@ -93,6 +105,7 @@ pub async fn compare(
         BrokerConfig::default(),
         auth,
     );
+    config.store = store;
     if production {
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     }
