@@ -35,7 +35,7 @@ use crate::{account::AccountId, audit, metrics};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// GetToken for its accounts.
+    /// GetToken and WatchToken for its accounts.
     Reader,
     /// Everything, for its accounts: BeginAuth, CompleteAuth, GetToken and the admin RPCs.
     Admin,
@@ -388,7 +388,9 @@ enum Access {
 fn access(path: &str) -> Access {
     if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
         Access::Open
-    } else if path == "/credential.v1.CredentialService/GetToken" {
+    } else if path == "/credential.v1.CredentialService/GetToken"
+        || path == "/credential.v1.CredentialService/WatchToken"
+    {
         Access::Reader
     } else {
         // Every other method, present or future, and anything unknown: admins only.
@@ -631,6 +633,10 @@ mod tests {
         );
         assert_eq!(
             access("/credential.v1.CredentialService/GetToken"),
+            Access::Reader
+        );
+        assert_eq!(
+            access("/credential.v1.CredentialService/WatchToken"),
             Access::Reader
         );
         for m in ["BeginAuth", "CompleteAuth", "ListAccounts", "RemoveAccount"] {

@@ -211,6 +211,10 @@ pub struct LimitSettings {
     #[arg(long, env = "CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES", default_value_t = Limits::DEFAULT.max_health_watches)]
     pub max_health_watches: usize,
 
+    /// Most WatchToken streams open at once; one more is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_WATCHERS", default_value_t = Limits::DEFAULT.max_watchers)]
+    pub max_watchers: usize,
+
     /// A connection that has not finished its TLS handshake and sent the HTTP/2 preface within
     /// this is closed.
     #[arg(long, env = "CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -233,6 +237,7 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     pub max_calls_in_flight: usize,
     pub max_health_watches: usize,
+    pub max_watchers: usize,
     pub handshake_timeout: Duration,
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
@@ -246,6 +251,7 @@ impl Limits {
         max_streams_per_connection: 100,
         max_calls_in_flight: 1024,
         max_health_watches: 64,
+        max_watchers: 10_000,
         handshake_timeout: Duration::from_secs(10),
         http2_keepalive_interval: Duration::from_secs(60),
         http2_keepalive_timeout: Duration::from_secs(20),
@@ -281,6 +287,10 @@ impl LimitSettings {
                 self.max_health_watches,
                 "--max-health-watches / CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES",
             ),
+            (
+                self.max_watchers,
+                "--max-watchers / CREDENTIAL_SERVICE_MAX_WATCHERS",
+            ),
         ];
         for (value, name) in counts {
             if value == 0 {
@@ -311,6 +321,7 @@ impl LimitSettings {
             max_streams_per_connection: self.max_streams_per_connection,
             max_calls_in_flight: self.max_calls_in_flight,
             max_health_watches: self.max_health_watches,
+            max_watchers: self.max_watchers,
             handshake_timeout: self.handshake_timeout,
             http2_keepalive_interval: self.http2_keepalive_interval,
             http2_keepalive_timeout: self.http2_keepalive_timeout,

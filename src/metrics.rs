@@ -54,6 +54,11 @@ const METHODS: &[(&str, &str, &str)] = &[
         "GetToken",
     ),
     (
+        "/credential.v1.CredentialService/WatchToken",
+        "credential.v1.CredentialService",
+        "WatchToken",
+    ),
+    (
         "/credential.v1.CredentialService/ListAccounts",
         "credential.v1.CredentialService",
         "ListAccounts",

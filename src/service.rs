@@ -3,10 +3,13 @@
 //! Each handler checks the caller's account (see [`crate::auth`]) before the broker looks the
 //! account up, and leaves one audit event (see [`crate::audit`]; token reads are counted).
 
-use std::time::Duration;
+use std::{pin::Pin, sync::Arc, time::Duration};
 
+use futures::{Stream, StreamExt};
 use secrecy::ExposeSecret;
-use tonic::{Request, Response, Status};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
@@ -20,10 +23,10 @@ use crate::{
         self, AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
         ListAccountsRequest, ListAccountsResponse, RefreshTokenRequest, RefreshTokenResponse,
-        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome,
-        credential_service_server::CredentialService,
+        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome, WatchTokenRequest,
+        WatchTokenResponse, credential_service_server::CredentialService,
     },
-    tokens::{AccountRecord, AccountStatus, RefreshOutcome},
+    tokens::{AccountRecord, AccountStatus, RefreshOutcome, TokenSet},
 };
 
 /// Longest `min_validity` a caller may ask for before the broker compares it with real lifetimes.
@@ -38,11 +41,49 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 #[derive(Clone)]
 pub struct CredentialApi {
     broker: Broker,
+    watchers: Arc<Semaphore>,
+    shutdown: CancellationToken,
 }
 
 impl CredentialApi {
-    pub fn new(broker: Broker) -> Self {
-        Self { broker }
+    /// `max_watchers` bounds the WatchToken streams open at once; `shutdown` ends them all, so
+    /// that draining does not wait for streams that never end on their own.
+    pub fn new(broker: Broker, max_watchers: usize, shutdown: CancellationToken) -> Self {
+        Self {
+            broker,
+            watchers: Arc::new(Semaphore::new(max_watchers)),
+            shutdown,
+        }
+    }
+}
+
+/// Audits a WatchToken stream's end when it is dropped, however it ends.
+struct WatchEnd {
+    caller: String,
+    account: String,
+    outcome: Code,
+}
+
+impl WatchEnd {
+    fn ended(&mut self, outcome: Code) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for WatchEnd {
+    fn drop(&mut self) {
+        audit::record("WatchToken.end", &self.caller, &self.account, self.outcome);
+    }
+}
+
+/// The stream a WatchToken call answers with.
+pub type TokenStream = Pin<Box<dyn Stream<Item = Result<WatchTokenResponse, Status>> + Send>>;
+
+fn token_message(tokens: &TokenSet) -> WatchTokenResponse {
+    WatchTokenResponse {
+        access_token: tokens.access_token.expose_secret().to_owned(),
+        token_type: tokens.token_type.clone(),
+        expires_at: Some(to_timestamp(tokens.expires_at)),
     }
 }
 
@@ -227,6 +268,73 @@ impl CredentialService for CredentialApi {
             None,
         );
         result
+    }
+
+    type WatchTokenStream = TokenStream;
+
+    #[tracing::instrument(
+        name = "WatchToken",
+        level = "debug",
+        skip_all,
+        fields(account = tracing::field::Empty)
+    )]
+    async fn watch_token(
+        &self,
+        request: Request<WatchTokenRequest>,
+    ) -> Result<Response<TokenStream>, Status> {
+        let caller = auth::caller(request.extensions())?.clone();
+        let raw = request.get_ref();
+        let account = parse_account_debug_span(&raw.account);
+        let name = account.as_ref().map_or("", |a| a.as_str()).to_owned();
+        let started = async {
+            let account = account.map_err(Status::from)?;
+            auth::authorize_account(request.extensions(), &account)?;
+            let min_validity = parse_min_validity(raw.min_validity)?;
+            let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
+                return Err(Status::resource_exhausted(
+                    "too many WatchToken streams open (--max-watchers); use GetToken, or retry later",
+                ));
+            };
+            Ok((account, min_validity, permit))
+        }
+        .await;
+        // Each stream's start and end are audited one by one: they are few, and long-lived.
+        audit::record("WatchToken", caller.name(), &name, audit::outcome(&started));
+        let (account, min_validity, permit) = started?;
+        let shutdown = self.shutdown.clone();
+        let tokens = self.broker.watch_token(account, min_validity).map(|item| {
+            item.map(|tokens| token_message(&tokens))
+                .map_err(Status::from)
+        });
+        let mut end = WatchEnd {
+            caller: caller.name().to_owned(),
+            account: name,
+            outcome: Code::Cancelled, // the caller went away
+        };
+        let stream = tokens
+            .take_until(shutdown.clone().cancelled_owned())
+            .chain(futures::stream::once(async move {
+                // Reached only when cut short by shutdown (a broker error ends the stream first).
+                Err(Status::unavailable(
+                    "the server is shutting down; reconnect to another replica or retry",
+                ))
+            }))
+            .scan(false, |ended, item| {
+                // One error ends the stream: nothing after it.
+                if *ended {
+                    return futures::future::ready(None);
+                }
+                *ended = item.is_err();
+                futures::future::ready(Some(item))
+            })
+            .map(move |item| {
+                if let Err(status) = &item {
+                    end.ended(status.code());
+                }
+                let _held = &permit;
+                item
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     #[tracing::instrument(name = "ListAccounts", skip_all)]

@@ -142,6 +142,7 @@ impl Broker {
             .delete_account(account, slot.version.load(Ordering::Acquire))
             .await?;
         slot.removed.store(true, Ordering::Release);
+        slot.touch();
         self.inner
             .accounts
             .remove_if(account, |_, s| Arc::ptr_eq(s, &slot));

@@ -84,6 +84,7 @@ impl Broker {
                     Some(_) => {}
                     None => {
                         slot.removed.store(true, Ordering::Release);
+                        slot.touch();
                         inner
                             .accounts
                             .remove_if(account, |_, s| Arc::ptr_eq(s, &slot));

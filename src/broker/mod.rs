@@ -35,6 +35,7 @@ pub mod policy;
 mod refresh;
 mod scheduler;
 mod slot;
+mod watch;
 
 use std::{
     sync::{Arc, atomic::AtomicBool},

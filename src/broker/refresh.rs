@@ -221,6 +221,7 @@ impl Inner {
             ..current.clone()
         }));
         self.emit(account, failure.event_kind());
+        slot.touch();
         failure
     }
 

@@ -45,6 +45,16 @@ pub(super) struct Slot {
     pub(super) write: tokio::sync::Mutex<()>,
     /// Set, under `write`, when the account is removed: a stale handle must not write it back.
     pub(super) removed: AtomicBool,
+    /// Touched when the account changes for watchers (a new record, a failed refresh, removal):
+    /// carries no value, so watchers that lag look once at the newest state.
+    pub(super) changed: tokio::sync::watch::Sender<()>,
+}
+
+impl Slot {
+    /// Tells the account's watchers to look again; never waits for them.
+    pub(super) fn touch(&self) {
+        self.changed.send_replace(());
+    }
 }
 
 /// Failures and back-off of one account.
@@ -126,6 +136,7 @@ impl Inner {
             inflight: Mutex::new(None),
             write: tokio::sync::Mutex::new(()),
             removed: AtomicBool::new(false),
+            changed: tokio::sync::watch::Sender::new(()),
         })
     }
 
@@ -135,6 +146,7 @@ impl Inner {
         slot.version.store(version, Ordering::Release);
         slot.due_ms.store(self.due_ms(&record), Ordering::Release);
         slot.record.store(record);
+        slot.touch();
     }
 
     /// When the scheduler should refresh this record; never for an account that cannot refresh.

@@ -55,13 +55,20 @@ pub(super) async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()?
         .max_decoding_message_size(max_request);
-    let api = CredentialServiceServer::new(CredentialApi::new(broker.clone()))
-        .max_decoding_message_size(max_request);
+    // Cancelled when shutdown begins: WatchToken streams end then, instead of holding the drain.
+    let watches_end = tokio_util::sync::CancellationToken::new();
+    let api = CredentialServiceServer::new(CredentialApi::new(
+        broker.clone(),
+        limits.max_watchers,
+        watches_end.clone(),
+    ))
+    .max_decoding_message_size(max_request);
     let tls = config.tls.as_ref().map(conn::tls_acceptor).transpose()?;
 
     let (draining, mut drain_started) = watch::channel(false);
     let shutdown = async move {
         shutdown.await;
+        watches_end.cancel();
         health
             .set_not_serving::<CredentialServiceServer<CredentialApi>>()
             .await;
