@@ -23,7 +23,8 @@ use crate::codes::code_name;
 use crate::proto::{
     AccountInfo, AccountStatus, BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest,
     GetTokenRequest, ListAccountsRequest, RefreshOutcome, RefreshTokenRequest,
-    RemoveAccountRequest, RemoveOutcome, credential_service_client::CredentialServiceClient,
+    RemoveAccountRequest, RemoveOutcome, WatchTokenRequest,
+    credential_service_client::CredentialServiceClient,
 };
 
 /// Exit codes, one per kind of failure, so scripts can tell them apart.
@@ -108,6 +109,17 @@ pub enum Command {
     Token {
         account: String,
         /// The token must stay valid at least this long, e.g. `30m`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_validity: Option<Duration>,
+    },
+    /// Follow an account's tokens: one line per token the service pushes (its expiry; the token
+    /// itself only with --show-token), until the stream ends or Ctrl-C.
+    Watch {
+        account: String,
+        /// Also print each access token.
+        #[arg(long)]
+        show_token: bool,
+        /// Each token must stay valid at least this long, e.g. `30m`.
         #[arg(long, value_parser = humantime::parse_duration)]
         min_validity: Option<Duration>,
     },
@@ -332,6 +344,42 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
                 )?;
             } else {
                 writeln!(out, "{}", r.access_token)?;
+            }
+        }
+        Command::Watch {
+            account,
+            show_token,
+            min_validity,
+        } => {
+            let min_validity = min_validity
+                .map(prost_types::Duration::try_from)
+                .transpose()
+                .map_err(|_| CliError::Usage("--min-validity is too long".into()))?;
+            let mut stream = client
+                .watch_token(WatchTokenRequest {
+                    account,
+                    min_validity,
+                })
+                .await?
+                .into_inner();
+            while let Some(r) = stream.message().await? {
+                let expires = r.expires_at.map(format_time).unwrap_or_default();
+                match (json, show_token) {
+                    // JSON lines: one object per push.
+                    (true, true) => writeln!(
+                        out,
+                        "{}",
+                        json!({"expires_at": expires, "token_type": r.token_type, "access_token": r.access_token})
+                    )?,
+                    (true, false) => writeln!(out, "{}", json!({"expires_at": expires}))?,
+                    (false, true) => writeln!(
+                        out,
+                        "expires_at={expires} token_type={} access_token={}",
+                        r.token_type, r.access_token
+                    )?,
+                    (false, false) => writeln!(out, "expires_at={expires}")?,
+                }
+                out.flush()?; // one line per push, as it comes
             }
         }
         Command::List => {

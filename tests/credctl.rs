@@ -208,3 +208,59 @@ async fn begin_open_starts_the_browser_opener_or_says_there_is_none() {
     let url = std::fs::read_to_string(&opened).unwrap();
     assert!(url.starts_with(&app.fake.authorize_url()) && text.contains(&url));
 }
+
+#[tokio::test]
+async fn watch_prints_one_line_per_pushed_token_and_the_token_only_when_asked() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let app = TestApp::spawn().await;
+    app.connect("acme").await;
+    let spawn = |args: &[&str]| {
+        Command::new(CREDCTL)
+            .env_clear()
+            .env("CREDCTL_SERVER", format!("http://{}", app.addr))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut quiet = spawn(&["watch", "acme"]);
+    let mut shown = spawn(&["--json", "watch", "--show-token", "acme"]);
+    let mut quiet_lines = BufReader::new(quiet.stdout.take().unwrap()).lines();
+    let mut shown_lines = BufReader::new(shown.stdout.take().unwrap()).lines();
+    let line = async |lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>| {
+        tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a line within 10 s")
+            .unwrap()
+            .expect("a line, not the end")
+    };
+
+    // The current token at once, then the next one when it is published.
+    for round in 0..2 {
+        if round == 1 {
+            app.refresh("acme").await.unwrap();
+        }
+        let token = app.get_token("acme").await.unwrap();
+        let expires = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::try_from(token.expires_at.unwrap()).unwrap(),
+        )
+        .to_string();
+        let quiet_line = line(&mut quiet_lines).await;
+        assert_eq!(quiet_line, format!("expires_at={expires}"));
+        assert!(!quiet_line.contains(&token.access_token));
+        let shown: Value = serde_json::from_str(&line(&mut shown_lines).await).unwrap();
+        assert_eq!(shown["access_token"], token.access_token.as_str());
+        assert_eq!(shown["expires_at"], expires.as_str());
+    }
+
+    // Removal ends the stream: the command says why and exits as for an unknown account.
+    app.remove("acme", false).await.unwrap();
+    let ended = quiet.wait_with_output().await.unwrap();
+    assert_eq!(
+        ended.status.code(),
+        Some(credential_service::cli::exit::NOT_FOUND as i32)
+    );
+    assert!(stderr(&ended).contains("acme"), "{}", stderr(&ended));
+}

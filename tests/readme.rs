@@ -59,6 +59,7 @@ async fn the_readme_grpcurl_session_works_as_written() {
         "grpc.health.v1.Health/Check",
         "credential.v1.CredentialService/BeginAuth",
         "credential.v1.CredentialService/GetToken",
+        "credential.v1.CredentialService/WatchToken",
     ] {
         assert!(
             session.contains(needed),
@@ -128,5 +129,9 @@ async fn the_readme_grpcurl_session_works_as_written() {
     ] {
         assert!(stdout.contains(expected), "no {expected:?} in\n{stdout}");
     }
+    // Two GetToken answers and the watch's first message; the watch stayed open until grpcurl's
+    // own deadline ended it.
+    assert_eq!(stdout.matches("\"accessToken\"").count(), 3, "{stdout}");
+    assert!(stderr.contains("DeadlineExceeded"), "{stderr}");
     server.kill().await.unwrap();
 }
