@@ -578,6 +578,7 @@ pub fn store_args(data_dir: &Path) -> Vec<std::ffi::OsString> {
 ///     threaded_test,
 /// }
 /// ```
+#[allow(unused_macros)] // as `dead_code` above: not every test binary uses it
 macro_rules! on_both_stores {
     ($(#[$attr:meta] $($name:ident),+ $(,)?)+) => {
         mod sled {
@@ -602,4 +603,5 @@ macro_rules! on_both_stores {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use on_both_stores;
