@@ -12,7 +12,15 @@ use credential_service::proto::{
 use fake_edgetag::Fault;
 use tonic::Code;
 
-#[tokio::test]
+common::on_both_stores! {
+    #[tokio::test]
+    list_pages_through_accounts_in_name_order,
+    describe_shows_status_expiry_and_refreshes_but_never_a_token,
+    refresh_token_forces_a_refresh_and_reports_each_outcome,
+    remove_revokes_at_edgetag_deletes_durably_and_is_idempotent,
+    remove_with_edgetag_unreachable_needs_force,
+}
+
 async fn list_pages_through_accounts_in_name_order() {
     let app = TestApp::spawn().await;
     assert_eq!(app.list(0, "").await, (vec![], String::new()));
@@ -55,7 +63,6 @@ async fn list_pages_through_accounts_in_name_order() {
     assert_status(negative, Code::InvalidArgument, "page_size");
 }
 
-#[tokio::test]
 async fn describe_shows_status_expiry_and_refreshes_but_never_a_token() {
     let app = TestApp::spawn().await;
     let connected = app.connect("acme").await;
@@ -82,7 +89,6 @@ async fn describe_shows_status_expiry_and_refreshes_but_never_a_token() {
     assert_status(app.describe("a b").await, Code::InvalidArgument, "1-128");
 }
 
-#[tokio::test]
 async fn refresh_token_forces_a_refresh_and_reports_each_outcome() {
     let app = TestApp::spawn().await;
     let connected = app.connect("acme").await;
@@ -125,7 +131,6 @@ async fn refresh_token_forces_a_refresh_and_reports_each_outcome() {
     assert_status(app.refresh("ghost").await, Code::NotFound, "ghost");
 }
 
-#[tokio::test]
 async fn remove_revokes_at_edgetag_deletes_durably_and_is_idempotent() {
     let app = TestApp::spawn().await;
     app.connect("acme").await;
@@ -158,7 +163,6 @@ async fn remove_revokes_at_edgetag_deletes_durably_and_is_idempotent() {
     app.get_token("keep").await.unwrap();
 }
 
-#[tokio::test]
 async fn remove_with_edgetag_unreachable_needs_force() {
     let app = TestApp::spawn_with(Options {
         revoke_url: Some(

@@ -11,7 +11,27 @@ use fake_edgetag::Fault;
 use tonic::Code;
 use url::Url;
 
-#[tokio::test]
+common::on_both_stores! {
+    #[tokio::test]
+    full_flow_connects_an_account_and_serves_its_token,
+    a_restart_serves_the_same_accounts_without_asking_edgetag,
+    a_state_completes_once_and_not_after_it_expires,
+    of_many_concurrent_completions_of_one_state_exactly_one_succeeds,
+    concurrent_begin_and_complete_for_many_accounts_all_land_durably,
+    two_hundred_callers_on_an_expiring_token_share_exactly_one_refresh,
+    a_refresh_keeps_the_refresh_token_unless_edgetag_rotates_it,
+    a_rotated_refresh_token_replaces_the_stored_one_durably,
+    invalid_input_is_invalid_argument_with_the_rule,
+    a_rejected_code_leaves_the_state_for_the_real_one_and_one_exchange_wins,
+    an_unavailable_provider_leaves_the_state_usable_for_a_retry,
+    rejected_client_credentials_get_their_own_status_and_keep_the_state,
+    a_provider_outage_serves_the_current_token_until_it_expires,
+    a_rejected_refresh_token_needs_reauthorization_until_complete_auth,
+    min_validity_forces_a_refresh_and_impossible_values_are_rejected,
+    redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers,
+    a_completion_the_disk_refuses_is_never_served,
+}
+
 async fn full_flow_connects_an_account_and_serves_its_token() {
     let app = TestApp::spawn().await;
     let begun = app.begin("acme-prod").await.unwrap();
@@ -59,7 +79,6 @@ async fn full_flow_connects_an_account_and_serves_its_token() {
     assert_eq!(app.fake.stats().token_requests, 1);
 }
 
-#[tokio::test]
 async fn a_restart_serves_the_same_accounts_without_asking_edgetag() {
     let app = TestApp::spawn().await;
     app.connect("a").await;
@@ -76,7 +95,6 @@ async fn a_restart_serves_the_same_accounts_without_asking_edgetag() {
     assert_eq!(app.fake.stats().token_requests, requests);
 }
 
-#[tokio::test]
 async fn a_state_completes_once_and_not_after_it_expires() {
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("acme").await;
@@ -108,7 +126,6 @@ async fn a_state_completes_once_and_not_after_it_expires() {
     );
 }
 
-#[tokio::test]
 async fn of_many_concurrent_completions_of_one_state_exactly_one_succeeds() {
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("acme").await;
@@ -138,7 +155,6 @@ async fn of_many_concurrent_completions_of_one_state_exactly_one_succeeds() {
     assert_eq!(app.fake.stats().token_requests, 1);
 }
 
-#[tokio::test]
 async fn concurrent_begin_and_complete_for_many_accounts_all_land_durably() {
     let app = TestApp::spawn().await;
     let tasks = (0..100).map(|i| {
@@ -152,7 +168,6 @@ async fn concurrent_begin_and_complete_for_many_accounts_all_land_durably() {
     }
 }
 
-#[tokio::test]
 async fn two_hundred_callers_on_an_expiring_token_share_exactly_one_refresh() {
     let app = TestApp::spawn().await;
     app.connect("acme").await;
@@ -183,7 +198,6 @@ async fn two_hundred_callers_on_an_expiring_token_share_exactly_one_refresh() {
     assert_eq!((stats.refreshes_ok, stats.token_requests), (1, 2));
 }
 
-#[tokio::test]
 async fn a_refresh_keeps_the_refresh_token_unless_edgetag_rotates_it() {
     // EdgeTag's documented behaviour: no new refresh token; the stored one keeps working.
     let app = TestApp::spawn().await;
@@ -199,7 +213,6 @@ async fn a_refresh_keeps_the_refresh_token_unless_edgetag_rotates_it() {
     assert_eq!(app.fake.stats().refreshes_ok, 3);
 }
 
-#[tokio::test]
 async fn a_rotated_refresh_token_replaces_the_stored_one_durably() {
     let app = TestApp::spawn_rotating().await;
     app.connect("rot").await;
@@ -213,7 +226,6 @@ async fn a_rotated_refresh_token_replaces_the_stored_one_durably() {
     assert_eq!(app.fake.stats().refreshes_ok, 2);
 }
 
-#[tokio::test]
 async fn invalid_input_is_invalid_argument_with_the_rule() {
     let app = TestApp::spawn().await;
     for bad in ["", "has space", "slash/", &"x".repeat(129)] {
@@ -252,7 +264,6 @@ async fn invalid_input_is_invalid_argument_with_the_rule() {
 
 /// Issue 10, finding 6: a code EdgeTag rejects (maybe a guess by someone who saw the state) does
 /// not use up the state; the real code still completes, once.
-#[tokio::test]
 async fn a_rejected_code_leaves_the_state_for_the_real_one_and_one_exchange_wins() {
     // A made-up code sent with someone's state must not cancel their pending approval: the
     // state stays usable until it expires, and still only one exchange ever succeeds.
@@ -277,7 +288,6 @@ async fn a_rejected_code_leaves_the_state_for_the_real_one_and_one_exchange_wins
     );
 }
 
-#[tokio::test]
 async fn an_unavailable_provider_leaves_the_state_usable_for_a_retry() {
     let app = TestApp::spawn_with(Options {
         request_timeout: Duration::from_millis(300),
@@ -307,7 +317,6 @@ async fn an_unavailable_provider_leaves_the_state_usable_for_a_retry() {
     assert_eq!(done.account, "acme");
 }
 
-#[tokio::test]
 async fn rejected_client_credentials_get_their_own_status_and_keep_the_state() {
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("acme").await;
@@ -320,7 +329,6 @@ async fn rejected_client_credentials_get_their_own_status_and_keep_the_state() {
     app.complete(&code, &state).await.unwrap();
 }
 
-#[tokio::test]
 async fn a_provider_outage_serves_the_current_token_until_it_expires() {
     let app = TestApp::spawn().await;
     app.connect("acme").await;
@@ -345,7 +353,6 @@ async fn a_provider_outage_serves_the_current_token_until_it_expires() {
     assert_ne!(fresh, current);
 }
 
-#[tokio::test]
 async fn a_rejected_refresh_token_needs_reauthorization_until_complete_auth() {
     let app = TestApp::spawn().await;
     app.connect("acme").await;
@@ -378,7 +385,6 @@ async fn a_rejected_refresh_token_needs_reauthorization_until_complete_auth() {
     assert!(app.get_token("acme").await.is_ok());
 }
 
-#[tokio::test]
 async fn min_validity_forces_a_refresh_and_impossible_values_are_rejected() {
     let app = TestApp::spawn().await;
     app.connect("acme").await;
@@ -405,7 +411,6 @@ async fn min_validity_forces_a_refresh_and_impossible_values_are_rejected() {
     assert_status(ask(3 * 3600).await, Code::InvalidArgument, "min_validity");
 }
 
-#[tokio::test]
 async fn redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers() {
     // EdgeTag's documented exchange carries no redirect_uri; a strict server requires it.
     let clock = credential_service::clock::Clock::manual();
@@ -436,7 +441,6 @@ async fn redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers() {
     );
 }
 
-#[tokio::test]
 async fn a_completion_the_disk_refuses_is_never_served() {
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("newcomer").await;

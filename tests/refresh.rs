@@ -20,6 +20,25 @@ use fake_edgetag::Fault;
 use secrecy::ExposeSecret;
 use tonic::Code;
 
+common::on_both_stores! {
+    #[tokio::test]
+    a_single_transient_failure_is_retried_within_the_call,
+    a_lasting_failure_exhausts_the_retries_then_backs_off,
+    a_slow_provider_times_out_each_try,
+    retry_after_is_honoured_inside_the_budget_and_beyond_it,
+    invalid_grant_is_not_retried_and_marks_the_account,
+    odd_but_usable_expiries_are_accepted,
+    a_thousand_callers_on_an_expired_account_make_one_upstream_call,
+    a_caller_that_gives_up_does_not_cancel_the_refresh,
+    the_scheduler_refreshes_ahead_of_the_margin_so_callers_never_wait,
+    jitter_spreads_accounts_connected_together,
+    two_thousand_due_accounts_never_exceed_the_upstream_cap,
+    a_provider_wide_outage_gets_spaced_retries_not_a_storm,
+    a_completed_authorization_during_a_rejected_refresh_wins,
+    a_rotated_refresh_token_that_cannot_be_stored_is_never_served,
+    an_unusable_renewal_still_keeps_a_rotated_refresh_token,
+}
+
 fn id(s: &str) -> AccountId {
     AccountId::parse(s).unwrap()
 }
@@ -36,7 +55,6 @@ fn requests(app: &TestApp) -> u64 {
     app.fake.stats().token_requests
 }
 
-#[tokio::test]
 async fn a_single_transient_failure_is_retried_within_the_call() {
     for fault in [
         Fault::ServerError,
@@ -63,7 +81,6 @@ async fn a_single_transient_failure_is_retried_within_the_call() {
     }
 }
 
-#[tokio::test]
 async fn a_lasting_failure_exhausts_the_retries_then_backs_off() {
     for fault in [
         Fault::ServiceUnavailable,
@@ -102,7 +119,6 @@ async fn a_lasting_failure_exhausts_the_retries_then_backs_off() {
     }
 }
 
-#[tokio::test]
 async fn a_slow_provider_times_out_each_try() {
     let app = expired_account(Options {
         request_timeout: Duration::from_millis(200),
@@ -116,7 +132,6 @@ async fn a_slow_provider_times_out_each_try() {
     assert_eq!(requests(&app) - before, 3);
 }
 
-#[tokio::test]
 async fn retry_after_is_honoured_inside_the_budget_and_beyond_it() {
     // Inside the 2 s budget: the retry waits the second EdgeTag asked for, then succeeds.
     let app = expired_account(Options::default()).await;
@@ -145,7 +160,6 @@ async fn retry_after_is_honoured_inside_the_budget_and_beyond_it() {
     assert_eq!(requests(&app) - before, 2);
 }
 
-#[tokio::test]
 async fn invalid_grant_is_not_retried_and_marks_the_account() {
     let app = expired_account(Options::default()).await;
     let before = requests(&app);
@@ -164,7 +178,6 @@ async fn invalid_grant_is_not_retried_and_marks_the_account() {
     assert_eq!(requests(&app) - before, 1);
 }
 
-#[tokio::test]
 async fn odd_but_usable_expiries_are_accepted() {
     // No expires_in: the configured default lifetime (1 h in these tests) applies.
     let app = expired_account(Options::default()).await;
@@ -181,7 +194,6 @@ async fn odd_but_usable_expiries_are_accepted() {
     assert!((7190..=7200).contains(&left), "{left}");
 }
 
-#[tokio::test]
 async fn a_thousand_callers_on_an_expired_account_make_one_upstream_call() {
     let app = expired_account(Options::default()).await;
     let before = requests(&app);
@@ -207,7 +219,6 @@ async fn a_thousand_callers_on_an_expired_account_make_one_upstream_call() {
     assert_eq!(requests(&app) - before, 1, "exactly one upstream refresh");
 }
 
-#[tokio::test]
 async fn a_caller_that_gives_up_does_not_cancel_the_refresh() {
     let app = expired_account(Options::default()).await;
     let mut events_rx = app.broker.subscribe();
@@ -235,7 +246,6 @@ async fn a_caller_that_gives_up_does_not_cancel_the_refresh() {
     assert!(!app.describe("acme").await.unwrap().refreshing);
 }
 
-#[tokio::test]
 async fn the_scheduler_refreshes_ahead_of_the_margin_so_callers_never_wait() {
     let app = TestApp::spawn().await;
     app.connect("acme").await;
@@ -266,7 +276,6 @@ async fn the_scheduler_refreshes_ahead_of_the_margin_so_callers_never_wait() {
     assert_eq!(requests(&app), before);
 }
 
-#[tokio::test]
 async fn jitter_spreads_accounts_connected_together() {
     let app = TestApp::spawn().await;
     let connects = (0..40).map(|i| {
@@ -290,7 +299,6 @@ async fn jitter_spreads_accounts_connected_together() {
     );
 }
 
-#[tokio::test]
 async fn two_thousand_due_accounts_never_exceed_the_upstream_cap() {
     let app = TestApp::spawn().await;
     let names: Vec<String> = (0..2000).map(|i| format!("acct-{i}")).collect();
@@ -333,7 +341,6 @@ async fn two_thousand_due_accounts_never_exceed_the_upstream_cap() {
     assert!(stats.peak_token_concurrency >= 2, "the cap was exercised");
 }
 
-#[tokio::test]
 async fn a_provider_wide_outage_gets_spaced_retries_not_a_storm() {
     let app = TestApp::spawn().await;
     for i in 0..20 {
@@ -369,7 +376,6 @@ async fn a_provider_wide_outage_gets_spaced_retries_not_a_storm() {
     assert_eq!(requests(&app), during);
 }
 
-#[tokio::test]
 async fn a_completed_authorization_during_a_rejected_refresh_wins() {
     let app = expired_account(Options::default()).await;
     app.fake.revoke_all_refresh_tokens();
@@ -400,7 +406,6 @@ async fn a_completed_authorization_during_a_rejected_refresh_wins() {
     ));
 }
 
-#[tokio::test]
 async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
     let app = TestApp::spawn_rotating_with(Options {
         metrics: true,
@@ -475,7 +480,6 @@ async fn a_rotated_refresh_token_that_cannot_be_stored_is_never_served() {
     );
 }
 
-#[tokio::test]
 async fn an_unusable_renewal_still_keeps_a_rotated_refresh_token() {
     let app = TestApp::spawn_rotating().await;
     app.connect("rot").await;

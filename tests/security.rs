@@ -6,7 +6,7 @@ mod common;
 
 use std::{path::Path, process::Stdio, time::Duration};
 
-use common::{Bearer, Client, Options, TestApp, assert_status};
+use common::{Bearer, Client, Options, StoreKind, TestApp, assert_status};
 use credential_service::{
     auth::Callers,
     config::TlsConfig,
@@ -16,6 +16,7 @@ use credential_service::{
     sealing::{self, EncryptionConfig},
     server::{self, ServeError},
 };
+use futures::TryStreamExt;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -23,6 +24,22 @@ use tonic::{
     Code,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
+
+common::on_both_stores! {
+    #[tokio::test]
+    calls_without_or_with_a_wrong_token_are_unauthenticated,
+    a_reader_may_only_get_tokens_and_only_for_its_accounts,
+    admins_are_limited_to_their_account_globs_too,
+    health_and_reflection_stay_open_without_a_token,
+    a_reload_swaps_the_callers_file_and_a_bad_one_keeps_the_old,
+    no_token_verifier_or_code_reaches_the_data_directory_in_the_clear,
+    records_swapped_between_accounts_are_refused_not_served,
+    key_rotation_keeps_every_account_serving,
+    tls_serves_token_callers_and_mtls_names_callers_by_certificate,
+    a_wildcard_client_certificate_names_no_caller_and_only_the_exact_name_does,
+    tls_refuses_plaintext_and_certificates_from_another_ca,
+    admin_rpcs_need_the_admin_role_and_respect_account_globs,
+}
 
 const ADMIN: &str = "admin-token-3f9a7c";
 const READER: &str = "reader-token-81bd22";
@@ -107,7 +124,6 @@ async fn begin(client: &Client, account: &str) -> Result<String, tonic::Status> 
         .map(|r| r.into_inner().state)
 }
 
-#[tokio::test]
 async fn calls_without_or_with_a_wrong_token_are_unauthenticated() {
     let (app, _dir, _path, _callers) = secured().await;
     app.connect("acme-1").await;
@@ -128,7 +144,6 @@ async fn calls_without_or_with_a_wrong_token_are_unauthenticated() {
     );
 }
 
-#[tokio::test]
 async fn a_reader_may_only_get_tokens_and_only_for_its_accounts() {
     let (app, _dir, _path, _callers) = secured().await;
     app.connect("acme-1").await;
@@ -168,7 +183,6 @@ async fn a_reader_may_only_get_tokens_and_only_for_its_accounts() {
     assert_status(get_token(&reader, "acme-9").await, Code::NotFound, "");
 }
 
-#[tokio::test]
 async fn admins_are_limited_to_their_account_globs_too() {
     let (app, _dir, _path, _callers) = secured().await;
     app.connect("globex").await;
@@ -186,7 +200,6 @@ async fn admins_are_limited_to_their_account_globs_too() {
     );
 }
 
-#[tokio::test]
 async fn health_and_reflection_stay_open_without_a_token() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     use tonic_reflection::pb::v1::{
@@ -229,7 +242,6 @@ async fn health_and_reflection_stay_open_without_a_token() {
     );
 }
 
-#[tokio::test]
 async fn a_reload_swaps_the_callers_file_and_a_bad_one_keeps_the_old() {
     let (app, _dir, path, callers) = secured().await;
     app.connect("acme-1").await;
@@ -253,7 +265,6 @@ async fn a_reload_swaps_the_callers_file_and_a_bad_one_keeps_the_old() {
     );
 }
 
-#[tokio::test]
 async fn no_token_verifier_or_code_reaches_the_data_directory_in_the_clear() {
     let app = TestApp::spawn().await;
     let mut access_tokens = Vec::new();
@@ -273,8 +284,7 @@ async fn no_token_verifier_or_code_reaches_the_data_directory_in_the_clear() {
     assert!(secrets.len() >= 9, "{}", secrets.len());
     assert!(secrets.iter().all(|s| s.len() >= 16));
 
-    let files = all_files(data_dir.path());
-    let contents: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let (files, contents) = stored(data_dir.path()).await;
     assert!(
         contents
             .iter()
@@ -287,9 +297,8 @@ async fn no_token_verifier_or_code_reaches_the_data_directory_in_the_clear() {
                 !content
                     .windows(secret.len())
                     .any(|w| w == secret.as_bytes()),
-                "{}... found in {}",
+                "{}... found in {file}",
                 &secret[..4],
-                file.display()
             );
         }
     }
@@ -299,6 +308,37 @@ async fn no_token_verifier_or_code_reaches_the_data_directory_in_the_clear() {
         c.windows(key.trim().len())
             .any(|w| w == key.trim().as_bytes())
     }));
+}
+
+/// Where the store keeps what it holds, and those bytes: every file in the data directory, and
+/// on PostgreSQL also every table of the test's database, as `COPY … (FORMAT binary)` gives it
+/// (text and bytea values exactly as stored).
+async fn stored(data_dir: &Path) -> (Vec<String>, Vec<Vec<u8>>) {
+    let files = all_files(data_dir);
+    let mut names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let mut contents: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    if common::store_kind() == StoreKind::Postgres {
+        let db = common::postgres_database(data_dir).connect().await;
+        let tables = db
+            .query(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(tables.len() >= 2, "accounts and pending, at least");
+        for row in tables {
+            let table: String = row.get(0);
+            let copy = db
+                .copy_out(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
+                .await
+                .unwrap();
+            let chunks: Vec<_> = copy.try_collect().await.unwrap();
+            names.push(format!("PostgreSQL table {table}"));
+            contents.push(chunks.concat());
+        }
+    }
+    (names, contents)
 }
 
 fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -314,20 +354,35 @@ fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-#[tokio::test]
 async fn records_swapped_between_accounts_are_refused_not_served() {
     let app = TestApp::spawn().await;
     app.connect("acme").await;
     app.connect("globex").await;
     let (fake, clock, data_dir, options) = app.stop().await;
-    {
-        let db = sled::open(data_dir.path()).unwrap();
-        let accounts = db.open_tree("accounts").unwrap();
-        let acme = accounts.get("acme").unwrap().unwrap();
-        let globex = accounts.get("globex").unwrap().unwrap();
-        accounts.insert("acme", globex).unwrap();
-        accounts.insert("globex", acme).unwrap();
-        db.flush().unwrap();
+    match common::store_kind() {
+        StoreKind::Sled => {
+            let db = ::sled::open(data_dir.path()).unwrap();
+            let accounts = db.open_tree("accounts").unwrap();
+            let acme = accounts.get("acme").unwrap().unwrap();
+            let globex = accounts.get("globex").unwrap().unwrap();
+            accounts.insert("acme", globex).unwrap();
+            accounts.insert("globex", acme).unwrap();
+            db.flush().unwrap();
+        }
+        StoreKind::Postgres => {
+            let db = common::postgres_database(data_dir.path()).connect().await;
+            let swapped = db
+                .execute(
+                    "UPDATE accounts SET sealed = other.sealed FROM accounts other \
+                     WHERE accounts.account IN ('acme', 'globex') \
+                     AND other.account IN ('acme', 'globex') \
+                     AND other.account <> accounts.account",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(swapped, 2);
+        }
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = common::service_config(&fake, data_dir.path().to_owned(), &options);
@@ -348,7 +403,6 @@ fn key_file(dir: &Path, name: &str) -> std::path::PathBuf {
     path
 }
 
-#[tokio::test]
 async fn key_rotation_keeps_every_account_serving() {
     let keys = tempfile::tempdir().unwrap();
     let (a, b) = (
@@ -394,6 +448,7 @@ async fn key_rotation_keeps_every_account_serving() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credential-service"))
         .args(["rotate-keys", "--data-dir"])
         .arg(data_dir.path())
+        .args(common::store_args(data_dir.path()))
         .arg("--encryption-key-file")
         .arg(&b)
         .arg("--previous-encryption-key-file")
@@ -490,7 +545,6 @@ async fn tls_client(
     ))
 }
 
-#[tokio::test]
 async fn tls_serves_token_callers_and_mtls_names_callers_by_certificate() {
     let pki = Pki::new();
     let app = tls_app(&pki).await;
@@ -526,7 +580,6 @@ async fn tls_serves_token_callers_and_mtls_names_callers_by_certificate() {
 /// A CA that issues wildcards must not let `*.internal.example.com` pass for the caller named
 /// `ops.internal.example.com`. The answer is UNAUTHENTICATED, not PERMISSION_DENIED: the
 /// certificate identifies no caller at all, so there is nobody whose rights could be checked.
-#[tokio::test]
 async fn a_wildcard_client_certificate_names_no_caller_and_only_the_exact_name_does() {
     let pki = Pki::new();
     let app = tls_app(&pki).await;
@@ -573,7 +626,6 @@ async fn a_wildcard_client_certificate_names_no_caller_and_only_the_exact_name_d
     }
 }
 
-#[tokio::test]
 async fn tls_refuses_plaintext_and_certificates_from_another_ca() {
     let pki = Pki::new();
     let app = tls_app(&pki).await;
@@ -606,7 +658,6 @@ async fn tls_refuses_plaintext_and_certificates_from_another_ca() {
     assert!(distrustful.is_err());
 }
 
-#[tokio::test]
 async fn admin_rpcs_need_the_admin_role_and_respect_account_globs() {
     use credential_service::proto::{
         DescribeAccountRequest, ListAccountsRequest, RefreshTokenRequest, RemoveAccountRequest,

@@ -3,9 +3,10 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -14,7 +15,7 @@ use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
-    config::{CallbackConfig, ServiceConfig, TlsConfig, Upstream},
+    config::{CallbackConfig, ServiceConfig, StoreConfig, TlsConfig, Upstream},
     proto::{
         AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
@@ -23,7 +24,7 @@ use credential_service::{
     },
     sealing::{self, EncryptionConfig},
     server::{self, App, ServeError},
-    store::{Faults, Faulty},
+    store::{Faults, Faulty, PostgresConfig},
 };
 use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
 use tempfile::TempDir;
@@ -433,6 +434,9 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
     config.callers = options.callers.clone();
     config.tls = options.tls.clone();
     config.encryption = options.encryption.clone();
+    if store_kind() == StoreKind::Postgres {
+        config.store = StoreConfig::Postgres(Box::new(postgres_config(&config.data_dir)));
+    }
     config
 }
 
@@ -507,3 +511,97 @@ pub async fn events(
         .await
         .expect("events arrive")
 }
+
+/// The store a test's servers open. Suites run their tests on both with [`on_both_stores!`];
+/// a test outside it (or a task it spawns) gets sled, as before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Sled,
+    Postgres,
+}
+
+tokio::task_local! {
+    /// Set by [`on_both_stores!`] around each copy of a test.
+    pub static STORE: StoreKind;
+}
+
+/// The store of the running test (sled when none was chosen).
+pub fn store_kind() -> StoreKind {
+    STORE.try_with(|kind| *kind).unwrap_or(StoreKind::Sled)
+}
+
+/// The PostgreSQL database standing in for `data_dir`: created (on this test binary's private
+/// cluster) the first time a server starts on that directory, and the same one on every restart,
+/// so a restart finds what the previous server stored, as it would on sled.
+pub fn postgres_database(data_dir: &Path) -> pg_cluster::Database {
+    static DATABASES: LazyLock<Mutex<HashMap<PathBuf, pg_cluster::Database>>> =
+        LazyLock::new(Mutex::default);
+    let mut databases = DATABASES.lock().unwrap();
+    databases
+        .entry(data_dir.to_owned())
+        .or_insert_with(|| pg_cluster::Cluster::shared().create_database())
+        .clone()
+}
+
+/// The store configuration for [`postgres_database`] of `data_dir`.
+pub fn postgres_config(data_dir: &Path) -> PostgresConfig {
+    let url = format!("{}?sslmode=disable", postgres_database(data_dir).url());
+    let password = pg_cluster::Cluster::shared().password();
+    PostgresConfig::parse(&url, Some(password.into()), None).unwrap()
+}
+
+/// The `--store` arguments of a `credential-service` command that must open the same store as
+/// the test's servers on `data_dir` (none for sled).
+pub fn store_args(data_dir: &Path) -> Vec<std::ffi::OsString> {
+    match store_kind() {
+        StoreKind::Sled => Vec::new(),
+        StoreKind::Postgres => vec![
+            "--store".into(),
+            format!("{}?sslmode=disable", postgres_database(data_dir).url()).into(),
+            "--store-password-file".into(),
+            pg_cluster::Cluster::shared().password_file().into(),
+        ],
+    }
+}
+
+/// Runs the named `async fn`s of the suite as tests twice: on sled (in `mod sled`) and on
+/// PostgreSQL (in `mod postgres`), each copy inside [`STORE`]'s scope. The fns stay ordinary items,
+/// so rustfmt and the compiler see their bodies as usual; one that is neither listed here nor a
+/// test itself is dead code, which clippy refuses. Each group of names follows the test attribute
+/// its copies get:
+/// ```ignore
+/// on_both_stores! {
+///     #[tokio::test]
+///     first_test,
+///     second_test,
+///     #[tokio::test(flavor = "multi_thread")]
+///     threaded_test,
+/// }
+/// ```
+#[allow(unused_macros)] // as `dead_code` above: not every test binary uses it
+macro_rules! on_both_stores {
+    ($(#[$attr:meta] $($name:ident),+ $(,)?)+) => {
+        mod sled {
+            $($(
+                #[$attr]
+                async fn $name() {
+                    $crate::common::STORE
+                        .scope($crate::common::StoreKind::Sled, super::$name())
+                        .await
+                }
+            )+)+
+        }
+        mod postgres {
+            $($(
+                #[$attr]
+                async fn $name() {
+                    $crate::common::STORE
+                        .scope($crate::common::StoreKind::Postgres, super::$name())
+                        .await
+                }
+            )+)+
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_stores;
