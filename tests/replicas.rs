@@ -36,6 +36,7 @@ use tokio::{
     process::{Child, Command},
 };
 use tonic::{Code, Status, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const BIN: &str = env!("CARGO_BIN_EXE_credential-service");
 const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
@@ -202,6 +203,49 @@ impl Replica {
         futures::future::join_all((0..n).map(|_| connect_client(&self.addr))).await
     }
 
+    /// The first log line containing `needle`, waiting (bounded) for it to be written.
+    async fn log_line(&self, needle: &str) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "{} never logged {needle:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// How many log lines so far contain `needle`.
+    fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// gRPC health of the whole server (1 is SERVING).
+    async fn health(&self) -> i32 {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    }
+
     /// `kill -9`, and waits until the process is gone.
     async fn kill_9(&mut self) {
         self.child.start_kill().unwrap();
@@ -245,6 +289,32 @@ async fn refresh_token(client: &Client) -> Result<(), Status> {
         })
         .await
         .map(|_| ())
+}
+
+/// The `credential_store_up` gauge from a replica's metrics endpoint.
+async fn store_up(metrics: &str) -> u8 {
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("credential_store_up "))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("no credential_store_up in\n{text}"))
+}
+
+/// Polls a replica's `credential_store_up` gauge (bounded) until it reads `want`.
+async fn until_store_up(metrics: &str, want: u8) {
+    let started = Instant::now();
+    while store_up(metrics).await != want {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "credential_store_up never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls `replica` until it serves `token` (not merely any token); returns how long that took.
@@ -469,11 +539,28 @@ async fn postgres_down_tokens_still_served_and_refreshes_resume_when_it_returns(
     let cluster = Cluster::start();
     let db = cluster.create_database();
     let _turn = ONE_AT_A_TIME.lock().await;
-    let fleet = Fleet::new(FakeConfig::default(), &cluster, &db, &[]).await;
+    let fleet = Fleet::new(
+        FakeConfig::default(),
+        &cluster,
+        &db,
+        &["--metrics-listen", "127.0.0.1:0"],
+    )
+    .await;
     let replicas = fleet.replicas(2).await;
+    let mut metrics = Vec::new();
+    for replica in &replicas {
+        let line = replica.log_line("metrics serving").await;
+        let addr = line.split("addr=").nth(1).unwrap().split_whitespace();
+        metrics.push(addr.into_iter().next().unwrap().to_owned());
+    }
     fleet.connect_account(&replicas[0], &replicas[0]).await;
     let first = get_token(&replicas[0].client, None).await.unwrap();
     until_serving(&replicas[1], &first).await;
+    const UNREACHABLE: &str = "the database is unreachable";
+    for (replica, metrics) in replicas.iter().zip(&metrics) {
+        assert_eq!(store_up(metrics).await, 1);
+        assert_eq!(replica.log_count(UNREACHABLE), 0);
+    }
 
     // GetToken load on both replicas all along; `outage` counts answers while PostgreSQL is down.
     let stop = Arc::new(AtomicBool::new(false));
@@ -516,6 +603,11 @@ async fn postgres_down_tokens_still_served_and_refreshes_resume_when_it_returns(
         "a refresh while PostgreSQL is down"
     );
     assert!(started.elapsed() < Duration::from_secs(15));
+    // Both replicas notice (the listener's connection drops), say so once, and stay SERVING.
+    for (replica, metrics) in replicas.iter().zip(&metrics) {
+        until_store_up(metrics, 0).await;
+        assert_eq!(replica.health().await, 1, "{} stays SERVING", replica.name);
+    }
     let waited = Instant::now();
     while during_outage.load(Ordering::Relaxed) < 200 {
         assert!(waited.elapsed() < PATIENCE, "too few GetToken answers");
@@ -552,6 +644,15 @@ async fn postgres_down_tokens_still_served_and_refreshes_resume_when_it_returns(
     stop.store(true, Ordering::Relaxed);
     for task in load {
         task.await.unwrap();
+    }
+    for (replica, metrics) in replicas.iter().zip(&metrics) {
+        until_store_up(metrics, 1).await;
+        assert_eq!(
+            replica.log_count(UNREACHABLE),
+            1,
+            "{}: one log line per outage, not one per call",
+            replica.name
+        );
     }
     eprintln!(
         "PostgreSQL outage: {} GetToken answers while down, refreshes resumed {resumed:?} after its return",
