@@ -528,7 +528,17 @@ impl PostgresStore {
             })
             .await?;
         let (changes, first) = broadcast::channel(4096);
-        let listener = tokio::spawn(listen(connector, session, shared.clone(), changes.clone()));
+        let (ready, listening) = tokio::sync::oneshot::channel();
+        let listener = tokio::spawn(listen(
+            connector,
+            session,
+            shared.clone(),
+            changes.clone(),
+            ready,
+        ));
+        // Return only once LISTEN is in place, so that what the caller loads next and the changes
+        // after it leave no gap between them (a failed first try resyncs in full on reconnect).
+        let _ = tokio::time::timeout(OPERATION_TIMEOUT, listening).await;
         Ok(Self {
             shared,
             changes,
@@ -618,11 +628,13 @@ async fn listen(
     session: tokio_postgres::Config,
     shared: Arc<Shared>,
     changes: broadcast::Sender<Change>,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut first = true;
+    let mut ready = Some(ready);
     let mut pause = Duration::from_millis(100);
     loop {
-        match listen_once(&connector, &session, &shared, &changes, first).await {
+        match listen_once(&connector, &session, &shared, &changes, first, &mut ready).await {
             Ok(()) => return, // nobody follows any more
             Err(why) => {
                 shared.reach.lost(&why);
@@ -630,6 +642,7 @@ async fn listen(
             }
         }
         first = false;
+        ready = None; // the reconnect resyncs in full: nothing to wait for
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(LISTENER_RETRY_MAX);
     }
@@ -641,6 +654,7 @@ async fn listen_once(
     shared: &Shared,
     changes: &broadcast::Sender<Change>,
     first: bool,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), String> {
     let (client, mut messages) = connector
         .connect(session)
@@ -671,6 +685,9 @@ async fn listen_once(
     .map_err(|_| "LISTEN timed out".to_owned())?
     .map_err(|e| e.to_string())?;
     shared.reach.answered();
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
+    }
     // Whatever happened while no one listened is unknown: reload everything.
     if !first && changes.send(Change::Resync).is_err() {
         return Ok(());

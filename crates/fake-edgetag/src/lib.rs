@@ -102,6 +102,10 @@ pub struct FakeConfig {
     /// Whether a refresh returns a new refresh token and invalidates the old one. EdgeTag does not
     /// rotate; turn this on to check that a client copes with providers that do.
     pub rotate_refresh_tokens: bool,
+    /// Whether presenting a refresh token that rotation already replaced revokes the whole grant,
+    /// as providers with reuse detection do (RFC 9700 §4.14.2). With rotation on, a client that
+    /// refreshes twice with the same token loses the grant; tests use this to prove it never does.
+    pub revoke_grant_on_refresh_token_reuse: bool,
     /// Whether the token endpoint tolerates `redirect_uri` in the code-exchange body (it must then
     /// equal the one the code was issued for). EdgeTag documents no such field, so the default is
     /// to reject it like any other unknown field.
@@ -118,6 +122,7 @@ impl Default for FakeConfig {
             redirect_uris: Vec::new(),
             access_token_lifetime: Duration::from_secs(7200),
             rotate_refresh_tokens: false,
+            revoke_grant_on_refresh_token_reuse: false,
             accept_redirect_uri_in_body: false,
             clock: FakeClock::system(),
         }
@@ -178,6 +183,9 @@ pub struct FakeStats {
     pub refreshes_ok: u64,
     /// Accepted revocation requests (including those naming an unknown token).
     pub revokes: u64,
+    /// Refresh requests that presented a refresh token already replaced by rotation (counted with
+    /// [`FakeConfig::revoke_grant_on_refresh_token_reuse`] on; each revoked the grant).
+    pub refresh_token_reuses: u64,
     /// Most token requests in flight at the same moment since start or [`FakeEdgeTag::reset_peak`].
     pub peak_token_concurrency: u64,
 }
@@ -327,6 +335,7 @@ impl FakeEdgeTag {
             code_exchanges_ok: c.code_exchanges_ok.load(Ordering::Relaxed),
             refreshes_ok: c.refreshes_ok.load(Ordering::Relaxed),
             revokes: c.revokes.load(Ordering::Relaxed),
+            refresh_token_reuses: c.refresh_token_reuses.load(Ordering::Relaxed),
             peak_token_concurrency: c.token_peak.load(Ordering::SeqCst),
         }
     }

@@ -33,6 +33,7 @@ pub(crate) struct Counters {
     pub(crate) code_exchanges_ok: AtomicU64,
     pub(crate) refreshes_ok: AtomicU64,
     pub(crate) revokes: AtomicU64,
+    pub(crate) refresh_token_reuses: AtomicU64,
     pub(crate) token_in_flight: AtomicU64,
     pub(crate) token_peak: AtomicU64,
 }
@@ -91,6 +92,8 @@ pub(crate) struct Store {
     pub(crate) access: HashMap<String, AccessToken>,
     /// Live refresh token → grant id.
     pub(crate) refresh: HashMap<String, u64>,
+    /// Refresh tokens replaced by rotation → grant id, kept only for reuse detection.
+    pub(crate) rotated_away: HashMap<String, u64>,
     /// Every refresh token ever issued and every verifier ever received, for leak-scanning tests.
     pub(crate) issued_refresh: Vec<String>,
     pub(crate) received_verifiers: Vec<String>,

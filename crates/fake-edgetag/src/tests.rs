@@ -249,6 +249,7 @@ async fn happy_path_authorize_token_refresh_user_me() {
             code_exchanges_ok: 1,
             refreshes_ok: 1,
             revokes: 0,
+            refresh_token_reuses: 0,
             peak_token_concurrency: 1,
         }
     );
@@ -289,6 +290,44 @@ async fn refresh_rotation_replaces_the_refresh_token_when_enabled() {
     assert_eq!((status, body), (400, oauth_error_body("invalid_grant")));
     let (status, _) = json_of(refresh(&client, &fake, second).await).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn reusing_a_rotated_refresh_token_revokes_the_grant_when_configured() {
+    let fake = start(FakeConfig {
+        rotate_refresh_tokens: true,
+        revoke_grant_on_refresh_token_reuse: true,
+        ..FakeConfig::default()
+    })
+    .await;
+    let client = client();
+    let (code, verifier) = authorize(&fake).await;
+    let (_, body) = json_of(exchange(&client, &fake, &code, &verifier).await).await;
+    let first = body["refresh_token"].as_str().unwrap().to_owned();
+    let (status, body) = json_of(refresh(&client, &fake, &first).await).await;
+    assert_eq!(status, 200);
+    let second = body["refresh_token"].as_str().unwrap().to_owned();
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    assert!(fake.refresh_token_is_valid(&second) && fake.access_token_is_valid(&access));
+    assert_eq!(fake.stats().refresh_token_reuses, 0);
+
+    // The replaced token comes back: refused, and the whole grant is gone.
+    let (status, body) = json_of(refresh(&client, &fake, &first).await).await;
+    assert_eq!((status, body), (400, oauth_error_body("invalid_grant")));
+    assert_eq!(fake.stats().refresh_token_reuses, 1);
+    assert!(
+        !fake.refresh_token_is_valid(&second),
+        "the current token died too"
+    );
+    assert!(!fake.access_token_is_valid(&access));
+    assert_eq!(user_me(&client, &fake, &access).await, 401);
+    let (status, _) = json_of(refresh(&client, &fake, &second).await).await;
+    assert_eq!(status, 400);
+    // A revoked (not replaced) or unknown token is refused without counting as a reuse.
+    let (status, _) = json_of(refresh(&client, &fake, "etr_unknown").await).await;
+    assert_eq!(status, 400);
+    assert_eq!(fake.stats().refresh_token_reuses, 1);
+    assert_eq!(fake.stats().refreshes_ok, 1);
 }
 
 #[tokio::test]

@@ -265,12 +265,27 @@ impl Inner {
 
         let now = self.config.clock.now();
         let mut store = lock(&self.store);
-        let grant = *store.refresh.get(presented).ok_or(Refusal::InvalidGrant)?;
+        let Some(&grant) = store.refresh.get(presented) else {
+            if let Some(&grant) = store.rotated_away.get(presented) {
+                // Reuse detection: whoever holds the current token may be an attacker, or a
+                // client that refreshed twice; either way the grant goes.
+                store.revoke_grant(grant);
+                drop(store);
+                self.counters
+                    .refresh_token_reuses
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("fake EdgeTag revoked a grant whose old refresh token was reused");
+            }
+            return Err(Refusal::InvalidGrant);
+        };
         let access = store.issue_access_token(grant, now, self.config.access_token_lifetime);
         let rotated = self
             .config
             .rotate_refresh_tokens
             .then(|| store.issue_refresh_token(grant));
+        if rotated.is_some() && self.config.revoke_grant_on_refresh_token_reuse {
+            store.rotated_away.insert(presented.to_owned(), grant);
+        }
         drop(store);
 
         self.counters.refreshes_ok.fetch_add(1, Ordering::Relaxed);
