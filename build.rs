@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .skip_debug([
             "credential.v1.GetTokenResponse",
+            "credential.v1.WatchTokenResponse",
             "credential.v1.CompleteAuthRequest",
             "credential.v1.BeginAuthResponse",
         ])

@@ -29,6 +29,7 @@ macro_rules! redacting_debug {
 
 redacting_debug! {
     GetTokenResponse { access_token; token_type, expires_at }
+    WatchTokenResponse { access_token; token_type, expires_at }
     CompleteAuthRequest { code, state; }
     BeginAuthResponse { state, authorize_url; expires_at }
 }

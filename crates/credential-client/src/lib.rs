@@ -1,0 +1,389 @@
+//! # credential-client
+//!
+//! Access tokens from the credential service for internal Rust services, without a network round
+//! trip per use and without guessing when to ask again.
+//!
+//! A [`TokenSource`] keeps one `WatchToken` stream open to the service, which pushes each new
+//! token as soon as it is published (well before the previous one nears expiry), so
+//! [`TokenSource::token`] answers from memory. While the service is unreachable it keeps handing
+//! out the token it has, for as long as that token still covers the source's `min_validity`, and
+//! then fails; it never hands out an expired token. Against a service without `WatchToken` it
+//! falls back to polling `GetToken` ahead of expiry.
+//!
+//! A [`Client`] holds one gRPC channel; every [`TokenSource`] made from it shares that channel,
+//! so a service with 50 accounts opens one connection, not 50. [`AuthorizationLayer`] puts the
+//! token on outgoing HTTP requests.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use credential_client::{Client, ExposeSecret};
+//!
+//! let client = Client::builder("https://credentials.internal:50051")
+//!     .bearer_token(std::env::var("CREDENTIALS_TOKEN")?)
+//!     .min_validity(Duration::from_secs(60))
+//!     .build()?;
+//! let acme = client.token_source("acme");
+//! let token = acme.token().await?; // from memory once the first token has arrived
+//! let header = format!("{} {}", token.token_type(), token.access_token().expose_secret());
+//! # Ok(()) }
+//! ```
+
+mod layer;
+mod proto;
+mod source;
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+pub use layer::{Authorization, AuthorizationLayer};
+pub use secrecy::{ExposeSecret, SecretString};
+pub use source::TokenSource;
+pub use tonic::{
+    Code,
+    transport::{Channel, ClientTlsConfig},
+};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Endpoint,
+};
+
+use crate::proto::credential_service_client::CredentialServiceClient;
+
+/// An access token as the service handed it out. Cloning is cheap (the token is shared), and
+/// `Debug` never shows the token itself.
+#[derive(Clone)]
+pub struct Token(Arc<TokenInner>);
+
+struct TokenInner {
+    access_token: SecretString,
+    token_type: String,
+    expires_at: SystemTime,
+}
+
+impl Token {
+    /// Assembles a token; for tests and for services that wrap this crate.
+    pub fn new(access_token: SecretString, token_type: String, expires_at: SystemTime) -> Self {
+        Self(Arc::new(TokenInner {
+            access_token,
+            token_type,
+            expires_at,
+        }))
+    }
+
+    /// The access token; send it as `Authorization: <token_type> <access_token>`.
+    pub fn access_token(&self) -> &SecretString {
+        &self.0.access_token
+    }
+
+    /// `Bearer` unless the provider says otherwise.
+    pub fn token_type(&self) -> &str {
+        &self.0.token_type
+    }
+
+    /// When EdgeTag stops accepting the token.
+    pub fn expires_at(&self) -> SystemTime {
+        self.0.expires_at
+    }
+
+    /// The `Authorization` header value, marked sensitive so HTTP libraries leave it out of
+    /// their logs. Fails only if the token holds characters a header cannot carry.
+    pub fn authorization(&self) -> Result<http::HeaderValue, http::header::InvalidHeaderValue> {
+        let mut value = http::HeaderValue::try_from(format!(
+            "{} {}",
+            self.token_type(),
+            self.access_token().expose_secret()
+        ))?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    /// Whether the token stays valid for `min_validity` after `now`.
+    fn covers(&self, now: SystemTime, min_validity: Duration) -> bool {
+        now.checked_add(min_validity)
+            .is_some_and(|t| t < self.expires_at())
+    }
+}
+
+/// The same token: the same access token and type. The expiry is left out, as the service may
+/// report the same token's expiry with a different precision after a restart.
+impl PartialEq for Token {
+    fn eq(&self, other: &Self) -> bool {
+        self.access_token().expose_secret() == other.access_token().expose_secret()
+            && self.token_type() == other.token_type()
+    }
+}
+
+impl Eq for Token {}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("access_token", &"<redacted>")
+            .field("token_type", &self.token_type())
+            .field("expires_at", &self.expires_at())
+            .finish()
+    }
+}
+
+/// Why [`TokenSource::token`] has no token to hand out.
+///
+/// The first two need a person (connect the account); the last passes with time, as the source
+/// keeps reconnecting in the background.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The service does not know the account (`NOT_FOUND`): never connected, or removed.
+    #[error("account {account:?} is not connected at the credential service")]
+    UnknownAccount { account: String },
+    /// EdgeTag rejected the account's refresh token (`FAILED_PRECONDITION`): an operator must
+    /// connect it again with BeginAuth and CompleteAuth.
+    #[error("account {account:?} needs re-authorization at the credential service")]
+    NeedsReauthorization { account: String },
+    /// No token that covers `min_validity`: the service is unreachable or refused (`code` says
+    /// how), and the last token it sent is too close to expiry, or there was none.
+    #[error("no token for account {account:?}: {code:?}: {message}")]
+    Unavailable {
+        account: String,
+        code: Code,
+        message: String,
+    },
+}
+
+impl Error {
+    /// The gRPC status code this error stands for.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::UnknownAccount { .. } => Code::NotFound,
+            Error::NeedsReauthorization { .. } => Code::FailedPrecondition,
+            Error::Unavailable { code, .. } => *code,
+        }
+    }
+
+    fn from_status(account: &str, status: &tonic::Status) -> Self {
+        let account = account.to_owned();
+        match status.code() {
+            Code::NotFound => Error::UnknownAccount { account },
+            Code::FailedPrecondition => Error::NeedsReauthorization { account },
+            code => Error::Unavailable {
+                account,
+                code,
+                message: status.message().to_owned(),
+            },
+        }
+    }
+}
+
+/// Why a [`Client`] could not be built. Never shows the bearer token.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The endpoint is not a URL tonic can connect to, or the TLS settings do not apply to it.
+    #[error("invalid credential service endpoint: {0}")]
+    Endpoint(#[source] tonic::transport::Error),
+    /// The bearer token holds characters an HTTP header cannot carry.
+    #[error("the bearer token holds characters an HTTP header cannot carry")]
+    BearerToken,
+}
+
+type Grpc = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The wall clock a source judges expiry by.
+type ClockFn = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Sends the caller's bearer token (from the service's callers file) on every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// What every source of a client shares, apart from the channel.
+#[derive(Clone)]
+struct Settings {
+    min_validity: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    clock: ClockFn,
+}
+
+/// A connection to the credential service, shared by the [`TokenSource`]s made from it.
+///
+/// Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct Client {
+    grpc: Grpc,
+    settings: Settings,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("min_validity", &self.settings.min_validity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts configuring a client of the service at `endpoint`
+    /// (`http://host:port`, or `https://…` for TLS with the system's roots unless
+    /// [`ClientBuilder::tls`] says otherwise). It connects lazily, on first use, and reconnects
+    /// by itself.
+    pub fn builder(endpoint: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(Target::Endpoint(endpoint.into()))
+    }
+
+    /// Starts configuring a client over a channel the caller built (its own TLS, timeouts or
+    /// load balancing); [`ClientBuilder::tls`] does not apply then.
+    pub fn builder_with_channel(channel: Channel) -> ClientBuilder {
+        ClientBuilder::new(Target::Channel(channel))
+    }
+
+    /// A source of tokens for `account`, following it in the background from now on, over this
+    /// client's connection. Must be called within a Tokio runtime.
+    pub fn token_source(&self, account: impl Into<String>) -> TokenSource {
+        TokenSource::start(self.grpc.clone(), account.into(), self.settings.clone())
+    }
+
+    /// The same connection, with a different `min_validity` for the sources made from it.
+    pub fn with_min_validity(&self, min_validity: Duration) -> Client {
+        let mut client = self.clone();
+        client.settings.min_validity = min_validity;
+        client
+    }
+}
+
+enum Target {
+    Endpoint(String),
+    Channel(Channel),
+}
+
+/// Settings for a [`Client`]; made by [`Client::builder`].
+#[must_use]
+pub struct ClientBuilder {
+    target: Target,
+    bearer_token: Option<SecretString>,
+    tls: Option<ClientTlsConfig>,
+    settings: Settings,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("min_validity", &self.settings.min_validity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    fn new(target: Target) -> Self {
+        Self {
+            target,
+            bearer_token: None,
+            tls: None,
+            settings: Settings {
+                min_validity: Duration::ZERO,
+                backoff_initial: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(30),
+                clock: Arc::new(SystemTime::now),
+            },
+        }
+    }
+
+    /// The token this service presents to the credential service (its entry in the callers
+    /// file). Without one, calls carry no credentials, which only an open service accepts.
+    pub fn bearer_token(mut self, token: impl Into<SecretString>) -> Self {
+        self.bearer_token = Some(token.into());
+        self
+    }
+
+    /// TLS settings (CA, client certificate for mutual TLS, domain name) for an `https` endpoint.
+    pub fn tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// How long a token must still be valid when handed out (default: zero, merely unexpired).
+    /// The service refreshes ahead of this, and while it is unreachable the cached token is
+    /// handed out only while it still covers this much.
+    pub fn min_validity(mut self, min_validity: Duration) -> Self {
+        self.settings.min_validity = min_validity;
+        self
+    }
+
+    /// The first and the longest pause between reconnection attempts (default 200 ms and 30 s).
+    /// Pauses double from `initial` up to `max`, each randomized by up to half so that many
+    /// callers do not come back at once.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.settings.backoff_initial = initial;
+        self.settings.backoff_max = max.max(initial);
+        self
+    }
+
+    /// The clock that decides whether a token still covers `min_validity` (default: the system
+    /// clock). For tests that move time rather than wait.
+    pub fn clock(mut self, now: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        self.settings.clock = Arc::new(now);
+        self
+    }
+
+    /// The client. Connects lazily: an unreachable service shows up as [`Error::Unavailable`]
+    /// from the sources, not here.
+    pub fn build(self) -> Result<Client, ConfigError> {
+        let channel = match self.target {
+            Target::Channel(channel) => channel,
+            Target::Endpoint(url) => {
+                let https = url.starts_with("https:");
+                let mut endpoint = Endpoint::from_shared(url)
+                    .map_err(ConfigError::Endpoint)?
+                    .connect_timeout(Duration::from_secs(5))
+                    // Dead connections (a vanished server, a dropped NAT entry) are noticed
+                    // within about a minute even while a stream sits idle between tokens.
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .keep_alive_while_idle(true);
+                let tls = match (self.tls, https) {
+                    (Some(tls), _) => Some(tls),
+                    (None, true) => Some(ClientTlsConfig::new().with_enabled_roots()),
+                    (None, false) => None,
+                };
+                if let Some(tls) = tls {
+                    endpoint = endpoint.tls_config(tls).map_err(ConfigError::Endpoint)?;
+                }
+                endpoint.connect_lazy()
+            }
+        };
+        let bearer = self
+            .bearer_token
+            .map(|t| {
+                let mut value = MetadataValue::try_from(format!("Bearer {}", t.expose_secret()))
+                    .map_err(|_| ConfigError::BearerToken)?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()?;
+        Ok(Client {
+            grpc: CredentialServiceClient::with_interceptor(channel, Bearer(bearer)),
+            settings: self.settings,
+        })
+    }
+}
