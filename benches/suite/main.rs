@@ -7,6 +7,7 @@
 //! - [`scale`]: the real binary on 100,000 accounts: time to serve, memory, throughput.
 //! - [`durable`]: CompleteAuth and refresh latency against a bare sled insert + flush.
 //! - [`postgres`]: the same rows on a private PostgreSQL cluster, a three-replica storm, start-up.
+//! - [`watchers`]: idle WatchToken streams on the real binary, and one refresh fanned out.
 //! - [`soak`]: ten minutes of refreshes, churn and reads, watching memory, descriptors and disk
 //!   (only when named: `-- soak`, shortened with `--soak-seconds`).
 //! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
@@ -21,6 +22,7 @@ mod scale;
 mod soak;
 mod storm;
 mod throughput;
+mod watchers;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -32,7 +34,7 @@ use crate::{fixture::Runtimes, load::LoadSpec};
 #[derive(Parser)]
 #[command(about = "credential-service performance suite (issue 6)")]
 struct Cli {
-    /// Sections to run (throughput, storm, scale, durable, postgres; recovery alone; soak only when named);
+    /// Sections to run (throughput, storm, scale, durable, postgres, watch; recovery alone; soak only when named);
     /// all but soak when none is named.
     sections: Vec<String>,
     /// A short smoke run: fewer accounts, one short round, fewer operations.
@@ -94,6 +96,7 @@ fn main() {
         "durable",
         "recovery",
         "postgres",
+        "watch",
         "soak",
     ];
     // `soak` is long and runs only when named; `recovery` is part of `storm`, or alone.
@@ -194,6 +197,10 @@ fn main() {
         if wanted("postgres") {
             let pg = postgres::run(&env, q).await;
             println!("{}", report::postgres(&pg));
+        }
+        if wanted("watch") {
+            let w = watchers::run(&env, if q { 1_000 } else { 10_000 }, 1_000).await;
+            println!("{}", report::watchers(&w));
         }
         if named("soak") {
             let spec = soak::SoakSpec::new(Duration::from_secs(cli.soak_seconds));

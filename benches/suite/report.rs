@@ -10,6 +10,7 @@ use crate::{
     soak::{Sample, Soak},
     storm::{Recovery, Storm, Wake},
     throughput::{self, Comparison},
+    watchers::Watchers,
 };
 
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -571,6 +572,46 @@ pub fn postgres(p: &Postgres) -> String {
             format!("{:.1?}", s.seeded_in),
             format!("{:.2?}", s.serving_after),
             verdict(s.serving_after <= std::time::Duration::from_secs(2)),
+        ]],
+    ));
+    out
+}
+
+pub fn watchers(w: &Watchers) -> String {
+    let mut out = String::from("### WatchToken (issue 13)\n\n");
+    out.push_str(&table(
+        &[
+            "idle watchers",
+            "RSS before",
+            "RSS with them open",
+            "per watcher",
+            "CPU at rest",
+        ],
+        &[vec![
+            w.idle.to_string(),
+            format!("{:.1} MiB", w.rss_before_mb),
+            format!("{:.1} MiB", w.rss_after_mb),
+            format!("{:.1} KiB", w.kib_per_watcher()),
+            format!(
+                "{:.1}% of a core over {:?}",
+                w.idle_cpu * 100.0,
+                w.idle_window
+            ),
+        ]],
+    ));
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "fan-out",
+            "RefreshToken round trip",
+            "until the last watcher has it",
+            "< 50 ms",
+        ],
+        &[vec![
+            format!("1 refresh to {} watchers of one account", w.fan_out),
+            fmt_us(w.refresh_call.as_secs_f64() * 1e6),
+            fmt_us(w.fan_out_last.as_secs_f64() * 1e6),
+            verdict(w.fan_out_last < std::time::Duration::from_millis(50)),
         ]],
     ));
     out

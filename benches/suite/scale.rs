@@ -32,7 +32,7 @@ pub struct Scale {
 
 /// The binary's command line: everything it needs, pointing EdgeTag at a closed loopback port
 /// (tokens are fresh, so it never calls). New required settings go here.
-fn command(addr: SocketAddr, data_dir: &Path, log: std::fs::File) -> Command {
+pub fn command(addr: SocketAddr, data_dir: &Path, log: std::fs::File) -> Command {
     let dead = |path: &str| format!("http://127.0.0.1:9{path}");
     let mut cmd = Command::new(BIN);
     cmd.args(["--listen", &addr.to_string()])
@@ -101,7 +101,7 @@ pub async fn run(env: &Env, data_dir: &Path, accounts: Arc<[String]>) -> Scale {
 }
 
 /// SIGTERM, as an operator's supervisor would, then wait (kill after 10 s).
-async fn stop(child: &mut Child) {
+pub async fn stop(child: &mut Child) {
     if let Some(pid) = child.id() {
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -117,13 +117,13 @@ async fn stop(child: &mut Child) {
 }
 
 /// A loopback port free right now (bound and released; the child binds it a moment later).
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
 }
 
 /// A `Vm…` line of /proc/PID/status, in MiB.
-fn status_mb(pid: u32, field: &str) -> f64 {
+pub fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
