@@ -534,6 +534,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 7);
+        assert_eq!(n, 8);
     }
 }
