@@ -6,9 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, HOUR, Options, TestApp, assert_status};
+use common::{Client, HOUR, Options, StoreKind, TestApp, assert_status};
 use credential_service::{
     auth::Callers,
+    config::Limits,
     proto::{WatchTokenRequest, WatchTokenResponse},
 };
 use fake_edgetag::Fault;
@@ -244,4 +245,91 @@ accounts = ["acme-*"]
     );
     let stranger = app.client_with_token(Some("not-a-caller"));
     assert_status(watch(&stranger, "acme-eu").await, Code::Unauthenticated, "");
+}
+
+#[tokio::test]
+async fn watchers_past_the_cap_are_refused_and_a_closed_one_frees_its_place() {
+    let app = TestApp::spawn_with(Options {
+        limits: Limits {
+            max_watchers: 2,
+            ..Limits::DEFAULT
+        },
+        ..Options::default()
+    })
+    .await;
+    app.connect("acme").await;
+    let mut first = watch(&app.client, "acme").await.unwrap();
+    next(&mut first).await.unwrap();
+    let mut second = watch(&app.client, "acme").await.unwrap();
+    next(&mut second).await.unwrap();
+    assert_status(
+        watch(&app.client, "acme").await,
+        Code::ResourceExhausted,
+        "--max-watchers",
+    );
+    // GetToken is not a watcher: still served.
+    current(&app, "acme").await;
+
+    drop(first);
+    // The server sees the stream's reset a moment later.
+    let mut again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch(&app.client, "acme").await {
+                Ok(mut stream) => {
+                    next(&mut stream).await.unwrap();
+                    break stream;
+                }
+                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted),
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the closed watcher's place frees up");
+    app.refresh("acme").await.unwrap();
+    let pushed = next(&mut again).await.unwrap();
+    assert_eq!(pushed.access_token, current(&app, "acme").await);
+}
+
+#[tokio::test]
+async fn on_postgresql_a_refresh_on_one_replica_reaches_a_watcher_on_another() {
+    common::STORE
+        .scope(StoreKind::Postgres, async {
+            let one = TestApp::spawn().await;
+            let other = TestApp::start(
+                one.fake.clone(),
+                one.clock.clone(),
+                one.data_dir.clone(), // the same data directory: the same database
+                one.options.clone(),
+            )
+            .await;
+            one.connect("acme").await;
+            // The other replica hears of the new account through the database's notifications.
+            let mut stream = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if let Ok(mut stream) = watch(&other.client, "acme").await
+                        && let Ok(first) = next(&mut stream).await
+                    {
+                        break (stream, first);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the other replica learns of the account");
+            assert_eq!(stream.1.access_token, current(&one, "acme").await);
+
+            for _ in 0..3 {
+                let sent = std::time::Instant::now();
+                one.refresh("acme").await.unwrap();
+                let pushed = next(&mut stream.0).await.unwrap();
+                assert_eq!(pushed.access_token, current(&one, "acme").await);
+                assert!(
+                    sent.elapsed() < Duration::from_secs(1),
+                    "{:?}",
+                    sent.elapsed()
+                );
+            }
+        })
+        .await;
 }

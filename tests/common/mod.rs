@@ -15,7 +15,7 @@ use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
-    config::{CallbackConfig, ServiceConfig, StoreConfig, TlsConfig, Upstream},
+    config::{CallbackConfig, Limits, ServiceConfig, StoreConfig, TlsConfig, Upstream},
     proto::{
         AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
@@ -58,6 +58,8 @@ pub struct Options {
     pub callback: bool,
     /// Serve `/metrics` on a port of its own.
     pub metrics: bool,
+    /// The listener's bounds (calls, watchers, ...).
+    pub limits: Limits,
 }
 
 pub type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
@@ -85,6 +87,7 @@ impl Default for Options {
             revoke_url: None,
             callback: false,
             metrics: false,
+            limits: Limits::DEFAULT,
         }
     }
 }
@@ -434,6 +437,7 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
     config.callers = options.callers.clone();
     config.tls = options.tls.clone();
     config.encryption = options.encryption.clone();
+    config.limits = options.limits;
     if store_kind() == StoreKind::Postgres {
         config.store = StoreConfig::Postgres(Box::new(postgres_config(&config.data_dir)));
     }
