@@ -639,7 +639,14 @@ mod tests {
             access("/credential.v1.CredentialService/WatchToken"),
             Access::Reader
         );
-        for m in ["BeginAuth", "CompleteAuth", "ListAccounts", "RemoveAccount"] {
+        // WatchAccounts shows every account in the caller's globs: operators only.
+        for m in [
+            "BeginAuth",
+            "CompleteAuth",
+            "ListAccounts",
+            "RemoveAccount",
+            "WatchAccounts",
+        ] {
             assert_eq!(
                 access(&format!("/credential.v1.CredentialService/{m}")),
                 Access::Admin
