@@ -65,7 +65,7 @@ impl Caller {
         self.any_account || self.accounts.iter().any(|p| p.matches(account.as_str()))
     }
 
-    fn anonymous() -> Self {
+    pub(crate) fn anonymous() -> Self {
         Self {
             name: "anonymous".into(),
             role: Role::Admin,
