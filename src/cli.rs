@@ -21,10 +21,10 @@ use tonic::{
 
 use crate::codes::code_name;
 use crate::proto::{
-    AccountEvent, AccountEventKind, AccountInfo, AccountStatus, BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest,
-    GetTokenRequest, ListAccountsRequest, RefreshOutcome, RefreshTokenRequest,
-    RemoveAccountRequest, RemoveOutcome, WatchAccountsRequest, WatchTokenRequest,
-    credential_service_client::CredentialServiceClient,
+    AccountEvent, AccountEventKind, AccountInfo, AccountStatus, BeginAuthRequest,
+    CompleteAuthRequest, DescribeAccountRequest, GetTokenRequest, ListAccountsRequest,
+    RefreshOutcome, RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome, WatchAccountsRequest,
+    WatchTokenRequest, credential_service_client::CredentialServiceClient,
 };
 
 /// Exit codes, one per kind of failure, so scripts can tell them apart.

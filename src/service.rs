@@ -545,6 +545,80 @@ fn audited(method: &str, caller: &str, account: &str, status: Status) -> Status 
 mod tests {
     use super::*;
 
+    /// WatchToken and WatchAccounts streams share one cap: a permit is held while a stream is
+    /// open, whichever kind, and returns when it is dropped.
+    #[tokio::test]
+    async fn watch_streams_of_both_kinds_share_the_watcher_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            crate::store::SledStore::open(dir.path(), crate::sealing::Keyring::ephemeral())
+                .unwrap(),
+        );
+        let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
+        let provider = crate::oauth::ProviderClient::new(crate::oauth::ProviderConfig {
+            authorize_url: url("authorize"),
+            token_url: url("token"),
+            revoke_url: url("revoke"),
+            client_id: "client".into(),
+            client_secret: "secret".into(),
+            redirect_uri: url("callback"),
+            scope: "full".into(),
+            request_timeout: Duration::from_secs(1),
+            default_token_lifetime: Duration::from_secs(7200),
+            send_redirect_uri: false,
+        })
+        .unwrap();
+        let broker = Broker::new(
+            store,
+            provider,
+            crate::clock::Clock::manual(),
+            crate::broker::BrokerConfig::default(),
+        )
+        .await
+        .unwrap();
+        let api = CredentialApi::new(broker, 1, CancellationToken::new());
+        fn request<T>(message: T) -> Request<T> {
+            let mut request = Request::new(message);
+            request
+                .extensions_mut()
+                .insert(Arc::new(auth::Caller::anonymous()));
+            request
+        }
+        let token = || {
+            request(WatchTokenRequest {
+                account: "acme".into(),
+                min_validity: None,
+            })
+        };
+        fn code<T>(r: Result<T, Status>) -> Option<Code> {
+            r.err().map(|s| s.code())
+        }
+
+        let events = api.watch_accounts(request(WatchAccountsRequest {})).await;
+        assert!(events.is_ok());
+        assert_eq!(
+            code(api.watch_token(token()).await),
+            Some(Code::ResourceExhausted)
+        );
+        assert_eq!(
+            code(api.watch_accounts(request(WatchAccountsRequest {})).await),
+            Some(Code::ResourceExhausted)
+        );
+        drop(events);
+        let watching = api.watch_token(token()).await;
+        assert!(watching.is_ok());
+        assert_eq!(
+            code(api.watch_accounts(request(WatchAccountsRequest {})).await),
+            Some(Code::ResourceExhausted)
+        );
+        drop(watching);
+        assert!(
+            api.watch_accounts(request(WatchAccountsRequest {}))
+                .await
+                .is_ok()
+        );
+    }
+
     #[test]
     fn min_validity_bounds() {
         assert_eq!(parse_min_validity(None).unwrap(), Duration::ZERO);

@@ -52,7 +52,11 @@ async fn expect(
 }
 
 fn status(event: &AccountEvent) -> AccountStatus {
-    event.info.as_ref().expect("the event carries the state").status()
+    event
+        .info
+        .as_ref()
+        .expect("the event carries the state")
+        .status()
 }
 
 /// Past the scheduler's due time of a fresh two-hour token, short of its refresh margin.
@@ -97,7 +101,9 @@ async fn an_outage_and_back_is_refresh_failing_once_then_recovered_once() {
     let failed = common::events(&mut refreshes, 6).await;
     assert_eq!(failed[0].kind, RefreshEventKind::Refreshed);
     assert!(
-        failed[1..].iter().all(|e| e.kind == RefreshEventKind::Failed),
+        failed[1..]
+            .iter()
+            .all(|e| e.kind == RefreshEventKind::Failed),
         "five failed refreshes: {failed:?}"
     );
 
@@ -125,7 +131,11 @@ async fn invalid_grant_then_a_new_complete_auth_then_removal() {
     let reauth = expect(&mut stream, AccountEventKind::NeedsReauth, "acme").await;
     assert_eq!(status(&reauth), AccountStatus::NeedsReauth);
     // Callers failing on it afterwards change nothing.
-    assert_status(app.get_token("acme").await, Code::FailedPrecondition, "acme");
+    assert_status(
+        app.get_token("acme").await,
+        Code::FailedPrecondition,
+        "acme",
+    );
 
     app.connect("acme").await;
     let connected = expect(&mut stream, AccountEventKind::Connected, "acme").await;
@@ -168,7 +178,10 @@ async fn a_watcher_that_lags_gets_the_latest_state_not_a_backlog() {
     let mut stream = Box::pin(app.broker.watch_accounts(|_| true));
     for account in ["acme", "globex"] {
         let snapshot = stream.next().await.unwrap();
-        assert_eq!((snapshot.kind, snapshot.account.as_str()), (Kind::Snapshot, account));
+        assert_eq!(
+            (snapshot.kind, snapshot.account.as_str()),
+            (Kind::Snapshot, account)
+        );
     }
 
     // Five refreshes of acme, an outage and recovery of globex, while the watcher reads nothing.
@@ -315,7 +328,11 @@ async fn on_postgres_an_event_on_one_replica_reaches_a_watcher_on_another() {
             let refreshed = expect(&mut stream, AccountEventKind::Refreshed, "acme").await;
             assert_eq!(
                 refreshed.info.unwrap().access_token_expires_at,
-                second.describe("acme").await.unwrap().access_token_expires_at
+                second
+                    .describe("acme")
+                    .await
+                    .unwrap()
+                    .access_token_expires_at
             );
             first.fake.push_faults([Fault::InvalidGrant]);
             assert_status(

@@ -264,7 +264,8 @@ fn phase(account: &AccountId, current: &Current, before: Option<Phase>) -> Phase
 
 /// The event between what was reported (`seen`) and `record` in `phase`, if any.
 fn transition(seen: &Seen, record: &AccountRecord, phase: Phase) -> Option<AccountEventKind> {
-    let new_grant = !same_tokens(&seen.record.tokens, &record.tokens) && record.last_refresh.is_none();
+    let new_grant =
+        !same_tokens(&seen.record.tokens, &record.tokens) && record.last_refresh.is_none();
     let new_success = record.last_refresh != seen.record.last_refresh
         && record
             .last_refresh
@@ -303,12 +304,161 @@ fn event(
         failure: match phase {
             Phase::Failing(code) => Some(Failing {
                 code,
-                message: current
-                    .and_then(|c| c.failure.clone())
-                    .map(|f| f.into_error(account).to_string())
-                    .unwrap_or_default(),
+                message: match current.and_then(|c| c.failure.clone()) {
+                    // The cause itself: the token may well be valid still.
+                    Some(RefreshFailure::Upstream(cause)) => cause.to_string(),
+                    Some(failure) => failure.into_error(account).to_string(),
+                    None => String::new(),
+                },
             }),
             _ => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use futures::{FutureExt, StreamExt};
+
+    use super::{AccountEventKind as Kind, *};
+    use crate::{
+        broker::BrokerConfig,
+        clock::Clock,
+        oauth::{ProviderClient, ProviderConfig},
+        sealing::Keyring,
+        store::{Expected, SledStore, Store, contract::record},
+        tokens::LastRefresh,
+    };
+
+    fn provider() -> ProviderClient {
+        let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
+        ProviderClient::new(ProviderConfig {
+            authorize_url: url("authorize"),
+            token_url: url("token"),
+            revoke_url: url("revoke"),
+            client_id: "client".into(),
+            client_secret: "secret".into(),
+            redirect_uri: url("callback"),
+            scope: "full".into(),
+            request_timeout: Duration::from_secs(1),
+            default_token_lifetime: Duration::from_secs(7200),
+            send_redirect_uri: false,
+        })
+        .unwrap()
+    }
+
+    fn active(access: &str, refreshed_at: u64) -> AccountRecord {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(refreshed_at);
+        let mut r = record(access, Some("rt"));
+        r.status = AccountStatus::Active;
+        r.tokens = Arc::new(TokenSet {
+            expires_at: at + Duration::from_secs(7200),
+            ..(*r.tokens).clone()
+        });
+        r.last_refresh = Some(LastRefresh {
+            at,
+            outcome: RefreshOutcome::Succeeded,
+        });
+        r
+    }
+
+    /// Far more changes than the backlog holds while the watcher reads nothing: it compares every
+    /// account instead, and reports each one's latest state once (a removal included).
+    #[tokio::test]
+    async fn a_watcher_beyond_the_backlog_gets_each_accounts_latest_state_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(dir.path(), Keyring::ephemeral()).unwrap());
+        let acme = AccountId::parse("acme").unwrap();
+        let globex = AccountId::parse("globex").unwrap();
+        for account in [&acme, &globex] {
+            store
+                .put_account(account, &active("at-0", 0), Expected::Absent)
+                .await
+                .unwrap();
+        }
+        let broker = Broker::new(
+            store.clone(),
+            provider(),
+            Clock::manual(),
+            BrokerConfig::default(),
+        )
+        .await
+        .unwrap();
+        let mut events = Box::pin(broker.watch_accounts(|_| true));
+        for account in [&acme, &globex] {
+            let snapshot = events.next().await.unwrap();
+            assert_eq!(
+                (snapshot.kind, &snapshot.account),
+                (Kind::Snapshot, account)
+            );
+        }
+
+        let slot = broker.slot(&acme).unwrap();
+        let changes = u64::try_from(BACKLOG).unwrap() + 100;
+        for i in 1..=changes {
+            let record = Arc::new(active(&format!("at-{i}"), i));
+            broker.inner.publish(&slot, record, i + 10);
+        }
+        let version = broker
+            .slot(&globex)
+            .unwrap()
+            .version
+            .load(Ordering::Acquire);
+        store.delete_account(&globex, version).await.unwrap();
+        broker.reload(&globex).await.unwrap();
+
+        let refreshed = events.next().await.unwrap();
+        assert_eq!(
+            (refreshed.kind, &refreshed.account),
+            (Kind::Refreshed, &acme)
+        );
+        assert_eq!(
+            refreshed.record.unwrap().tokens.expires_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(changes + 7200),
+            "the latest state"
+        );
+        let removed = events.next().await.unwrap();
+        assert_eq!((removed.kind, &removed.account), (Kind::Removed, &globex));
+        assert!(events.next().now_or_never().is_none(), "and nothing else");
+    }
+
+    #[test]
+    fn a_failing_retry_is_no_news_and_a_new_cause_is() {
+        let acme = AccountId::parse("acme").unwrap();
+        let mut failing = active("at-1", 10);
+        failing.last_refresh = Some(LastRefresh {
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(20),
+            outcome: RefreshOutcome::Failed,
+        });
+        let current = |failure| Current {
+            record: Arc::new(failing.clone()),
+            failure: Some(failure),
+            refreshing: false,
+        };
+        let down = current(RefreshFailure::Upstream(
+            crate::oauth::UpstreamError::Unreachable("connection refused"),
+        ));
+        let seen = Seen {
+            record: Arc::new(failing.clone()),
+            phase: phase(&acme, &down, None),
+        };
+        assert_eq!(seen.phase, Phase::Failing(Code::Unavailable));
+        assert_eq!(transition(&seen, &down.record, seen.phase), None);
+        let rejected = current(RefreshFailure::ClientRejected);
+        let now = phase(&acme, &rejected, Some(seen.phase));
+        assert_eq!(now, Phase::Failing(Code::Internal));
+        assert_eq!(
+            transition(&seen, &rejected.record, now),
+            Some(Kind::RefreshFailing)
+        );
+        // Read between a success clearing the cause and its record being published: no change.
+        let unknown = Current {
+            failure: None,
+            ..current(RefreshFailure::ClientRejected)
+        };
+        assert_eq!(phase(&acme, &unknown, Some(seen.phase)), seen.phase);
     }
 }
