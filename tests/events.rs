@@ -147,7 +147,7 @@ async fn invalid_grant_then_a_new_complete_auth_then_removal() {
     app.fake.revoke_all_refresh_tokens();
     app.clock.advance(DUE);
     assert_eq!(app.broker.refresh_due().await, 2);
-    let mut reauths = vec![
+    let mut reauths = [
         next(&mut stream).await.unwrap(),
         next(&mut stream).await.unwrap(),
     ];
@@ -197,7 +197,7 @@ async fn a_watcher_that_lags_gets_the_latest_state_not_a_backlog() {
     // One event per account, each with its latest state.
     let acme = AccountId::parse("acme").unwrap();
     let globex = AccountId::parse("globex").unwrap();
-    let mut got = vec![stream.next().await.unwrap(), stream.next().await.unwrap()];
+    let mut got = [stream.next().await.unwrap(), stream.next().await.unwrap()];
     got.sort_by(|a, b| a.account.cmp(&b.account));
     assert_eq!((got[0].kind, &got[0].account), (Kind::Refreshed, &acme));
     assert_eq!((got[1].kind, &got[1].account), (Kind::Refreshed, &globex));
