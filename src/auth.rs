@@ -65,7 +65,7 @@ impl Caller {
         self.any_account || self.accounts.iter().any(|p| p.matches(account.as_str()))
     }
 
-    fn anonymous() -> Self {
+    pub(crate) fn anonymous() -> Self {
         Self {
             name: "anonymous".into(),
             role: Role::Admin,
@@ -639,7 +639,14 @@ mod tests {
             access("/credential.v1.CredentialService/WatchToken"),
             Access::Reader
         );
-        for m in ["BeginAuth", "CompleteAuth", "ListAccounts", "RemoveAccount"] {
+        // WatchAccounts shows every account in the caller's globs: operators only.
+        for m in [
+            "BeginAuth",
+            "CompleteAuth",
+            "ListAccounts",
+            "RemoveAccount",
+            "WatchAccounts",
+        ] {
             assert_eq!(
                 access(&format!("/credential.v1.CredentialService/{m}")),
                 Access::Admin

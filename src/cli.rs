@@ -21,10 +21,10 @@ use tonic::{
 
 use crate::codes::code_name;
 use crate::proto::{
-    AccountInfo, AccountStatus, BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest,
-    GetTokenRequest, ListAccountsRequest, RefreshOutcome, RefreshTokenRequest,
-    RemoveAccountRequest, RemoveOutcome, WatchTokenRequest,
-    credential_service_client::CredentialServiceClient,
+    AccountEvent, AccountEventKind, AccountInfo, AccountStatus, BeginAuthRequest,
+    CompleteAuthRequest, DescribeAccountRequest, GetTokenRequest, ListAccountsRequest,
+    RefreshOutcome, RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome, WatchAccountsRequest,
+    WatchTokenRequest, credential_service_client::CredentialServiceClient,
 };
 
 /// Exit codes, one per kind of failure, so scripts can tell them apart.
@@ -136,6 +136,10 @@ pub enum Command {
     },
     /// Refresh the account's access token now.
     Refresh { account: String },
+    /// Follow the accounts you may see: one line per account first (its current state), then one
+    /// line per transition (connected, refreshed, refresh_failing, recovered, needs_reauth,
+    /// removed), until the stream ends or Ctrl-C. With --json, one JSON object per line.
+    Events,
 }
 
 /// Why a command failed; each maps to one exit code.
@@ -471,6 +475,20 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
                 writeln!(out, "{sentence}")?;
             }
         }
+        Command::Events => {
+            let mut stream = client
+                .watch_accounts(WatchAccountsRequest {})
+                .await?
+                .into_inner();
+            while let Some(event) = stream.message().await? {
+                if json {
+                    writeln!(out, "{}", event_json(&event))?;
+                } else {
+                    writeln!(out, "{}", event_line(&event))?;
+                }
+                out.flush()?; // one line per event, as it comes
+            }
+        }
         Command::Refresh { account } => {
             let r = client
                 .refresh_token(RefreshTokenRequest {
@@ -621,6 +639,55 @@ fn outcome_name(outcome: RefreshOutcome) -> Option<&'static str> {
         RefreshOutcome::Succeeded => Some("succeeded"),
         RefreshOutcome::Failed => Some("failed"),
     }
+}
+
+fn event_kind_name(kind: AccountEventKind) -> &'static str {
+    match kind {
+        AccountEventKind::Snapshot => "snapshot",
+        AccountEventKind::Connected => "connected",
+        AccountEventKind::Refreshed => "refreshed",
+        AccountEventKind::RefreshFailing => "refresh_failing",
+        AccountEventKind::Recovered => "recovered",
+        AccountEventKind::NeedsReauth => "needs_reauth",
+        AccountEventKind::Removed => "removed",
+        AccountEventKind::Unspecified => "unspecified",
+    }
+}
+
+/// One JSON line: the kind, the account, its state (`info`, null once removed) and, while
+/// refreshing fails, the code and message GetToken would answer with.
+fn event_json(event: &AccountEvent) -> Value {
+    let failure = (event.failure_code != 0).then(|| {
+        json!({
+            "code": code_name(Code::from(event.failure_code)),
+            "message": event.failure_message,
+        })
+    });
+    json!({
+        "event": event_kind_name(event.kind()),
+        "account": event.account,
+        "info": event.info.as_ref().map(info_json),
+        "failure": failure,
+    })
+}
+
+/// One line for people: `KIND ACCOUNT status=... expires=...` and the failure, if any.
+fn event_line(event: &AccountEvent) -> String {
+    let mut line = format!("{} {}", event_kind_name(event.kind()), event.account);
+    if let Some(info) = &event.info {
+        line.push_str(&format!(" status={}", status_name(info.status())));
+        if let Some(at) = info.access_token_expires_at {
+            line.push_str(&format!(" expires={}", format_time(at)));
+        }
+    }
+    if event.failure_code != 0 {
+        line.push_str(&format!(
+            " failure={}: {}",
+            code_name(Code::from(event.failure_code)),
+            event.failure_message
+        ));
+    }
+    line
 }
 
 fn info_json(info: &AccountInfo) -> Value {

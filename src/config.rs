@@ -211,7 +211,8 @@ pub struct LimitSettings {
     #[arg(long, env = "CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES", default_value_t = Limits::DEFAULT.max_health_watches)]
     pub max_health_watches: usize,
 
-    /// Most WatchToken streams open at once; one more is refused with RESOURCE_EXHAUSTED.
+    /// Most WatchToken and WatchAccounts streams open at once, together; one more is refused
+    /// with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CREDENTIAL_SERVICE_MAX_WATCHERS", default_value_t = Limits::DEFAULT.max_watchers)]
     pub max_watchers: usize,
 

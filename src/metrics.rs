@@ -59,6 +59,11 @@ const METHODS: &[(&str, &str, &str)] = &[
         "WatchToken",
     ),
     (
+        "/credential.v1.CredentialService/WatchAccounts",
+        "credential.v1.CredentialService",
+        "WatchAccounts",
+    ),
+    (
         "/credential.v1.CredentialService/ListAccounts",
         "credential.v1.CredentialService",
         "ListAccounts",
@@ -534,6 +539,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 8);
+        assert_eq!(n, 9);
     }
 }

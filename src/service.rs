@@ -16,15 +16,15 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use crate::{
     account::AccountId,
     audit, auth,
-    broker::{Broker, Removal},
+    broker::{self, Broker, Removal},
     clock::to_timestamp,
     error::Error,
     proto::{
         self, AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
         ListAccountsRequest, ListAccountsResponse, RefreshTokenRequest, RefreshTokenResponse,
-        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome, WatchTokenRequest,
-        WatchTokenResponse, credential_service_server::CredentialService,
+        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome, WatchAccountsRequest,
+        WatchTokenRequest, WatchTokenResponse, credential_service_server::CredentialService,
     },
     tokens::{AccountRecord, AccountStatus, RefreshOutcome, TokenSet},
 };
@@ -46,7 +46,7 @@ pub struct CredentialApi {
 }
 
 impl CredentialApi {
-    /// `max_watchers` bounds the WatchToken streams open at once; `shutdown` ends them all, so
+    /// `max_watchers` bounds the WatchToken and WatchAccounts streams open at once, together; `shutdown` ends them all, so
     /// that draining does not wait for streams that never end on their own.
     pub fn new(broker: Broker, max_watchers: usize, shutdown: CancellationToken) -> Self {
         Self {
@@ -57,8 +57,9 @@ impl CredentialApi {
     }
 }
 
-/// Audits a WatchToken stream's end when it is dropped, however it ends.
+/// Audits a WatchToken or WatchAccounts stream's end when it is dropped, however it ends.
 struct WatchEnd {
+    method: &'static str,
     caller: String,
     account: String,
     outcome: Code,
@@ -72,7 +73,7 @@ impl WatchEnd {
 
 impl Drop for WatchEnd {
     fn drop(&mut self) {
-        audit::record("WatchToken.end", &self.caller, &self.account, self.outcome);
+        audit::record(self.method, &self.caller, &self.account, self.outcome);
     }
 }
 
@@ -84,6 +85,38 @@ fn token_message(tokens: &TokenSet) -> WatchTokenResponse {
         access_token: tokens.access_token.expose_secret().to_owned(),
         token_type: tokens.token_type.clone(),
         expires_at: Some(to_timestamp(tokens.expires_at)),
+    }
+}
+
+/// The stream a WatchAccounts call answers with.
+pub type AccountEventStream =
+    Pin<Box<dyn Stream<Item = Result<proto::AccountEvent, Status>> + Send>>;
+
+/// What operators see of an account event; never a token.
+pub fn account_event(event: &broker::AccountEvent) -> proto::AccountEvent {
+    use broker::AccountEventKind as K;
+    let kind = match event.kind {
+        K::Snapshot => proto::AccountEventKind::Snapshot,
+        K::Connected => proto::AccountEventKind::Connected,
+        K::Refreshed => proto::AccountEventKind::Refreshed,
+        K::RefreshFailing => proto::AccountEventKind::RefreshFailing,
+        K::Recovered => proto::AccountEventKind::Recovered,
+        K::NeedsReauth => proto::AccountEventKind::NeedsReauth,
+        K::Removed => proto::AccountEventKind::Removed,
+    };
+    let (failure_code, failure_message) = match &event.failure {
+        Some(f) => (f.code as i32, f.message.clone()),
+        None => (0, String::new()),
+    };
+    proto::AccountEvent {
+        account: event.account.to_string(),
+        kind: kind.into(),
+        info: event
+            .record
+            .as_ref()
+            .map(|record| account_info(&event.account, record, event.refreshing)),
+        failure_code,
+        failure_message,
     }
 }
 
@@ -307,6 +340,7 @@ impl CredentialService for CredentialApi {
                 .map_err(Status::from)
         });
         let mut end = WatchEnd {
+            method: "WatchToken.end",
             caller: caller.name().to_owned(),
             account: name,
             outcome: Code::Cancelled, // the caller went away
@@ -327,6 +361,52 @@ impl CredentialService for CredentialApi {
                 *ended = item.is_err();
                 futures::future::ready(Some(item))
             })
+            .map(move |item| {
+                if let Err(status) = &item {
+                    end.ended(status.code());
+                }
+                let _held = &permit;
+                item
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type WatchAccountsStream = AccountEventStream;
+
+    /// Needs the admin role (checked by the auth layer); sees only the caller's globs, like
+    /// ListAccounts.
+    #[tracing::instrument(name = "WatchAccounts", skip_all)]
+    async fn watch_accounts(
+        &self,
+        request: Request<WatchAccountsRequest>,
+    ) -> Result<Response<AccountEventStream>, Status> {
+        let caller = auth::caller(request.extensions())?.clone();
+        let started = match self.watchers.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => Err(Status::resource_exhausted(
+                "too many watch streams open (--max-watchers); use ListAccounts, or retry later",
+            )),
+        };
+        audit::record("WatchAccounts", caller.name(), "", audit::outcome(&started));
+        let permit = started?;
+        let mut end = WatchEnd {
+            method: "WatchAccounts.end",
+            caller: caller.name().to_owned(),
+            account: String::new(),
+            outcome: Code::Cancelled, // the caller went away
+        };
+        let events = self
+            .broker
+            .watch_accounts(move |account| caller.may_use(account))
+            .map(|event| Ok(account_event(&event)));
+        let stream = events
+            .take_until(self.shutdown.clone().cancelled_owned())
+            // The events never end on their own: only shutdown ends the stream.
+            .chain(futures::stream::once(async move {
+                Err(Status::unavailable(
+                    "the server is shutting down; reconnect to another replica or retry",
+                ))
+            }))
             .map(move |item| {
                 if let Err(status) = &item {
                     end.ended(status.code());
@@ -464,6 +544,80 @@ fn audited(method: &str, caller: &str, account: &str, status: Status) -> Status 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// WatchToken and WatchAccounts streams share one cap: a permit is held while a stream is
+    /// open, whichever kind, and returns when it is dropped.
+    #[tokio::test]
+    async fn watch_streams_of_both_kinds_share_the_watcher_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            crate::store::SledStore::open(dir.path(), crate::sealing::Keyring::ephemeral())
+                .unwrap(),
+        );
+        let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
+        let provider = crate::oauth::ProviderClient::new(crate::oauth::ProviderConfig {
+            authorize_url: url("authorize"),
+            token_url: url("token"),
+            revoke_url: url("revoke"),
+            client_id: "client".into(),
+            client_secret: "secret".into(),
+            redirect_uri: url("callback"),
+            scope: "full".into(),
+            request_timeout: Duration::from_secs(1),
+            default_token_lifetime: Duration::from_secs(7200),
+            send_redirect_uri: false,
+        })
+        .unwrap();
+        let broker = Broker::new(
+            store,
+            provider,
+            crate::clock::Clock::manual(),
+            crate::broker::BrokerConfig::default(),
+        )
+        .await
+        .unwrap();
+        let api = CredentialApi::new(broker, 1, CancellationToken::new());
+        fn request<T>(message: T) -> Request<T> {
+            let mut request = Request::new(message);
+            request
+                .extensions_mut()
+                .insert(Arc::new(auth::Caller::anonymous()));
+            request
+        }
+        let token = || {
+            request(WatchTokenRequest {
+                account: "acme".into(),
+                min_validity: None,
+            })
+        };
+        fn code<T>(r: Result<T, Status>) -> Option<Code> {
+            r.err().map(|s| s.code())
+        }
+
+        let events = api.watch_accounts(request(WatchAccountsRequest {})).await;
+        assert!(events.is_ok());
+        assert_eq!(
+            code(api.watch_token(token()).await),
+            Some(Code::ResourceExhausted)
+        );
+        assert_eq!(
+            code(api.watch_accounts(request(WatchAccountsRequest {})).await),
+            Some(Code::ResourceExhausted)
+        );
+        drop(events);
+        let watching = api.watch_token(token()).await;
+        assert!(watching.is_ok());
+        assert_eq!(
+            code(api.watch_accounts(request(WatchAccountsRequest {})).await),
+            Some(Code::ResourceExhausted)
+        );
+        drop(watching);
+        assert!(
+            api.watch_accounts(request(WatchAccountsRequest {}))
+                .await
+                .is_ok()
+        );
+    }
 
     #[test]
     fn min_validity_bounds() {

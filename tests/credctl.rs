@@ -264,3 +264,85 @@ async fn watch_prints_one_line_per_pushed_token_and_the_token_only_when_asked() 
     );
     assert!(stderr(&ended).contains("acme"), "{}", stderr(&ended));
 }
+
+#[tokio::test]
+async fn events_prints_one_line_per_account_event_and_json_lines_with_json() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let app = TestApp::spawn().await;
+    app.connect("acme").await;
+    let spawn = |args: &[&str]| {
+        Command::new(CREDCTL)
+            .env_clear()
+            .env("CREDCTL_SERVER", format!("http://{}", app.addr))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut human = spawn(&["events"]);
+    let mut json = spawn(&["--json", "events"]);
+    let mut human_lines = BufReader::new(human.stdout.take().unwrap()).lines();
+    let mut json_lines = BufReader::new(json.stdout.take().unwrap()).lines();
+    let line = async |lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>| {
+        tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a line within 10 s")
+            .unwrap()
+            .expect("a line, not the end")
+    };
+    let expires = |info: credential_service::proto::AccountInfo| {
+        humantime::format_rfc3339_seconds(
+            std::time::SystemTime::try_from(info.access_token_expires_at.unwrap()).unwrap(),
+        )
+        .to_string()
+    };
+
+    let first = expires(app.describe("acme").await.unwrap());
+    assert_eq!(
+        line(&mut human_lines).await,
+        format!("snapshot acme status=active expires={first}")
+    );
+    let snapshot: Value = serde_json::from_str(&line(&mut json_lines).await).unwrap();
+    assert_eq!(snapshot["event"], "snapshot");
+    assert_eq!(snapshot["info"]["access_token_expires_at"], first.as_str());
+
+    // A failing refresh comes with the code callers will get; the token never appears.
+    app.fake
+        .set_persistent_fault(Some(fake_edgetag::Fault::ServiceUnavailable));
+    assert!(app.refresh("acme").await.is_err());
+    let failing = line(&mut human_lines).await;
+    assert!(
+        failing.starts_with("refresh_failing acme status=refreshing_failed")
+            && failing.contains("failure=UNAVAILABLE: ")
+            && failing.contains("503"),
+        "{failing}"
+    );
+    let failing: Value = serde_json::from_str(&line(&mut json_lines).await).unwrap();
+    assert_eq!(failing["event"], "refresh_failing");
+    assert_eq!(failing["failure"]["code"], "UNAVAILABLE");
+    app.fake.set_persistent_fault(None);
+    app.refresh("acme").await.unwrap();
+    let token = app.get_token("acme").await.unwrap().access_token;
+    let recovered = line(&mut human_lines).await;
+    assert!(
+        recovered.starts_with("recovered acme status=active"),
+        "{recovered}"
+    );
+    let recovered_json = line(&mut json_lines).await;
+    assert!(!recovered.contains(&token) && !recovered_json.contains(&token));
+    let recovered: Value = serde_json::from_str(&recovered_json).unwrap();
+    assert_eq!(
+        (&recovered["event"], &recovered["failure"]),
+        (&"recovered".into(), &Value::Null)
+    );
+
+    app.remove("acme", true).await.unwrap();
+    assert_eq!(line(&mut human_lines).await, "removed acme");
+    let removed: Value = serde_json::from_str(&line(&mut json_lines).await).unwrap();
+    assert_eq!(
+        (&removed["event"], &removed["info"]),
+        (&"removed".into(), &Value::Null)
+    );
+}

@@ -60,6 +60,7 @@ async fn the_readme_grpcurl_session_works_as_written() {
         "credential.v1.CredentialService/BeginAuth",
         "credential.v1.CredentialService/GetToken",
         "credential.v1.CredentialService/WatchToken",
+        "credential.v1.CredentialService/WatchAccounts",
     ] {
         assert!(
             session.contains(needed),
@@ -133,5 +134,16 @@ async fn the_readme_grpcurl_session_works_as_written() {
     // own deadline ended it.
     assert_eq!(stdout.matches("\"accessToken\"").count(), 3, "{stdout}");
     assert!(stderr.contains("DeadlineExceeded"), "{stderr}");
+    // The events stream began with the snapshot of acme, and stayed open like the watch.
+    let snapshot = stdout
+        .split("\n}\n")
+        .find(|m| m.contains("\"kind\": \"ACCOUNT_EVENT_KIND_SNAPSHOT\""))
+        .unwrap_or_else(|| panic!("no snapshot event in\n{stdout}"));
+    assert!(snapshot.contains("\"account\": \"acme\""), "{snapshot}");
+    assert!(
+        snapshot.contains("\"status\": \"ACCOUNT_STATUS_ACTIVE\""),
+        "{snapshot}"
+    );
+    assert_eq!(stderr.matches("DeadlineExceeded").count(), 2, "{stderr}");
     server.kill().await.unwrap();
 }

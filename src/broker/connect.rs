@@ -129,7 +129,9 @@ impl Broker {
                 {
                     Ok(version) => match inner.accounts.entry(pending.account.clone()) {
                         dashmap::Entry::Vacant(vacant) => {
-                            vacant.insert(inner.new_slot((*record).clone(), version));
+                            let slot = inner.new_slot(&pending.account, (*record).clone(), version);
+                            vacant.insert(slot.clone());
+                            slot.touch(); // a new account, for WatchAccounts
                             Ok(())
                         }
                         // Only a reload can have created it meanwhile; replace it under its lock.

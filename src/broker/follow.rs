@@ -65,10 +65,12 @@ impl Broker {
         match (slot, stored) {
             (None, None) => {}
             (None, Some(v)) => {
-                inner
+                let slot = inner
                     .accounts
                     .entry(account.clone())
-                    .or_insert_with(|| inner.new_slot(v.record, v.version));
+                    .or_insert_with(|| inner.new_slot(account, v.record, v.version))
+                    .clone();
+                slot.touch(); // a new account, for WatchAccounts
             }
             (Some(slot), stored) => {
                 let _write = slot.write.lock().await;

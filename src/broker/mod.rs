@@ -25,10 +25,12 @@
 //! - [`slot`]: one account in memory, its locks and their order;
 //! - [`policy`]: due times, margins, freshness, back-off and jitter, as pure functions;
 //! - [`scheduler`](self::scheduler): background refreshes, most urgent first;
-//! - [`follow`](self::follow): reloading what other processes changed in a shared store.
+//! - [`follow`](self::follow): reloading what other processes changed in a shared store;
+//! - [`events`](self::events): WatchAccounts, each account's transitions for operators.
 
 mod admin;
 mod connect;
+mod events;
 mod follow;
 mod get;
 pub mod policy;
@@ -52,7 +54,11 @@ use crate::{
     store::StoreError,
 };
 
-pub use self::{admin::Removal, refresh::RefreshFailure};
+pub use self::{
+    admin::Removal,
+    events::{AccountEvent, AccountEventKind, Failing},
+    refresh::RefreshFailure,
+};
 
 /// Timing and limits of the broker.
 #[derive(Debug, Clone)]
@@ -171,6 +177,9 @@ struct Inner {
     /// Wakes the scheduler before its next tick (after EdgeTag recovered, say).
     wake_scheduler: Notify,
     events: broadcast::Sender<RefreshEvent>,
+    /// Names of accounts that changed, for WatchAccounts (see [`events`]); bounded: a watcher
+    /// that lags looks at every account again.
+    account_changes: broadcast::Sender<AccountId>,
     /// Every refresh task, so shutdown can wait for their writes.
     refreshes: tokio_util::task::TaskTracker,
     /// Whether the margin cap (half the lifetime) has been logged; once is enough.
@@ -199,12 +208,13 @@ impl Broker {
             background: Arc::new(Semaphore::new(cap)),
             wake_scheduler: Notify::new(),
             events: broadcast::channel(16 * 1024).0,
+            account_changes: broadcast::channel(events::BACKLOG).0,
             refreshes: tokio_util::task::TaskTracker::new(),
             margin_cap_logged: AtomicBool::new(false),
             transient_backoffs: AtomicBool::new(false),
         });
         for (id, stored) in inner.store.load_accounts().await? {
-            let slot = inner.new_slot(stored.record, stored.version);
+            let slot = inner.new_slot(&id, stored.record, stored.version);
             inner.accounts.insert(id, slot);
         }
         Ok(Self { inner })

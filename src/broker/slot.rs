@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 
 use super::{Inner, RefreshFailure, policy, refresh::SharedRefresh};
 use crate::{
+    account::AccountId,
     clock::to_unix_ms,
     store::{Expected, Version},
     tokens::{AccountRecord, AccountStatus, TokenSet},
@@ -48,12 +49,19 @@ pub(super) struct Slot {
     /// Touched when the account changes for watchers (a new record, a failed refresh, removal):
     /// carries no value, so watchers that lag look once at the newest state.
     pub(super) changed: tokio::sync::watch::Sender<()>,
+    /// The account's name, announced to WatchAccounts watchers on each change.
+    account: AccountId,
+    /// Names of changed accounts for WatchAccounts watchers (see [`super::events`]).
+    announce: tokio::sync::broadcast::Sender<AccountId>,
 }
 
 impl Slot {
-    /// Tells the account's watchers to look again; never waits for them.
+    /// Tells the account's watchers (WatchToken and WatchAccounts) to look again; never waits for
+    /// them.
     pub(super) fn touch(&self) {
         self.changed.send_replace(());
+        // No receiver is not an error: nobody watches accounts now.
+        let _ = self.announce.send(self.account.clone());
     }
 }
 
@@ -125,7 +133,12 @@ impl Slot {
 }
 
 impl Inner {
-    pub(super) fn new_slot(&self, record: AccountRecord, version: Version) -> Arc<Slot> {
+    pub(super) fn new_slot(
+        &self,
+        account: &AccountId,
+        record: AccountRecord,
+        version: Version,
+    ) -> Arc<Slot> {
         let due = self.due_ms(&record);
         Arc::new(Slot {
             record: ArcSwap::from_pointee(record),
@@ -137,6 +150,8 @@ impl Inner {
             write: tokio::sync::Mutex::new(()),
             removed: AtomicBool::new(false),
             changed: tokio::sync::watch::Sender::new(()),
+            account: account.clone(),
+            announce: self.account_changes.clone(),
         })
     }
 

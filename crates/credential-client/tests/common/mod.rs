@@ -397,4 +397,14 @@ impl CredentialService for Legacy {
     ) -> Result<Response<proto::RefreshTokenResponse>, Status> {
         unimplemented()
     }
+
+    type WatchAccountsStream =
+        Pin<Box<dyn Stream<Item = Result<proto::AccountEvent, Status>> + Send + 'static>>;
+
+    async fn watch_accounts(
+        &self,
+        _: Request<proto::WatchAccountsRequest>,
+    ) -> Result<Response<Self::WatchAccountsStream>, Status> {
+        unimplemented()
+    }
 }
