@@ -17,7 +17,6 @@ use credential_service::{
 };
 use fake_edgetag::Fault;
 use futures::{FutureExt, StreamExt};
-use sha2::{Digest, Sha256};
 use tonic::{Code, Status, Streaming};
 
 async fn watch(client: &Client) -> Result<Streaming<AccountEvent>, Status> {
@@ -224,37 +223,14 @@ const OPS: &str = "events-ops-token";
 const READER: &str = "events-reader-token";
 
 fn callers(dir: &tempfile::TempDir) -> Callers {
-    let hash = |t: &str| hex::encode(Sha256::digest(t.as_bytes()));
-    let path = dir.path().join("callers.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[[caller]]
-name = "root"
-token_sha256 = "{}"
-role = "admin"
-accounts = ["*"]
-
-[[caller]]
-name = "ops"
-token_sha256 = "{}"
-role = "admin"
-accounts = ["acme-*"]
-
-[[caller]]
-name = "billing"
-token_sha256 = "{}"
-role = "reader"
-accounts = ["*"]
-"#,
-            hash(ROOT),
-            hash(OPS),
-            hash(READER)
-        ),
+    common::callers_file(
+        dir.path(),
+        &[
+            ("root", ROOT, "admin", "*"),
+            ("ops", OPS, "admin", "acme-*"),
+            ("billing", READER, "reader", "*"),
+        ],
     )
-    .unwrap();
-    Callers::load(&path).unwrap()
 }
 
 #[tokio::test]

@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use common::{Client, HOUR, Options, StoreKind, TestApp, assert_status};
 use credential_service::{
-    auth::Callers,
     config::Limits,
     proto::{WatchTokenRequest, WatchTokenResponse},
 };
 use fake_edgetag::Fault;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
-use sha2::{Digest, Sha256};
 use tonic::{Code, Status, Streaming};
 
 async fn watch(client: &Client, account: &str) -> Result<Streaming<WatchTokenResponse>, Status> {
@@ -200,32 +198,16 @@ async fn shutdown_ends_every_stream_at_once_with_unavailable() {
 async fn readers_watch_only_the_accounts_their_globs_allow() {
     const ADMIN: &str = "watch-admin-token";
     const READER: &str = "watch-reader-token";
-    let hash = |t: &str| hex::encode(Sha256::digest(t.as_bytes()));
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("callers.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[[caller]]
-name = "ops"
-token_sha256 = "{}"
-role = "admin"
-accounts = ["*"]
-
-[[caller]]
-name = "billing"
-token_sha256 = "{}"
-role = "reader"
-accounts = ["acme-*"]
-"#,
-            hash(ADMIN),
-            hash(READER)
-        ),
-    )
-    .unwrap();
+    let callers = common::callers_file(
+        dir.path(),
+        &[
+            ("ops", ADMIN, "admin", "*"),
+            ("billing", READER, "reader", "acme-*"),
+        ],
+    );
     let app = TestApp::spawn_with(Options {
-        callers: Callers::load(&path).unwrap(),
+        callers,
         token: Some(ADMIN.into()),
         ..Default::default()
     })

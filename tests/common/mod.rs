@@ -609,3 +609,22 @@ macro_rules! on_both_stores {
 }
 #[allow(unused_imports)]
 pub(crate) use on_both_stores;
+
+/// A callers file in `dir` with one entry per `(name, bearer token, role, account glob)`, loaded.
+/// The file holds only each token's SHA-256, as in production.
+#[allow(dead_code)] // not every test binary uses it
+pub fn callers_file(dir: &Path, entries: &[(&str, &str, &str, &str)]) -> Callers {
+    use sha2::Digest;
+    let toml: String = entries
+        .iter()
+        .map(|(name, token, role, glob)| {
+            let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+            format!(
+                "[[caller]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\nrole = \"{role}\"\naccounts = [\"{glob}\"]\n\n"
+            )
+        })
+        .collect();
+    let path = dir.join("callers.toml");
+    std::fs::write(&path, toml).unwrap();
+    Callers::load(&path).unwrap()
+}
