@@ -47,24 +47,41 @@ impl fmt::Debug for SledStore {
     }
 }
 
+/// How long opening waits for the data directory's lock. A handle that was just dropped (a
+/// restart in the same process, `rotate-keys` right after a stop) lets go of the lock a moment
+/// later, once sled's own background thread has ended; another running process keeps it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens sled in `dir`, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(ref io)) if io.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(StoreError::Locked(dir.to_owned()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(other) => return Err(StoreError::Sled(other)),
+        }
+    }
+}
+
 impl SledStore {
     /// Opens (or creates, mode 0700, files 0600) the database in `dir`, sealing and opening
-    /// records with `keys`. Fails fast when another process holds it.
+    /// records with `keys`. Fails within [`LOCK_WAIT`] when another process holds it.
     pub fn open(dir: &Path, keys: Keyring) -> Result<Self, StoreError> {
         create_private_dir(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
         })?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(dir.to_owned())
-                }
-                other => StoreError::Sled(other),
-            })?;
+        let db = open_db(dir)?;
         private_files(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
