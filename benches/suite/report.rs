@@ -385,12 +385,12 @@ pub fn soak(s: &Soak) -> String {
     type Shower = Box<dyn Fn(f64) -> String>;
     let measures: Vec<(&str, Getter, Shower)> = vec![
         (
-            "resident memory (VmRSS, whole bench process)",
+            "resident memory of the service process (VmRSS)",
             Box::new(|x: &Sample| x.rss_kib as f64 * 1024.0),
             Box::new(mib),
         ),
         (
-            "open file descriptors (/proc/self/fd)",
+            "open file descriptors of the service process (/proc/PID/fd)",
             Box::new(|x: &Sample| x.fds as f64),
             Box::new(|v| format!("{v:.0}")),
         ),

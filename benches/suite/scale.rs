@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use credential_service::config::Upstream;
+use secrecy::ExposeSecret;
 use tokio::process::{Child, Command};
 
 use crate::{
@@ -33,7 +35,16 @@ pub struct Scale {
 /// The binary's command line: everything it needs, pointing EdgeTag at a closed loopback port
 /// (tokens are fresh, so it never calls). New required settings go here.
 pub fn command(addr: SocketAddr, data_dir: &Path, log: std::fs::File) -> Command {
-    let dead = |path: &str| format!("http://127.0.0.1:9{path}");
+    command_with(addr, data_dir, &fixture::unreachable_upstream(), log)
+}
+
+/// [`command`] against `upstream` (a fake EdgeTag, for sections that refresh).
+pub fn command_with(
+    addr: SocketAddr,
+    data_dir: &Path,
+    upstream: &Upstream,
+    log: std::fs::File,
+) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(["--listen", &addr.to_string()])
         .args(["--data-dir", data_dir.to_str().expect("a UTF-8 path")])
@@ -41,13 +52,16 @@ pub fn command(addr: SocketAddr, data_dir: &Path, log: std::fs::File) -> Command
             "--encryption-key-file",
             fixture::key_file(data_dir).to_str().expect("a UTF-8 path"),
         ])
-        .args(["--client-id", "bench-client"])
-        .args(["--redirect-uri", "https://x.example/cb"])
-        .args(["--authorize-url", &dead("/oauth/app/login")])
-        .args(["--token-url", &dead("/v1/oauth-app/client/token")])
-        .args(["--revoke-url", &dead("/v1/oauth-app/client/revoke")])
+        .args(["--client-id", &upstream.client_id])
+        .args(["--redirect-uri", upstream.redirect_uri.as_str()])
+        .args(["--authorize-url", upstream.authorize_url.as_str()])
+        .args(["--token-url", upstream.token_url.as_str()])
+        .args(["--revoke-url", upstream.revoke_url.as_str()])
         .env_clear()
-        .env("EDGETAG_CLIENT_SECRET", "bench-secret")
+        .env(
+            "EDGETAG_CLIENT_SECRET",
+            upstream.client_secret.expose_secret(),
+        )
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -9,9 +9,9 @@
 //!   the oldest one, so the number of accounts stays at 1,000 while the names move on;
 //! - GetToken at a fixed rate over the live accounts.
 //!
-//! Every 10 s it samples this process's resident memory (`VmRSS`), its open file descriptors
-//! (`/proc/self/fd`: the server runs in this process, beside the load generator and the fake, whose
-//! own descriptors are a fixed set) and the data directory's size, then fits a line through the
+//! The service is the real binary in its own process (the fake EdgeTag and the load generator run
+//! in this one). Every 10 s the soak samples the service's resident memory (`VmRSS`), its open
+//! file descriptors (`/proc/PID/fd`) and the data directory's size, then fits a line through the
 //! samples after the warm-up and reports each slope per hour.
 
 use std::{
@@ -26,8 +26,6 @@ use std::{
 
 use credential_service::{
     account::AccountId,
-    broker::BrokerConfig,
-    clock::Clock,
     proto::{
         BeginAuthRequest, CompleteAuthRequest, GetTokenRequest, RemoveAccountRequest,
         credential_service_client::CredentialServiceClient,
@@ -41,8 +39,8 @@ use tonic::transport::Channel;
 
 use crate::{
     Env,
-    fixture::{self, REDIRECT_URI, RunningServer},
-    load,
+    fixture::{self, REDIRECT_URI},
+    load, scale,
 };
 
 /// What the soak is asked to do.
@@ -151,16 +149,24 @@ pub async fn run(env: &Env, spec: SoakSpec) -> Soak {
     let dir = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-soak-");
     let names = fixture::account_names(spec.accounts);
     seed(dir.path(), &names, spec.token_lifetime, &fake).await;
-    let mut config = fixture::service_config(
-        dir.path(),
-        fixture::fake_upstream(&fake),
-        BrokerConfig::default(),
-        None,
-    );
-    config.provider.default_token_lifetime = spec.token_lifetime;
-    let server =
-        RunningServer::service(env.runtimes.server.handle(), config, Clock::system()).await;
-    let clients = load::connect(server.addr, 4).await;
+    // The real binary in its own process, so memory and descriptors are the service's alone (the
+    // fake EdgeTag here keeps every token it issued, for reuse detection and leak scans).
+    let addr = scale::free_port();
+    let log_dir = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-soak-log-");
+    let log_path = log_dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).expect("a log file");
+    let mut child = scale::command_with(addr, dir.path(), &fixture::fake_upstream(&fake), log)
+        .spawn()
+        .expect("the binary starts");
+    let pid = child.id().expect("a running child");
+    if let Err(e) = fixture::wait_until_serving(addr, Duration::from_secs(60)).await {
+        let _ = child.kill().await;
+        panic!(
+            "the binary did not serve: {e}\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    let clients = load::connect(addr, 4).await;
 
     let live: Arc<Mutex<VecDeque<String>>> = Arc::new(Mutex::new(names.iter().cloned().collect()));
     let counts = Arc::new(Counts::default());
@@ -278,8 +284,8 @@ pub async fn run(env: &Env, spec: SoakSpec) -> Soak {
         let (data_bytes, data_files) = dir_size(dir.path());
         let sample = Sample {
             at,
-            rss_kib: rss_kib(),
-            fds: open_fds(),
+            rss_kib: rss_kib(pid),
+            fds: open_fds(pid),
             data_bytes,
             data_files,
             refreshes_ok: fake.stats().refreshes_ok,
@@ -313,7 +319,7 @@ pub async fn run(env: &Env, spec: SoakSpec) -> Soak {
     let accounts_at_end = live.lock().unwrap().len();
     let stats = fake.stats();
     drop(clients);
-    server.stop().await;
+    scale::stop(&mut child).await;
     let first_error = first_error.lock().unwrap().clone();
     Soak {
         gets: counts.gets.load(Ordering::Relaxed),
@@ -395,8 +401,8 @@ async fn seed(dir: &Path, names: &[String], lifetime: Duration, fake: &FakeEdgeT
     drop(store);
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -407,8 +413,8 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn open_fds() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
 /// Bytes and files under `dir`, recursively.
