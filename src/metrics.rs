@@ -9,10 +9,7 @@
 //! no allocation, no hashing.
 
 use std::{
-    future::Future,
-    pin::Pin,
     sync::{LazyLock, OnceLock},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -279,7 +276,7 @@ pub fn method_name(path: &str) -> &'static str {
 /// else OK (an answer with a body; its status follows in trailers).
 pub fn grpc_status(headers: &http::HeaderMap) -> Code {
     headers
-        .get("grpc-status")
+        .get(tonic::Status::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map_or(Code::Ok, Code::from_i32)
@@ -432,82 +429,44 @@ where
     )
 }
 
-/// Tower layer that times every gRPC call and records it by method and status code. The code
-/// comes from the `grpc-status` header of a trailers-only answer (every error) or is OK for an
-/// answer with a body (its status follows in trailers), so streams count when they start.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RpcMetricsLayer;
-
-impl<S> tower::Layer<S> for RpcMetricsLayer {
-    type Service = RpcMetrics<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RpcMetrics { inner }
-    }
+/// One gRPC call being timed, from its arrival to its answer's head, then recorded by method and
+/// status code. The server's call layer (`server::limits`) makes one per call.
+#[derive(Debug)]
+pub struct RpcCall {
+    index: usize,
+    service: &'static str,
+    method: &'static str,
+    started: Instant,
 }
 
-/// The service [`RpcMetricsLayer`] wraps around the gRPC routes.
-#[derive(Clone, Debug)]
-pub struct RpcMetrics<S> {
-    inner: S,
-}
-
-impl<S, B, R> tower::Service<http::Request<B>> for RpcMetrics<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = RpcFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (index, service, method) = method_entry(request.uri().path());
-        RpcFuture {
-            inner: self.inner.call(request),
+impl RpcCall {
+    /// Starts timing a call to `path` (an unknown path is labelled `unknown`).
+    pub fn start(path: &str) -> Self {
+        let (index, service, method) = method_entry(path);
+        Self {
             index,
             service,
             method,
             started: Instant::now(),
         }
     }
-}
 
-pin_project_lite::pin_project! {
-    /// Records the call when the response head is ready.
-    pub struct RpcFuture<F> {
-        #[pin]
-        inner: F,
-        index: usize,
-        service: &'static str,
-        method: &'static str,
-        started: Instant,
+    /// Records the call with the status of its answer: from the `grpc-status` header of a
+    /// trailers-only answer (every error), else OK (an answer with a body; its status follows in
+    /// trailers), so streams count when they start.
+    pub fn answered<R>(&self, response: &http::Response<R>) {
+        self.finish(grpc_status(response.headers()));
     }
-}
 
-impl<F, R, E> Future for RpcFuture<F>
-where
-    F: Future<Output = Result<http::Response<R>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
-        let code = match &result {
-            Ok(response) => grpc_status(response.headers()),
-            Err(_) => Code::Unknown,
-        };
+    /// Records the call with `code`.
+    pub fn finish(&self, code: Code) {
         observe_rpc(
-            *this.index,
-            this.service,
-            this.method,
+            self.index,
+            self.service,
+            self.method,
             code,
-            this.started.elapsed(),
+            self.started.elapsed(),
         );
-        Poll::Ready(result)
     }
 }
 

@@ -14,13 +14,12 @@ use tonic_health::{
 
 use super::{
     DRAIN_GRACE, ServeError, conn,
-    limits::{CappedHealth, InFlightLayer},
+    limits::{CallLayer, CappedHealth},
 };
 use crate::{
     auth::AuthLayer,
     broker::Broker,
     config::ServiceConfig,
-    metrics::RpcMetricsLayer,
     proto::{self, credential_service_server::CredentialServiceServer},
     service::CredentialApi,
 };
@@ -83,8 +82,7 @@ pub(super) async fn serve(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-        .layer(RpcMetricsLayer)
-        .layer(InFlightLayer::new(limits.max_calls_in_flight))
+        .layer(CallLayer::new(limits.max_calls_in_flight))
         .layer(AuthLayer::new(config.callers.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

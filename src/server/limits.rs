@@ -8,24 +8,21 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use futures::{
-    Stream, StreamExt,
-    future::{Either, Ready, ready},
-};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use futures::{Stream, StreamExt};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, codegen::http};
 use tonic_health::{
     pb::{HealthCheckRequest, HealthCheckResponse, health_server::Health},
     server::HealthService,
 };
 
-use crate::metrics;
+use crate::metrics::{self, RpcCall};
 
 /// How often, at most, one bound's refusals are logged (with the count since the last line).
 pub(super) const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -70,86 +67,153 @@ static WATCHES_REFUSED: Throttled = Throttled::new(
     "health Watch refused: too many open (--max-health-watches / CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES)",
 );
 
-/// The tower layer that bounds the calls in progress over all connections.
+/// The layer every gRPC call passes first: it times and counts the call (by method and status)
+/// and bounds the calls in progress over all connections. One layer for both, because each
+/// wrapper around every call's future costs throughput on the hot path.
 #[derive(Clone, Debug)]
-pub(super) struct InFlightLayer {
-    permits: Arc<Semaphore>,
+pub(super) struct CallLayer {
+    bound: Arc<InFlightBound>,
 }
 
-impl InFlightLayer {
-    pub(super) fn new(max: usize) -> Self {
+/// Calls in progress against `--max-calls-in-flight`: a counter, taken and given back without a
+/// lock.
+#[derive(Debug)]
+struct InFlightBound {
+    in_flight: AtomicUsize,
+    max: usize,
+}
+
+impl InFlightBound {
+    fn admit(self: &Arc<Self>) -> Option<InFlightPermit> {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InFlightPermit(self.clone()))
+    }
+}
+
+/// One admitted call's place; given back when the call's future is dropped.
+#[derive(Debug)]
+struct InFlightPermit(Arc<InFlightBound>);
+
+impl Drop for InFlightPermit {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl CallLayer {
+    pub(super) fn new(max_calls_in_flight: usize) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max)),
+            bound: Arc::new(InFlightBound {
+                in_flight: AtomicUsize::new(0),
+                max: max_calls_in_flight,
+            }),
         }
     }
 }
 
-impl<S> tower::Layer<S> for InFlightLayer {
-    type Service = InFlight<S>;
+impl<S> tower::Layer<S> for CallLayer {
+    type Service = Calls<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        InFlight {
+        Calls {
             inner,
-            permits: self.permits.clone(),
+            bound: self.bound.clone(),
         }
     }
 }
 
-/// The service [`InFlightLayer`] wraps around the gRPC routes.
+/// The service [`CallLayer`] wraps around the gRPC routes.
 #[derive(Clone, Debug)]
-pub(super) struct InFlight<S> {
+pub(super) struct Calls<S> {
     inner: S,
-    permits: Arc<Semaphore>,
+    bound: Arc<InFlightBound>,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for InFlight<S>
+impl<S, B> tower::Service<http::Request<B>> for Calls<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Either<Permitted<S::Future>, Ready<Result<Self::Response, S::Error>>>;
+    type Future = CallFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() == HEALTH_CHECK {
-            return Either::Left(Permitted {
-                inner: self.inner.call(request),
-                _permit: None,
-            });
-        }
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Either::Left(Permitted {
-                inner: self.inner.call(request),
-                _permit: Some(permit),
-            }),
-            Err(_) => {
-                CALLS_REFUSED.hit("calls_in_flight");
-                let status = Status::resource_exhausted("too many calls in progress; retry later");
-                Either::Right(ready(Ok(status.into_http())))
+        let call = RpcCall::start(request.uri().path());
+        let permit = if request.uri().path() == HEALTH_CHECK {
+            None
+        } else {
+            match self.bound.admit() {
+                Some(permit) => Some(permit),
+                None => {
+                    CALLS_REFUSED.hit("calls_in_flight");
+                    call.finish(tonic::Code::ResourceExhausted);
+                    let status =
+                        Status::resource_exhausted("too many calls in progress; retry later");
+                    return CallFuture::Refused {
+                        response: Some(status.into_http()),
+                    };
+                }
             }
+        };
+        CallFuture::Admitted {
+            inner: self.inner.call(request),
+            call,
+            permit,
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A call's future holding its in-flight permit until the answer's head is ready (for unary
-    /// calls: until the request has been read and handled).
-    pub(super) struct Permitted<F> {
-        #[pin]
-        inner: F,
-        _permit: Option<OwnedSemaphorePermit>,
+    /// A call's future: it holds the call's in-flight place until the answer's head is ready
+    /// (for unary calls: until the request has been read and handled), then records the call.
+    #[project = CallFutureProj]
+    pub(super) enum CallFuture<F> {
+        Admitted {
+            #[pin]
+            inner: F,
+            call: RpcCall,
+            permit: Option<InFlightPermit>,
+        },
+        Refused {
+            response: Option<http::Response<tonic::body::Body>>,
+        },
     }
 }
 
-impl<F: Future> Future for Permitted<F> {
+impl<F, E> Future for CallFuture<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx)
+        match self.project() {
+            CallFutureProj::Admitted {
+                inner,
+                call,
+                permit,
+            } => {
+                let result = std::task::ready!(inner.poll(cx));
+                match &result {
+                    Ok(response) => call.answered(response),
+                    Err(_) => call.finish(tonic::Code::Unknown),
+                }
+                // The in-flight place is given back now, not when the future is dropped.
+                permit.take();
+                Poll::Ready(result)
+            }
+            CallFutureProj::Refused { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+        }
     }
 }
 
