@@ -45,9 +45,47 @@ pub enum Role {
 pub struct Caller {
     name: Box<str>,
     role: Role,
-    accounts: Vec<glob::Pattern>,
+    accounts: Vec<AccountGlob>,
     /// One of the globs is `*`: no matching needed on the hot path.
     any_account: bool,
+}
+
+/// One account glob of a caller. Most are a name or a prefix followed by `*`; those are matched as
+/// string comparisons, which every GetToken pays, and the rest by `glob`.
+enum AccountGlob {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Pattern(glob::Pattern),
+}
+
+impl AccountGlob {
+    fn new(glob: &str) -> Result<Self, glob::PatternError> {
+        let pattern = glob::Pattern::new(glob)?;
+        let special = |c: char| matches!(c, '*' | '?' | '[' | ']' | '\\');
+        Ok(match glob.find(special) {
+            None => Self::Exact(glob.into()),
+            Some(at) if at == glob.len() - 1 && glob.ends_with('*') => {
+                Self::Prefix(glob[..at].into())
+            }
+            Some(_) => Self::Pattern(pattern),
+        })
+    }
+
+    fn matches(&self, account: &str) -> bool {
+        match self {
+            Self::Exact(name) => account == &**name,
+            Self::Prefix(prefix) => account.starts_with(&**prefix),
+            Self::Pattern(pattern) => pattern.matches(account),
+        }
+    }
+
+    fn as_str(&self) -> String {
+        match self {
+            Self::Exact(name) => name.to_string(),
+            Self::Prefix(prefix) => format!("{prefix}*"),
+            Self::Pattern(pattern) => pattern.as_str().to_owned(),
+        }
+    }
 }
 
 impl Caller {
@@ -174,14 +212,16 @@ impl Table {
                 .accounts
                 .iter()
                 .map(|g| {
-                    glob::Pattern::new(g)
+                    AccountGlob::new(g)
                         .map_err(|e| format!("caller {name}: account glob {g:?}: {e}"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let caller = Arc::new(Caller {
                 name: name.into(),
                 role: entry.role,
-                any_account: accounts.iter().any(|p| p.as_str() == "*"),
+                any_account: accounts
+                    .iter()
+                    .any(|p| matches!(p, AccountGlob::Prefix(prefix) if prefix.is_empty())),
                 accounts,
             });
             if entry.token_sha256.is_none() && entry.tls_san.is_none() {
@@ -568,6 +608,46 @@ mod tests {
         role = "admin"
         accounts = ["*"]
     "#;
+
+    proptest::proptest! {
+        /// The string-comparison fast paths answer exactly as `glob` does.
+        #[test]
+        fn account_globs_match_as_glob_does(
+            glob in "[a-c*?\\[\\]!-]{0,6}",
+            name in "[a-c-]{0,6}",
+        ) {
+            if let Ok(pattern) = glob::Pattern::new(&glob) {
+                let ours = AccountGlob::new(&glob).unwrap();
+                proptest::prop_assert_eq!(ours.matches(&name), pattern.matches(&name));
+                proptest::prop_assert_eq!(ours.as_str(), glob);
+            }
+        }
+    }
+
+    #[test]
+    fn plain_names_and_trailing_stars_take_the_fast_paths() {
+        assert!(matches!(
+            AccountGlob::new("globex").unwrap(),
+            AccountGlob::Exact(_)
+        ));
+        assert!(matches!(
+            AccountGlob::new("acme-*").unwrap(),
+            AccountGlob::Prefix(_)
+        ));
+        assert!(matches!(AccountGlob::new("*").unwrap(), AccountGlob::Prefix(p) if p.is_empty()));
+        assert!(matches!(
+            AccountGlob::new("a*b").unwrap(),
+            AccountGlob::Pattern(_)
+        ));
+        assert!(matches!(
+            AccountGlob::new("acme-*?").unwrap(),
+            AccountGlob::Pattern(_)
+        ));
+        assert!(matches!(
+            AccountGlob::new("[*]").unwrap(),
+            AccountGlob::Pattern(_)
+        ));
+    }
 
     fn account(s: &str) -> AccountId {
         AccountId::parse(s).unwrap()
