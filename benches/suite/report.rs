@@ -414,6 +414,7 @@ pub fn soak(s: &Soak) -> String {
                 fmt(warm, &|x| show(get(x))),
                 fmt(last, &|x| show(get(x))),
                 format!("{}/h", show(s.slope_per_hour(get))),
+                format!("{}/h", show(s.late_slope_per_hour(get))),
             ]
         })
         .collect();
@@ -458,7 +459,8 @@ pub fn soak(s: &Soak) -> String {
                 "at start",
                 "after warm-up",
                 "at end",
-                "slope after warm-up"
+                "slope after warm-up",
+                "slope over the second half"
             ],
             &rows
         ),

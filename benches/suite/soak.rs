@@ -113,10 +113,21 @@ impl Soak {
 
     /// Least-squares slope per hour of `f` over the samples after the warm-up.
     pub fn slope_per_hour(&self, f: impl Fn(&Sample) -> f64) -> f64 {
+        self.slope_per_hour_from(self.spec.warmup, f)
+    }
+
+    /// The slope over the second half of the run: a leak keeps its slope there, a warm-up that
+    /// outlasted [`SoakSpec::warmup`] does not.
+    pub fn late_slope_per_hour(&self, f: impl Fn(&Sample) -> f64) -> f64 {
+        let end = self.samples.last().map_or(Duration::ZERO, |s| s.at);
+        self.slope_per_hour_from((end / 2).max(self.spec.warmup), f)
+    }
+
+    fn slope_per_hour_from(&self, from: Duration, f: impl Fn(&Sample) -> f64) -> f64 {
         let pts: Vec<(f64, f64)> = self
             .samples
             .iter()
-            .filter(|s| s.at >= self.spec.warmup)
+            .filter(|s| s.at >= from)
             .map(|s| (s.at.as_secs_f64(), f(s)))
             .collect();
         if pts.len() < 2 {
