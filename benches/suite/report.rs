@@ -304,11 +304,8 @@ pub fn recovery(rs: &[Recovery]) -> String {
                 r.accounts.to_string(),
                 format!("{:?}", r.upstream_delay),
                 format!(
-                    "{} requests, {} of {} callers UNAVAILABLE, all backing off: {}",
-                    r.outage_requests,
-                    r.outage_unavailable,
-                    r.accounts,
-                    if r.all_backing_off { "yes" } else { "no" }
+                    "{} requests, {} of {} callers UNAVAILABLE",
+                    r.outage_requests, r.outage_unavailable, r.accounts,
                 ),
                 format!("{} ({} ok)", r.upstream_calls, r.refreshes_ok),
                 format!("{} (cap {})", r.peak_upstream, r.cap),
@@ -329,7 +326,7 @@ pub fn recovery(rs: &[Recovery]) -> String {
         .collect();
     format!(
         "## Recovery after an EdgeTag outage\n\nEvery token expires while EdgeTag answers 503 to every \
-         refresh, until every account backs off; then EdgeTag is back. The limit is accounts × \
+         refresh, and each account's caller is told UNAVAILABLE; then EdgeTag is back. The limit is accounts × \
          upstream delay ÷ cap; the target is served within 1.2× of it.\n\n{}",
         table(
             &[
