@@ -65,6 +65,10 @@ struct Cli {
     /// is named. For profiling one configuration.
     #[arg(long, value_delimiter = ',')]
     settings: Vec<String>,
+    /// Drive only one target in the throughput rows (`floor` or `service`), for counting one
+    /// server's instructions with `perf stat --per-thread`.
+    #[arg(long)]
+    only: Option<String>,
     /// Length of the soak section (run only when named: `-- soak`).
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
@@ -79,6 +83,8 @@ pub struct Env {
     pub load: LoadSpec,
     pub rounds: usize,
     pub data_root: Option<PathBuf>,
+    /// `Some("floor")` or `Some("service")`: the throughput rows drive that target alone.
+    pub only: Option<String>,
 }
 
 fn main() {
@@ -119,6 +125,7 @@ fn main() {
         },
         rounds: cli.rounds.unwrap_or(if q { 1 } else { 3 }),
         data_root: cli.data_root.clone(),
+        only: cli.only.clone(),
     };
     let counts: &[usize] = if q {
         &[1, 1_000, 10_000]

@@ -134,6 +134,10 @@ pub async fn compare_on(
             [true, false]
         };
         for is_service in order {
+            let name = if is_service { "service" } else { "floor" };
+            if env.only.as_deref().is_some_and(|only| only != name) {
+                continue;
+            }
             let addr = if is_service { service.addr } else { floor.addr };
             let clients = load::connect(addr, env.load.channels).await;
             let result = load::drive(
