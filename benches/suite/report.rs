@@ -251,10 +251,18 @@ pub fn storms(storms: &[Storm]) -> String {
                 s.name.into(),
                 s.accounts.to_string(),
                 s.callers.to_string(),
-                format!("{:?}", s.upstream_delay),
+                format!(
+                    "{:?} (measured {:.2} ms)",
+                    s.upstream_delay,
+                    s.upstream_latency.as_secs_f64() * 1000.0
+                ),
                 format!("{} (expected {})", s.upstream_calls, s.expected_calls),
                 format!("{} (cap {})", s.peak_upstream, s.cap),
-                format!("{:.0} ms", s.drain.as_secs_f64() * 1000.0),
+                format!(
+                    "{:.0} ms (limit {:.0} ms)",
+                    s.drain.as_secs_f64() * 1000.0,
+                    (s.upstream_latency * s.accounts as u32 / s.cap as u32).as_secs_f64() * 1000.0
+                ),
                 us(s.latency.value_at_quantile(0.5)),
                 us(s.latency.value_at_quantile(0.99)),
                 match &s.first_error {
@@ -269,7 +277,9 @@ pub fn storms(storms: &[Storm]) -> String {
         "## Refresh storms\n\nEvery token expires at once (the shared clock jumps past expiry), then \
          all callers call GetToken concurrently over {} connections. Upstream calls and peak \
          concurrency are counted by the fake EdgeTag; `upstream delay` is added by the fake to every \
-         token request.\n\n{}",
+         token request, and `measured` is the mean time a token request really spent in the fake (a \
+         sleep lasts at least one more tick of the millisecond timer). The drain's limit is accounts × \
+         measured latency ÷ cap.\n\n{}",
         16,
         table(
             &[
@@ -302,7 +312,11 @@ pub fn recovery(rs: &[Recovery]) -> String {
                     }
                 },
                 r.accounts.to_string(),
-                format!("{:?}", r.upstream_delay),
+                format!(
+                    "{:?} (measured {:.2} ms)",
+                    r.upstream_delay,
+                    r.upstream_latency.as_secs_f64() * 1000.0
+                ),
                 format!(
                     "{} requests, {} of {} callers UNAVAILABLE",
                     r.outage_requests, r.outage_unavailable, r.accounts,
@@ -311,10 +325,19 @@ pub fn recovery(rs: &[Recovery]) -> String {
                 format!("{} (cap {})", r.peak_upstream, r.cap),
                 format!("{:.0} ms", r.refreshed.as_secs_f64() * 1000.0),
                 format!("{:.0} ms", r.served.as_secs_f64() * 1000.0),
-                format!("{:.0} ms", r.limit().as_secs_f64() * 1000.0),
+                format!(
+                    "{:.0} ms ({:.0} ms at the set delay)",
+                    r.limit().as_secs_f64() * 1000.0,
+                    r.nominal_limit().as_secs_f64() * 1000.0
+                ),
                 format!(
                     "{:.2}",
                     r.served.as_secs_f64() / r.limit().as_secs_f64().max(1e-9)
+                ),
+                format!(
+                    "server {:.0} µs/refresh; all threads {:.2} cores busy",
+                    r.server_cpu.as_secs_f64() * 1e6 / r.accounts.max(1) as f64,
+                    r.process_cpu.as_secs_f64() / r.window.as_secs_f64().max(1e-9)
                 ),
                 match &r.first_error {
                     Some(e) => format!("{} (first: {e})", r.errors),
@@ -327,7 +350,7 @@ pub fn recovery(rs: &[Recovery]) -> String {
     format!(
         "## Recovery after an EdgeTag outage\n\nEvery token expires while EdgeTag answers 503 to every \
          refresh, and each account's caller is told UNAVAILABLE; then EdgeTag is back. The limit is accounts × \
-         upstream delay ÷ cap; the target is served within 1.2× of it.\n\n{}",
+         upstream latency ÷ cap, with the latency the fake really had (mean time per token request); the target is served within 1.2× of it.\n\n{}",
         table(
             &[
                 "storm",
@@ -340,6 +363,7 @@ pub fn recovery(rs: &[Recovery]) -> String {
                 "until all served",
                 "limit",
                 "served ÷ limit",
+                "CPU from the return to the end",
                 "errors",
                 "target",
             ],

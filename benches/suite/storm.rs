@@ -10,13 +10,13 @@ use credential_service::{
         GetTokenRequest, RefreshTokenRequest, credential_service_client::CredentialServiceClient,
     },
 };
-use fake_edgetag::{FakeEdgeTag, Fault};
+use fake_edgetag::{FakeEdgeTag, FakeStats, Fault};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
 use crate::{
     Env,
-    fixture::{self, RunningServer, TOKEN_LIFETIME},
+    fixture::{self, RunningServer, SERVER_THREADS, TOKEN_LIFETIME},
     load,
 };
 
@@ -29,6 +29,9 @@ pub struct Storm {
     pub accounts: usize,
     /// Delay the fake adds to every token request, standing in for EdgeTag's own latency.
     pub upstream_delay: Duration,
+    /// The mean time a token request really spent in the fake (the delay, rounded up to the
+    /// timer's millisecond, plus the fake's own work).
+    pub upstream_latency: Duration,
     pub expected_calls: u64,
     pub upstream_calls: u64,
     pub refreshes_ok: u64,
@@ -96,6 +99,7 @@ async fn run(
 
     fake.set_token_delay(upstream_delay);
     let before = fake.stats();
+    let time_before = fake.token_time();
     fake.reset_peak();
     // Every token expires now.
     clock.advance(TOKEN_LIFETIME + Duration::from_secs(60));
@@ -120,12 +124,14 @@ async fn run(
     }
     let drain = started.elapsed();
     let after = fake.stats();
+    let upstream_latency = mean_latency(&fake, time_before, before, after);
     server.stop().await;
     Storm {
         name,
         callers,
         accounts,
         upstream_delay,
+        upstream_latency,
         expected_calls: accounts as u64,
         upstream_calls: after.token_requests - before.token_requests,
         refreshes_ok: after.refreshes_ok - before.refreshes_ok,
@@ -175,6 +181,8 @@ pub struct Recovery {
     pub wake: Wake,
     pub accounts: usize,
     pub upstream_delay: Duration,
+    /// The mean time a token request really spent in the fake after EdgeTag's return.
+    pub upstream_latency: Duration,
     pub cap: usize,
     /// Token requests during the outage (each failed), and callers told UNAVAILABLE.
     pub outage_requests: u64,
@@ -188,11 +196,22 @@ pub struct Recovery {
     pub served: Duration,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// On-CPU time, from EdgeTag's return to the end of the row, of the server runtime's threads
+    /// and of the whole process (server, fake EdgeTag, callers, sled), and that window.
+    pub server_cpu: Duration,
+    pub process_cpu: Duration,
+    pub window: Duration,
 }
 
 impl Recovery {
-    /// accounts × upstream latency ÷ cap: the drain if every upstream slot were always busy.
+    /// accounts × upstream latency ÷ cap: the drain if every upstream slot were always busy,
+    /// with the latency EdgeTag (the fake) really had.
     pub fn limit(&self) -> Duration {
+        self.upstream_latency * self.accounts as u32 / self.cap as u32
+    }
+
+    /// [`Self::limit`] at the delay the fake was asked for.
+    pub fn nominal_limit(&self) -> Duration {
         self.upstream_delay * self.accounts as u32 / self.cap as u32
     }
 
@@ -240,8 +259,10 @@ pub async fn recovery(env: &Env, accounts: usize, wake: Wake) -> Recovery {
     fake.set_persistent_fault(None);
     fake.reset_peak();
     let before = fake.stats();
+    let time_before = fake.token_time();
     let (mut errors, mut first_error) = (0, None);
     let back = Instant::now();
+    let cpu_before = (load::thread_cpu(SERVER_THREADS), load::thread_cpu(""));
     let (refreshed, served) = match wake {
         Wake::Callers => {
             clock.advance(demand_interval);
@@ -287,10 +308,18 @@ pub async fn recovery(env: &Env, accounts: usize, wake: Wake) -> Recovery {
             (refreshed, back.elapsed())
         }
     };
+    let window = back.elapsed();
+    let server_cpu = load::thread_cpu(SERVER_THREADS).saturating_sub(cpu_before.0);
+    let process_cpu = load::thread_cpu("").saturating_sub(cpu_before.1);
     let after = fake.stats();
+    let upstream_latency = mean_latency(&fake, time_before, before, after);
     drop(clients);
     server.stop().await;
     Recovery {
+        upstream_latency,
+        server_cpu,
+        process_cpu,
+        window,
         wake,
         accounts,
         upstream_delay,
@@ -326,6 +355,20 @@ async fn sweep(
 
 /// Waits until no token request is in flight at the fake and none arrived for longer than the
 /// scheduler's scan interval.
+/// The mean time the fake spent on a token request between two snapshots.
+fn mean_latency(
+    fake: &FakeEdgeTag,
+    time_before: Duration,
+    before: FakeStats,
+    after: FakeStats,
+) -> Duration {
+    let requests = after
+        .token_requests
+        .saturating_sub(before.token_requests)
+        .max(1);
+    fake.token_time().saturating_sub(time_before) / u32::try_from(requests).unwrap_or(u32::MAX)
+}
+
 /// Waits (up to 60 s) until the fake has no token request in flight.
 async fn settle(fake: &FakeEdgeTag) {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -340,6 +340,13 @@ impl FakeEdgeTag {
         }
     }
 
+    /// The time token requests have spent in the fake since it started, summed: with
+    /// [`FakeStats::token_requests`], the latency EdgeTag really had (a 2 ms delay takes longer:
+    /// the timer's resolution is a millisecond).
+    pub fn token_time(&self) -> Duration {
+        Duration::from_nanos(self.inner.counters.token_nanos.load(Ordering::Relaxed))
+    }
+
     /// Token requests being handled right now, for waiting until a burst has arrived.
     pub fn token_requests_in_flight(&self) -> u64 {
         self.inner.counters.token_in_flight.load(Ordering::SeqCst)

@@ -6,7 +6,7 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -36,6 +36,8 @@ pub(crate) struct Counters {
     pub(crate) refresh_token_reuses: AtomicU64,
     pub(crate) token_in_flight: AtomicU64,
     pub(crate) token_peak: AtomicU64,
+    /// Nanoseconds token requests spent in the handler, summed.
+    pub(crate) token_nanos: AtomicU64,
 }
 
 #[derive(Default)]
@@ -44,19 +46,21 @@ pub(crate) struct Faults {
     pub(crate) persistent: Option<Fault>,
 }
 
-/// Counts one token request as in flight for as long as it lives.
-pub(crate) struct InFlight<'a>(&'a Counters);
+/// Counts one token request as in flight for as long as it lives, and the time it took.
+pub(crate) struct InFlight<'a>(&'a Counters, Instant);
 
 impl<'a> InFlight<'a> {
     pub(crate) fn enter(counters: &'a Counters) -> Self {
         let now = counters.token_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         counters.token_peak.fetch_max(now, Ordering::SeqCst);
-        InFlight(counters)
+        InFlight(counters, Instant::now())
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
+        let nanos = u64::try_from(self.1.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.token_nanos.fetch_add(nanos, Ordering::Relaxed);
         self.0.token_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
