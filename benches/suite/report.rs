@@ -261,7 +261,7 @@ pub fn storms(storms: &[Storm]) -> String {
                 format!(
                     "{:.0} ms (limit {:.0} ms)",
                     s.drain.as_secs_f64() * 1000.0,
-                    (s.upstream_latency * s.accounts as u32 / s.cap as u32).as_secs_f64() * 1000.0
+                    s.limit().as_secs_f64() * 1000.0
                 ),
                 us(s.latency.value_at_quantile(0.5)),
                 us(s.latency.value_at_quantile(0.99)),

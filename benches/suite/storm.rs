@@ -46,6 +46,12 @@ pub struct Storm {
 }
 
 impl Storm {
+    /// The drain if every upstream slot were always busy: ⌈accounts ÷ cap⌉ requests in a row, each
+    /// taking the latency EdgeTag really had.
+    pub fn limit(&self) -> Duration {
+        self.upstream_latency * self.accounts.div_ceil(self.cap.max(1)) as u32
+    }
+
     pub fn holds(&self) -> bool {
         self.errors == 0
             && self.upstream_calls == self.expected_calls
@@ -93,7 +99,11 @@ async fn run(
     fixture::seed(dir.path(), &names, &clock, |_| fake.seed_grant()).await;
     let broker = BrokerConfig::default();
     let cap = broker.upstream_concurrency;
-    let config = fixture::service_config(dir.path(), fixture::fake_upstream(&fake), broker, None);
+    let mut config =
+        fixture::service_config(dir.path(), fixture::fake_upstream(&fake), broker, None);
+    // Every caller's call is let in: the storm measures the single flight and the upstream cap,
+    // not --max-calls-in-flight (whose refusals callers would retry).
+    config.limits.max_calls_in_flight = config.limits.max_calls_in_flight.max(callers);
     let server = RunningServer::service(env.runtimes.server.handle(), config, clock.clone()).await;
     let clients = load::connect(server.addr, CHANNELS).await;
 
@@ -207,7 +217,7 @@ impl Recovery {
     /// accounts × upstream latency ÷ cap: the drain if every upstream slot were always busy,
     /// with the latency EdgeTag (the fake) really had.
     pub fn limit(&self) -> Duration {
-        self.upstream_latency * self.accounts as u32 / self.cap as u32
+        self.upstream_latency * self.accounts.div_ceil(self.cap.max(1)) as u32
     }
 
     /// [`Self::limit`] at the delay the fake was asked for.
