@@ -85,11 +85,12 @@ struct InFlightBound {
 
 impl InFlightBound {
     fn admit(self: &Arc<Self>) -> Option<InFlightPermit> {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
+        // Never counts past `max`, even for a moment: a refusal means the bound was really full.
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
         Some(InFlightPermit(self.clone()))
     }
 }
@@ -262,5 +263,31 @@ impl Health for CappedHealth {
             item
         }));
         Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_flight_bound_admits_up_to_its_max_and_frees_places_as_calls_end() {
+        let bound = Arc::new(InFlightBound {
+            in_flight: AtomicUsize::new(0),
+            max: 2,
+        });
+        let first = bound.admit().expect("a free place");
+        let _second = bound.admit().expect("a free place");
+        assert!(
+            bound.admit().is_none(),
+            "a third call while two are in flight"
+        );
+        assert_eq!(
+            bound.in_flight.load(Ordering::Acquire),
+            2,
+            "a refusal takes nothing"
+        );
+        drop(first);
+        assert!(bound.admit().is_some(), "the ended call's place");
     }
 }
