@@ -1,7 +1,7 @@
 //! Prometheus metrics (`/metrics` on `--metrics-listen`), through the official `prometheus-client`.
 //!
-//! One process-wide set of series, fed from where things happen: a tower layer around the gRPC
-//! server (calls by method and status code, with latency), the EdgeTag client (upstream requests by
+//! One process-wide set of series, fed from where things happen: the server's call layer, through
+//! [`RpcCall`] (calls by method and status code, with latency), the EdgeTag client (upstream requests by
 //! operation and HTTP status, refreshes by outcome), the broker (single-flight waiters, background
 //! refresh lag via [`record_refresh_lag`]); accounts by status are counted at scrape time by a
 //! closure the server hands to [`router`], so this module sits below everything it measures. The

@@ -1,7 +1,8 @@
 //! The gRPC side: the credential service with health and reflection (v1 and v1alpha, for grpcurl
-//! 1.8) behind the metrics, load and caller-check layers, with the listener's bounds (request size
-//! on every service, streams per connection, HTTP/2 keepalive; connections and handshakes in
-//! `conn`, calls in flight and health watches in `limits`), optional TLS, and the drain at shutdown.
+//! 1.8) behind the call layer (metrics, calls in flight) and the caller check, with the listener's
+//! bounds (request size on every service, streams per connection, HTTP/2 keepalive; connections
+//! and handshakes in `conn`, calls in flight and health watches in `limits`), optional TLS, and
+//! the drain at shutdown.
 
 use std::future::Future;
 
