@@ -527,6 +527,26 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, reqwes
     Ok(body)
 }
 
+/// A client for unit tests whose EdgeTag is a closed loopback port: for brokers whose tests never
+/// reach the provider.
+#[cfg(test)]
+pub(crate) fn unreachable_provider() -> ProviderClient {
+    let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
+    ProviderClient::new(ProviderConfig {
+        authorize_url: url("authorize"),
+        token_url: url("token"),
+        revoke_url: url("revoke"),
+        client_id: "client".into(),
+        client_secret: "secret".into(),
+        redirect_uri: url("callback"),
+        scope: "full".into(),
+        request_timeout: Duration::from_secs(1),
+        default_token_lifetime: Duration::from_secs(7200),
+        send_redirect_uri: false,
+    })
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

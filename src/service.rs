@@ -554,20 +554,7 @@ mod tests {
             crate::store::SledStore::open(dir.path(), crate::sealing::Keyring::ephemeral())
                 .unwrap(),
         );
-        let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
-        let provider = crate::oauth::ProviderClient::new(crate::oauth::ProviderConfig {
-            authorize_url: url("authorize"),
-            token_url: url("token"),
-            revoke_url: url("revoke"),
-            client_id: "client".into(),
-            client_secret: "secret".into(),
-            redirect_uri: url("callback"),
-            scope: "full".into(),
-            request_timeout: Duration::from_secs(1),
-            default_token_lifetime: Duration::from_secs(7200),
-            send_redirect_uri: false,
-        })
-        .unwrap();
+        let provider = crate::oauth::unreachable_provider();
         let broker = Broker::new(
             store,
             provider,

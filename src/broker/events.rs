@@ -326,28 +326,10 @@ mod tests {
     use crate::{
         broker::BrokerConfig,
         clock::Clock,
-        oauth::{ProviderClient, ProviderConfig},
         sealing::Keyring,
         store::{Expected, SledStore, Store, contract::record},
         tokens::LastRefresh,
     };
-
-    fn provider() -> ProviderClient {
-        let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
-        ProviderClient::new(ProviderConfig {
-            authorize_url: url("authorize"),
-            token_url: url("token"),
-            revoke_url: url("revoke"),
-            client_id: "client".into(),
-            client_secret: "secret".into(),
-            redirect_uri: url("callback"),
-            scope: "full".into(),
-            request_timeout: Duration::from_secs(1),
-            default_token_lifetime: Duration::from_secs(7200),
-            send_redirect_uri: false,
-        })
-        .unwrap()
-    }
 
     fn active(access: &str, refreshed_at: u64) -> AccountRecord {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(refreshed_at);
@@ -381,7 +363,7 @@ mod tests {
         }
         let broker = Broker::new(
             store.clone(),
-            provider(),
+            crate::oauth::unreachable_provider(),
             Clock::manual(),
             BrokerConfig::default(),
         )

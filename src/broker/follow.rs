@@ -107,27 +107,9 @@ mod tests {
     use crate::{
         broker::BrokerConfig,
         clock::Clock,
-        oauth::{ProviderClient, ProviderConfig},
         sealing::Keyring,
         store::{Expected, Faults, Faulty, SledStore, Store, contract::record},
     };
-
-    fn provider() -> ProviderClient {
-        let url = |p: &str| format!("http://127.0.0.1:9/{p}").parse().unwrap();
-        ProviderClient::new(ProviderConfig {
-            authorize_url: url("authorize"),
-            token_url: url("token"),
-            revoke_url: url("revoke"),
-            client_id: "client".into(),
-            client_secret: "secret".into(),
-            redirect_uri: url("callback"),
-            scope: "full".into(),
-            request_timeout: Duration::from_secs(1),
-            default_token_lifetime: Duration::from_secs(7200),
-            send_redirect_uri: false,
-        })
-        .unwrap()
-    }
 
     /// What another replica does to a shared store, seen by this broker only through the change
     /// stream: a new account, a refresh, a removal.
@@ -138,9 +120,14 @@ mod tests {
             Arc::new(SledStore::open(dir.path(), Keyring::ephemeral()).unwrap());
         let faults = Faults::default();
         let store = Arc::new(Faulty::new(shared.clone(), faults.clone()));
-        let broker = Broker::new(store, provider(), Clock::manual(), BrokerConfig::default())
-            .await
-            .unwrap();
+        let broker = Broker::new(
+            store,
+            crate::oauth::unreachable_provider(),
+            Clock::manual(),
+            BrokerConfig::default(),
+        )
+        .await
+        .unwrap();
         tokio::spawn(broker.clone().follow_changes());
         let acme = AccountId::parse("acme").unwrap();
         let served = |b: &Broker| {
