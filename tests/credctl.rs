@@ -209,22 +209,25 @@ async fn begin_open_starts_the_browser_opener_or_says_there_is_none() {
     assert!(url.starts_with(&app.fake.authorize_url()) && text.contains(&url));
 }
 
+/// credctl with piped output against the server at `addr`, for commands that stream until stopped.
+fn following(addr: std::net::SocketAddr, args: &[&str]) -> tokio::process::Child {
+    Command::new(CREDCTL)
+        .env_clear()
+        .env("CREDCTL_SERVER", format!("http://{addr}"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn watch_prints_one_line_per_pushed_token_and_the_token_only_when_asked() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let app = TestApp::spawn().await;
     app.connect("acme").await;
-    let spawn = |args: &[&str]| {
-        Command::new(CREDCTL)
-            .env_clear()
-            .env("CREDCTL_SERVER", format!("http://{}", app.addr))
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |args: &[&str]| following(app.addr, args);
     let mut quiet = spawn(&["watch", "acme"]);
     let mut shown = spawn(&["--json", "watch", "--show-token", "acme"]);
     let mut quiet_lines = BufReader::new(quiet.stdout.take().unwrap()).lines();
@@ -270,17 +273,7 @@ async fn events_prints_one_line_per_account_event_and_json_lines_with_json() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let app = TestApp::spawn().await;
     app.connect("acme").await;
-    let spawn = |args: &[&str]| {
-        Command::new(CREDCTL)
-            .env_clear()
-            .env("CREDCTL_SERVER", format!("http://{}", app.addr))
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |args: &[&str]| following(app.addr, args);
     let mut human = spawn(&["events"]);
     let mut json = spawn(&["--json", "events"]);
     let mut human_lines = BufReader::new(human.stdout.take().unwrap()).lines();
