@@ -172,16 +172,7 @@ impl Fleet {
     /// Connects `account` with BeginAuth on one replica and CompleteAuth on another (or the same);
     /// returns when its token expires, as CompleteAuth reports it.
     async fn connect_account(&self, begin_on: &Replica, complete_on: &Replica) -> SystemTime {
-        let begun = begin_on
-            .client
-            .clone()
-            .begin_auth(BeginAuthRequest {
-                account: ACCOUNT.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let redirect = self.fake.approve(&begun.authorize_url).await.unwrap();
+        let redirect = self.begin_and_approve(begin_on).await;
         let done = complete_on
             .client
             .clone()
@@ -194,6 +185,21 @@ impl Fleet {
             .into_inner();
         assert_eq!(done.account, ACCOUNT);
         SystemTime::try_from(done.expires_at.unwrap()).unwrap()
+    }
+
+    /// BeginAuth for `account` on `replica`, then the person's approval at the fake EdgeTag: the
+    /// code and state CompleteAuth takes.
+    async fn begin_and_approve(&self, replica: &Replica) -> fake_edgetag::Redirect {
+        let begun = replica
+            .client
+            .clone()
+            .begin_auth(BeginAuthRequest {
+                account: ACCOUNT.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        self.fake.approve(&begun.authorize_url).await.unwrap()
     }
 }
 
@@ -678,16 +684,7 @@ async fn begin_on_one_replica_complete_on_another_and_a_replay_is_not_found() {
         async move { client.complete_auth(request).await }
     };
 
-    let begun = replicas[0]
-        .client
-        .clone()
-        .begin_auth(BeginAuthRequest {
-            account: ACCOUNT.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let redirect = fleet.fake.approve(&begun.authorize_url).await.unwrap();
+    let redirect = fleet.begin_and_approve(&replicas[0]).await;
     let done = complete(&replicas[1], &redirect.code, &redirect.state)
         .await
         .expect("CompleteAuth on another replica")
@@ -706,16 +703,7 @@ async fn begin_on_one_replica_complete_on_another_and_a_replay_is_not_found() {
     until_serving(&replicas[2], &token).await;
 
     // The same state completed on all three at once: exactly one wins.
-    let begun = replicas[2]
-        .client
-        .clone()
-        .begin_auth(BeginAuthRequest {
-            account: ACCOUNT.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let redirect = fleet.fake.approve(&begun.authorize_url).await.unwrap();
+    let redirect = fleet.begin_and_approve(&replicas[2]).await;
     let answers = futures::future::join_all(
         replicas
             .iter()
