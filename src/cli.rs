@@ -329,10 +329,7 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
             account,
             min_validity,
         } => {
-            let min_validity = min_validity
-                .map(prost_types::Duration::try_from)
-                .transpose()
-                .map_err(|_| CliError::Usage("--min-validity is too long".into()))?;
+            let min_validity = proto_duration(min_validity)?;
             let r = client
                 .get_token(GetTokenRequest {
                     account,
@@ -355,10 +352,7 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
             show_token,
             min_validity,
         } => {
-            let min_validity = min_validity
-                .map(prost_types::Duration::try_from)
-                .transpose()
-                .map_err(|_| CliError::Usage("--min-validity is too long".into()))?;
+            let min_validity = proto_duration(min_validity)?;
             let mut stream = client
                 .watch_token(WatchTokenRequest {
                     account,
@@ -616,6 +610,13 @@ fn open_browser(url: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// `--min-validity` as the proto's duration.
+fn proto_duration(d: Option<Duration>) -> Result<Option<prost_types::Duration>, CliError> {
+    d.map(prost_types::Duration::try_from)
+        .transpose()
+        .map_err(|_| CliError::Usage("--min-validity is too long".into()))
 }
 
 fn format_time(t: prost_types::Timestamp) -> String {
