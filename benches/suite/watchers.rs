@@ -57,21 +57,6 @@ pub async fn run(env: &Env, idle: usize, fan_out: usize) -> Watchers {
     }
 }
 
-/// CPU ticks (user + system) of a process so far.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // After the name: state is field 3 of the file, utime 14 and stime 15 (indices 11 and 12).
-    let parse = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    parse(11) + parse(12)
-}
-
 async fn idle_watchers(env: &Env, watchers: usize) -> (f64, f64, f64, Duration) {
     const PER_CONNECTION: usize = 100;
     let dir = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-watch-");
@@ -120,11 +105,10 @@ async fn idle_watchers(env: &Env, watchers: usize) -> (f64, f64, f64, Duration) 
         .await;
     let rss_after = scale::status_mb(pid, "VmRSS");
     let window = Duration::from_secs(5);
-    let before = cpu_ticks(pid);
+    let before = load::process_cpu(pid);
     tokio::time::sleep(window).await; // measuring rest, not waiting for an event
-    let ticks = cpu_ticks(pid) - before;
-    let hz = 100.0; // USER_HZ on Linux
-    let idle_cpu = ticks as f64 / hz / window.as_secs_f64();
+    let idle_cpu =
+        load::process_cpu(pid).saturating_sub(before).as_secs_f64() / window.as_secs_f64();
     drop(open);
     drop(clients);
     scale::stop(&mut child).await;
