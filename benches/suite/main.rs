@@ -65,6 +65,10 @@ struct Cli {
     /// is named. For profiling one configuration.
     #[arg(long, value_delimiter = ',')]
     settings: Vec<String>,
+    /// Account counts of the throughput rows (default 1, 1,000 and 100,000; with `--quick`
+    /// 1, 1,000 and 10,000). For profiling one row.
+    #[arg(long, value_delimiter = ',')]
+    accounts: Vec<usize>,
     /// Drive only one target in the throughput rows (`floor` or `service`), for counting one
     /// server's instructions with `perf stat --per-thread`.
     #[arg(long)]
@@ -127,12 +131,18 @@ fn main() {
         data_root: cli.data_root.clone(),
         only: cli.only.clone(),
     };
-    let counts: &[usize] = if q {
+    let counts: &[usize] = if !cli.accounts.is_empty() {
+        &cli.accounts
+    } else if q {
         &[1, 1_000, 10_000]
     } else {
         &[1, 1_000, 100_000]
     };
-    let largest = *counts.last().unwrap();
+    let largest = counts
+        .iter()
+        .copied()
+        .max()
+        .expect("at least one account count");
 
     println!("{}", report::machine(&cli_line(&cli), &env));
     env.runtimes.client.block_on(async {
@@ -225,6 +235,10 @@ fn cli_line(cli: &Cli) -> String {
     }
     if cli.sections.iter().any(|s| s == "soak") {
         line.push_str(&format!(" --soak-seconds {}", cli.soak_seconds));
+    }
+    if !cli.accounts.is_empty() {
+        let counts: Vec<String> = cli.accounts.iter().map(|n| n.to_string()).collect();
+        line.push_str(&format!(" --accounts {}", counts.join(",")));
     }
     if !cli.settings.is_empty() {
         line.push_str(&format!(" --settings {}", cli.settings.join(",")));
