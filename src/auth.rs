@@ -1,21 +1,19 @@
 //! Who may call what. A callers file (TOML) names each caller, the SHA-256 of its bearer token
 //! and/or the subject alternative name of its client certificate (mTLS), its role and the account
-//! globs it may use. [`AuthLayer`] sits in front of every gRPC service: it lets health and
-//! reflection through, authenticates everyone else, checks the role against the method (GetToken:
-//! reader or admin; every other `credential.v1` method: admin, so new admin RPCs are admin-only
-//! without further work) and puts the [`Caller`] into the request's extensions. Handlers then check
-//! the account with [`authorize_account`] before looking it up, so a denial never reveals whether an
-//! account exists. Without a callers file every call is allowed (the service then listens on
-//! loopback only). The file is re-read on SIGHUP; a bad file keeps the old table.
+//! globs it may use. [`Callers::check`] runs before every gRPC call reaches its service (the
+//! server's call layer calls it): it lets health and reflection through, authenticates everyone
+//! else, checks the role against the method (GetToken: reader or admin; every other
+//! `credential.v1` method: admin, so new admin RPCs are admin-only without further work) and puts
+//! the [`Caller`] into the request's extensions. Handlers then check the account with
+//! [`authorize_account`] before looking it up, so a denial never reveals whether an account
+//! exists. Without a callers file every call is allowed (the service then listens on loopback
+//! only). The file is re-read on SIGHUP; a bad file keeps the old table.
 
 use std::{
     fmt,
-    future::Future,
     net::IpAddr,
     path::{Path, PathBuf},
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
 };
 
 use arc_swap::ArcSwap;
@@ -29,7 +27,7 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use crate::{account::AccountId, audit, metrics};
+use crate::{account::AccountId, audit};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -126,7 +124,7 @@ impl fmt::Debug for Caller {
     }
 }
 
-/// The authenticated caller of a request; fails closed if the [`AuthLayer`] did not run.
+/// The authenticated caller of a request; fails closed if [`Callers::check`] did not run.
 pub fn caller(extensions: &http::Extensions) -> Result<&Arc<Caller>, Status> {
     extensions
         .get::<Arc<Caller>>()
@@ -438,37 +436,6 @@ fn access(path: &str) -> Access {
     }
 }
 
-/// The tower layer that authenticates callers and checks roles; see the module docs.
-#[derive(Clone, Debug)]
-pub struct AuthLayer {
-    callers: Callers,
-}
-
-impl AuthLayer {
-    /// Checks calls against `callers` (which may be reloaded while the server runs).
-    pub fn new(callers: Callers) -> Self {
-        Self { callers }
-    }
-}
-
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            callers: self.callers.clone(),
-        }
-    }
-}
-
-/// The service [`AuthLayer`] wraps around the gRPC routes.
-#[derive(Clone, Debug)]
-pub struct AuthService<S> {
-    inner: S,
-    callers: Callers,
-}
-
 /// The IP address a request came from (plaintext or TLS), for refusals' audit events.
 fn peer<B>(req: &http::Request<B>) -> Option<IpAddr> {
     let extensions = req.extensions();
@@ -483,17 +450,22 @@ fn peer<B>(req: &http::Request<B>) -> Option<IpAddr> {
         .map(|addr| addr.ip())
 }
 
-impl<S> AuthService<S> {
-    /// The caller, `None` for open methods; a refusal is counted into the audit trail with the
-    /// peer's address, and its message names only a method from the known table.
-    fn check<B>(&self, req: &http::Request<B>) -> Result<Option<Arc<Caller>>, Status> {
-        let path = req.uri().path();
-        let need = access(path);
+impl Callers {
+    /// The caller check every gRPC call passes before the routes see it (the server's call layer
+    /// runs it): health and reflection pass as they are (`None`); anyone else is authenticated,
+    /// their role checked against the method, and the [`Caller`] put into the request's
+    /// extensions. A refusal is counted into the audit trail with the peer's address; its message
+    /// names only `method`, which comes from the known method table.
+    pub fn check<B>(
+        &self,
+        req: &mut http::Request<B>,
+        method: &'static str,
+    ) -> Result<Option<CallAudit>, Status> {
+        let need = access(req.uri().path());
         if need == Access::Open {
             return Ok(None);
         }
-        let method = metrics::method_name(path);
-        let caller = self.callers.authenticate(req).inspect_err(|status| {
+        let caller = self.authenticate(req).inspect_err(|status| {
             audit::count(method, "", "", status.code(), peer(req));
         })?;
         if need == Access::Admin && caller.role != Role::Admin {
@@ -503,90 +475,34 @@ impl<S> AuthService<S> {
             audit::count(method, caller.name(), "", status.code(), peer(req));
             return Err(status);
         }
-        Ok(Some(caller))
+        req.extensions_mut().insert(caller.clone());
+        Ok(Some(CallAudit {
+            caller,
+            method,
+            scope: audit::Scope::default(),
+        }))
     }
 }
 
-impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = AuthFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        match self.check(&req) {
-            Ok(None) => AuthFuture::Open {
-                inner: self.inner.call(req),
-            },
-            Ok(Some(caller)) => {
-                let method = metrics::method_name(req.uri().path());
-                req.extensions_mut().insert(caller.clone());
-                AuthFuture::Checked {
-                    inner: self.inner.call(req),
-                    caller,
-                    method,
-                    scope: audit::Scope::default(),
-                }
-            }
-            Err(status) => AuthFuture::Refused {
-                response: Some(status.into_http()),
-            },
-        }
-    }
+/// An authenticated call's place in the audit trail. Its handler audits it; a call that tonic
+/// refused before the handler ran (undecodable, missing or compressed message, unknown method) is
+/// counted by [`CallAudit::ended`] instead, with its caller and the status tonic answered.
+pub struct CallAudit {
+    caller: Arc<Caller>,
+    method: &'static str,
+    scope: audit::Scope,
 }
 
-pin_project_lite::pin_project! {
-    /// An authenticated call audits itself in its handler; one that tonic refused before the
-    /// handler ran (undecodable, missing or compressed message, unknown method) is counted here,
-    /// with its caller and the status tonic answered.
-    #[project = AuthFutureProj]
-    pub enum AuthFuture<F> {
-        Open { #[pin] inner: F },
-        Checked {
-            #[pin]
-            inner: F,
-            caller: Arc<Caller>,
-            method: &'static str,
-            scope: audit::Scope,
-        },
-        Refused { response: Option<http::Response<tonic::body::Body>> },
+impl CallAudit {
+    /// Polls the call's future with the call's audit mark in place.
+    pub fn enter<T>(&mut self, poll: impl FnOnce() -> T) -> T {
+        self.scope.enter(poll)
     }
-}
 
-impl<F, E> Future for AuthFuture<F>
-where
-    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            AuthFutureProj::Open { inner } => inner.poll(cx),
-            AuthFutureProj::Checked {
-                inner,
-                caller,
-                method,
-                scope,
-            } => {
-                let result = std::task::ready!(scope.enter(|| inner.poll(cx)));
-                if !scope.audited() {
-                    let code = match &result {
-                        Ok(response) => metrics::grpc_status(response.headers()),
-                        Err(_) => tonic::Code::Unknown,
-                    };
-                    audit::count(method, caller.name(), "", code, None);
-                }
-                Poll::Ready(result)
-            }
-            AuthFutureProj::Refused { response } => {
-                Poll::Ready(Ok(response.take().expect("polled after completion")))
-            }
+    /// The call ended with `code`: counts it unless its handler already did.
+    pub fn ended(&self, code: tonic::Code) {
+        if !self.scope.audited() {
+            audit::count(self.method, self.caller.name(), "", code, None);
         }
     }
 }

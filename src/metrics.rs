@@ -451,14 +451,13 @@ impl RpcCall {
         }
     }
 
-    /// Records the call with the status of its answer: from the `grpc-status` header of a
-    /// trailers-only answer (every error), else OK (an answer with a body; its status follows in
-    /// trailers), so streams count when they start.
-    pub fn answered<R>(&self, response: &http::Response<R>) {
-        self.finish(grpc_status(response.headers()));
+    /// The called method's name from the table of served methods (`unknown` for any other path).
+    pub fn method(&self) -> &'static str {
+        self.method
     }
 
-    /// Records the call with `code`.
+    /// Records the call with `code`: for an answer, [`grpc_status`] of its head, so streams count
+    /// when they start.
     pub fn finish(&self, code: Code) {
         observe_rpc(
             self.index,

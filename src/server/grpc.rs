@@ -1,5 +1,5 @@
 //! The gRPC side: the credential service with health and reflection (v1 and v1alpha, for grpcurl
-//! 1.8) behind the call layer (metrics, calls in flight) and the caller check, with the listener's
+//! 1.8) behind the call layer (metrics, calls in flight, the caller check), with the listener's
 //! bounds (request size on every service, streams per connection, HTTP/2 keepalive; connections
 //! and handshakes in `conn`, calls in flight and health watches in `limits`), optional TLS, and
 //! the drain at shutdown.
@@ -18,7 +18,6 @@ use super::{
     limits::{CallLayer, CappedHealth},
 };
 use crate::{
-    auth::AuthLayer,
     broker::Broker,
     config::ServiceConfig,
     proto::{self, credential_service_server::CredentialServiceServer},
@@ -83,8 +82,10 @@ pub(super) async fn serve(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-        .layer(CallLayer::new(limits.max_calls_in_flight))
-        .layer(AuthLayer::new(config.callers.clone()))
+        .layer(CallLayer::new(
+            limits.max_calls_in_flight,
+            config.callers.clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

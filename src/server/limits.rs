@@ -1,7 +1,8 @@
-//! Bounds on calls: how many are in progress at once over all connections, and how many health
-//! Watch streams (which never end on their own) are open. Past a bound the call is refused with
-//! RESOURCE_EXHAUSTED at once, never queued; each refusal is counted
-//! (`credential_limit_hits_total`) and logged at most once per [`LOG_EVERY`] per bound.
+//! The call layer every gRPC call passes first, and the bounds on calls: how many are in
+//! progress at once over all connections, and how many health Watch streams (which never end on
+//! their own) are open. Past a bound the call is refused with RESOURCE_EXHAUSTED at once, never
+//! queued; each refusal is counted (`credential_limit_hits_total`) and logged at most once per
+//! [`LOG_EVERY`] per bound.
 
 use std::{
     future::Future,
@@ -22,7 +23,10 @@ use tonic_health::{
     server::HealthService,
 };
 
-use crate::metrics::{self, RpcCall};
+use crate::{
+    auth::{CallAudit, Callers},
+    metrics::{self, RpcCall},
+};
 
 /// How often, at most, one bound's refusals are logged (with the count since the last line).
 pub(super) const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -67,12 +71,14 @@ static WATCHES_REFUSED: Throttled = Throttled::new(
     "health Watch refused: too many open (--max-health-watches / CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES)",
 );
 
-/// The layer every gRPC call passes first: it times and counts the call (by method and status)
-/// and bounds the calls in progress over all connections. One layer for both, because each
-/// wrapper around every call's future costs throughput on the hot path.
+/// The layer every gRPC call passes first: it times and counts the call (by method and status),
+/// bounds the calls in progress over all connections, and checks the caller
+/// ([`Callers::check`]). One layer for all three, because each wrapper around every call's future
+/// costs throughput on the hot path.
 #[derive(Clone, Debug)]
 pub(super) struct CallLayer {
     bound: Arc<InFlightBound>,
+    callers: Callers,
 }
 
 /// Calls in progress against `--max-calls-in-flight`: a counter, taken and given back without a
@@ -106,12 +112,14 @@ impl Drop for InFlightPermit {
 }
 
 impl CallLayer {
-    pub(super) fn new(max_calls_in_flight: usize) -> Self {
+    /// `callers` may be reloaded while the server runs.
+    pub(super) fn new(max_calls_in_flight: usize, callers: Callers) -> Self {
         Self {
             bound: Arc::new(InFlightBound {
                 in_flight: AtomicUsize::new(0),
                 max: max_calls_in_flight,
             }),
+            callers,
         }
     }
 }
@@ -123,6 +131,7 @@ impl<S> tower::Layer<S> for CallLayer {
         Calls {
             inner,
             bound: self.bound.clone(),
+            callers: self.callers.clone(),
         }
     }
 }
@@ -132,6 +141,7 @@ impl<S> tower::Layer<S> for CallLayer {
 pub(super) struct Calls<S> {
     inner: S,
     bound: Arc<InFlightBound>,
+    callers: Callers,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Calls<S>
@@ -146,7 +156,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let call = RpcCall::start(request.uri().path());
         let permit = if request.uri().path() == HEALTH_CHECK {
             None
@@ -155,26 +165,29 @@ where
                 Some(permit) => Some(permit),
                 None => {
                     CALLS_REFUSED.hit("calls_in_flight");
-                    call.finish(tonic::Code::ResourceExhausted);
                     let status =
                         Status::resource_exhausted("too many calls in progress; retry later");
-                    return CallFuture::Refused {
-                        response: Some(status.into_http()),
-                    };
+                    return CallFuture::refused(&call, status);
                 }
             }
+        };
+        let audit = match self.callers.check(&mut request, call.method()) {
+            Ok(audit) => audit,
+            Err(status) => return CallFuture::refused(&call, status),
         };
         CallFuture::Admitted {
             inner: self.inner.call(request),
             call,
             permit,
+            audit,
         }
     }
 }
 
 pin_project_lite::pin_project! {
     /// A call's future: it holds the call's in-flight place until the answer's head is ready
-    /// (for unary calls: until the request has been read and handled), then records the call.
+    /// (for unary calls: until the request has been read and handled), then records the call in
+    /// the metrics and, if its handler did not, in the audit trail.
     #[project = CallFutureProj]
     pub(super) enum CallFuture<F> {
         Admitted {
@@ -182,10 +195,21 @@ pin_project_lite::pin_project! {
             inner: F,
             call: RpcCall,
             permit: Option<InFlightPermit>,
+            audit: Option<CallAudit>,
         },
         Refused {
             response: Option<http::Response<tonic::body::Body>>,
         },
+    }
+}
+
+impl<F> CallFuture<F> {
+    /// Refuses the call with `status` without running it.
+    fn refused(call: &RpcCall, status: Status) -> Self {
+        call.finish(status.code());
+        CallFuture::Refused {
+            response: Some(status.into_http()),
+        }
     }
 }
 
@@ -201,11 +225,19 @@ where
                 inner,
                 call,
                 permit,
+                audit,
             } => {
-                let result = std::task::ready!(inner.poll(cx));
-                match &result {
-                    Ok(response) => call.answered(response),
-                    Err(_) => call.finish(tonic::Code::Unknown),
+                let result = std::task::ready!(match audit {
+                    Some(audit) => audit.enter(|| inner.poll(cx)),
+                    None => inner.poll(cx),
+                });
+                let code = match &result {
+                    Ok(response) => metrics::grpc_status(response.headers()),
+                    Err(_) => tonic::Code::Unknown,
+                };
+                call.finish(code);
+                if let Some(audit) = audit {
+                    audit.ended(code);
                 }
                 // The in-flight place is given back now, not when the future is dropped.
                 permit.take();
