@@ -201,7 +201,7 @@ pub fn flush() {
     }
 }
 
-/// Marks the calls a future serves, so the auth layer can audit what no handler did (calls tonic
+/// Marks the calls a future serves, so the call layer can audit what no handler did (calls tonic
 /// refused before the handler: undecodable, missing or compressed messages, unknown methods).
 #[derive(Default)]
 pub struct Scope {

@@ -231,9 +231,9 @@ impl CredentialService for CredentialApi {
         result
     }
 
-    /// Needs the admin role (checked by the auth layer). The account is not known before the
-    /// state is claimed; the admin who called BeginAuth for it was checked against it, and the
-    /// state (random, single use, short-lived) carries that decision.
+    /// Needs the admin role (checked by `Callers::check` in the call layer). The account is not
+    /// known before the state is claimed; the admin who called BeginAuth for it was checked
+    /// against it, and the state (random, single use, short-lived) carries that decision.
     #[tracing::instrument(name = "CompleteAuth", skip_all, fields(account = tracing::field::Empty))]
     async fn complete_auth(
         &self,
@@ -373,8 +373,8 @@ impl CredentialService for CredentialApi {
 
     type WatchAccountsStream = AccountEventStream;
 
-    /// Needs the admin role (checked by the auth layer); sees only the caller's globs, like
-    /// ListAccounts.
+    /// Needs the admin role (checked by `Callers::check` in the call layer); sees only the
+    /// caller's globs, like ListAccounts.
     #[tracing::instrument(name = "WatchAccounts", skip_all)]
     async fn watch_accounts(
         &self,
