@@ -239,12 +239,6 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
-/// The (service, method) labels of a request path.
-fn method_labels(path: &str) -> (&'static str, &'static str) {
-    let (_, service, method) = method_entry(path);
-    (service, method)
-}
-
 /// The index of a request path in [`METHODS`] (`METHODS.len()` for `unknown`) and its labels.
 fn method_entry(path: &str) -> (usize, &'static str, &'static str) {
     METHODS
@@ -265,12 +259,6 @@ static RPC_SERIES: LazyLock<Vec<[OnceLock<Histogram>; CODES]>> = LazyLock::new(|
         .map(|_| std::array::from_fn(|_| OnceLock::new()))
         .collect()
 });
-
-/// The method name of a request path from the table of served methods, `unknown` for any other
-/// path: what logs and audit events may name without echoing client input.
-pub fn method_name(path: &str) -> &'static str {
-    method_labels(path).1
-}
 
 /// The status of a gRPC answer: its `grpc-status` header (trailers-only answers: every error),
 /// else OK (an answer with a body; its status follows in trailers).
@@ -451,7 +439,8 @@ impl RpcCall {
         }
     }
 
-    /// The called method's name from the table of served methods (`unknown` for any other path).
+    /// The called method's name from the table of served methods (`unknown` for any other path):
+    /// what logs and audit events may name without echoing client input.
     pub fn method(&self) -> &'static str {
         self.method
     }
