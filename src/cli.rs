@@ -104,7 +104,13 @@ pub enum Command {
     /// Finish connecting with the `code` and `state` from EdgeTag's redirect. With `-` alone,
     /// reads them from standard input instead (the whole redirect URL, or `CODE STATE`), which keeps
     /// the code out of `ps` and the shell history.
-    Complete { code: String, state: Option<String> },
+    Complete {
+        /// base64url values may start with `-`: taken as pasted, never as a flag.
+        #[arg(allow_hyphen_values = true)]
+        code: String,
+        #[arg(allow_hyphen_values = true)]
+        state: Option<String>,
+    },
     /// Print a valid access token (on stdout, alone, for `$(credctl token ACCOUNT)`).
     Token {
         account: String,
@@ -781,6 +787,34 @@ mod tests {
                 "{c:?}"
             );
         }
+    }
+
+    /// Codes and states are base64url: one in 64 starts with `-`, and must still be taken as
+    /// pasted, wherever the global flags go.
+    #[test]
+    fn a_code_or_state_starting_with_a_dash_is_a_value() {
+        for args in [
+            &["credctl", "complete", "-xCode", "-yState"][..],
+            &["credctl", "--json", "complete", "-xCode", "-yState"],
+            &["credctl", "complete", "-xCode", "-yState", "--json"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let Command::Complete { code, state } = cli.command else {
+                panic!("{args:?} is not `complete`");
+            };
+            assert_eq!(
+                (code.as_str(), state.as_deref()),
+                ("-xCode", Some("-yState"))
+            );
+            assert_eq!(cli.json, args.contains(&"--json"), "{args:?}");
+        }
+        let Command::Complete { code, state } = Cli::try_parse_from(["credctl", "complete", "-"])
+            .unwrap()
+            .command
+        else {
+            panic!("not `complete`");
+        };
+        assert_eq!((code.as_str(), state), ("-", None));
     }
 
     #[test]
