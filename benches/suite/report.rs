@@ -335,6 +335,12 @@ pub fn recovery(rs: &[Recovery]) -> String {
                     r.served.as_secs_f64() / r.limit().as_secs_f64().max(1e-9)
                 ),
                 format!(
+                    "{:.2} ms; {:.0} ms; {:.2}",
+                    r.client_latency.as_secs_f64() * 1000.0,
+                    r.client_limit().as_secs_f64() * 1000.0,
+                    r.served.as_secs_f64() / r.client_limit().as_secs_f64().max(1e-9)
+                ),
+                format!(
                     "server {:.0} µs/refresh; all threads {:.2} cores busy",
                     r.server_cpu.as_secs_f64() * 1e6 / r.accounts.max(1) as f64,
                     r.process_cpu.as_secs_f64() / r.window.as_secs_f64().max(1e-9)
@@ -350,7 +356,10 @@ pub fn recovery(rs: &[Recovery]) -> String {
     format!(
         "## Recovery after an EdgeTag outage\n\nEvery token expires while EdgeTag answers 503 to every \
          refresh, and each account's caller is told UNAVAILABLE; then EdgeTag is back. The limit is accounts × \
-         upstream latency ÷ cap, with the latency the fake really had (mean time per token request); the target is served within 1.2× of it.\n\n{}",
+         upstream latency ÷ cap, with the latency the fake really had (mean time per token request); the target is served within 1.2× of it. \
+         The service's own view is beside it: the mean latency its EdgeTag client measured for those refreshes \
+         (sent to answer, so also both HTTP stacks and loopback), the limit at that latency, and served ÷ that \
+         limit, which is what the service adds by leaving upstream slots idle.\n\n{}",
         table(
             &[
                 "storm",
@@ -363,6 +372,7 @@ pub fn recovery(rs: &[Recovery]) -> String {
                 "until all served",
                 "limit",
                 "served ÷ limit",
+                "client-seen latency; limit; served ÷ it",
                 "CPU from the return to the end",
                 "errors",
                 "target",

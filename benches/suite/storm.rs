@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use credential_service::{
     broker::BrokerConfig,
     clock::Clock,
+    metrics,
     proto::{
         GetTokenRequest, RefreshTokenRequest, credential_service_client::CredentialServiceClient,
     },
@@ -193,6 +194,10 @@ pub struct Recovery {
     pub upstream_delay: Duration,
     /// The mean time a token request really spent in the fake after EdgeTag's return.
     pub upstream_latency: Duration,
+    /// The mean latency of those refreshes as the service's EdgeTag client saw them (request
+    /// sent to response head: the fake's time plus both HTTP stacks and loopback), from the
+    /// service's own `credential_upstream_request_duration_seconds`.
+    pub client_latency: Duration,
     pub cap: usize,
     /// Token requests during the outage (each failed), and callers told UNAVAILABLE.
     pub outage_requests: u64,
@@ -218,6 +223,12 @@ impl Recovery {
     /// with the latency EdgeTag (the fake) really had.
     pub fn limit(&self) -> Duration {
         self.upstream_latency * self.accounts.div_ceil(self.cap.max(1)) as u32
+    }
+
+    /// [`Self::limit`] at the latency the service's client saw: what is left above it is time
+    /// the service left an upstream slot idle.
+    pub fn client_limit(&self) -> Duration {
+        self.client_latency * self.accounts.div_ceil(self.cap.max(1)) as u32
     }
 
     /// [`Self::limit`] at the delay the fake was asked for.
@@ -270,6 +281,7 @@ pub async fn recovery(env: &Env, accounts: usize, wake: Wake) -> Recovery {
     fake.reset_peak();
     let before = fake.stats();
     let time_before = fake.token_time();
+    let client_before = client_refreshes();
     let (mut errors, mut first_error) = (0, None);
     let back = Instant::now();
     let cpu_before = (load::thread_cpu(SERVER_THREADS), load::thread_cpu(""));
@@ -323,10 +335,16 @@ pub async fn recovery(env: &Env, accounts: usize, wake: Wake) -> Recovery {
     let process_cpu = load::thread_cpu("").saturating_sub(cpu_before.1);
     let after = fake.stats();
     let upstream_latency = mean_latency(&fake, time_before, before, after);
+    let client_latency = {
+        let (seconds, count) = client_refreshes();
+        let (seconds, count) = (seconds - client_before.0, count - client_before.1);
+        Duration::from_secs_f64(seconds / count.max(1) as f64)
+    };
     drop(clients);
     server.stop().await;
     Recovery {
         upstream_latency,
+        client_latency,
         server_cpu,
         process_cpu,
         window,
@@ -377,6 +395,23 @@ fn mean_latency(
         .saturating_sub(before.token_requests)
         .max(1);
     fake.token_time().saturating_sub(time_before) / u32::try_from(requests).unwrap_or(u32::MAX)
+}
+
+/// Successful refreshes the service's EdgeTag client has timed so far in this process: their
+/// total seconds and their number, read from the service's metrics.
+fn client_refreshes() -> (f64, u64) {
+    let text = metrics::encode(&metrics::AccountGauges::default());
+    let series = r#"{operation="refresh",status="200"}"#;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("credential_upstream_request_duration_seconds_sum"),
+        value("credential_upstream_request_duration_seconds_count") as u64,
+    )
 }
 
 /// Waits (up to 60 s) until the fake has no token request in flight.
