@@ -8,6 +8,7 @@ use std::{path::Path, process::Stdio, time::Duration};
 use common::{Options, TestApp};
 use fake_edgetag::Fault;
 use reqwest::{StatusCode, header};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 async fn spawn() -> TestApp {
     TestApp::spawn_with(Options {
@@ -187,6 +188,93 @@ async fn a_garbage_code_does_not_cancel_the_pending_authorization() {
     let (status, _, page) = visit(&format!("{callback}?code=garbage&state={state}")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(page.contains("expired or was already used"), "{page}");
+}
+
+/// Sends `GET url` on a raw connection and hangs up once EdgeTag has the service's token request
+/// in hand: what a closed tab does, or a stranger who wants the exchange dropped halfway.
+async fn hang_up_during_the_exchange(app: &TestApp, url: &str) {
+    let url = reqwest::Url::parse(url).unwrap();
+    let mut socket = TcpStream::connect((url.host_str().unwrap(), url.port().unwrap()))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET {}?{} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        url.path(),
+        url.query().unwrap_or(""),
+        url.authority()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    while app.fake.token_requests_in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(socket);
+}
+
+/// Visits `url` until the page says the account is connected, as a person reloading would; fails
+/// after a few seconds.
+async fn reload_until_connected(url: &str) -> String {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (status, _, page) = visit(url).await;
+            if status == StatusCode::OK {
+                return page;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the account is connected within 5 s")
+}
+
+/// Issue 10, finding 6, by hanging up: a stranger who learnt the state sends a garbage code and
+/// closes the connection while EdgeTag is still answering. The exchange still ends, the state is
+/// put back, and the person's own redirect then connects the account.
+#[tokio::test]
+async fn hanging_up_during_a_garbage_exchange_does_not_cancel_the_pending_authorization() {
+    let app = spawn().await;
+    let begun = app.begin("acme").await.unwrap();
+    let callback = app.callback_url.clone().unwrap();
+    let state = url_encoded(&begun.state);
+    app.fake
+        .push_faults([Fault::Delay(Duration::from_millis(300))]);
+    hang_up_during_the_exchange(&app, &format!("{callback}?code=garbage&state={state}")).await;
+
+    let redirect = app.fake.approve(&begun.authorize_url).await.unwrap();
+    let page = reload_until_connected(&redirect.location).await;
+    assert!(page.contains("Connected account acme"), "{page}");
+    assert!(
+        app.fake
+            .access_token_is_valid(&app.get_token("acme").await.unwrap().access_token)
+    );
+}
+
+/// A person who closes the tab while the real code is being exchanged still gets the account
+/// connected: EdgeTag has used the single-use code up, so the token set it issued must be stored.
+#[tokio::test]
+async fn closing_the_tab_during_the_exchange_still_connects_the_account() {
+    let app = spawn().await;
+    let begun = app.begin("acme").await.unwrap();
+    let redirect = app.fake.approve(&begun.authorize_url).await.unwrap();
+    app.fake
+        .push_faults([Fault::Delay(Duration::from_millis(300))]);
+    hang_up_during_the_exchange(&app, &redirect.location).await;
+
+    let token = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(token) = app.get_token("acme").await {
+                return token;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the account is connected within 5 s");
+    assert!(app.fake.access_token_is_valid(&token.access_token));
+    assert_eq!(
+        app.fake.stats().token_requests,
+        1,
+        "one exchange, not a retry"
+    );
 }
 
 /// Issue 10, finding 8: bidi overrides and other invisible format characters in EdgeTag's error

@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
+use tracing::Instrument;
+
 use super::{Authorization, Broker, slot::Health};
 use crate::{
     account::AccountId,
@@ -41,6 +43,10 @@ impl Broker {
     /// failure or rejected client credentials (a retry may work), and after EdgeTag rejected the
     /// code, so that a stranger who sends a made-up code with a state cannot cancel the person's
     /// pending approval. Only one exchange can ever succeed: success consumes the state for good.
+    ///
+    /// The work runs to its end even if the caller goes away (a closed browser tab, a cancelled
+    /// RPC): dropped halfway, it would leave the claimed state neither put back nor used, or a
+    /// token set EdgeTag issued for a single-use code unstored.
     pub async fn complete(
         &self,
         code: &str,
@@ -48,6 +54,19 @@ impl Broker {
     ) -> Result<(AccountId, Arc<TokenSet>), Error> {
         let code = AuthCode::parse(code)?;
         let state = AuthState::parse(state)?;
+        let broker = self.clone();
+        let work = async move { broker.claim_and_exchange(code, state).await }
+            .instrument(tracing::Span::current());
+        tokio::spawn(work)
+            .await
+            .map_err(|_| Error::Internal("the authorization exchange did not finish"))?
+    }
+
+    async fn claim_and_exchange(
+        &self,
+        code: AuthCode,
+        state: AuthState,
+    ) -> Result<(AccountId, Arc<TokenSet>), Error> {
         let inner = &self.inner;
         let pending = inner
             .store
