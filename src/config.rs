@@ -202,10 +202,16 @@ pub struct LimitSettings {
     #[arg(long, env = "CREDENTIAL_SERVICE_MAX_STREAMS_PER_CONNECTION", default_value_t = Limits::DEFAULT.max_streams_per_connection)]
     pub max_streams_per_connection: u32,
 
-    /// Most gRPC calls in progress at once over all connections (health checks aside); one more
-    /// is refused with RESOURCE_EXHAUSTED, not queued.
+    /// Most calls by authenticated callers in progress at once over all connections; one more is
+    /// refused with RESOURCE_EXHAUSTED, not queued.
     #[arg(long, env = "CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT", default_value_t = Limits::DEFAULT.max_calls_in_flight)]
     pub max_calls_in_flight: usize,
+
+    /// Most calls to the methods anyone may call (health Watch, reflection) in progress at once,
+    /// apart from `--max-calls-in-flight` so that they cannot lock callers out; one more is refused
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_OPEN_CALLS_IN_FLIGHT", default_value_t = Limits::DEFAULT.max_open_calls_in_flight)]
+    pub max_open_calls_in_flight: usize,
 
     /// Most health Watch streams open at once; one more is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES", default_value_t = Limits::DEFAULT.max_health_watches)]
@@ -237,6 +243,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_streams_per_connection: u32,
     pub max_calls_in_flight: usize,
+    pub max_open_calls_in_flight: usize,
     pub max_health_watches: usize,
     pub max_watchers: usize,
     pub handshake_timeout: Duration,
@@ -251,6 +258,7 @@ impl Limits {
         max_connections: 512,
         max_streams_per_connection: 100,
         max_calls_in_flight: 1024,
+        max_open_calls_in_flight: 128,
         max_health_watches: 64,
         max_watchers: 10_000,
         handshake_timeout: Duration::from_secs(10),
@@ -283,6 +291,10 @@ impl LimitSettings {
             (
                 self.max_calls_in_flight,
                 "--max-calls-in-flight / CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT",
+            ),
+            (
+                self.max_open_calls_in_flight,
+                "--max-open-calls-in-flight / CREDENTIAL_SERVICE_MAX_OPEN_CALLS_IN_FLIGHT",
             ),
             (
                 self.max_health_watches,
@@ -321,6 +333,7 @@ impl LimitSettings {
             max_connections: self.max_connections,
             max_streams_per_connection: self.max_streams_per_connection,
             max_calls_in_flight: self.max_calls_in_flight,
+            max_open_calls_in_flight: self.max_open_calls_in_flight,
             max_health_watches: self.max_health_watches,
             max_watchers: self.max_watchers,
             handshake_timeout: self.handshake_timeout,
@@ -971,6 +984,11 @@ mod tests {
                 "--max-calls-in-flight",
                 "0",
                 "CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT",
+            ),
+            (
+                "--max-open-calls-in-flight",
+                "0",
+                "CREDENTIAL_SERVICE_MAX_OPEN_CALLS_IN_FLIGHT",
             ),
             (
                 "--handshake-timeout",

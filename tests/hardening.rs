@@ -11,6 +11,7 @@ use credential_service::proto::{
 };
 use h2::client::SendRequest;
 use prost::Message;
+use sha2::Digest;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines},
     net::TcpStream,
@@ -514,6 +515,75 @@ async fn calls_past_the_in_flight_bound_are_refused_and_health_still_answers() {
     }
     let answered = within(get()).await;
     assert_eq!(answered.unwrap_err().code(), Code::NotFound);
+    server.child.kill().await.unwrap();
+}
+
+/// Without credentials, calls to the methods anyone may call (health, reflection) whose body
+/// never comes fill only `--max-open-calls-in-flight`: a caller's GetToken is still served, and
+/// health still answers. (They used to hold the places of `--max-calls-in-flight`, and so lock out
+/// every caller.)
+#[tokio::test]
+async fn stalled_calls_without_credentials_do_not_lock_callers_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers.toml");
+    let digest = sha2::Sha256::digest(b"reader-token");
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(
+        &callers,
+        format!(
+            "[[caller]]\nname = \"billing\"\ntoken_sha256 = \"{hex}\"\nrole = \"reader\"\naccounts = [\"*\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut server = start(&[
+        "--max-calls-in-flight",
+        "2",
+        "--max-open-calls-in-flight",
+        "2",
+        "--callers-file",
+        callers.to_str().unwrap(),
+    ])
+    .await;
+    // Three health Watch calls, no credentials, whose request never ends: two hold the open
+    // bound, and the third is refused.
+    let attacker = h2_connect(&server.addr).await;
+    let (mut answers, mut bodies) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let mut sender = attacker.clone().ready().await.unwrap();
+        let request = grpc_request(&server.addr, "/grpc.health.v1.Health/Watch");
+        let (response, body) = sender.send_request(request, false).unwrap();
+        answers.push(Box::pin(grpc_status(response)));
+        bodies.push(body);
+    }
+    let (refused, _, _hanging) = within(futures::future::select_all(answers)).await;
+    assert_eq!(refused, Some(Code::ResourceExhausted as i32));
+    wait_for_line(
+        &mut server.lines,
+        "too many in flight (--max-open-calls-in-flight",
+    )
+    .await;
+
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(GetTokenRequest {
+        account: "acme".into(),
+        min_validity: None,
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer reader-token".parse().unwrap());
+    let served = within(CredentialServiceClient::new(channel).get_token(request)).await;
+    assert_eq!(
+        served.unwrap_err().code(),
+        Code::NotFound,
+        "served (the account was never connected), not refused"
+    );
+    let mut prober = health(&server.addr).await;
+    assert_eq!(within(check(&mut prober)).await.unwrap(), 1);
+    drop(bodies);
     server.child.kill().await.unwrap();
 }
 

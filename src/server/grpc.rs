@@ -84,6 +84,7 @@ pub(super) async fn serve(
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
         .layer(CallLayer::new(
             limits.max_calls_in_flight,
+            limits.max_open_calls_in_flight,
             config.callers.clone(),
         ))
         .add_service(health_service)

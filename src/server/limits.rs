@@ -67,18 +67,32 @@ impl Throttled {
 static CALLS_REFUSED: Throttled = Throttled::new(
     "calls refused: too many in flight (--max-calls-in-flight / CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT)",
 );
+static OPEN_CALLS_REFUSED: Throttled = Throttled::new(
+    "calls to open methods refused: too many in flight (--max-open-calls-in-flight / CREDENTIAL_SERVICE_MAX_OPEN_CALLS_IN_FLIGHT)",
+);
 static WATCHES_REFUSED: Throttled = Throttled::new(
     "health Watch refused: too many open (--max-health-watches / CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES)",
 );
 
 /// The layer every gRPC call passes first: it times and counts the call (by method and status),
-/// bounds the calls in progress over all connections, and checks the caller
-/// ([`Callers::check`]). One layer for all three, because each wrapper around every call's future
-/// costs throughput on the hot path.
+/// checks the caller ([`Callers::check`]), and bounds the calls in progress over all connections.
+/// One layer for all three, because each wrapper around every call's future costs throughput on
+/// the hot path.
+///
+/// The caller is checked before the call takes a place, and the methods anyone may call (health,
+/// reflection) have their own bound: nobody without credentials can hold the places that callers
+/// need, for instance with calls whose request body never comes.
 #[derive(Clone, Debug)]
 pub(super) struct CallLayer {
-    bound: Arc<InFlightBound>,
+    bounds: Arc<Bounds>,
     callers: Callers,
+}
+
+/// `--max-calls-in-flight` for authenticated calls, `--max-open-calls-in-flight` for the rest.
+#[derive(Debug)]
+struct Bounds {
+    authenticated: Arc<InFlightBound>,
+    open: Arc<InFlightBound>,
 }
 
 /// Calls in progress against `--max-calls-in-flight`: a counter, taken and given back without a
@@ -113,11 +127,21 @@ impl Drop for InFlightPermit {
 
 impl CallLayer {
     /// `callers` may be reloaded while the server runs.
-    pub(super) fn new(max_calls_in_flight: usize, callers: Callers) -> Self {
-        Self {
-            bound: Arc::new(InFlightBound {
+    pub(super) fn new(
+        max_calls_in_flight: usize,
+        max_open_calls_in_flight: usize,
+        callers: Callers,
+    ) -> Self {
+        let bound = |max| {
+            Arc::new(InFlightBound {
                 in_flight: AtomicUsize::new(0),
-                max: max_calls_in_flight,
+                max,
+            })
+        };
+        Self {
+            bounds: Arc::new(Bounds {
+                authenticated: bound(max_calls_in_flight),
+                open: bound(max_open_calls_in_flight),
             }),
             callers,
         }
@@ -130,7 +154,7 @@ impl<S> tower::Layer<S> for CallLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Calls {
             inner,
-            bound: self.bound.clone(),
+            bounds: self.bounds.clone(),
             callers: self.callers.clone(),
         }
     }
@@ -140,7 +164,7 @@ impl<S> tower::Layer<S> for CallLayer {
 #[derive(Clone, Debug)]
 pub(super) struct Calls<S> {
     inner: S,
-    bound: Arc<InFlightBound>,
+    bounds: Arc<Bounds>,
     callers: Callers,
 }
 
@@ -158,22 +182,38 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let call = RpcCall::start(request.uri().path());
-        let permit = if request.uri().path() == HEALTH_CHECK {
-            None
-        } else {
-            match self.bound.admit() {
-                Some(permit) => Some(permit),
-                None => {
-                    CALLS_REFUSED.hit("calls_in_flight");
-                    let status =
-                        Status::resource_exhausted("too many calls in progress; retry later");
-                    return CallFuture::refused(&call, status);
-                }
-            }
-        };
         let audit = match self.callers.check(&mut request, call.method()) {
             Ok(audit) => audit,
             Err(status) => return CallFuture::refused(&call, status),
+        };
+        // `None`: a method anyone may call.
+        let (bound, refusals, limit) = match &audit {
+            Some(_) => (
+                &self.bounds.authenticated,
+                &CALLS_REFUSED,
+                "calls_in_flight",
+            ),
+            None => (
+                &self.bounds.open,
+                &OPEN_CALLS_REFUSED,
+                "open_calls_in_flight",
+            ),
+        };
+        let permit = if request.uri().path() == HEALTH_CHECK {
+            None
+        } else {
+            match bound.admit() {
+                Some(permit) => Some(permit),
+                None => {
+                    refusals.hit(limit);
+                    let code = tonic::Code::ResourceExhausted;
+                    if let Some(audit) = &audit {
+                        audit.ended(code);
+                    }
+                    let status = Status::new(code, "too many calls in progress; retry later");
+                    return CallFuture::refused(&call, status);
+                }
+            }
         };
         CallFuture::Admitted {
             inner: self.inner.call(request),
