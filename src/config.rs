@@ -682,7 +682,10 @@ impl Settings {
         let tls = match (&tls_cert, &tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig {
                 cert_pem: read(cert, "--tls-cert / CREDENTIAL_SERVICE_TLS_CERT")?,
-                key_pem: read(key, "--tls-key / CREDENTIAL_SERVICE_TLS_KEY")?,
+                key_pem: {
+                    sealing::warn_if_open_to_others(key, "the TLS key file");
+                    read(key, "--tls-key / CREDENTIAL_SERVICE_TLS_KEY")?
+                },
                 client_ca_pem: tls_client_ca
                     .as_ref()
                     .map(|ca| read(ca, "--tls-client-ca / CREDENTIAL_SERVICE_TLS_CLIENT_CA"))

@@ -642,15 +642,28 @@ async fn secret_files_open_to_others_are_named_with_their_mode_at_start() {
     let key = dir.path().join("encryption.key");
     credential_service::sealing::create_key_file(&key).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (tls_cert, tls_key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&tls_cert, cert.pem()).unwrap();
+    std::fs::write(&tls_key, signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&tls_key, std::fs::Permissions::from_mode(0o604)).unwrap();
+    let start = || {
+        service(dir.path(), &[])
+            .env_remove("EDGETAG_CLIENT_SECRET")
+            .arg("--client-secret-file")
+            .arg(&secret)
+            .arg("--encryption-key-file")
+            .arg(&key)
+            .arg("--tls-cert")
+            .arg(&tls_cert)
+            .arg("--tls-key")
+            .arg(&tls_key)
+            .spawn()
+            .unwrap()
+    };
 
-    let mut child = service(dir.path(), &[])
-        .env_remove("EDGETAG_CLIENT_SECRET")
-        .arg("--client-secret-file")
-        .arg(&secret)
-        .arg("--encryption-key-file")
-        .arg(&key)
-        .spawn()
-        .unwrap();
+    let mut child = start();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
     let serving = async {
@@ -683,21 +696,21 @@ async fn secret_files_open_to_others_are_named_with_their_mode_at_start() {
         key_lines[0].contains("encryption key file") && key_lines[0].contains("0640"),
         "{key_lines:?}"
     );
+    let tls_key_lines = warning(&tls_key);
+    assert_eq!(tls_key_lines.len(), 1, "{seen:#?}");
+    assert!(
+        tls_key_lines[0].contains("TLS key file") && tls_key_lines[0].contains("0604"),
+        "{tls_key_lines:?}"
+    );
     assert!(!seen.iter().any(|l| l.contains("s3cret-from-file")));
 
     // Mode 0600: no warning.
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for file in [&secret, &key, &tls_key] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     child.kill().await.unwrap();
     let _ = child.wait().await;
-    let mut child = service(dir.path(), &[])
-        .env_remove("EDGETAG_CLIENT_SECRET")
-        .arg("--client-secret-file")
-        .arg(&secret)
-        .arg("--encryption-key-file")
-        .arg(&key)
-        .spawn()
-        .unwrap();
+    let mut child = start();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let quiet = async {
         while let Some(line) = lines.next_line().await.unwrap() {
