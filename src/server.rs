@@ -211,6 +211,7 @@ pub async fn serve(
     http.finish().await;
     upkeep.stop().await;
     crate::audit::flush(); // calls have ended: the counts written now add up to every call
+    limits::flush_refusal_logs();
     // Refreshes in flight finish their write (each is bounded by the retry budget).
     if tokio::time::timeout(DRAIN_GRACE, broker.finish_refreshes())
         .await

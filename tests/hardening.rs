@@ -631,6 +631,51 @@ async fn health_watches_are_capped_and_a_closed_one_frees_its_place() {
     server.child.kill().await.unwrap();
 }
 
+/// Issue 10, finding 7: refusal lines are throttled, but their `hits` add up to the refusals: the
+/// ones after a bound's last line are logged by the next flush (here, at shutdown), not dropped.
+#[tokio::test]
+async fn throttled_refusal_lines_account_for_every_refusal() {
+    let mut server = start(&["--max-health-watches", "1"]).await;
+    let mut client = health(&server.addr).await;
+    let open = client
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let refused = client
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    }
+    drop(open);
+    let pid = server.child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let mut hits = 0;
+    let read = async {
+        while let Some(line) = server.lines.next_line().await.unwrap() {
+            if line.contains("too many open (--max-health-watches") {
+                hits += field(&line, "hits").parse::<u64>().unwrap();
+            }
+            if line.contains(" stopped") {
+                return;
+            }
+        }
+        panic!("stderr ended before the service stopped");
+    };
+    within(read).await;
+    assert_eq!(hits, 5, "the refusal lines' hits add up to the refusals");
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn secret_files_open_to_others_are_named_with_their_mode_at_start() {

@@ -39,10 +39,12 @@ const PREFACE_LEN: usize = 24;
 /// Connections handed to tonic: accepted, counted, and within their handshake deadline.
 pub(super) type Incoming<IO> = ReceiverStream<io::Result<Conn<IO>>>;
 
-static REFUSED: Throttled = Throttled::new(
+pub(super) static REFUSED: Throttled = Throttled::new(
+    "connections",
     "connection refused: too many open (--max-connections / CREDENTIAL_SERVICE_MAX_CONNECTIONS)",
 );
-static TIMED_OUT: Throttled = Throttled::new(
+pub(super) static TIMED_OUT: Throttled = Throttled::new(
+    "handshake_timeout",
     "connection closed: no TLS handshake or HTTP/2 preface in time (--handshake-timeout / CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT)",
 );
 
@@ -128,7 +130,7 @@ where
                 }
             };
             let Ok(permit) = open.clone().try_acquire_owned() else {
-                REFUSED.hit("connections");
+                REFUSED.hit();
                 continue; // dropping it closes it
             };
             let _ = tcp.set_nodelay(true);
@@ -141,7 +143,7 @@ where
                         let _ = tx.send(Ok(Conn::new(io, deadline, permit, guard))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => TIMED_OUT.hit("handshake_timeout"),
+                    Err(_) => TIMED_OUT.hit(),
                 }
             });
         }
@@ -239,7 +241,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
         if deadline.as_mut().poll(cx).is_ready() {
             if this.preface_read != usize::MAX {
                 this.preface_read = usize::MAX; // counted once
-                TIMED_OUT.hit("handshake_timeout");
+                TIMED_OUT.hit();
             }
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -34,43 +34,90 @@ pub(super) const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Health checks stay answerable while the service sheds other calls: probes must see it alive.
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
-/// A log line per bound at most every [`LOG_EVERY`], carrying how many hits it stands for.
+/// A log line per bound at most every [`LOG_EVERY`], carrying how many hits it stands for. Hits
+/// after the last line are logged by [`flush_refusal_logs`], so a burst's tail is never lost.
 pub(super) struct Throttled {
     what: &'static str,
+    /// The bound's label in `credential_limit_hits_total`.
+    limit: &'static str,
     since_last: AtomicU64,
     last: Mutex<Option<Instant>>,
 }
 
 impl Throttled {
-    pub(super) const fn new(what: &'static str) -> Self {
+    pub(super) const fn new(limit: &'static str, what: &'static str) -> Self {
         Self {
             what,
+            limit,
             since_last: AtomicU64::new(0),
             last: Mutex::new(None),
         }
     }
 
-    /// Counts one hit of the bound (metric and, now and then, a warning naming `limit`).
-    pub(super) fn hit(&self, limit: &'static str) {
-        metrics::record_limit_hit(limit);
+    /// Counts one hit of the bound (metric and, now and then, a warning).
+    pub(super) fn hit(&self) {
+        metrics::record_limit_hit(self.limit);
         self.since_last.fetch_add(1, Ordering::Relaxed);
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|at| at.elapsed() < LOG_EVERY) {
             return;
         }
-        *last = Some(Instant::now());
+        self.log(&mut last);
+    }
+
+    /// Logs the hits not yet logged, if any.
+    fn flush(&self) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        self.log(&mut last);
+    }
+
+    fn log(&self, last: &mut Option<Instant>) {
         let hits = self.since_last.swap(0, Ordering::Relaxed);
-        tracing::warn!(limit, hits, "{}", self.what);
+        if hits > 0 {
+            *last = Some(Instant::now());
+            tracing::warn!(limit = self.limit, hits, "{}", self.what);
+        }
+    }
+}
+
+/// Every bound's refusal log.
+static REFUSAL_LOGS: [&Throttled; 5] = [
+    &CALLS_REFUSED,
+    &OPEN_CALLS_REFUSED,
+    &WATCHES_REFUSED,
+    &super::conn::REFUSED,
+    &super::conn::TIMED_OUT,
+];
+
+/// Logs the refusals counted since each bound's last line: every [`LOG_EVERY`] while the server
+/// runs, and once at the end, so the `hits` of the lines add up to the refusals.
+pub(super) fn flush_refusal_logs() {
+    for log in REFUSAL_LOGS {
+        log.flush();
+    }
+}
+
+/// [`flush_refusal_logs`] every [`LOG_EVERY`], for as long as it runs.
+pub(super) async fn run_refusal_log_flusher() {
+    let mut tick = tokio::time::interval(LOG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate
+    loop {
+        tick.tick().await;
+        flush_refusal_logs();
     }
 }
 
 static CALLS_REFUSED: Throttled = Throttled::new(
+    "calls_in_flight",
     "calls refused: too many in flight (--max-calls-in-flight / CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT)",
 );
 static OPEN_CALLS_REFUSED: Throttled = Throttled::new(
+    "open_calls_in_flight",
     "calls to open methods refused: too many in flight (--max-open-calls-in-flight / CREDENTIAL_SERVICE_MAX_OPEN_CALLS_IN_FLIGHT)",
 );
 static WATCHES_REFUSED: Throttled = Throttled::new(
+    "health_watches",
     "health Watch refused: too many open (--max-health-watches / CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES)",
 );
 
@@ -187,17 +234,9 @@ where
             Err(status) => return CallFuture::refused(&call, status),
         };
         // `None`: a method anyone may call.
-        let (bound, refusals, limit) = match &audit {
-            Some(_) => (
-                &self.bounds.authenticated,
-                &CALLS_REFUSED,
-                "calls_in_flight",
-            ),
-            None => (
-                &self.bounds.open,
-                &OPEN_CALLS_REFUSED,
-                "open_calls_in_flight",
-            ),
+        let (bound, refusals) = match &audit {
+            Some(_) => (&self.bounds.authenticated, &CALLS_REFUSED),
+            None => (&self.bounds.open, &OPEN_CALLS_REFUSED),
         };
         let permit = if request.uri().path() == HEALTH_CHECK {
             None
@@ -205,7 +244,7 @@ where
             match bound.admit() {
                 Some(permit) => Some(permit),
                 None => {
-                    refusals.hit(limit);
+                    refusals.hit();
                     let code = tonic::Code::ResourceExhausted;
                     if let Some(audit) = &audit {
                         audit.ended(code);
@@ -324,7 +363,7 @@ impl Health for CappedHealth {
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let Ok(permit) = self.watches.clone().try_acquire_owned() else {
-            WATCHES_REFUSED.hit("health_watches");
+            WATCHES_REFUSED.hit();
             return Err(Status::resource_exhausted(
                 "too many health Watch streams open; use Check, or retry later",
             ));

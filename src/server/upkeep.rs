@@ -1,6 +1,6 @@
 //! Background work for as long as the server runs: the broker's refresh scheduler, the purge of
-//! expired pending authorizations, the callers-file reload on SIGHUP and the audit's periodic
-//! flush of its counts.
+//! expired pending authorizations, the callers-file reload on SIGHUP, the audit's periodic
+//! flush of its counts and that of the refusal logs.
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,7 +11,7 @@ use crate::{broker::Broker, clock::Clock, config::ServiceConfig, store::Store};
 
 /// The upkeep tasks; each holds a store handle until [`Upkeep::stop`] has waited for it.
 pub(super) struct Upkeep {
-    tasks: [JoinHandle<()>; 4],
+    tasks: [JoinHandle<()>; 5],
 }
 
 impl Upkeep {
@@ -27,6 +27,7 @@ impl Upkeep {
                 tokio::spawn(broker.clone().run()),
                 tokio::spawn(reload_on_sighup(config.callers.clone())),
                 tokio::spawn(crate::audit::run_flusher(config.audit)),
+                tokio::spawn(super::limits::run_refusal_log_flusher()),
             ],
         }
     }
