@@ -676,6 +676,61 @@ async fn throttled_refusal_lines_account_for_every_refusal() {
     assert_eq!(hits, 5, "the refusal lines' hits add up to the refusals");
 }
 
+/// An HTTP request that does not finish (here a callback whose code exchange EdgeTag never
+/// answers; a client that never completes its request head does the same) holds up the shutdown,
+/// and with it the audit's last counts and the refreshes' drain, only for a short grace period.
+#[tokio::test]
+async fn an_unfinished_http_request_does_not_hold_up_the_shutdown() {
+    // An EdgeTag that takes token requests and never answers them.
+    let edgetag = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token_url = format!("http://{}/oauth/token", edgetag.local_addr().unwrap());
+    let mut server = start(&[
+        "--callback-listen",
+        "127.0.0.1:0",
+        "--token-url",
+        &token_url,
+        "--upstream-timeout",
+        "10m",
+    ])
+    .await;
+    let callback = field(
+        &wait_for_line(&mut server.lines, "browser callback serving").await,
+        "addr",
+    );
+    let mut client = CredentialServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let begun = client
+        .begin_auth(credential_service::proto::BeginAuthRequest {
+            account: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let state: String = url::form_urlencoded::byte_serialize(begun.state.as_bytes()).collect();
+    let page = tokio::spawn(reqwest::get(format!(
+        "http://{callback}/oauth/callback?code=c&state={state}"
+    )));
+    // The exchange has reached EdgeTag: the callback request is in flight.
+    let (_exchange, _) = within(edgetag.accept()).await.unwrap();
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.child.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    wait_for_line(
+        &mut server.lines,
+        "HTTP connections still open after the grace period",
+    )
+    .await;
+    wait_for_line(&mut server.lines, " stopped").await;
+    let status = within(server.child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    page.abort();
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn secret_files_open_to_others_are_named_with_their_mode_at_start() {

@@ -1,9 +1,15 @@
 //! The optional HTTP listeners beside gRPC: the browser callback and `/metrics`. They stop when
-//! the shutdown starts, letting requests in flight finish.
+//! the shutdown starts, letting requests in flight finish within a grace period.
+
+use std::time::Duration;
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{broker::Broker, callback, config::ServiceConfig, metrics};
+
+/// How long HTTP requests in flight may take to finish once shutdown starts. A scrape or a callback
+/// page takes milliseconds; an exchange the callback started completes on its own task anyway.
+const HTTP_DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// The running HTTP listeners and the switch that stops them.
 pub(super) struct HttpListeners {
@@ -44,12 +50,22 @@ impl HttpListeners {
         self.stop.send_replace(true);
     }
 
-    /// Stops and waits until every listener has finished.
+    /// Stops and waits until every listener has finished, or [`HTTP_DRAIN_GRACE`] has passed:
+    /// a connection that never completes its request (a slow or stalled client) must not hold up
+    /// the rest of the shutdown (the audit's last counts, refreshes in flight, the store's close).
     pub(super) async fn finish(self) {
         self.stop();
-        for server in self.tasks {
-            // An HTTP listener's failure is logged where it happens; the store still closes cleanly.
-            let _ = server.await;
+        let mut tasks = self.tasks;
+        // An HTTP listener's failure is logged where it happens; the store still closes cleanly.
+        let all = futures::future::join_all(tasks.iter_mut());
+        if tokio::time::timeout(HTTP_DRAIN_GRACE, all).await.is_err() {
+            tracing::warn!(
+                grace = ?HTTP_DRAIN_GRACE,
+                "HTTP connections still open after the grace period; closing them"
+            );
+            for task in &tasks {
+                task.abort();
+            }
         }
     }
 }
