@@ -39,6 +39,9 @@ pub struct SledStore {
     accounts: sled::Tree,
     codec: Codec,
     flusher: Arc<Flusher>,
+    /// Makes every flush fail, as a full or failing disk would.
+    #[cfg(test)]
+    fail_flushes: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for SledStore {
@@ -94,12 +97,41 @@ impl SledStore {
             accounts,
             codec: Codec::new(keys),
             flusher,
+            #[cfg(test)]
+            fail_flushes: Default::default(),
         })
     }
 
     /// Waits until everything written so far is durable.
     async fn flush(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_flushes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(sled::Error::Io(io::Error::other("injected flush failure")).into());
+        }
         self.flusher.flush().await
+    }
+
+    /// Writes (or with `None`, deletes) an account's record if its stored version is `expected`,
+    /// and makes it durable. If the flush fails the write is undone, so the store keeps the version
+    /// the caller still holds: its retry of the same write can then succeed (it would otherwise
+    /// meet its own undurable write as a conflict, until a restart).
+    async fn write_account(
+        &self,
+        account: &AccountId,
+        expected: Expected,
+        new: Option<(&AccountRecord, Version)>,
+    ) -> Result<(), StoreError> {
+        let (old, written) = self.swap_account(account, expected, new)?;
+        if let Err(e) = self.flush().await {
+            if let Err(undo) = self
+                .accounts
+                .compare_and_swap(account.as_str(), written, old)
+            {
+                tracing::error!(account = %account, error = %undo, "undoing a write that could not be flushed failed");
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn current(&self, account: &AccountId) -> Result<Option<(sled::IVec, Versioned)>, StoreError> {
@@ -114,21 +146,25 @@ impl SledStore {
 
     /// The compare-and-swap behind every account write: replaces exactly the record `expected`
     /// names, or nothing.
+    /// The in-memory half of [`Self::write_account`]: returns the bytes replaced and written.
     fn swap_account(
         &self,
         account: &AccountId,
         expected: Expected,
         new: Option<(&AccountRecord, Version)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(Option<sled::IVec>, Option<sled::IVec>), StoreError> {
         let old = match (expected, self.current(account)?) {
             (Expected::Absent, None) => None,
             (Expected::Version(v), Some((bytes, stored))) if stored.version == v => Some(bytes),
             _ => return Err(StoreError::Conflict(account.clone())),
         };
-        let sealed = new.map(|(record, version)| self.codec.seal_account(account, record, version));
+        let sealed = new.map(|(record, version)| {
+            sled::IVec::from(self.codec.seal_account(account, record, version))
+        });
         self.accounts
-            .compare_and_swap(account.as_str(), old, sealed)?
-            .map_err(|_| StoreError::Conflict(account.clone()))
+            .compare_and_swap(account.as_str(), old.clone(), sealed.clone())?
+            .map_err(|_| StoreError::Conflict(account.clone()))?;
+        Ok((old, sealed))
     }
 }
 
@@ -192,8 +228,8 @@ impl Store for SledStore {
             Expected::Absent => 1,
             Expected::Version(v) => v + 1,
         };
-        self.swap_account(account, expected, Some((record, version)))?;
-        self.flush().await?;
+        self.write_account(account, expected, Some((record, version)))
+            .await?;
         Ok(version)
     }
 
@@ -205,8 +241,8 @@ impl Store for SledStore {
         if self.current(account)?.is_none() {
             return Ok(());
         }
-        self.swap_account(account, Expected::Version(expected), None)?;
-        self.flush().await
+        self.write_account(account, Expected::Version(expected), None)
+            .await
     }
 
     /// One process per directory: the claim is always granted unless the record moved on (which
@@ -440,6 +476,41 @@ mod tests {
             }
         }
         assert!(files >= 2, "sled's conf and db files were checked");
+    }
+
+    /// A write whose flush fails (a full disk) is undone: the stored version stays the one the
+    /// caller holds, so the same write succeeds once the disk is back, without a restart.
+    #[tokio::test]
+    async fn a_write_that_cannot_be_flushed_is_undone_and_its_retry_succeeds() {
+        use secrecy::ExposeSecret;
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), Keyring::ephemeral()).unwrap();
+        let acme = AccountId::parse("acme").unwrap();
+        let v1 = store
+            .put_account(&acme, &record("at-1", Some("rt-1")), Expected::Absent)
+            .await
+            .unwrap();
+
+        store.fail_flushes.store(true, Ordering::Relaxed);
+        let rotated = record("at-2", Some("rt-2"));
+        store
+            .put_account(&acme, &rotated, Expected::Version(v1))
+            .await
+            .unwrap_err();
+        store.delete_account(&acme, v1).await.unwrap_err();
+        let kept = store.load_account(&acme).await.unwrap().unwrap();
+        assert_eq!(kept.version, v1, "the unflushed writes were undone");
+        assert_eq!(kept.record.tokens.access_token.expose_secret(), "at-1");
+
+        store.fail_flushes.store(false, Ordering::Relaxed);
+        let v2 = store
+            .put_account(&acme, &rotated, Expected::Version(v1))
+            .await
+            .expect("the retry of the same write succeeds");
+        let stored = store.load_account(&acme).await.unwrap().unwrap();
+        assert_eq!(stored.version, v2);
+        assert_eq!(stored.record.tokens.access_token.expose_secret(), "at-2");
     }
 
     #[tokio::test]
