@@ -180,6 +180,16 @@ impl UpstreamError {
         }
     }
 
+    /// Whether EdgeTag itself was down or overloaded (no answer, or a 5xx or 429): one
+    /// successful refresh then shows it is back for every account. An unusable answer is
+    /// transient too, but says nothing about other accounts.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable(_) | Self::Timeout(_) | Self::Unavailable { .. }
+        )
+    }
+
     /// The provider's explicit back-off request, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

@@ -210,7 +210,7 @@ impl Inner {
             health.hold_until = retry_after.map(|ra| at + ra);
             health.last_failure = Some(failure.clone());
         }
-        if matches!(&failure, RefreshFailure::Upstream(e) if e.is_transient()) {
+        if matches!(&failure, RefreshFailure::Upstream(e) if e.is_outage()) {
             self.transient_backoffs.store(true, Ordering::Release);
         }
         slot.record.store(Arc::new(AccountRecord {
@@ -225,10 +225,11 @@ impl Inner {
         failure
     }
 
-    /// EdgeTag answered a refresh again: every account backing off after a transient failure may
-    /// refresh at once, unless EdgeTag's `Retry-After` still holds it, instead of waiting out
-    /// back-offs of up to `backoff_max`. The scheduler takes them most overdue first, within the
-    /// upstream cap.
+    /// EdgeTag answered a refresh again: every account backing off because EdgeTag was down
+    /// ([`UpstreamError::is_outage`]) may refresh at once, unless EdgeTag's `Retry-After` still
+    /// holds it, instead of waiting out back-offs of up to `backoff_max`. The scheduler takes them
+    /// most overdue first, within the upstream cap. An account whose own answers are unusable
+    /// keeps backing off: another account's success says nothing about it.
     fn end_transient_backoffs(&self) {
         if !self.transient_backoffs.swap(false, Ordering::AcqRel) {
             return;
@@ -237,7 +238,7 @@ impl Inner {
         for entry in self.accounts.iter() {
             let mut health = entry.value().health();
             if health.retry_at.is_some()
-                && matches!(&health.last_failure, Some(RefreshFailure::Upstream(e)) if e.is_transient())
+                && matches!(&health.last_failure, Some(RefreshFailure::Upstream(e)) if e.is_outage())
             {
                 // An explicit Retry-After still holds.
                 health.retry_at = health.hold_until;
@@ -506,4 +507,73 @@ pub(super) fn log_client_rejected(status: u16) {
         "EdgeTag rejected this service's client credentials: check --client-id and the client secret \
          (EDGETAG_CLIENT_ID, EDGETAG_CLIENT_SECRET_FILE / EDGETAG_CLIENT_SECRET)"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        broker::{Broker, BrokerConfig},
+        clock::Clock,
+        sealing::Keyring,
+        store::{Expected, SledStore, Store, contract::record},
+    };
+
+    /// The back-off cut after EdgeTag's return is for accounts that failed because EdgeTag was
+    /// down. An account whose own answers were unusable keeps backing off: cut on every other
+    /// account's success, it would be retried on every scan for good.
+    #[tokio::test]
+    async fn the_back_off_cut_spares_accounts_whose_answers_were_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(dir.path(), Keyring::ephemeral()).unwrap());
+        let accounts = ["down", "malformed"].map(|a| AccountId::parse(a).unwrap());
+        for account in &accounts {
+            store
+                .put_account(account, &record("at", Some("rt")), Expected::Absent)
+                .await
+                .unwrap();
+        }
+        let clock = Clock::manual();
+        let broker = Broker::new(
+            store,
+            crate::oauth::unreachable_provider(),
+            clock.clone(),
+            BrokerConfig::default(),
+        )
+        .await
+        .unwrap();
+        let inner = &broker.inner;
+        let failures = [
+            UpstreamError::Unavailable {
+                status: 503,
+                retry_after: None,
+            },
+            UpstreamError::Malformed("no access_token"),
+        ];
+        for (account, failure) in accounts.iter().zip(failures) {
+            let slot = broker.slot(account).unwrap();
+            let current = slot.record.load_full();
+            let failure = RefreshFailure::Upstream(failure);
+            inner.note_failure(account, &slot, &current, failure, clock.now());
+            assert!(slot.backing_off(clock.now()).is_some());
+        }
+
+        inner.end_transient_backoffs();
+        let backing_off = |account: &AccountId| {
+            broker
+                .slot(account)
+                .unwrap()
+                .backing_off(clock.now())
+                .is_some()
+        };
+        assert!(
+            !backing_off(&accounts[0]),
+            "EdgeTag was down: refreshes at once"
+        );
+        assert!(
+            backing_off(&accounts[1]),
+            "its own answer was unusable: still backs off"
+        );
+    }
 }
