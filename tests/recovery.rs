@@ -487,3 +487,13 @@ async fn a_store_failure_is_one_status_on_every_path() {
         "internal error; the service's log has the cause",
     );
 }
+
+#[tokio::test]
+async fn a_store_failure_at_the_refresh_claim_is_one_status_on_every_path() {
+    let answers = answers_on_both_paths(|app| app.faults.fail_claims(true)).await;
+    assert_one_answer(
+        &answers,
+        Code::Internal,
+        "internal error; the service's log has the cause",
+    );
+}

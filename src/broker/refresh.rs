@@ -55,6 +55,9 @@ pub enum RefreshFailure {
     Store,
     /// The shared store could not be reached to claim the account: nothing was asked of EdgeTag.
     StoreUnavailable,
+    /// The store failed otherwise while claiming the account (logged where it happened): nothing
+    /// was asked of EdgeTag.
+    ClaimFailed,
     /// The account was removed meanwhile.
     Removed,
     /// The refresh task panicked.
@@ -75,6 +78,9 @@ impl RefreshFailure {
             Self::ClientRejected => Error::ClientCredentialsRejected,
             Self::Store => Error::Internal("a refreshed token set could not be stored yet"),
             Self::StoreUnavailable => Error::StoreUnavailable,
+            Self::ClaimFailed => {
+                Error::Internal("the account's refresh could not be claimed in the store")
+            }
             Self::Removed => Error::UnknownAccount(account.clone()),
             Self::Panicked => Error::Internal("refresh task failed"),
         }
@@ -88,7 +94,8 @@ impl RefreshFailure {
             | Self::ClientRejected
             | Self::Removed
             | Self::Panicked
-            | Self::StoreUnavailable => RefreshEventKind::Failed,
+            | Self::StoreUnavailable
+            | Self::ClaimFailed => RefreshEventKind::Failed,
         }
     }
 }
@@ -377,7 +384,16 @@ async fn refresh_task(
             drop(health);
             return servable(current);
         }
-        Err(e) => return Err(store_failure(e)),
+        Err(e) => {
+            // Noted like any failed refresh, so that callers the demand limit answers without a
+            // refresh of their own get the same answer, and the scheduler backs off.
+            let failure = match store_failure(e) {
+                RefreshFailure::Store => RefreshFailure::ClaimFailed,
+                failure => failure,
+            };
+            let now = inner.clock.now();
+            return Err(inner.note_failure(&account, &slot, &current, failure, now));
+        }
     };
 
     let attempted_at = inner.clock.now();

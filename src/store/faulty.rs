@@ -28,6 +28,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Faults {
     fail_writes: Arc<AtomicBool>,
+    fail_claims: Arc<AtomicBool>,
     changes: broadcast::Sender<Change>,
 }
 
@@ -35,6 +36,7 @@ impl Default for Faults {
     fn default() -> Self {
         Self {
             fail_writes: Arc::default(),
+            fail_claims: Arc::default(),
             changes: broadcast::channel(1024).0,
         }
     }
@@ -44,6 +46,12 @@ impl Faults {
     /// Makes every following write (pending, account, claim commit) fail until called with `false`.
     pub fn fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every following refresh claim fail (as a database that cannot take the row lock
+    /// would) until called with `false`.
+    pub fn fail_claims(&self, fail: bool) {
+        self.fail_claims.store(fail, Ordering::SeqCst);
     }
 
     /// Announces a change on [`Store::changes`], as another replica's commit would.
@@ -120,6 +128,9 @@ impl Store for Faulty {
         seen: Version,
         mode: ClaimMode,
     ) -> Result<Claim, StoreError> {
+        if self.faults.fail_claims.load(Ordering::SeqCst) {
+            return Err(StoreError::InjectedFailure);
+        }
         Ok(match self.inner.claim_refresh(account, seen, mode).await? {
             Claim::Granted(claim) => Claim::Granted(Box::new(FaultyClaim {
                 inner: claim,
