@@ -497,3 +497,36 @@ async fn a_store_failure_at_the_refresh_claim_is_one_status_on_every_path() {
         "internal error; the service's log has the cause",
     );
 }
+
+// ---- Claims and the upstream cap ----
+
+/// A refresh waits for an upstream slot before it claims the account, not after: on PostgreSQL a
+/// claim holds a row lock and a pooled connection until its refresh ends, so claims queued behind
+/// the cap could use up the pool, or outlive the database's idle-in-transaction timeout and let
+/// another replica refresh the same account.
+#[tokio::test]
+async fn refreshes_queued_behind_the_upstream_cap_hold_no_claim() {
+    let app = TestApp::spawn_with(Options {
+        broker: BrokerConfig {
+            upstream_concurrency: 1,
+            ..BrokerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let accounts = ["a0", "a1", "a2", "a3", "a4"];
+    for account in accounts {
+        app.connect(account).await;
+    }
+    app.clock.advance(2 * HOUR + MINUTE);
+    // Long enough that every caller's refresh is queued while the first is at EdgeTag.
+    app.fake.set_token_delay(Duration::from_millis(100));
+    let calls = accounts.map(|account| app.get_token(account));
+    for token in futures::future::join_all(calls).await {
+        assert!(app.fake.access_token_is_valid(&token.unwrap().access_token));
+    }
+    // One claim at EdgeTag, and at most one more writing the answer it got (its place in the cap
+    // is free once EdgeTag has answered); all five at once before.
+    let peak = app.faults.peak_claims();
+    assert!(peak <= 2, "{peak} claims held at once with one upstream slot");
+}

@@ -23,6 +23,7 @@ use futures::{
     future::{BoxFuture, Shared},
 };
 use secrecy::SecretString;
+use tokio::sync::SemaphorePermit;
 
 use super::{
     Inner, RefreshEventKind, policy,
@@ -150,21 +151,28 @@ impl Inner {
         Some(result)
     }
 
-    /// One refresh request with retries for transient failures, inside the policy's budget.
-    /// Returns when the successful request was sent, for a conservative expiry.
+    /// One refresh request with retries for transient failures, inside the policy's budget; the
+    /// first try uses `permit`, a place in the upstream cap already taken. Returns when the
+    /// successful request was sent, for a conservative expiry.
     async fn refresh_with_retries(
         &self,
         refresh_token: &SecretString,
+        permit: SemaphorePermit<'_>,
     ) -> Result<(SystemTime, TokenResponse), UpstreamError> {
         let policy = &self.config.refresh;
         let started = Instant::now();
         let mut pause = policy.retry_base;
         let mut attempt = 1;
+        let mut first = Some(permit);
         loop {
             let requested_at = self.clock.now();
             let result = {
-                let Ok(_permit) = self.upstream.acquire().await else {
-                    return Err(UpstreamError::Unreachable("shutting down"));
+                let _permit = match first.take() {
+                    Some(permit) => permit,
+                    None => match self.upstream.acquire().await {
+                        Ok(permit) => permit,
+                        Err(_) => return Err(UpstreamError::Unreachable("shutting down")),
+                    },
                 };
                 self.provider.refresh(refresh_token).await
             };
@@ -350,6 +358,13 @@ async fn refresh_task(
     let Some(refresh_token) = current.tokens.refresh_token.clone() else {
         return Err(RefreshFailure::NeedsReauth);
     };
+    // A place in the upstream cap first, the claim second: on a shared store a claim holds a row
+    // lock and a pooled connection until the refresh ends, so claims must not queue for places.
+    let Ok(permit) = inner.upstream.acquire().await else {
+        return Err(RefreshFailure::Upstream(UpstreamError::Unreachable(
+            "shutting down",
+        )));
+    };
     // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the answer.
     // The scheduler never waits for another process's refresh, and honours the fleet's back-off.
     let mode = match trigger {
@@ -397,7 +412,7 @@ async fn refresh_task(
     };
 
     let attempted_at = inner.clock.now();
-    let response = match inner.refresh_with_retries(&refresh_token).await {
+    let response = match inner.refresh_with_retries(&refresh_token, permit).await {
         Ok(response) => response,
         Err(UpstreamError::InvalidGrant) => {
             let record = Arc::new(AccountRecord {

@@ -5,7 +5,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::SystemTime,
 };
@@ -29,6 +29,9 @@ use crate::{
 pub struct Faults {
     fail_writes: Arc<AtomicBool>,
     fail_claims: Arc<AtomicBool>,
+    /// Refresh claims granted and not yet committed, failed or dropped; and the most at once.
+    open_claims: Arc<AtomicUsize>,
+    peak_claims: Arc<AtomicUsize>,
     changes: broadcast::Sender<Change>,
 }
 
@@ -37,6 +40,8 @@ impl Default for Faults {
         Self {
             fail_writes: Arc::default(),
             fail_claims: Arc::default(),
+            open_claims: Arc::default(),
+            peak_claims: Arc::default(),
             changes: broadcast::channel(1024).0,
         }
     }
@@ -52,6 +57,12 @@ impl Faults {
     /// would) until called with `false`.
     pub fn fail_claims(&self, fail: bool) {
         self.fail_claims.store(fail, Ordering::SeqCst);
+    }
+
+    /// The most refresh claims held at once so far: on a shared store each holds a row lock and a
+    /// pooled connection.
+    pub fn peak_claims(&self) -> usize {
+        self.peak_claims.load(Ordering::SeqCst)
     }
 
     /// Announces a change on [`Store::changes`], as another replica's commit would.
@@ -132,10 +143,15 @@ impl Store for Faulty {
             return Err(StoreError::InjectedFailure);
         }
         Ok(match self.inner.claim_refresh(account, seen, mode).await? {
-            Claim::Granted(claim) => Claim::Granted(Box::new(FaultyClaim {
-                inner: claim,
-                faults: self.faults.clone(),
-            })),
+            Claim::Granted(claim) => {
+                let open = self.faults.open_claims.fetch_add(1, Ordering::SeqCst) + 1;
+                self.faults.peak_claims.fetch_max(open, Ordering::SeqCst);
+                Claim::Granted(Box::new(FaultyClaim {
+                    inner: claim,
+                    faults: self.faults.clone(),
+                    _open: OpenClaim(self.faults.open_claims.clone()),
+                }))
+            }
             other => other,
         })
     }
@@ -155,6 +171,16 @@ impl Store for Faulty {
 struct FaultyClaim {
     inner: Box<dyn RefreshClaim>,
     faults: Faults,
+    _open: OpenClaim,
+}
+
+/// Counts its claim as open until the claim is done with.
+struct OpenClaim(Arc<AtomicUsize>);
+
+impl Drop for OpenClaim {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
