@@ -168,6 +168,38 @@ async fn grpc_status(response: h2::client::ResponseFuture) -> Option<i32> {
     parse(&body.trailers().await.ok()??)
 }
 
+type Answer = std::pin::Pin<Box<dyn Future<Output = Option<i32>> + Send>>;
+
+/// `n` calls to `path` on one raw HTTP/2 connection whose request never ends: their answers (the
+/// grpc-status each gets) and the request bodies, which keep them open while held.
+async fn stalled_calls(
+    addr: &str,
+    path: &str,
+    n: usize,
+) -> (Vec<Answer>, Vec<h2::SendStream<Bytes>>) {
+    let attacker = h2_connect(addr).await;
+    let (mut answers, mut bodies) = (Vec::<Answer>::new(), Vec::new());
+    for _ in 0..n {
+        let mut sender = attacker.clone().ready().await.unwrap();
+        let (response, body) = sender
+            .send_request(grpc_request(addr, path), false)
+            .unwrap();
+        answers.push(Box::pin(grpc_status(response)));
+        bodies.push(body);
+    }
+    (answers, bodies)
+}
+
+/// Sends SIGTERM to `child`, as systemd or Kubernetes would to stop the service.
+async fn terminate(child: &Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+}
+
 #[tokio::test]
 async fn a_flood_of_huge_health_requests_on_one_connection_stays_small_and_health_answers() {
     const STREAMS: usize = 100;
@@ -467,15 +499,8 @@ async fn calls_past_the_in_flight_bound_are_refused_and_health_still_answers() {
     // Three GetToken calls whose body never comes. A call is refused only while two others hold
     // both places, and these never end on their own: so once one of the three is refused, the
     // other two fill the bound until their bodies come.
-    let attacker = h2_connect(&server.addr).await;
-    let (mut answers, mut bodies) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let mut sender = attacker.clone().ready().await.unwrap();
-        let request = grpc_request(&server.addr, "/credential.v1.CredentialService/GetToken");
-        let (response, body) = sender.send_request(request, false).unwrap();
-        answers.push(Box::pin(grpc_status(response)));
-        bodies.push(body);
-    }
+    let (answers, mut bodies) =
+        stalled_calls(&server.addr, "/credential.v1.CredentialService/GetToken", 3).await;
     let (refused, index, hanging) = within(futures::future::select_all(answers)).await;
     assert_eq!(refused, Some(Code::ResourceExhausted as i32));
     bodies.swap_remove(index); // select_all removes the finished future the same way
@@ -546,15 +571,7 @@ async fn stalled_calls_without_credentials_do_not_lock_callers_out() {
     .await;
     // Three health Watch calls, no credentials, whose request never ends: two hold the open
     // bound, and the third is refused.
-    let attacker = h2_connect(&server.addr).await;
-    let (mut answers, mut bodies) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let mut sender = attacker.clone().ready().await.unwrap();
-        let request = grpc_request(&server.addr, "/grpc.health.v1.Health/Watch");
-        let (response, body) = sender.send_request(request, false).unwrap();
-        answers.push(Box::pin(grpc_status(response)));
-        bodies.push(body);
-    }
+    let (answers, bodies) = stalled_calls(&server.addr, "/grpc.health.v1.Health/Watch", 3).await;
     let (refused, _, _hanging) = within(futures::future::select_all(answers)).await;
     assert_eq!(refused, Some(Code::ResourceExhausted as i32));
     wait_for_line(
@@ -653,13 +670,7 @@ async fn throttled_refusal_lines_account_for_every_refusal() {
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     }
     drop(open);
-    let pid = server.child.id().unwrap().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
+    terminate(&server.child).await;
     let mut hits = 0;
     let read = async {
         while let Some(line) = server.lines.next_line().await.unwrap() {
@@ -714,12 +725,7 @@ async fn an_unfinished_http_request_does_not_hold_up_the_shutdown() {
     // The exchange has reached EdgeTag: the callback request is in flight.
     let (_exchange, _) = within(edgetag.accept()).await.unwrap();
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &server.child.id().unwrap().to_string()])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
+    terminate(&server.child).await;
     wait_for_line(
         &mut server.lines,
         "HTTP connections still open after the grace period",

@@ -528,5 +528,8 @@ async fn refreshes_queued_behind_the_upstream_cap_hold_no_claim() {
     // One claim at EdgeTag, and at most one more writing the answer it got (its place in the cap
     // is free once EdgeTag has answered); all five at once before.
     let peak = app.faults.peak_claims();
-    assert!(peak <= 2, "{peak} claims held at once with one upstream slot");
+    assert!(
+        peak <= 2,
+        "{peak} claims held at once with one upstream slot"
+    );
 }
