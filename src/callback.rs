@@ -174,6 +174,15 @@ fn failed(e: Error) -> Response {
             "The service's database could not be reached",
             "Reload this page in a minute to try again, while the link is valid.",
         ),
+        Error::GrantNotStored { account, cause } => {
+            tracing::error!(account = %account, error = %cause, "browser callback: a granted token set could not be stored");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The service could not keep the connection",
+                "EdgeTag approved it, but the service's database did not store it, and an approval \
+                 cannot be used twice; reloading this page will not help.",
+            )
+        }
         Error::ClientCredentialsRejected => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "The service's EdgeTag credentials were rejected",
@@ -206,6 +215,7 @@ fn failed(e: Error) -> Response {
             | Error::InvalidArgument(_)
             | Error::InvalidAccount(_)
             | Error::CodeRejected(_)
+            | Error::GrantNotStored { .. }
             | Error::Store(_)
             | Error::Internal(_)
     ) {

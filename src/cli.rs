@@ -42,6 +42,7 @@ pub mod exit {
     pub const PERMISSION_DENIED: u8 = 10;
     pub const UNIMPLEMENTED: u8 = 11;
     pub const INTERNAL: u8 = 12;
+    pub const ABORTED: u8 = 13;
 }
 
 const EXIT_CODES: &str = "\
@@ -58,7 +59,8 @@ Exit codes:
    9  UNAUTHENTICATED (missing or wrong --token / CREDCTL_TOKEN)
   10  PERMISSION_DENIED (this caller may not do that)
   11  UNIMPLEMENTED (the service is older than this credctl)
-  12  INTERNAL (the service's log has the cause)";
+  12  INTERNAL (the service's log has the cause)
+  13  ABORTED (EdgeTag approved, but the service could not keep it; start again with `credctl begin`)";
 
 /// Talks to a credential-service over gRPC.
 #[derive(Parser)]
@@ -178,6 +180,7 @@ impl CliError {
                 Code::PermissionDenied => exit::PERMISSION_DENIED,
                 Code::Unimplemented => exit::UNIMPLEMENTED,
                 Code::Internal | Code::DataLoss => exit::INTERNAL,
+                Code::Aborted => exit::ABORTED,
                 _ => exit::OTHER,
             },
         }
@@ -207,6 +210,7 @@ impl CliError {
             }
             Code::Unimplemented => "the service is older than this credctl; upgrade it",
             Code::Internal | Code::DataLoss => "the service's log has the cause",
+            Code::Aborted => "start the authorization again: `credctl begin ACCOUNT`",
             _ => return None,
         })
     }
@@ -763,6 +767,7 @@ mod tests {
             Code::PermissionDenied,
             Code::Unimplemented,
             Code::Internal,
+            Code::Aborted,
         ];
         let mut seen: Vec<u8> = codes
             .iter()

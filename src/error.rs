@@ -54,6 +54,15 @@ pub enum Error {
     /// The shared store (PostgreSQL) is unreachable; it logs that once, not per call.
     #[error("the credential store is unreachable; retry later")]
     StoreUnavailable,
+    /// CompleteAuth exchanged the code, which EdgeTag has then used up, but could not store the
+    /// token set: retrying CompleteAuth cannot help, a new authorization can.
+    #[error(
+        "EdgeTag granted access to account {account}, but the credential store could not keep it; start the authorization again with BeginAuth"
+    )]
+    GrantNotStored {
+        account: AccountId,
+        cause: StoreError,
+    },
     #[error("internal error: storage")]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -74,6 +83,8 @@ impl Error {
             | Error::InvalidArgument(_)
             | Error::MinValidityTooLong { .. } => Code::InvalidArgument,
             Error::UnknownAccount(_) | Error::UnknownState => Code::NotFound,
+            // Retry at a higher level: the whole authorization, not this call.
+            Error::GrantNotStored { .. } => Code::Aborted,
             Error::CodeRejected(_) | Error::NeedsReauth(_) => Code::FailedPrecondition,
             // Distinct from a rejected code: nothing the caller sends can fix it, only the operator.
             Error::ClientCredentialsRejected => Code::Internal,
@@ -94,6 +105,10 @@ impl From<Error> for Status {
                 return Status::new(e.code(), Error::StoreUnavailable.to_string());
             }
             Error::Store(cause) => tracing::error!(error = %cause, "storage failure"),
+            Error::GrantNotStored { account, cause } => {
+                tracing::error!(account = %account, error = %cause, "a granted token set could not be stored");
+                return Status::new(e.code(), e.to_string());
+            }
             Error::Internal(what) => tracing::error!(error = what, "internal failure"),
             _ => return Status::new(e.code(), e.to_string()),
         }

@@ -441,11 +441,18 @@ async fn redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers() {
     );
 }
 
+/// EdgeTag uses the code up in the exchange: when the store then refuses the token set, nothing is
+/// served, and CompleteAuth says to start again (ABORTED), not to retry a call that cannot succeed.
 async fn a_completion_the_disk_refuses_is_never_served() {
     let app = TestApp::spawn().await;
     let (code, state) = app.authorize("newcomer").await;
     app.faults.fail_writes(true);
-    assert_status(app.complete(&code, &state).await, Code::Internal, "");
+    assert_status(
+        app.complete(&code, &state).await,
+        Code::Aborted,
+        "start the authorization again with BeginAuth",
+    );
+    assert_status(app.complete(&code, &state).await, Code::NotFound, "");
     assert_status(
         app.get_token("newcomer").await,
         Code::NotFound,

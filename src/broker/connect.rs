@@ -159,10 +159,16 @@ impl Broker {
                     Err(e) => Err(e),
                 },
             };
+            let not_stored = |cause| Error::GrantNotStored {
+                account: pending.account.clone(),
+                cause,
+            };
             match written {
                 Ok(()) => break,
-                Err(StoreError::Conflict(_)) => self.reload(&pending.account).await?,
-                Err(e) => return Err(e.into()),
+                Err(StoreError::Conflict(_)) => {
+                    self.reload(&pending.account).await.map_err(not_stored)?;
+                }
+                Err(cause) => return Err(not_stored(cause)),
             }
         }
         tracing::info!(account = %pending.account, "account connected");
