@@ -41,6 +41,21 @@ async fn wait_for_line(lines: &mut Lines<BufReader<ChildStderr>>, needle: &str) 
 }
 
 /// The address from the "serving" log line.
+/// Stops `child` the way systemd or Kubernetes does (SIGTERM) and checks that it exits 0.
+async fn stop(child: &mut Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the service stops within 30 s")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 fn serving_addr(line: &str) -> String {
     line.split("addr=")
         .nth(1)
@@ -168,7 +183,20 @@ async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
     wait_for_line(&mut lines, "DEV MODE").await;
     wait_for_line(&mut lines, "curl -sL \"$URL\"").await;
     wait_for_line(&mut lines, "CredentialService/GetToken").await;
-    let addr = serving_addr(&wait_for_line(&mut lines, "credential-service serving").await);
+    let serving = wait_for_line(&mut lines, "credential-service serving").await;
+    let addr = serving_addr(&serving);
+    // Its data, and the encryption key beside them, in a temporary directory of their own.
+    let data_dir = std::path::PathBuf::from(
+        serving
+            .split("data_dir=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap(),
+    );
+    let temporary = data_dir.parent().unwrap().to_owned();
+    assert!(temporary.exists(), "{temporary:?}");
     let callback = serving_addr(&wait_for_line(&mut lines, "browser callback serving").await);
 
     let mut client = CredentialServiceClient::connect(format!("http://{addr}"))
@@ -213,7 +241,10 @@ async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
         .into_inner();
     assert!(!token.access_token.is_empty());
     assert_eq!(token.token_type, "Bearer");
-    child.kill().await.unwrap();
+    // Stopped as usual, it leaves nothing behind.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    stop(&mut child).await;
+    assert!(!temporary.exists(), "{temporary:?} is left behind");
 }
 
 #[tokio::test]
@@ -340,5 +371,6 @@ async fn json_logs_are_one_object_per_line_with_the_account() {
     let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON object");
     assert_eq!(line["span"]["account"], "acme");
     assert_eq!(line["span"]["name"], "BeginAuth");
-    child.kill().await.unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    stop(&mut child).await; // so that dev mode removes its temporary directory
 }

@@ -145,7 +145,18 @@ async fn the_readme_grpcurl_session_works_as_written() {
         "{snapshot}"
     );
     assert_eq!(stderr.matches("DeadlineExceeded").count(), 2, "{stderr}");
-    server.kill().await.unwrap();
+    // SIGTERM, as ctrl-c would: dev mode then removes its temporary directory.
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), server.wait())
+        .await
+        .expect("the server stops within 30 s")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }
 
 /// The README's set-up line is what a newcomer runs on a fresh machine before the test command:
