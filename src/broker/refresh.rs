@@ -151,6 +151,14 @@ impl Inner {
         Some(result)
     }
 
+    /// A place in the upstream cap, waited for; refused only when the broker shuts down.
+    async fn upstream_place(&self) -> Result<SemaphorePermit<'_>, UpstreamError> {
+        self.upstream
+            .acquire()
+            .await
+            .map_err(|_| UpstreamError::Unreachable("shutting down"))
+    }
+
     /// One refresh request with retries for transient failures, inside the policy's budget; the
     /// first try uses `permit`, a place in the upstream cap already taken. Returns when the
     /// successful request was sent, for a conservative expiry.
@@ -169,10 +177,7 @@ impl Inner {
             let result = {
                 let _permit = match first.take() {
                     Some(permit) => permit,
-                    None => match self.upstream.acquire().await {
-                        Ok(permit) => permit,
-                        Err(_) => return Err(UpstreamError::Unreachable("shutting down")),
-                    },
+                    None => self.upstream_place().await?,
                 };
                 self.provider.refresh(refresh_token).await
             };
@@ -360,11 +365,10 @@ async fn refresh_task(
     };
     // A place in the upstream cap first, the claim second: on a shared store a claim holds a row
     // lock and a pooled connection until the refresh ends, so claims must not queue for places.
-    let Ok(permit) = inner.upstream.acquire().await else {
-        return Err(RefreshFailure::Upstream(UpstreamError::Unreachable(
-            "shutting down",
-        )));
-    };
+    let permit = inner
+        .upstream_place()
+        .await
+        .map_err(RefreshFailure::Upstream)?;
     // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the answer.
     // The scheduler never waits for another process's refresh, and honours the fleet's back-off.
     let mode = match trigger {
@@ -402,10 +406,7 @@ async fn refresh_task(
         Err(e) => {
             // Noted like any failed refresh, so that callers the demand limit answers without a
             // refresh of their own get the same answer, and the scheduler backs off.
-            let failure = match store_failure(e) {
-                RefreshFailure::Store => RefreshFailure::ClaimFailed,
-                failure => failure,
-            };
+            let failure = claim_failure(e);
             let now = inner.clock.now();
             return Err(inner.note_failure(&account, &slot, &current, failure, now));
         }
@@ -530,6 +531,16 @@ fn store_failure(e: StoreError) -> RefreshFailure {
     }
     tracing::error!(error = %e, "storing a token set failed");
     RefreshFailure::Store
+}
+
+/// Why claiming an account failed; like [`store_failure`], but nothing was refreshed yet.
+fn claim_failure(e: StoreError) -> RefreshFailure {
+    if e.is_unavailable() {
+        // Logged once per outage by the store.
+        return RefreshFailure::StoreUnavailable;
+    }
+    tracing::error!(error = %e, "claiming an account's refresh in the store failed");
+    RefreshFailure::ClaimFailed
 }
 
 pub(super) fn log_client_rejected(status: u16) {

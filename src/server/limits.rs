@@ -233,15 +233,16 @@ where
             Ok(audit) => audit,
             Err(status) => return CallFuture::refused(&call, status),
         };
-        // `None`: a method anyone may call.
-        let (bound, refusals) = match &audit {
-            Some(_) => (&self.bounds.authenticated, &CALLS_REFUSED),
-            None => (&self.bounds.open, &OPEN_CALLS_REFUSED),
+        // `audit` is `None` for the methods anyone may call; of those, health checks take no
+        // place at all.
+        let bound = match &audit {
+            Some(_) => Some((&self.bounds.authenticated, &CALLS_REFUSED)),
+            None if request.uri().path() == HEALTH_CHECK => None,
+            None => Some((&self.bounds.open, &OPEN_CALLS_REFUSED)),
         };
-        let permit = if request.uri().path() == HEALTH_CHECK {
-            None
-        } else {
-            match bound.admit() {
+        let permit = match bound {
+            None => None,
+            Some((bound, refusals)) => match bound.admit() {
                 Some(permit) => Some(permit),
                 None => {
                     refusals.hit();
@@ -252,7 +253,7 @@ where
                     let status = Status::new(code, "too many calls in progress; retry later");
                     return CallFuture::refused(&call, status);
                 }
-            }
+            },
         };
         CallFuture::Admitted {
             inner: self.inner.call(request),

@@ -143,15 +143,11 @@ impl Store for Faulty {
             return Err(StoreError::InjectedFailure);
         }
         Ok(match self.inner.claim_refresh(account, seen, mode).await? {
-            Claim::Granted(claim) => {
-                let open = self.faults.open_claims.fetch_add(1, Ordering::SeqCst) + 1;
-                self.faults.peak_claims.fetch_max(open, Ordering::SeqCst);
-                Claim::Granted(Box::new(FaultyClaim {
-                    inner: claim,
-                    faults: self.faults.clone(),
-                    _open: OpenClaim(self.faults.open_claims.clone()),
-                }))
-            }
+            Claim::Granted(claim) => Claim::Granted(Box::new(FaultyClaim {
+                inner: claim,
+                faults: self.faults.clone(),
+                _open: OpenClaim::new(&self.faults),
+            })),
             other => other,
         })
     }
@@ -174,8 +170,16 @@ struct FaultyClaim {
     _open: OpenClaim,
 }
 
-/// Counts its claim as open until the claim is done with.
+/// Counts its claim as open (and the peak) until the claim is done with.
 struct OpenClaim(Arc<AtomicUsize>);
+
+impl OpenClaim {
+    fn new(faults: &Faults) -> Self {
+        let open = faults.open_claims.fetch_add(1, Ordering::SeqCst) + 1;
+        faults.peak_claims.fetch_max(open, Ordering::SeqCst);
+        Self(faults.open_claims.clone())
+    }
+}
 
 impl Drop for OpenClaim {
     fn drop(&mut self) {
