@@ -246,7 +246,12 @@ pub fn parse_token_response(
             retry_after: retry_after.and_then(parse_retry_after),
         });
     }
-    if status == StatusCode::UNAUTHORIZED || error == Some("invalid_client") {
+    // A 401 is about this service's client credentials, unless its body names the grant: some
+    // servers answer a revoked or expired refresh token with 401 `invalid_grant`, and taking that
+    // for a client problem would never ask for the new authorization the account needs.
+    if (status == StatusCode::UNAUTHORIZED && error != Some("invalid_grant"))
+        || error == Some("invalid_client")
+    {
         return Err(UpstreamError::InvalidClient {
             status: status.as_u16(),
         });
@@ -685,6 +690,15 @@ mod tests {
         );
         assert_eq!(
             parse(401, "").err(),
+            Some(UpstreamError::InvalidClient { status: 401 })
+        );
+        assert_eq!(
+            parse(401, r#"{"error":"invalid_grant"}"#).err(),
+            Some(UpstreamError::InvalidGrant),
+            "a 401 that names the grant is about the grant"
+        );
+        assert_eq!(
+            parse(401, r#"{"error":"invalid_request"}"#).err(),
             Some(UpstreamError::InvalidClient { status: 401 })
         );
         assert_eq!(

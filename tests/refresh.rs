@@ -161,21 +161,25 @@ async fn retry_after_is_honoured_inside_the_budget_and_beyond_it() {
 }
 
 async fn invalid_grant_is_not_retried_and_marks_the_account() {
-    let app = expired_account(Options::default()).await;
-    let before = requests(&app);
-    app.fake.push_faults([Fault::InvalidGrant]);
-    assert_status(
-        app.get_token("acme").await,
-        Code::FailedPrecondition,
-        "run BeginAuth again",
-    );
-    assert_eq!(requests(&app) - before, 1);
-    let info = app.describe("acme").await.unwrap();
-    assert_eq!(info.status(), AccountStatus::NeedsReauth);
-    // The scheduler leaves it alone too.
-    app.clock.advance(HOUR);
-    assert_eq!(app.broker.refresh_due().await, 0);
-    assert_eq!(requests(&app) - before, 1);
+    // The standard 400, and the 401 some servers send for a revoked refresh token: both name the
+    // grant, not this service's client credentials.
+    for fault in [Fault::InvalidGrant, Fault::InvalidGrantAs401] {
+        let app = expired_account(Options::default()).await;
+        let before = requests(&app);
+        app.fake.push_faults([fault.clone()]);
+        assert_status(
+            app.get_token("acme").await,
+            Code::FailedPrecondition,
+            "run BeginAuth again",
+        );
+        assert_eq!(requests(&app) - before, 1, "{fault:?}");
+        let info = app.describe("acme").await.unwrap();
+        assert_eq!(info.status(), AccountStatus::NeedsReauth, "{fault:?}");
+        // The scheduler leaves it alone too.
+        app.clock.advance(HOUR);
+        assert_eq!(app.broker.refresh_due().await, 0);
+        assert_eq!(requests(&app) - before, 1, "{fault:?}");
+    }
 }
 
 async fn odd_but_usable_expiries_are_accepted() {

@@ -162,6 +162,8 @@ pub enum Fault {
     ErrorIn200,
     /// 400 `{"error":"invalid_grant"}`, whatever the request.
     InvalidGrant,
+    /// 401 `{"error":"invalid_grant"}`, as some servers answer a revoked refresh token.
+    InvalidGrantAs401,
     /// 401 `{"error":"invalid_client"}`, whatever the request.
     InvalidClient,
     /// Processes the request normally but leaves `expires_in` out of a successful answer.

@@ -735,6 +735,7 @@ async fn canned_faults_answer_one_request_each_in_order() {
         Fault::ErrorIn200,
         Fault::InvalidGrant,
         Fault::InvalidClient,
+        Fault::InvalidGrantAs401,
     ];
     fake.push_faults(faults.clone());
     let mut seen = Vec::new();
@@ -746,7 +747,7 @@ async fn canned_faults_answer_one_request_each_in_order() {
     let statuses: Vec<u16> = seen.iter().map(|o| o.status).collect();
     assert_eq!(
         statuses,
-        [502, 500, 500, 503, 429, 200, 200, 200, 200, 400, 401]
+        [502, 500, 500, 503, 429, 200, 200, 200, 200, 400, 401, 401]
     );
     assert_eq!(seen[0].body, "");
     assert!(seen[2].body.contains("Internal Server Error") && seen[2].content_type == html);
@@ -762,6 +763,7 @@ async fn canned_faults_answer_one_request_each_in_order() {
     assert_eq!(seen[8].body, r#"{"error":"server_error"}"#);
     assert_eq!(seen[9].body, r#"{"error":"invalid_grant"}"#);
     assert_eq!(seen[10].body, r#"{"error":"invalid_client"}"#);
+    assert_eq!(seen[11].body, r#"{"error":"invalid_grant"}"#);
 
     // The queue is empty again: the request is judged on its merits.
     let after = observe(&client, &fake).await.unwrap();

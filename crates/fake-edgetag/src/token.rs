@@ -112,6 +112,7 @@ fn canned_fault_response(fault: &Fault) -> Response {
         }
         Fault::ErrorIn200 => json_response(StatusCode::OK, &json!({"error": "server_error"})),
         Fault::InvalidGrant => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"),
+        Fault::InvalidGrantAs401 => oauth_error(StatusCode::UNAUTHORIZED, "invalid_grant"),
         Fault::InvalidClient => oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
         // Handled by the caller because they need the request or the connection.
         Fault::Delay(_)
