@@ -30,6 +30,7 @@ common::on_both_stores! {
     min_validity_forces_a_refresh_and_impossible_values_are_rejected,
     redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers,
     a_completion_the_disk_refuses_is_never_served,
+    a_store_that_recovers_within_seconds_keeps_the_grant,
 }
 
 async fn full_flow_connects_an_account_and_serves_its_token() {
@@ -439,6 +440,23 @@ async fn redirect_uri_in_the_code_exchange_is_a_setting_for_strict_servers() {
         Code::FailedPrecondition,
         "invalid_request",
     );
+}
+
+/// EdgeTag uses the code up in the exchange, so a store that refuses the token set for a moment (a
+/// lock timeout, a failover) gets more tries before the person's approval is lost.
+async fn a_store_that_recovers_within_seconds_keeps_the_grant() {
+    let app = TestApp::spawn().await;
+    let (code, state) = app.authorize("newcomer").await;
+    app.faults.fail_next_writes(2);
+    let connected = app
+        .complete(&code, &state)
+        .await
+        .expect("stored on a later try");
+    assert_eq!(connected.account, "newcomer");
+    let stats = app.fake.stats();
+    assert_eq!(stats.code_exchanges_ok, 1, "one exchange, its answer kept");
+    let token = app.get_token("newcomer").await.unwrap();
+    assert!(app.fake.access_token_is_valid(&token.access_token));
 }
 
 /// EdgeTag uses the code up in the exchange: when the store then refuses the token set, nothing is

@@ -1,7 +1,10 @@
 //! Connecting an account: BeginAuth remembers a PKCE verifier under a fresh state; CompleteAuth
 //! claims the state, exchanges the code and stores the token set before anyone is told.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use tracing::Instrument;
 
@@ -14,6 +17,14 @@ use crate::{
     store::{Expected, StoreError},
     tokens::{AccountRecord, PendingAuth, TokenSet},
 };
+
+/// The waits before each further try at storing a new grant the store refused: a lock timeout
+/// or a database failing over often passes within seconds, and the code cannot be exchanged again.
+const GRANT_WRITE_RETRIES: &[Duration] = &[
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+];
 
 impl Broker {
     /// Starts connecting `account`: remembers a fresh PKCE verifier under a fresh state (durably)
@@ -113,6 +124,7 @@ impl Broker {
             None,
         );
         let record = Arc::new(AccountRecord::connected(tokens));
+        let mut write_retries = GRANT_WRITE_RETRIES;
         // Nothing is served before it is stored: a known account is replaced under its write lock;
         // a new one is stored first and only then becomes visible. A write that lost a race to
         // another writer (a concurrent CompleteAuth, another replica) reloads and tries again.
@@ -167,6 +179,14 @@ impl Broker {
                 Ok(()) => break,
                 Err(StoreError::Conflict(_)) => {
                     self.reload(&pending.account).await.map_err(not_stored)?;
+                }
+                // EdgeTag has used the code up: this token set is the only one the person's
+                // approval will give, so a store that may recover gets a few more chances.
+                Err(cause) if cause.may_pass_on_retry() && !write_retries.is_empty() => {
+                    let wait = write_retries[0];
+                    write_retries = &write_retries[1..];
+                    tracing::warn!(account = %pending.account, error = %cause, retry_in = ?wait, "cannot store the new grant yet; retrying");
+                    tokio::time::sleep(wait).await;
                 }
                 Err(cause) => return Err(not_stored(cause)),
             }

@@ -28,6 +28,10 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Faults {
     fail_writes: Arc<AtomicBool>,
+    /// Writes still to fail before they succeed again.
+    fail_next: Arc<AtomicUsize>,
+    /// Writes fail as against a database that cannot be reached.
+    unreachable: Arc<AtomicBool>,
     fail_claims: Arc<AtomicBool>,
     /// Refresh claims granted and not yet committed, failed or dropped; and the most at once.
     open_claims: Arc<AtomicUsize>,
@@ -39,6 +43,8 @@ impl Default for Faults {
     fn default() -> Self {
         Self {
             fail_writes: Arc::default(),
+            fail_next: Arc::default(),
+            unreachable: Arc::default(),
             fail_claims: Arc::default(),
             open_claims: Arc::default(),
             peak_claims: Arc::default(),
@@ -51,6 +57,19 @@ impl Faults {
     /// Makes every following write (pending, account, claim commit) fail until called with `false`.
     pub fn fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` writes fail, as a store that recovers by itself (a lock timeout, a
+    /// database failing over) would.
+    pub fn fail_next_writes(&self, n: usize) {
+        self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes every following write fail as a database that went out of reach would
+    /// ([`StoreError::Unavailable`]), until called with `false`. Claims still pass: the database
+    /// went away between a refresh's claim and its commit.
+    pub fn unreachable_writes(&self, on: bool) {
+        self.unreachable.store(on, Ordering::SeqCst);
     }
 
     /// Makes every following refresh claim fail (as a database that cannot take the row lock
@@ -71,9 +90,18 @@ impl Faults {
     }
 
     fn check(&self) -> Result<(), StoreError> {
-        match self.fail_writes.load(Ordering::SeqCst) {
-            true => Err(StoreError::InjectedFailure),
-            false => Ok(()),
+        let one_of_the_next = self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if self.unreachable.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable(
+                "out of reach (test fault injection)".into(),
+            ))
+        } else if one_of_the_next || self.fail_writes.load(Ordering::SeqCst) {
+            Err(StoreError::InjectedFailure)
+        } else {
+            Ok(())
         }
     }
 }

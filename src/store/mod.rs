@@ -236,6 +236,20 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+
+    /// Whether the same write may succeed if tried again soon: not for data or set-up problems
+    /// that no retry changes. (A [`StoreError::Conflict`] needs a reload first, not a retry.)
+    pub fn may_pass_on_retry(&self) -> bool {
+        !matches!(
+            self,
+            Self::Locked(_)
+                | Self::CreateDir { .. }
+                | Self::Corrupt { .. }
+                | Self::FlusherGone
+                | Self::Conflict(_)
+                | Self::SchemaTooNew { .. }
+        )
+    }
 }
 
 /// Opens the embedded default store.
