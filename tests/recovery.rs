@@ -488,6 +488,14 @@ async fn a_store_failure_is_one_status_on_every_path() {
     );
 }
 
+/// A store that went out of reach after the refresh's claim (the write meets it) answers as one
+/// that cannot be reached for the claim does: UNAVAILABLE, for the token set held back too.
+#[tokio::test]
+async fn an_unreachable_store_is_one_status_on_every_path() {
+    let answers = answers_on_both_paths(|app| app.faults.unreachable_writes(true)).await;
+    assert_one_answer(&answers, Code::Unavailable, "store");
+}
+
 #[tokio::test]
 async fn a_store_failure_at_the_refresh_claim_is_one_status_on_every_path() {
     let answers = answers_on_both_paths(|app| app.faults.fail_claims(true)).await;

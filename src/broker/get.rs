@@ -69,7 +69,7 @@ impl Broker {
             else {
                 // A held-back token set is the store's failure: the same answer the caller that
                 // met it got.
-                let why = backing_off.or_else(|| slot.held_back().then_some(RefreshFailure::Store));
+                let why = backing_off.or_else(|| slot.held_back());
                 return self.without_refresh(account, slot, min_validity, why);
             };
             let waited = {

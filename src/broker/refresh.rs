@@ -27,7 +27,7 @@ use tokio::sync::SemaphorePermit;
 
 use super::{
     Inner, RefreshEventKind, policy,
-    slot::{Health, Inflight, Slot},
+    slot::{Health, HeldBack, Inflight, Slot},
 };
 use crate::{
     account::AccountId,
@@ -297,12 +297,22 @@ async fn persist_or_hold_back(
     };
     written.map_err(|e| {
         tracing::error!(error = %e, "refreshed token set not stored; holding it back and retrying the write");
-        let newly_held = slot.health().unpersisted.replace(record.clone()).is_none();
+        // An unreachable store is the same answer here as at the claim.
+        let why = if e.is_unavailable() {
+            RefreshFailure::StoreUnavailable
+        } else {
+            RefreshFailure::Store
+        };
+        let held = HeldBack {
+            record: record.clone(),
+            why: why.clone(),
+        };
+        let newly_held = slot.health().unpersisted.replace(held).is_none();
         slot.due_ms.store(0, Ordering::Release); // the scheduler retries the write at once
         if newly_held {
             inner.emit(account, RefreshEventKind::NotPersisted);
         }
-        RefreshFailure::Store
+        why
     })
 }
 
@@ -342,7 +352,11 @@ async fn refresh_task(
 
     // Fail closed: a refreshed set the store has not accepted yet goes first; its refresh token is
     // the live one.
-    let held_back = slot.health().unpersisted.clone();
+    let held_back = slot
+        .health()
+        .unpersisted
+        .as_ref()
+        .map(|held| held.record.clone());
     if let Some(record) = held_back {
         let version = persist_or_hold_back(&inner, &account, &slot, None, &record).await?;
         *slot.health() = Health::default();

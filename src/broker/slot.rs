@@ -75,7 +75,15 @@ pub(super) struct Health {
     /// Why the last refresh failed: what callers are told while no refresh can help.
     pub(super) last_failure: Option<RefreshFailure>,
     /// A refreshed token set that the store has not accepted yet (fail closed: never served).
-    pub(super) unpersisted: Option<Arc<AccountRecord>>,
+    pub(super) unpersisted: Option<HeldBack>,
+}
+
+/// A refreshed token set the store refused, and why, which is what callers are told until it is
+/// written.
+#[derive(Clone)]
+pub(super) struct HeldBack {
+    pub(super) record: Arc<AccountRecord>,
+    pub(super) why: RefreshFailure,
 }
 
 pub(super) struct Inflight {
@@ -108,9 +116,12 @@ impl Slot {
         }
     }
 
-    /// Whether a refreshed token set is held back because the store refused it.
-    pub(super) fn held_back(&self) -> bool {
-        self.health().unpersisted.is_some()
+    /// Why a refreshed token set is held back, if the store refused one.
+    pub(super) fn held_back(&self) -> Option<RefreshFailure> {
+        self.health()
+            .unpersisted
+            .as_ref()
+            .map(|held| held.why.clone())
     }
 
     /// Whether EdgeTag's `Retry-After` still holds the account back at `now`.
