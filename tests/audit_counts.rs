@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::OnceLock;
+use std::{sync::OnceLock, time::Duration};
 
 use common::{Options, TestApp};
 use credential_service::{auth::Callers, proto::GetTokenRequest};
@@ -248,6 +248,57 @@ async fn calls_refused_before_the_handler_are_audited_with_caller_or_peer() {
         ])),
         1
     );
+}
+
+/// A call the client gives up on (RST_STREAM) while its handler waits still leaves its event,
+/// with its caller and CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_the_client_cancels_are_audited() {
+    capture();
+    let (ops, reader) = ("ops-cancel-2b7e", "reader-cancel-e40f");
+    let (app, _dir) = spawn(ops, reader, false).await;
+    app.connect("acme").await;
+    // acme's token has expired and EdgeTag is slow: GetToken waits in its handler for the refresh.
+    app.clock.advance(Duration::from_secs(3 * 3600));
+    app.fake.set_token_delay(Duration::from_millis(300));
+    let mut reader_client = client(&app, Some(reader));
+    let call = tokio::spawn(async move {
+        reader_client
+            .get_token(GetTokenRequest {
+                account: "acme".into(),
+                min_validity: None,
+            })
+            .await
+    });
+    while app.fake.token_requests_in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    call.abort(); // the client drops the call: h2 resets the stream
+    assert!(call.await.unwrap_err().is_cancelled());
+    // The server has dropped the call once the metrics count it.
+    let cancelled = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with("credential_rpc_duration_seconds_count")
+                && l.contains("method=\"GetToken\"")
+                && l.contains("code=\"CANCELLED\"")
+        })
+    };
+    let recorded = async {
+        while !cancelled(&credential_service::metrics::encode(&Default::default())) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), recorded)
+        .await
+        .expect("the server records the cancelled call");
+    app.stop().await;
+
+    let lines = audit_lines(&[
+        &format!("caller=\"{reader}\""),
+        "method=\"GetToken\"",
+        "outcome=\"CANCELLED\"",
+    ]);
+    assert_eq!(total(&lines), 1, "{lines:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

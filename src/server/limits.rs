@@ -257,25 +257,54 @@ where
         };
         CallFuture::Admitted {
             inner: self.inner.call(request),
-            call,
+            record: CallRecord {
+                call,
+                audit,
+                done: false,
+            },
             permit,
-            audit,
         }
+    }
+}
+
+/// What an admitted call leaves in the metrics and, if its handler did not audit it, in the
+/// audit trail: once, with the status of its answer's head, or with CANCELLED if the call is
+/// dropped before (the client reset the stream, or shutdown's grace ran out).
+pub(super) struct CallRecord {
+    call: RpcCall,
+    audit: Option<CallAudit>,
+    done: bool,
+}
+
+impl CallRecord {
+    fn end(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.call.finish(code);
+        if let Some(audit) = &self.audit {
+            audit.ended(code);
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.end(tonic::Code::Cancelled);
     }
 }
 
 pin_project_lite::pin_project! {
     /// A call's future: it holds the call's in-flight place until the answer's head is ready
-    /// (for unary calls: until the request has been read and handled), then records the call in
-    /// the metrics and, if its handler did not, in the audit trail.
+    /// (for unary calls: until the request has been read and handled), then records the call
+    /// ([`CallRecord`]).
     #[project = CallFutureProj]
     pub(super) enum CallFuture<F> {
         Admitted {
             #[pin]
             inner: F,
-            call: RpcCall,
+            record: CallRecord,
             permit: Option<InFlightPermit>,
-            audit: Option<CallAudit>,
         },
         Refused {
             response: Option<http::Response<tonic::body::Body>>,
@@ -303,22 +332,17 @@ where
         match self.project() {
             CallFutureProj::Admitted {
                 inner,
-                call,
+                record,
                 permit,
-                audit,
             } => {
-                let result = std::task::ready!(match audit {
+                let result = std::task::ready!(match &mut record.audit {
                     Some(audit) => audit.enter(|| inner.poll(cx)),
                     None => inner.poll(cx),
                 });
-                let code = match &result {
+                record.end(match &result {
                     Ok(response) => metrics::grpc_status(response.headers()),
                     Err(_) => tonic::Code::Unknown,
-                };
-                call.finish(code);
-                if let Some(audit) = audit {
-                    audit.ended(code);
-                }
+                });
                 // The in-flight place is given back now, not when the future is dropped.
                 permit.take();
                 Poll::Ready(result)
