@@ -39,6 +39,16 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// The default of `--max-request-bytes`.
 pub const MAX_REQUEST_BYTES: usize = crate::config::Limits::DEFAULT.max_request_bytes;
 
+/// tonic's server with the listener's HTTP/2 settings (streams per connection, keepalive). The
+/// benchmark's floor is built from it too, so that floor and service differ only in what the
+/// service adds on top of the transport.
+pub fn http2_server(limits: &crate::config::Limits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+}
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -1,7 +1,8 @@
-//! The floor: the same tonic stack as the service (tonic `Server`, the same routes for health and
-//! reflection, Nagle off, the same request size limit, tonic's `Grpc::unary` with the prost codec
-//! exactly as the generated `CredentialServiceServer` dispatches it) whose GetToken answers a
-//! constant. The service can only be slower than this; how much slower is what the suite reports.
+//! The floor: the same tonic stack as the service (tonic `Server` with the service's HTTP/2
+//! settings from [`server::http2_server`], the same routes for health and reflection, Nagle off,
+//! the same request size limit, tonic's `Grpc::unary` with the prost codec exactly as the generated
+//! `CredentialServiceServer` dispatches it) whose GetToken answers a constant. The service can
+//! only be slower than this; how much slower is what the suite reports.
 //!
 //! The routing is written out instead of implementing the generated trait so the floor keeps
 //! compiling when RPCs are added to the proto; GetToken's path goes through the very same code.
@@ -14,8 +15,9 @@ use std::{
 };
 
 use credential_service::{
+    config::Limits,
     proto::{self, GetTokenRequest, GetTokenResponse, credential_service_server::SERVICE_NAME},
-    server::{MAX_REQUEST_BYTES, ServeError},
+    server::{self, MAX_REQUEST_BYTES, ServeError},
 };
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
@@ -29,10 +31,12 @@ use tonic::{
 
 const GET_TOKEN_PATH: &str = "/credential.v1.CredentialService/GetToken";
 
-/// Serves the floor on `listener` until `shutdown`, with the routes `server::run` registers.
+/// Serves the floor on `listener` until `shutdown`, with the routes `server::run` registers; on
+/// tonic's default HTTP/2 settings if `bare`.
 pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+    bare: bool,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FloorService>().await;
@@ -42,7 +46,14 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    // The production defaults: keepalive makes hyper time every frame, a cost of the transport
+    // that a floor without it would charge to the service.
+    let mut server = if bare {
+        Server::builder()
+    } else {
+        server::http2_server(&Limits::DEFAULT)
+    };
+    server
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)

@@ -73,6 +73,10 @@ struct Cli {
     /// server's instructions with `perf stat --per-thread`.
     #[arg(long)]
     only: Option<String>,
+    /// A floor on tonic's default HTTP/2 settings (no keepalive) instead of the service's, as the
+    /// rows before 2026-12-06 were measured: for comparing with them.
+    #[arg(long)]
+    bare_floor: bool,
     /// Length of the soak section (run only when named: `-- soak`).
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
@@ -89,6 +93,8 @@ pub struct Env {
     pub data_root: Option<PathBuf>,
     /// `Some("floor")` or `Some("service")`: the throughput rows drive that target alone.
     pub only: Option<String>,
+    /// The floor runs on tonic's default HTTP/2 settings, not the service's.
+    pub bare_floor: bool,
 }
 
 fn main() {
@@ -130,6 +136,7 @@ fn main() {
         rounds: cli.rounds.unwrap_or(if q { 1 } else { 3 }),
         data_root: cli.data_root.clone(),
         only: cli.only.clone(),
+        bare_floor: cli.bare_floor,
     };
     let counts: &[usize] = if !cli.accounts.is_empty() {
         &cli.accounts

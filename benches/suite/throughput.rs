@@ -110,7 +110,11 @@ pub async fn compare_on(
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     }
     let service = RunningServer::service(server_rt, config, Clock::system()).await;
-    let floor = RunningServer::spawn(server_rt, floor::run).await;
+    let bare = env.bare_floor;
+    let floor = RunningServer::spawn(server_rt, move |listener, stop| {
+        floor::run(listener, stop, bare)
+    })
+    .await;
     let bearer = auth.map(|a| {
         AsciiMetadataValue::try_from(format!("Bearer {}", a.bearer)).expect("an ASCII token")
     });

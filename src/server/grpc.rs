@@ -7,7 +7,6 @@
 use std::future::Future;
 
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::Server;
 use tonic_health::{
     pb::health_server::HealthServer,
     server::{HealthReporter, HealthService},
@@ -78,10 +77,7 @@ pub(super) async fn serve(
         let _ = drain_started.wait_for(|started| *started).await;
         tokio::time::sleep(DRAIN_GRACE).await;
     };
-    let router = Server::builder()
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+    let router = super::http2_server(limits)
         .layer(CallLayer::new(
             limits.max_calls_in_flight,
             limits.max_open_calls_in_flight,
