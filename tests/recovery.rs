@@ -508,6 +508,77 @@ async fn a_store_failure_at_the_refresh_claim_is_one_status_on_every_path() {
 
 // ---- Claims and the upstream cap ----
 
+/// A refresh whose try failed transiently retries only if a place in the upstream cap is free when
+/// its pause ends. It holds the account's claim (on PostgreSQL a row lock and a pooled connection),
+/// so it must not wait behind other refreshes for a place: it answers with its failure instead.
+#[tokio::test]
+async fn a_retry_does_not_wait_for_a_place_while_holding_the_claim() {
+    let app = TestApp::spawn_with(Options {
+        broker: BrokerConfig {
+            upstream_concurrency: 1,
+            refresh: RefreshPolicy {
+                retry_base: Duration::from_secs(1),
+                retry_budget: Duration::from_secs(5),
+                ..test_policy()
+            },
+            ..BrokerConfig::default()
+        },
+        request_timeout: Duration::from_secs(10),
+        ..Options::default()
+    })
+    .await;
+    app.connect("a").await;
+    app.connect("b").await;
+    app.clock.advance(2 * HOUR + MINUTE);
+    let base = requests(&app);
+    // a's first try meets a 503; b's refresh then holds the only place at EdgeTag for 4 s.
+    app.fake.push_faults([
+        Fault::ServiceUnavailable,
+        Fault::Delay(Duration::from_secs(4)),
+    ]);
+    let a = tokio::spawn({
+        let mut client = app.client.clone();
+        async move {
+            client
+                .get_token(GetTokenRequest {
+                    account: "a".into(),
+                    min_validity: None,
+                })
+                .await
+        }
+    });
+    while !(requests(&app) == base + 1 && app.fake.token_requests_in_flight() == 0) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let b = app.get_token("b");
+    tokio::pin!(b);
+    // b's request reaches EdgeTag during a's pause (at least half of retry_base).
+    tokio::select! {
+        _ = &mut b => panic!("b answered before its delayed refresh"),
+        () = async {
+            while app.fake.token_requests_in_flight() == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        } => {}
+    }
+    let answer = tokio::select! {
+        answer = a => answer.unwrap(),
+        _ = &mut b => panic!("a waited for b's place"),
+    };
+    assert_status(answer.map(|r| r.into_inner()), Code::Unavailable, "503");
+    assert_eq!(
+        app.fake.token_requests_in_flight(),
+        1,
+        "b still holds the place"
+    );
+    assert_eq!(
+        requests(&app),
+        base + 2,
+        "a's one try and b's: a did not retry"
+    );
+    assert!(b.await.is_ok());
+}
+
 /// A refresh waits for an upstream slot before it claims the account, not after: on PostgreSQL a
 /// claim holds a row lock and a pooled connection until its refresh ends, so claims queued behind
 /// the cap could use up the pool, or outlive the database's idle-in-transaction timeout and let

@@ -23,7 +23,7 @@ use futures::{
     future::{BoxFuture, Shared},
 };
 use secrecy::SecretString;
-use tokio::sync::SemaphorePermit;
+use tokio::sync::{SemaphorePermit, TryAcquireError};
 
 use super::{
     Inner, RefreshEventKind, policy,
@@ -160,8 +160,10 @@ impl Inner {
     }
 
     /// One refresh request with retries for transient failures, inside the policy's budget; the
-    /// first try uses `permit`, a place in the upstream cap already taken. Returns when the
-    /// successful request was sent, for a conservative expiry.
+    /// first try uses `permit`, a place in the upstream cap already taken. A retry goes ahead only
+    /// if a place is free when its pause ends: the caller holds the account's claim (on a shared
+    /// store a row lock and a pooled connection), which must not wait in the queue for the cap.
+    /// Returns when the successful request was sent, for a conservative expiry.
     async fn refresh_with_retries(
         &self,
         refresh_token: &SecretString,
@@ -171,16 +173,11 @@ impl Inner {
         let started = Instant::now();
         let mut pause = policy.retry_base;
         let mut attempt = 1;
-        let mut first = Some(permit);
+        let mut permit = permit;
         loop {
             let requested_at = self.clock.now();
-            let result = {
-                let _permit = match first.take() {
-                    Some(permit) => permit,
-                    None => self.upstream_place().await?,
-                };
-                self.provider.refresh(refresh_token).await
-            };
+            let result = self.provider.refresh(refresh_token).await;
+            drop(permit);
             let e = match result {
                 Ok(response) => return Ok((requested_at, response)),
                 Err(e) => e,
@@ -196,6 +193,14 @@ impl Inner {
             }
             tracing::debug!(error = %e, attempt, "transient refresh failure; retrying");
             tokio::time::sleep(wait).await;
+            permit = match self.upstream.try_acquire() {
+                Ok(permit) => permit,
+                // Every place is taken: this failure is the answer, and the back-off takes over.
+                Err(TryAcquireError::NoPermits) => return Err(e),
+                Err(TryAcquireError::Closed) => {
+                    return Err(UpstreamError::Unreachable("shutting down"));
+                }
+            };
             pause *= 2;
             attempt += 1;
         }
