@@ -270,9 +270,7 @@ async fn calls_the_client_cancels_are_audited() {
             })
             .await
     });
-    while app.fake.token_requests_in_flight() == 0 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    app.until_token_request_in_flight().await;
     call.abort(); // the client drops the call: h2 resets the stream
     assert!(call.await.unwrap_err().is_cancelled());
     // The server has dropped the call once the metrics count it.

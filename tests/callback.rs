@@ -204,9 +204,7 @@ async fn hang_up_during_the_exchange(app: &TestApp, url: &str) {
         url.authority()
     );
     socket.write_all(request.as_bytes()).await.unwrap();
-    while app.fake.token_requests_in_flight() == 0 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    app.until_token_request_in_flight().await;
     drop(socket);
 }
 

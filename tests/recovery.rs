@@ -555,11 +555,7 @@ async fn a_retry_does_not_wait_for_a_place_while_holding_the_claim() {
     // b's request reaches EdgeTag during a's pause (at least half of retry_base).
     tokio::select! {
         _ = &mut b => panic!("b answered before its delayed refresh"),
-        () = async {
-            while app.fake.token_requests_in_flight() == 0 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        } => {}
+        () = app.until_token_request_in_flight() => {}
     }
     let answer = tokio::select! {
         answer = a => answer.unwrap(),

@@ -167,13 +167,12 @@ impl Inner {
     async fn refresh_with_retries(
         &self,
         refresh_token: &SecretString,
-        permit: SemaphorePermit<'_>,
+        mut permit: SemaphorePermit<'_>,
     ) -> Result<(SystemTime, TokenResponse), UpstreamError> {
         let policy = &self.config.refresh;
         let started = Instant::now();
         let mut pause = policy.retry_base;
         let mut attempt = 1;
-        let mut permit = permit;
         loop {
             let requested_at = self.clock.now();
             let result = self.provider.refresh(refresh_token).await;
