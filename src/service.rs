@@ -212,7 +212,7 @@ impl CredentialService for CredentialApi {
             Err(e) => return Err(audited("BeginAuth", caller.name(), "", e.into())),
         };
         let result = async {
-            auth::authorize_account(request.extensions(), &account)?;
+            caller.authorize(&account)?;
             let auth = self.broker.begin(account.clone()).await?;
             tracing::info!("authorization started");
             Ok(Response::new(BeginAuthResponse {
@@ -282,7 +282,7 @@ impl CredentialService for CredentialApi {
             }
         };
         let result = async {
-            auth::authorize_account(request.extensions(), &account)?;
+            caller.authorize(&account)?;
             let min_validity = parse_min_validity(raw.min_validity)?;
             let tokens = self.broker.get_token(&account, min_validity).await?;
             Ok(Response::new(GetTokenResponse {
@@ -321,7 +321,7 @@ impl CredentialService for CredentialApi {
         let name = account.as_ref().map_or("", |a| a.as_str()).to_owned();
         let started = async {
             let account = account.map_err(Status::from)?;
-            auth::authorize_account(request.extensions(), &account)?;
+            caller.authorize(&account)?;
             let min_validity = parse_min_validity(raw.min_validity)?;
             let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
                 return Err(Status::resource_exhausted(
@@ -522,8 +522,8 @@ async fn on_account<Req, T>(
         Ok(account) => account,
         Err(e) => return Err(audited(method, caller.name(), "", e.into())),
     };
-    let result = match auth::authorize_account(request.extensions(), &account) {
-        Ok(_) => call(&account).await.map_err(Status::from),
+    let result = match caller.authorize(&account) {
+        Ok(()) => call(&account).await.map_err(Status::from),
         Err(status) => Err(status),
     };
     audit::record(
