@@ -6,8 +6,13 @@
 //!
 //! The routing is written out instead of implementing the generated trait so the floor keeps
 //! compiling when RPCs are added to the proto; GetToken's path goes through the very same code.
+//!
+//! `--lookup-floor` runs a variant that finds each account's own answer by name in a hash map of
+//! every loaded account: the least any per-account answer costs. It is not the target's floor; it
+//! tells how much of the gap with many accounts is the lookup's cache misses.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     sync::Arc,
     task::{Context, Poll},
@@ -32,11 +37,13 @@ use tonic::{
 const GET_TOKEN_PATH: &str = "/credential.v1.CredentialService/GetToken";
 
 /// Serves the floor on `listener` until `shutdown`, with the routes `server::run` registers; on
-/// tonic's default HTTP/2 settings if `bare`.
+/// tonic's default HTTP/2 settings if `bare`; with each of `lookup`'s accounts answered by its own
+/// token if given.
 pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
     bare: bool,
+    lookup: Option<Arc<[String]>>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FloorService>().await;
@@ -57,27 +64,41 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(FloorService::new())
+        .add_service(FloorService::new(lookup.as_deref()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
 
-/// `credential.v1.CredentialService` whose GetToken returns one constant token of the real size.
+/// `credential.v1.CredentialService` whose GetToken returns a token of the real size: one
+/// constant, or (lookup floor) the account's own.
 #[derive(Clone)]
 pub struct FloorService {
-    response: Arc<GetTokenResponse>,
+    answers: Arc<Answers>,
+}
+
+enum Answers {
+    Constant(GetTokenResponse),
+    /// Keyed like the service's account map (foldhash).
+    PerAccount(HashMap<String, GetTokenResponse, foldhash::fast::RandomState>),
 }
 
 impl FloorService {
-    fn new() -> Self {
+    fn new(lookup: Option<&[String]>) -> Self {
         let expires = SystemTime::now() + Duration::from_secs(7200);
+        let answer = || GetTokenResponse {
+            access_token: crate::fixture::random_token("eta_"),
+            token_type: "Bearer".into(),
+            expires_at: Some(prost_types::Timestamp::from(expires)),
+        };
+        let answers = match lookup {
+            None => Answers::Constant(answer()),
+            Some(accounts) => {
+                Answers::PerAccount(accounts.iter().map(|a| (a.clone(), answer())).collect())
+            }
+        };
         Self {
-            response: Arc::new(GetTokenResponse {
-                access_token: crate::fixture::random_token("eta_"),
-                token_type: "Bearer".into(),
-                expires_at: Some(prost_types::Timestamp::from(expires)),
-            }),
+            answers: Arc::new(answers),
         }
     }
 }
@@ -101,7 +122,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if req.uri().path() == GET_TOKEN_PATH {
-            let method = ConstantToken(self.response.clone());
+            let method = FloorGetToken(self.answers.clone());
             Box::pin(async move {
                 let mut grpc = Grpc::new(tonic_prost::ProstCodec::default())
                     .apply_compression_config(Default::default(), Default::default())
@@ -126,15 +147,23 @@ where
     }
 }
 
-struct ConstantToken(Arc<GetTokenResponse>);
+struct FloorGetToken(Arc<Answers>);
 
-impl UnaryService<GetTokenRequest> for ConstantToken {
+impl UnaryService<GetTokenRequest> for FloorGetToken {
     type Response = GetTokenResponse;
     // Boxed like the generated code's handler future.
     type Future = BoxFuture<'static, Result<Response<GetTokenResponse>, Status>>;
 
-    fn call(&mut self, _request: Request<GetTokenRequest>) -> Self::Future {
-        let response = self.0.clone();
-        Box::pin(async move { Ok(Response::new((*response).clone())) })
+    fn call(&mut self, request: Request<GetTokenRequest>) -> Self::Future {
+        let answers = self.0.clone();
+        Box::pin(async move {
+            let answer = match &*answers {
+                Answers::Constant(answer) => answer,
+                Answers::PerAccount(map) => map
+                    .get(&request.get_ref().account)
+                    .ok_or_else(|| Status::not_found("no such account"))?,
+            };
+            Ok(Response::new(answer.clone()))
+        })
     }
 }

@@ -77,6 +77,11 @@ struct Cli {
     /// rows before 2026-12-06 were measured: for comparing with them.
     #[arg(long)]
     bare_floor: bool,
+    /// A floor that finds each account's own answer in a hash map of the loaded accounts instead
+    /// of answering a constant: how much of the gap with many accounts any per-account answer
+    /// pays (cache misses). Not the target's floor.
+    #[arg(long)]
+    lookup_floor: bool,
     /// Length of the soak section (run only when named: `-- soak`).
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
@@ -95,6 +100,8 @@ pub struct Env {
     pub only: Option<String>,
     /// The floor runs on tonic's default HTTP/2 settings, not the service's.
     pub bare_floor: bool,
+    /// The floor answers each account with its own token, found by name.
+    pub lookup_floor: bool,
 }
 
 fn main() {
@@ -137,6 +144,7 @@ fn main() {
         data_root: cli.data_root.clone(),
         only: cli.only.clone(),
         bare_floor: cli.bare_floor,
+        lookup_floor: cli.lookup_floor,
     };
     let counts: &[usize] = if !cli.accounts.is_empty() {
         &cli.accounts
@@ -249,6 +257,12 @@ fn cli_line(cli: &Cli) -> String {
     }
     if !cli.settings.is_empty() {
         line.push_str(&format!(" --settings {}", cli.settings.join(",")));
+    }
+    if cli.bare_floor {
+        line.push_str(" --bare-floor");
+    }
+    if cli.lookup_floor {
+        line.push_str(" --lookup-floor");
     }
     for s in &cli.sections {
         line.push(' ');

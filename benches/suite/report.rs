@@ -159,8 +159,14 @@ pub fn throughput(comparisons: &[Comparison], env: &Env) -> String {
             verdict(c.holds()),
         ]);
     }
+    let floor = if env.lookup_floor {
+        "**Lookup floor** (`--lookup-floor`): the floor answers each account with its own token, \
+         found by name in a hash map of the loaded accounts, not with one constant. "
+    } else {
+        ""
+    };
     format!(
-        "## GetToken: floor versus service\n\n\
+        "## GetToken: floor versus service\n\n{floor}\
          Both servers run in this process on the same runtime ({} worker thread(s)); the load \
          generator runs on its own runtime. Targets: service ≥ {:.2}× the floor's throughput, p99 \
          ≤ {:.1}× the floor's; with production settings (auth `production`: callers file, bearer \

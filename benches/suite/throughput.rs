@@ -111,8 +111,9 @@ pub async fn compare_on(
     }
     let service = RunningServer::service(server_rt, config, Clock::system()).await;
     let bare = env.bare_floor;
+    let lookup = env.lookup_floor.then(|| accounts.clone());
     let floor = RunningServer::spawn(server_rt, move |listener, stop| {
-        floor::run(listener, stop, bare)
+        floor::run(listener, stop, bare, lookup)
     })
     .await;
     let bearer = auth.map(|a| {
