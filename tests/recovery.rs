@@ -1,8 +1,9 @@
 //! Demand limits and recovery, against the real server, the fake EdgeTag and the manual clock:
 //! a `min_validity` no fresh token meets is refused without asking EdgeTag, callers start at most
 //! one refresh per account per demand interval, accounts whose tokens expired during an EdgeTag
-//! outage serve again within 2 s of its return (one account and 1,000), and each cause of a failed
-//! refresh reaches callers as one status, whether a caller or the scheduler met it first.
+//! outage serve again within 2 s of its return (one account and 1,000, on sled and on PostgreSQL,
+//! and fleet-wide across two replicas), and each cause of a failed refresh reaches callers as one
+//! status, whether a caller or the scheduler met it first.
 
 mod common;
 
@@ -69,6 +70,16 @@ async fn get_for(
         })
         .await
         .map(|r| r.into_inner())
+}
+
+// On PostgreSQL the back-offs are the fleet's, kept in the database: the recovery must end them
+// there too, or the scheduler would take them up again from the store.
+common::on_both_stores! {
+    #[tokio::test]
+    one_expired_account_serves_within_two_seconds_of_edgetag_returning,
+    retry_after_still_holds_probes_back,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_thousand_expired_accounts_are_all_served_at_once_after_a_long_outage,
 }
 
 // ---- Issue 10, finding 3: a reader cannot make the service refresh over and over ----
@@ -183,7 +194,6 @@ async fn a_token_just_issued_is_not_refreshed_again_on_demand() {
 
 // ---- Issue 11, item 1: after an EdgeTag outage, serve again at once ----
 
-#[tokio::test]
 async fn one_expired_account_serves_within_two_seconds_of_edgetag_returning() {
     // Short real-time pauses between the tries inside one refresh; the policy is otherwise the
     // production one (3 tries, back-off from 5 s doubling to 5 min, 1-s demand interval).
@@ -270,7 +280,6 @@ async fn one_expired_account_serves_within_two_seconds_of_edgetag_returning() {
     assert_eq!(requests(&app), at_return + 1, "one probe");
 }
 
-#[tokio::test]
 async fn retry_after_still_holds_probes_back() {
     let app = expired_account(Options::default()).await;
     let before = requests(&app);
@@ -305,7 +314,6 @@ async fn retry_after_still_holds_probes_back() {
     assert_eq!(requests(&app) - before, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_expired_accounts_are_all_served_at_once_after_a_long_outage() {
     // One try per refresh keeps the outage's request count (and this test's run time) small; the
     // recovery does not depend on it.
@@ -390,6 +398,78 @@ async fn a_thousand_expired_accounts_are_all_served_at_once_after_a_long_outage(
         assert!(app.seconds_left(token.expires_at) > 7000, "{name}");
     }
     assert_eq!(requests(&app), before_reads, "served from memory");
+}
+
+/// Two replicas on one PostgreSQL database. During the outage one replica's scheduler fails
+/// every account and shares the back-offs; the other learns them from the store. When EdgeTag
+/// returns, one caller's probe on the replica that never failed a refresh itself ends the fleet's
+/// back-offs: every account is refreshed at once, exactly once fleet-wide, without the clock
+/// moving (without the store's part of the cut, every account waited out a back-off of minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_on_one_replica_ends_the_back_offs_of_the_fleet() {
+    common::STORE
+        .scope(common::StoreKind::Postgres, async {
+            let options = with_policy(RefreshPolicy {
+                attempts: 1,
+                ..test_policy()
+            });
+            let a = TestApp::spawn_with(options.clone()).await;
+            let names: Vec<String> = (0..20).map(|i| format!("acct-{i}")).collect();
+            for name in &names {
+                a.connect(name).await;
+            }
+            // The second replica loads every account at start.
+            let b =
+                TestApp::start(a.fake.clone(), a.clock.clone(), a.data_dir.clone(), options).await;
+            assert_eq!(b.broker.account_count(), names.len());
+            let (mut a_events, mut b_events) = (a.broker.subscribe(), b.broker.subscribe());
+
+            a.fake.set_persistent_fault(Some(Fault::ServiceUnavailable));
+            a.clock.advance(2 * HOUR + MINUTE);
+            // (Counted by events: B's scheduler task may make its first scan at this moment too.)
+            b.broker.refresh_due().await;
+            let failed = events(&mut b_events, names.len()).await;
+            assert!(failed.iter().all(|e| e.kind == RefreshEventKind::Failed));
+            let after_outage = requests(&a);
+            // The first replica's scheduler finds the fleet backing off: nothing reaches EdgeTag.
+            a.broker.refresh_due().await;
+            a.broker.finish_refreshes().await;
+            assert_eq!(requests(&a), after_outage, "the fleet backs off as one");
+
+            a.fake.set_persistent_fault(None);
+            let offset_at_return = clock_offset(&a);
+            let token = a.get_token("acct-0").await.unwrap();
+            assert!(a.fake.access_token_is_valid(&token.access_token));
+
+            // Every account, once, by whichever replica's scheduler claims it first.
+            let mut refreshed = std::collections::HashSet::new();
+            let collect = async {
+                while refreshed.len() < names.len() {
+                    let event = tokio::select! {
+                        e = a_events.recv() => e,
+                        e = b_events.recv() => e,
+                    }
+                    .expect("event stream open");
+                    assert_eq!(event.kind, RefreshEventKind::Refreshed, "{event:?}");
+                    assert!(refreshed.insert(event.account.clone()), "twice: {event:?}");
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), collect)
+                .await
+                .expect("every account refreshed at once");
+            let moved = clock_offset(&a).abs_diff(offset_at_return);
+            assert!(moved < Duration::from_millis(100), "clock moved {moved:?}");
+            assert_eq!(
+                requests(&a) - after_outage,
+                names.len() as u64,
+                "one refresh each"
+            );
+            for name in &names {
+                let token = a.get_token(name).await.unwrap();
+                assert!(a.fake.access_token_is_valid(&token.access_token), "{name}");
+            }
+        })
+        .await
 }
 
 // ---- Issue 11, item 2: one status for one cause ----

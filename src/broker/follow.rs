@@ -24,6 +24,10 @@ impl Broker {
                 let applied = match &change {
                     Change::Account { account, .. } => self.reload(account).await,
                     Change::Resync => self.resync().await,
+                    Change::Recovered => {
+                        self.inner.end_outage_backoffs_here();
+                        Ok(())
+                    }
                 };
                 if let Err(e) = applied {
                     tracing::warn!(error = %e, change = ?change, "could not apply a change from the store; the next resync will");

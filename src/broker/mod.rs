@@ -184,8 +184,8 @@ struct Inner {
     refreshes: tokio_util::task::TaskTracker,
     /// Whether the margin cap (half the lifetime) has been logged; once is enough.
     margin_cap_logged: AtomicBool,
-    /// Set when an account starts backing off after a transient failure; the next successful
-    /// refresh ends those back-offs (EdgeTag is back).
+    /// Set when an account starts backing off after an outage (here, or learned from the store);
+    /// the next successful refresh ends those back-offs (EdgeTag is back).
     transient_backoffs: AtomicBool,
 }
 

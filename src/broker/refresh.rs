@@ -233,6 +233,7 @@ impl Inner {
             health.retry_at = Some(at + wait);
             health.hold_until = retry_after.map(|ra| at + ra);
             health.last_failure = Some(failure.clone());
+            health.fleet_outage = false;
         }
         if matches!(&failure, RefreshFailure::Upstream(e) if e.is_outage()) {
             self.transient_backoffs.store(true, Ordering::Release);
@@ -253,19 +254,37 @@ impl Inner {
     /// ([`UpstreamError::is_outage`]) may refresh at once, unless EdgeTag's `Retry-After` still
     /// holds it, instead of waiting out back-offs of up to `backoff_max`. The scheduler takes them
     /// most overdue first, within the upstream cap. An account whose own answers are unusable
-    /// keeps backing off: another account's success says nothing about it.
-    fn end_transient_backoffs(&self) {
+    /// keeps backing off: another account's success says nothing about it. On a shared store the
+    /// fleet's back-offs end first, and every other process hears of it
+    /// ([`crate::store::Change::Recovered`]).
+    fn end_transient_backoffs(self: &Arc<Self>) {
         if !self.transient_backoffs.swap(false, Ordering::AcqRel) {
             return;
         }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            // The store first: a scan woken before it would meet the fleet's back-offs there and
+            // take them up again.
+            if let Err(e) = inner.store.end_outage_backoffs().await {
+                tracing::warn!(
+                    error = %e,
+                    "could not end the fleet's back-offs in the store; they run out on their own"
+                );
+            }
+            inner.end_outage_backoffs_here();
+        });
+    }
+
+    /// Ends this process's back-offs after an outage (its own, and those it learned from the
+    /// store) and wakes the scheduler.
+    pub(super) fn end_outage_backoffs_here(&self) {
         let mut ended = 0usize;
         for entry in self.accounts.iter() {
             let mut health = entry.value().health();
-            if health.retry_at.is_some()
-                && matches!(&health.last_failure, Some(RefreshFailure::Upstream(e)) if e.is_outage())
-            {
+            if health.retry_at.is_some() && health.after_outage() {
                 // An explicit Retry-After still holds.
                 health.retry_at = health.hold_until;
+                health.fleet_outage = false;
                 ended += 1;
             }
         }
@@ -418,7 +437,13 @@ async fn refresh_task(
             let mut health = slot.health();
             health.failures = health.failures.max(backoff.failures);
             health.retry_at = Some(backoff.retry_at);
+            health.hold_until = backoff.hold_until;
+            health.fleet_outage = backoff.outage;
             drop(health);
+            if backoff.outage {
+                // A success in this process ends it too.
+                inner.transient_backoffs.store(true, Ordering::Release);
+            }
             return servable(current);
         }
         Err(e) => {
@@ -524,6 +549,8 @@ async fn share_backoff(claim: Box<dyn RefreshClaim>, slot: &Slot) {
         health.retry_at.map(|retry_at| Backoff {
             failures: health.failures,
             retry_at,
+            outage: health.after_outage(),
+            hold_until: health.hold_until,
         })
     };
     let Some(backoff) = backoff else {
@@ -619,7 +646,7 @@ mod tests {
             assert!(slot.backing_off(clock.now()).is_some());
         }
 
-        inner.end_transient_backoffs();
+        inner.end_outage_backoffs_here();
         let backing_off = |account: &AccountId| {
             broker
                 .slot(account)

@@ -74,8 +74,19 @@ pub(super) struct Health {
     pub(super) hold_until: Option<SystemTime>,
     /// Why the last refresh failed: what callers are told while no refresh can help.
     pub(super) last_failure: Option<RefreshFailure>,
+    /// The back-off came from the store (another process's refresh failed) and an outage caused
+    /// it, so EdgeTag's return ends it like one of this process's own.
+    pub(super) fleet_outage: bool,
     /// A refreshed token set that the store has not accepted yet (fail closed: never served).
     pub(super) unpersisted: Option<HeldBack>,
+}
+
+impl Health {
+    /// Whether EdgeTag being unavailable caused the back-off, which its return then ends.
+    pub(super) fn after_outage(&self) -> bool {
+        self.fleet_outage
+            || matches!(&self.last_failure, Some(RefreshFailure::Upstream(e)) if e.is_outage())
+    }
 }
 
 /// A refreshed token set the store refused, and why, which is what callers are told until it is

@@ -161,6 +161,10 @@ impl Store for Faulty {
         self.inner.delete_account(account, expected).await
     }
 
+    async fn end_outage_backoffs(&self) -> Result<u64, StoreError> {
+        self.inner.end_outage_backoffs().await
+    }
+
     async fn claim_refresh(
         &self,
         account: &AccountId,

@@ -71,6 +71,9 @@ pub enum Change {
     },
     /// Changes may have been missed (a lost connection): reload everything.
     Resync,
+    /// Another process saw EdgeTag answer again and ended the fleet's outage back-offs
+    /// ([`Store::end_outage_backoffs`]): end this process's too, and refresh at once.
+    Recovered,
 }
 
 /// Who claims a refresh, which decides what a claim held elsewhere means.
@@ -93,6 +96,11 @@ pub struct Backoff {
     pub failures: u32,
     /// No background refresh before this.
     pub retry_at: SystemTime,
+    /// The refresh failed because EdgeTag was unavailable (down, overloaded, unreachable), so
+    /// EdgeTag's return ends the back-off early ([`Store::end_outage_backoffs`]).
+    pub outage: bool,
+    /// Until when EdgeTag's `Retry-After` holds the account back, even after its return.
+    pub hold_until: Option<SystemTime>,
 }
 
 /// The answer to [`Store::claim_refresh`].
@@ -183,6 +191,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         seen: Version,
         mode: ClaimMode,
     ) -> Result<Claim, StoreError>;
+
+    /// EdgeTag answers again: ends every fleet-wide back-off that an outage caused (a
+    /// `Retry-After` still holds) and tells the other processes ([`Change::Recovered`]); returns
+    /// how many ended. A single process keeps its back-offs in memory: the default does nothing.
+    async fn end_outage_backoffs(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 
     /// Changes made by other processes, in order. A backend with a single writer never yields.
     fn changes(&self) -> BoxStream<'static, Change>;

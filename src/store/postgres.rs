@@ -59,7 +59,10 @@ use crate::{
 };
 
 /// The migrations, in order; the schema's version is how many have been applied.
-const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("postgres/0001_init.sql"),
+    include_str!("postgres/0002_outage_backoff.sql"),
+];
 
 /// The channel account writes notify on.
 const CHANNEL: &str = "credential_service";
@@ -744,7 +747,14 @@ fn notification(version: Option<Version>, account: &AccountId) -> String {
     format!("{} {account}", version.unwrap_or(0))
 }
 
+/// [`Change::Recovered`]'s payload: no space, so a binary that predates it ignores it (with a
+/// warning) rather than misreading it.
+const RECOVERED: &str = "recovered";
+
 fn parse_notification(payload: &str) -> Option<Change> {
+    if payload == RECOVERED {
+        return Some(Change::Recovered);
+    }
     let (version, account) = payload.split_once(' ')?;
     let version: Version = version.parse().ok()?;
     Some(Change::Account {
@@ -771,11 +781,22 @@ const PUT_NEW: &str = "
 
 const PUT_NEXT: &str = "
     WITH written AS (
-        UPDATE accounts SET version = $3, sealed = $2, failures = 0, retry_at = NULL
+        UPDATE accounts
+        SET version = $3, sealed = $2, failures = 0, retry_at = NULL, outage = false, hold_until = NULL
         WHERE account = $1 AND version = $4
         RETURNING account, version
     )
     SELECT pg_notify($5, version || ' ' || account) FROM written";
+
+/// Ends outage back-offs (a `Retry-After` still holds) and notifies [`RECOVERED`] in the same
+/// statement, so other replicas hear of it once it is committed, and always then. PostgreSQL
+/// delivers identical notifications of one transaction once.
+const END_OUTAGE_BACKOFFS: &str = "
+    WITH ended AS (
+        UPDATE accounts SET retry_at = hold_until, outage = false WHERE outage
+        RETURNING pg_notify($1, $2)
+    )
+    SELECT count(*) FROM ended";
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -958,7 +979,7 @@ impl Store for PostgresStore {
             ClaimMode::Skip { .. } => ("FOR UPDATE SKIP LOCKED", Duration::ZERO),
         };
         let select = format!(
-            "SELECT version, sealed, failures, retry_at FROM accounts WHERE account = $1 {lock}"
+            "SELECT version, sealed, failures, retry_at, outage, hold_until FROM accounts WHERE account = $1 {lock}"
         );
         let mut holder = ClaimHolder(None);
         let claimed = shared
@@ -1003,6 +1024,8 @@ impl Store for PostgresStore {
                         return Ok(Claim::BackingOff(Backoff {
                             failures: u32::try_from(failures).unwrap_or(0),
                             retry_at,
+                            outage: row.get(4),
+                            hold_until: row.get(5),
                         }));
                     }
                 }
@@ -1017,6 +1040,14 @@ impl Store for PostgresStore {
         // `holder` still has the connection unless the claim was granted: its drop rolls back.
         drop(holder);
         claimed
+    }
+
+    async fn end_outage_backoffs(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .query(END_OUTAGE_BACKOFFS, &[&CHANNEL, &RECOVERED])
+            .await?;
+        let ended: i64 = rows.first().map_or(0, |row| row.get(0));
+        Ok(u64::try_from(ended).unwrap_or(0))
     }
 
     fn changes(&self) -> BoxStream<'static, Change> {
@@ -1179,12 +1210,15 @@ impl RefreshClaim for PgClaim {
         let account = self.account.clone();
         let failures = i32::try_from(backoff.failures).unwrap_or(i32::MAX);
         self.finish(
-            "UPDATE accounts SET failures = $2, retry_at = $3 WHERE account = $1 AND version = $4",
+            "UPDATE accounts SET failures = $2, retry_at = $3, outage = $5, hold_until = $6
+             WHERE account = $1 AND version = $4",
             &[
                 &account.as_str(),
                 &failures,
                 &backoff.retry_at,
                 &to_db(self.version),
+                &backoff.outage,
+                &backoff.hold_until,
             ],
         )
         .await
@@ -1454,6 +1488,8 @@ mod contract_on_postgres {
             .fail(Backoff {
                 failures: 3,
                 retry_at,
+                outage: false,
+                hold_until: None,
             })
             .await
             .unwrap();
@@ -1495,6 +1531,104 @@ mod contract_on_postgres {
                 .unwrap(),
             Claim::Granted(_)
         ));
+    }
+
+    /// EdgeTag's return ends the fleet's outage back-offs in the store and tells every replica;
+    /// a `Retry-After` still holds, and back-offs for other causes stay.
+    #[tokio::test]
+    async fn edgetags_return_ends_outage_back_offs_fleet_wide() {
+        let r = replicas(2).await;
+        let mut heard = r[1].changes();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let cases = [
+            ("down", true, None),
+            ("held", true, Some(now + hour / 2)),
+            ("malformed", false, None),
+        ];
+        let mut versions = Vec::new();
+        for (name, outage, hold_until) in cases {
+            let account = AccountId::parse(name).unwrap();
+            let v = r[0]
+                .put_account(&account, &record("at", Some("rt")), Expected::Absent)
+                .await
+                .unwrap();
+            assert!(matches!(
+                next(&mut heard).await,
+                Some(Change::Account { .. })
+            ));
+            let Claim::Granted(claim) = r[0]
+                .claim_refresh(&account, v, ClaimMode::Wait)
+                .await
+                .unwrap()
+            else {
+                panic!("claimable");
+            };
+            let backoff = Backoff {
+                failures: 4,
+                retry_at: now + hour,
+                outage,
+                hold_until,
+            };
+            claim.fail(backoff).await.unwrap();
+            versions.push((account, v));
+        }
+        let claim = |i: usize| {
+            let (account, v) = versions[i].clone();
+            let store = r[1].clone();
+            async move {
+                store
+                    .claim_refresh(&account, v, ClaimMode::Skip { now })
+                    .await
+                    .unwrap()
+            }
+        };
+        match claim(1).await {
+            Claim::BackingOff(b) => {
+                assert!(b.outage);
+                assert!(same_time(b.retry_at, now + hour));
+                let held = b.hold_until.expect("the Retry-After is shared");
+                assert!(same_time(held, now + hour / 2));
+            }
+            other => panic!("expected BackingOff, got {other:?}"),
+        }
+
+        assert_eq!(r[0].end_outage_backoffs().await.unwrap(), 2);
+        assert_eq!(next(&mut heard).await, Some(Change::Recovered));
+        assert!(
+            matches!(claim(0).await, Claim::Granted(_)),
+            "refreshes at once"
+        );
+        match claim(1).await {
+            Claim::BackingOff(b) => {
+                assert!(!b.outage);
+                assert!(same_time(b.retry_at, now + hour / 2));
+            }
+            other => panic!("Retry-After still holds: expected BackingOff, got {other:?}"),
+        }
+        assert!(
+            matches!(claim(2).await, Claim::BackingOff(b) if !b.outage),
+            "its own answers were unusable: still backs off"
+        );
+        // Nothing left to end: no second notification.
+        assert_eq!(r[1].end_outage_backoffs().await.unwrap(), 0);
+        let v = r[0]
+            .put_account(&acme(), &record("at", Some("rt")), Expected::Absent)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut heard).await,
+            Some(Change::Account {
+                account: acme(),
+                version: Some(v)
+            })
+        );
+    }
+
+    /// Equal at PostgreSQL's microsecond precision.
+    fn same_time(a: SystemTime, b: SystemTime) -> bool {
+        let apart = a.duration_since(b).unwrap_or_else(|e| e.duration());
+        apart < Duration::from_micros(1)
     }
 
     async fn next(heard: &mut BoxStream<'static, Change>) -> Option<Change> {
