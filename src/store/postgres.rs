@@ -1431,6 +1431,54 @@ mod contract_on_postgres {
         }
     }
 
+    /// A database that schema 1 wrote, with an account backing off, migrates to the current
+    /// schema at the next start and keeps the account, its version and its back-off.
+    #[tokio::test]
+    async fn a_schema_1_database_with_data_migrates_and_keeps_it() {
+        let db = fresh();
+        let keys = Keyring::ephemeral();
+        let store = PostgresStore::open(&db.0, keys.clone()).await.unwrap();
+        let v1 = store
+            .put_account(&acme(), &record("at-1", Some("rt-1")), Expected::Absent)
+            .await
+            .unwrap();
+        // Back to what schema 1 had (dropping `outage` drops its index), the account backing off.
+        let client = store.shared.client().await.unwrap();
+        client
+            .batch_execute(
+                "ALTER TABLE accounts DROP COLUMN outage, DROP COLUMN hold_until;
+                 UPDATE credential_service_schema SET version = 1;
+                 UPDATE accounts SET failures = 2, retry_at = now() + interval '600 seconds';",
+            )
+            .await
+            .unwrap();
+        drop((client, store));
+        let retry_at = SystemTime::now() + Duration::from_secs(600);
+
+        let store = PostgresStore::open(&db.0, keys).await.unwrap();
+        let stored = store.load_account(&acme()).await.unwrap().expect("kept");
+        assert_eq!(stored.version, v1);
+        assert_eq!(stored.record.tokens.access_token.expose_secret(), "at-1");
+        let now = SystemTime::now();
+        match store
+            .claim_refresh(&acme(), v1, ClaimMode::Skip { now })
+            .await
+            .unwrap()
+        {
+            Claim::BackingOff(b) => {
+                assert_eq!(b.failures, 2);
+                assert!(b.retry_at > now && b.retry_at <= retry_at + Duration::from_secs(5));
+                assert!(
+                    !b.outage,
+                    "schema 1 did not say why: not ended by EdgeTag's return"
+                );
+                assert_eq!(b.hold_until, None);
+            }
+            other => panic!("the back-off is kept: {other:?}"),
+        }
+        assert_eq!(store.end_outage_backoffs().await.unwrap(), 0);
+    }
+
     #[tokio::test]
     async fn a_claim_waits_for_another_replicas_refresh_and_takes_its_result() {
         let r = replicas(2).await;
