@@ -1658,19 +1658,28 @@ mod contract_on_postgres {
             matches!(claim(2).await, Claim::BackingOff(b) if !b.outage),
             "its own answers were unusable: still backs off"
         );
-        // Nothing left to end: no second notification.
+        // Nothing left to end: no second notification comes before the next write's.
         assert_eq!(r[1].end_outage_backoffs().await.unwrap(), 0);
-        let v = r[0]
-            .put_account(&acme(), &record("at", Some("rt")), Expected::Absent)
+        put_acme_and_hear(&*r[0], &mut heard).await;
+    }
+
+    /// Connects acme through `store` and waits until `heard` announces it; returns its version.
+    async fn put_acme_and_hear(
+        store: &dyn Store,
+        heard: &mut BoxStream<'static, Change>,
+    ) -> Version {
+        let v = store
+            .put_account(&acme(), &record("at-1", Some("rt-1")), Expected::Absent)
             .await
             .unwrap();
         assert_eq!(
-            next(&mut heard).await,
+            next(heard).await,
             Some(Change::Account {
                 account: acme(),
                 version: Some(v)
             })
         );
+        v
     }
 
     /// Equal at PostgreSQL's microsecond precision.
@@ -1689,17 +1698,7 @@ mod contract_on_postgres {
     async fn every_replica_hears_of_every_write_with_its_version() {
         let r = replicas(2).await;
         let mut heard = r[1].changes();
-        let v1 = r[0]
-            .put_account(&acme(), &record("at-1", Some("rt-1")), Expected::Absent)
-            .await
-            .unwrap();
-        assert_eq!(
-            next(&mut heard).await,
-            Some(Change::Account {
-                account: acme(),
-                version: Some(v1)
-            })
-        );
+        let v1 = put_acme_and_hear(&*r[0], &mut heard).await;
         let Claim::Granted(claim) = r[0]
             .claim_refresh(&acme(), v1, ClaimMode::Wait)
             .await
