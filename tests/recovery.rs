@@ -627,9 +627,9 @@ async fn a_retry_does_not_wait_for_a_place_while_holding_the_claim() {
                 .await
         }
     });
-    while !(requests(&app) == base + 1 && app.fake.token_requests_in_flight() == 0) {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    app.fake
+        .until_token_requests_in_flight(|n| n == 0 && requests(&app) == base + 1)
+        .await;
     let b = app.get_token("b");
     tokio::pin!(b);
     // b's request reaches EdgeTag during a's pause (at least half of retry_base).

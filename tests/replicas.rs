@@ -499,14 +499,12 @@ async fn a_replica_killed_holding_the_lock_mid_refresh_loses_nothing() {
     fleet.fake.set_token_delay(Duration::from_secs(5));
     let victim = replicas[0].client.clone();
     let doomed = tokio::spawn(async move { refresh_token(&victim).await });
-    let waited = Instant::now();
-    while fleet.fake.token_requests_in_flight() == 0 {
-        assert!(
-            waited.elapsed() < PATIENCE,
-            "the refresh never reached EdgeTag"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tokio::time::timeout(
+        PATIENCE,
+        fleet.fake.until_token_requests_in_flight(|n| n > 0),
+    )
+    .await
+    .expect("the refresh reaches EdgeTag");
     replicas[0].kill_9().await;
     fleet.fake.set_token_delay(Duration::ZERO);
     let doomed = tokio::time::timeout(PATIENCE, doomed)

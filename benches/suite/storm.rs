@@ -416,10 +416,8 @@ fn client_refreshes() -> (f64, u64) {
 
 /// Waits (up to 60 s) until the fake has no token request in flight.
 async fn settle(fake: &FakeEdgeTag) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fake.token_requests_in_flight() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let settled = fake.until_token_requests_in_flight(|n| n == 0);
+    let _ = tokio::time::timeout(Duration::from_secs(60), settled).await;
 }
 
 /// Polls the fake until it has answered `accounts` successful refreshes since `from`; the time

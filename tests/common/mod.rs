@@ -139,9 +139,7 @@ pub fn fake_config(clock: &Clock) -> FakeConfig {
 impl TestApp {
     /// Returns once the fake EdgeTag holds a token request (the exchange or refresh under way).
     pub async fn until_token_request_in_flight(&self) {
-        while self.fake.token_requests_in_flight() == 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.fake.until_token_requests_in_flight(|n| n > 0).await;
     }
 
     pub async fn spawn() -> Self {

@@ -349,16 +349,26 @@ impl FakeEdgeTag {
         Duration::from_nanos(self.inner.counters.token_nanos.load(Ordering::Relaxed))
     }
 
-    /// Token requests being handled right now, for waiting until a burst has arrived.
+    /// Token requests being handled right now.
     pub fn token_requests_in_flight(&self) -> u64 {
-        self.inner.counters.token_in_flight.load(Ordering::SeqCst)
+        *self.inner.counters.token_in_flight.borrow()
+    }
+
+    /// Returns once the number of token requests in flight satisfies `ready`, which is asked at
+    /// once and again at every change: for waiting until a request has arrived, or all are done.
+    pub async fn until_token_requests_in_flight(&self, mut ready: impl FnMut(u64) -> bool) {
+        let mut changes = self.inner.counters.token_in_flight.subscribe();
+        changes
+            .wait_for(|now| ready(*now))
+            .await
+            .expect("the fake owns the sender");
     }
 
     /// Restarts peak tracking from the number of token requests currently in flight.
     pub fn reset_peak(&self) {
         let c = &self.inner.counters;
         c.token_peak
-            .store(c.token_in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+            .store(*c.token_in_flight.borrow(), Ordering::SeqCst);
     }
 
     /// Approves an authorize URL as the browser flow would, without HTTP: same validation, same

@@ -34,7 +34,8 @@ pub(crate) struct Counters {
     pub(crate) refreshes_ok: AtomicU64,
     pub(crate) revokes: AtomicU64,
     pub(crate) refresh_token_reuses: AtomicU64,
-    pub(crate) token_in_flight: AtomicU64,
+    /// Token requests being handled now; a watch, so tests can await a count instead of polling.
+    pub(crate) token_in_flight: watch::Sender<u64>,
     pub(crate) token_peak: AtomicU64,
     /// Nanoseconds token requests spent in the handler, summed.
     pub(crate) token_nanos: AtomicU64,
@@ -51,8 +52,10 @@ pub(crate) struct InFlight<'a>(&'a Counters, Instant);
 
 impl<'a> InFlight<'a> {
     pub(crate) fn enter(counters: &'a Counters) -> Self {
-        let now = counters.token_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        counters.token_peak.fetch_max(now, Ordering::SeqCst);
+        counters.token_in_flight.send_modify(|now| {
+            *now += 1;
+            counters.token_peak.fetch_max(*now, Ordering::SeqCst);
+        });
         InFlight(counters, Instant::now())
     }
 }
@@ -61,7 +64,7 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let nanos = u64::try_from(self.1.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.0.token_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.0.token_in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.token_in_flight.send_modify(|now| *now -= 1);
     }
 }
 
