@@ -20,6 +20,11 @@
 //! calls [`Cluster::stop`] and [`Cluster::start_again`]; both need `&mut`, so nobody can stop the
 //! shared cluster under other tests.
 //!
+//! A power-cut test puts the data directory on storage of its own (a file system that drops
+//! unsynced writes on command) with [`Cluster::start_in`], cuts the power, calls
+//! [`Cluster::power_cut`] to SIGKILL every process of the server at once, and restarts it with
+//! [`Cluster::start_again`], which runs crash recovery: whatever was committed must still be there.
+//!
 //! The API is synchronous and blocks the calling thread: about a second for the first
 //! [`Cluster::shared`] or any [`Cluster::start`] (initdb and start-up), milliseconds for
 //! [`Cluster::create_database`]. It talks to the server from a helper thread with a runtime of its
@@ -32,21 +37,24 @@
 //! `postgres` refuse to run as root, so when the tests run as root (as in CI) they run as the
 //! `postgres` system user that the Debian package creates.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, chown};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 /// How long start-up (after initdb) may take before the cluster counts as broken.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,6 +83,8 @@ pub struct Cluster {
     port: u16,
     run_as: Option<SystemUser>,
     settings: Vec<String>,
+    /// Set-up (initdb, `CREATE DATABASE`) reaches the disk too, for data that may lose power.
+    durable_setup: bool,
     postmaster: Option<Postmaster>,
 }
 
@@ -120,13 +130,29 @@ impl Cluster {
     /// # Panics
     /// If the server binaries are missing or the server does not start; the message says why.
     pub fn start() -> Cluster {
-        Self::start_with(None)
+        Self::start_with(None, None)
+    }
+
+    /// Like [`Cluster::start`], but with the data directory at `parent/pgdata`, for power-cut tests
+    /// that put it on a file system of their own; the password file, socket and log stay in the
+    /// cluster's temporary directory. initdb syncs the new files and set-up statements commit
+    /// synchronously, since anything unsynced is lost at a cut. Dropping the cluster leaves
+    /// `parent/pgdata` alone (it may be unmounted by then): it is the caller's.
+    ///
+    /// When the tests run as root, `parent` is given to the `postgres` system user (mode 0700), who
+    /// must be able to reach it: the directories above it searchable, and a FUSE mount made with
+    /// `allow_other`.
+    ///
+    /// # Panics
+    /// Like [`Cluster::start`], and if the system user cannot have or reach `parent`.
+    pub fn start_in(parent: &Path) -> Cluster {
+        Self::start_with(None, Some(parent))
     }
 
     /// Like [`Cluster::start`], with TLS on (`ssl=on`) using the given PEM certificate chain and
     /// key; clients may still connect without TLS unless they ask for it (`sslmode=require`).
     pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Cluster {
-        Self::start_with(Some((cert_pem, key_pem)))
+        Self::start_with(Some((cert_pem, key_pem)), None)
     }
 
     /// The cluster shared by all tests of this test binary, started on first use. It is never
@@ -136,7 +162,7 @@ impl Cluster {
         SHARED.get_or_init(Cluster::start)
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> Cluster {
+    fn start_with(tls: Option<(&str, &str)>, data_parent: Option<&Path>) -> Cluster {
         let bin_dir = find_bin_dir().unwrap_or_else(|| {
             panic!("no PostgreSQL server binaries (initdb, postgres) found; {INSTALL_HINT}")
         });
@@ -150,12 +176,16 @@ impl Cluster {
         } else {
             None
         };
+        if let (Some(parent), Some(user)) = (data_parent, run_as) {
+            give_to(parent, user);
+        }
         let dir = create_cluster_dir(run_as);
         let password = hex_password();
         let password_file = dir.join("password");
         // From here on, dropping `cluster` (also by a panic) removes the directory.
         let mut cluster = Cluster {
-            data_dir: dir.join("data"),
+            data_dir: data_parent.map_or_else(|| dir.join("data"), |parent| parent.join("pgdata")),
+            durable_setup: data_parent.is_some(),
             password_file,
             bin_dir,
             dir,
@@ -178,6 +208,13 @@ impl Cluster {
             ]);
         }
         cluster.initdb();
+        if let Some(parent) = data_parent {
+            // initdb syncs the data directory's contents, not its entry in `parent`: without this,
+            // a power cut could take the whole cluster away.
+            fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .unwrap_or_else(|e| panic!("could not fsync {}: {e}", parent.display()));
+        }
 
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -264,6 +301,22 @@ impl Cluster {
         }
     }
 
+    /// The server's side of a power cut: SIGKILLs the postmaster and every process it started, and
+    /// returns once all of them have exited, so that none keeps the old shared memory attached and
+    /// [`Cluster::start_again`] can start a new server, which runs crash recovery. Cut the storage
+    /// first, and keep its file system answering (with errors) until this returns: a process
+    /// cannot finish exiting while a file operation of its hangs. Does nothing if it is stopped.
+    ///
+    /// # Panics
+    /// If a process of the server does not exit within 30 seconds; the message lists them.
+    pub fn power_cut(&mut self) {
+        if let Some(postmaster) = self.postmaster.take()
+            && let Err(why) = postmaster.power_cut()
+        {
+            panic!("the power cut did not kill PostgreSQL: {why}");
+        }
+    }
+
     /// A client configuration for the `postgres` database as the superuser, password included.
     fn config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
@@ -283,7 +336,10 @@ impl Cluster {
         let mut config = self.config();
         // Not waiting for the WAL flush of set-up statements saves a few hundred milliseconds per
         // database; the server and the tests' own sessions keep fsync and synchronous commits.
-        config.options("-c synchronous_commit=off");
+        // Not on storage that may lose power: a cut could lose what was set up.
+        if !self.durable_setup {
+            config.options("-c synchronous_commit=off");
+        }
         thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -319,8 +375,13 @@ impl Cluster {
     }
 
     fn initdb(&self) {
-        let output = self
-            .command("initdb")
+        let mut command = self.command("initdb");
+        // initdb's final flush of the fresh files to disk is wasted on a directory that is thrown
+        // away after the test; the server itself runs with fsync on.
+        if !self.durable_setup {
+            command.arg("--no-sync");
+        }
+        let output = command
             .arg("--pgdata")
             .arg(&self.data_dir)
             .arg("--username")
@@ -333,9 +394,6 @@ impl Cluster {
                 "--encoding=UTF8",
                 "--locale=C",
                 "--no-instructions",
-                // Only initdb's final flush of the fresh files to disk: the directory is thrown
-                // away after the test. The server itself runs with fsync on.
-                "--no-sync",
             ])
             .output()
             .unwrap_or_else(|e| {
@@ -366,7 +424,10 @@ impl Cluster {
             .arg(format!("unix_socket_directories={}", self.dir.display()));
         let fixed = [
             "listen_addresses=127.0.0.1",
+            // Durability as by default, spelled out: power-cut tests depend on it.
             "fsync=on",
+            "full_page_writes=on",
+            "synchronous_commit=on",
             "max_connections=300",
             // Small, so that one cluster per test binary, all at once, fits in memory.
             "shared_buffers=32MB",
@@ -521,6 +582,63 @@ impl Postmaster {
         }
     }
 
+    /// See [`Cluster::power_cut`]. Every child of the postmaster makes itself the leader of a
+    /// session (and process group) of its own, so they cannot be killed as one group. Instead the
+    /// postmaster is stopped first, so that it can start no more processes (nor restart killed
+    /// ones), then its children and whatever runs in their sessions are killed, and the postmaster
+    /// last. The few microseconds between the kills do not matter: the storage is already cut.
+    fn power_cut(self) -> Result<(), String> {
+        let _ = rustix::process::kill_process(self.pid, Signal::STOP);
+        // A fork under way completes before the stop takes effect, so once the postmaster is
+        // stopped, all its children are in /proc. ECHILD: it died and the supervisor reaped it.
+        let stopped = WaitIdOptions::STOPPED | WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
+        loop {
+            match rustix::process::waitid(WaitId::Pid(self.pid), stopped) {
+                Ok(_) | Err(Errno::CHILD) => break,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(format!("could not wait for the postmaster to stop: {e}")),
+            }
+        }
+        // By pidfd, so that a pid reused meanwhile is never signalled; again until no new process
+        // turns up, in case one forked before it was killed.
+        let mut killed: Vec<(Pid, OwnedFd)> = Vec::new();
+        for _ in 0..100 {
+            let new: Vec<Pid> = started_by(self.pid)
+                .into_iter()
+                .filter(|pid| killed.iter().all(|(old, _)| old != pid))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            for pid in new {
+                match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
+                    Ok(pidfd) => {
+                        let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
+                        killed.push((pid, pidfd));
+                    }
+                    Err(Errno::SRCH) => {}
+                    Err(e) => return Err(format!("could not open a pidfd for {pid}: {e}")),
+                }
+            }
+        }
+        let _ = rustix::process::kill_process(self.pid, Signal::KILL);
+        wait_for_exits(killed, STOP_TIMEOUT)?;
+        // The supervisor reaps the postmaster; it reports the exit once every process holding the
+        // server's stderr is gone too. A Ready is from a crash restart that the cut overtook.
+        loop {
+            match self.next_event(STOP_TIMEOUT) {
+                Ok(Event::Ready) => continue,
+                Ok(Event::Exited { .. }) => return Ok(()),
+                Err(_) => {
+                    return Err(format!(
+                        "the postmaster ({}) did not exit within {STOP_TIMEOUT:?} of SIGKILL",
+                        self.pid
+                    ));
+                }
+            }
+        }
+    }
+
     /// SIGKILL and wait; says how it went.
     fn kill(self) -> String {
         let _ = rustix::process::kill_process(self.pid, Signal::KILL);
@@ -569,6 +687,91 @@ fn supervise(
     let status = child.wait();
     let log = Vec::from(tail).join("\n");
     let _ = events.send(Event::Exited { status, log });
+}
+
+/// The processes that `postmaster` started, found in /proc: its children, and the processes in
+/// their sessions (anything a backend runs, e.g. `COPY ... TO PROGRAM`, even once orphaned).
+fn started_by(postmaster: Pid) -> Vec<Pid> {
+    let postmaster = postmaster.as_raw_pid();
+    let all: Vec<ProcStat> = fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                .filter_map(proc_stat)
+                .collect()
+        })
+        .unwrap_or_default();
+    let children: HashSet<i32> = all
+        .iter()
+        .filter(|process| process.ppid == postmaster)
+        .map(|process| process.pid)
+        .collect();
+    all.iter()
+        .filter(|process| children.contains(&process.pid) || children.contains(&process.session))
+        .filter_map(|process| Pid::from_raw(process.pid))
+        .collect()
+}
+
+/// The fields of `/proc/<pid>/stat` that say whose a process is and whether it still runs.
+struct ProcStat {
+    pid: i32,
+    /// `R`, `S`, `D` (in an uninterruptible wait, e.g. on a hung file system), `Z` (exited)...
+    state: char,
+    ppid: i32,
+    session: i32,
+}
+
+fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let fields = proc_stat_fields(pid)?;
+    Some(ProcStat {
+        pid,
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
+    })
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces and
+/// parentheses): the state first, then the parent's pid, and so on (`man 5 proc`, from field 3).
+fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Waits until every process has exited (a pidfd polls readable then, zombie or not).
+fn wait_for_exits(mut pidfds: Vec<(Pid, OwnedFd)>, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !pidfds.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let states: Vec<String> = pidfds
+                .iter()
+                .map(|(pid, _)| {
+                    let state = proc_stat(pid.as_raw_pid()).map_or('?', |stat| stat.state);
+                    format!("{pid} (state {state})")
+                })
+                .collect();
+            return Err(format!(
+                "still running {timeout:?} after SIGKILL: {}",
+                states.join(", ")
+            ));
+        }
+        let left = Timespec::try_from(left).expect("a timeout of seconds fits a timespec");
+        let mut polled: Vec<PollFd<'_>> = pidfds
+            .iter()
+            .map(|(_, pidfd)| PollFd::new(pidfd, PollFlags::IN))
+            .collect();
+        match rustix::event::poll(&mut polled, Some(&left)) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(format!("could not poll pidfds: {e}")),
+        }
+        let exited: Vec<bool> = polled.iter().map(|fd| !fd.revents().is_empty()).collect();
+        let mut exited = exited.into_iter();
+        pidfds.retain(|_| !exited.next().unwrap_or(false));
+    }
+    Ok(())
 }
 
 /// The postmaster gets SIGQUIT (immediate shutdown) when the thread that spawned it ends, which
@@ -695,6 +898,30 @@ fn remove_stale_dirs(temp: &Path) {
         if gone {
             let _ = fs::remove_dir_all(entry.path());
         }
+    }
+}
+
+/// Makes `parent` the system user's (mode 0700), and checks that it can get there: initdb's
+/// "Permission denied" would not say that a directory above it is the trouble.
+fn give_to(parent: &Path, user: SystemUser) {
+    chown(parent, Some(user.uid), Some(user.gid))
+        .and_then(|()| fs::set_permissions(parent, fs::Permissions::from_mode(0o700)))
+        .unwrap_or_else(|e| panic!("could not give {} to {SYSTEM_USER}: {e}", parent.display()));
+    // Asked of the user itself, with the same credentials as initdb gets (no extra groups).
+    let writable = Command::new("test")
+        .arg("-w")
+        .arg(parent)
+        .uid(user.uid)
+        .gid(user.gid)
+        .status()
+        .unwrap_or_else(|e| panic!("could not run `test`: {e}"));
+    if !writable.success() {
+        panic!(
+            "the `{SYSTEM_USER}` system user, which runs PostgreSQL, cannot get to {}: every \
+             directory above it must be searchable by others (a tempfile::tempdir() is mode 0700; \
+             chmod it 0755), and a FUSE mount must allow other users (allow_other)",
+            parent.display()
+        );
     }
 }
 
@@ -847,6 +1074,220 @@ mod tests {
         let mut answer = [0u8; 1];
         stream.read_exact(&mut answer).expect("read answer");
         assert_eq!(&answer, b"S");
+    }
+
+    /// A directory of the test's own for `Cluster::start_in`, removed on drop. Named like cluster
+    /// directories, so that it is swept like them if the test process dies first.
+    struct Parent(PathBuf);
+
+    impl Parent {
+        fn new(name: &str) -> Parent {
+            let dir =
+                std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir(&dir).expect("create the parent directory");
+            Parent(dir)
+        }
+    }
+
+    impl Drop for Parent {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The server's processes, each with its start time (field 22 of /proc/<pid>/stat), which
+    /// tells it from a later process that reuses the pid.
+    fn server_processes(cluster: &Cluster) -> Vec<(i32, u64)> {
+        let postmaster = cluster.postmaster.as_ref().expect("running").pid;
+        std::iter::once(postmaster)
+            .chain(started_by(postmaster))
+            .map(|pid| {
+                let pid = pid.as_raw_pid();
+                (
+                    pid,
+                    start_time(pid).expect("a running process has a start time"),
+                )
+            })
+            .collect()
+    }
+
+    fn start_time(pid: i32) -> Option<u64> {
+        proc_stat_fields(pid)?.get(19)?.parse().ok()
+    }
+
+    /// Not exited. A zombie has: the killed children are orphans until pid 1 gets to reap them.
+    fn still_running(&(pid, started): &(i32, u64)) -> bool {
+        start_time(pid) == Some(started)
+            && proc_stat(pid).is_some_and(|process| process.state != 'Z')
+    }
+
+    fn assert_all_gone(processes: &[(i32, u64)]) {
+        let running: Vec<_> = processes.iter().filter(|p| still_running(p)).collect();
+        assert!(
+            running.is_empty(),
+            "still running after the power cut: {running:?}"
+        );
+        let postmaster = processes[0].0;
+        let orphans = fs::read_dir("/proc")
+            .expect("read /proc")
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .filter_map(proc_stat)
+            .filter(|process| process.ppid == postmaster && process.state != 'Z')
+            .count();
+        assert_eq!(orphans, 0, "children of the killed postmaster run on");
+    }
+
+    async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
+        client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .expect("show")
+            .get(0)
+    }
+
+    #[tokio::test]
+    async fn committed_rows_survive_a_power_cut_in_a_directory_of_ones_own() {
+        let parent = Parent::new("parent-power-cut");
+        let mut cluster = Cluster::start_in(&parent.0);
+        let port = cluster.port();
+        assert!(parent.0.join("pgdata/PG_VERSION").is_file());
+        assert!(cluster.password_file().starts_with(&cluster.dir));
+        let db = cluster.create_database();
+        let client = db.connect().await;
+        for (setting, value) in [
+            ("fsync", "on"),
+            ("full_page_writes", "on"),
+            ("synchronous_commit", "on"),
+        ] {
+            assert_eq!(show(&client, setting).await, value, "{setting}");
+        }
+        client
+            .batch_execute(
+                "CREATE TABLE notes (body text NOT NULL);
+                 BEGIN; INSERT INTO notes VALUES ('committed'); COMMIT;",
+            )
+            .await
+            .expect("insert");
+
+        let processes = server_processes(&cluster);
+        // The postmaster, its auxiliary processes and our backend at least.
+        assert!(processes.len() >= 5, "{processes:?}");
+        cluster.power_cut();
+        assert_all_gone(&processes);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert!(client.simple_query("SELECT 1").await.is_err());
+
+        cluster.start_again();
+        assert_eq!(notes(&db.connect().await).await, ["committed"]);
+        let dir = cluster.dir.clone();
+        drop(cluster);
+        assert!(!dir.exists());
+        assert!(
+            parent.0.join("pgdata/PG_VERSION").is_file(),
+            "the data directory is the caller's"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_power_cut_kills_busy_backends_and_loses_only_uncommitted_rows() {
+        let parent = Parent::new("parent-busy");
+        let mut cluster = Cluster::start_in(&parent.0);
+        let db = cluster.create_database();
+        let setup = db.connect().await;
+        setup
+            .batch_execute("CREATE TABLE notes (body text NOT NULL)")
+            .await
+            .expect("create table");
+        let mut open = Vec::new();
+        for n in 0..4 {
+            let client = db.connect().await;
+            // Two queries: in one, a BEGIN would take the first INSERT into its transaction.
+            client
+                .execute(
+                    "INSERT INTO notes VALUES ($1)",
+                    &[&format!("committed {n}")],
+                )
+                .await
+                .expect("insert");
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO notes VALUES ('uncommitted {n}');"
+                ))
+                .await
+                .expect("insert");
+            open.push(client);
+        }
+        // One backend in the middle of a statement.
+        let busy = db.connect().await;
+        let sleeping = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(600)").await });
+        loop {
+            let row = setup
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' \
+                     AND state = 'active'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity");
+            if row.get::<_, i64>(0) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let backends: i64 = setup
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        assert_eq!(backends, 6);
+
+        let processes = server_processes(&cluster);
+        cluster.power_cut();
+        assert_all_gone(&processes);
+        assert!(
+            sleeping.await.expect("join").is_err(),
+            "the statement was cut"
+        );
+        for client in &open {
+            assert!(client.simple_query("SELECT 1").await.is_err());
+        }
+
+        cluster.start_again();
+        assert_eq!(
+            notes(&db.connect().await).await,
+            ["committed 0", "committed 1", "committed 2", "committed 3"]
+        );
+        // Dropping does not depend on the data directory (the power-cut test unmounts it first).
+        fs::remove_dir_all(parent.0.join("pgdata")).expect("remove the data directory");
+        drop(cluster);
+    }
+
+    #[test]
+    fn a_data_parent_the_system_user_cannot_reach_is_refused_clearly() {
+        let Some(user) = rustix::process::geteuid()
+            .is_root()
+            .then(|| system_user(SYSTEM_USER))
+            .flatten()
+        else {
+            return; // Not root: PostgreSQL runs as the test's own user.
+        };
+        let locked = Parent::new("locked");
+        fs::set_permissions(&locked.0, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let parent = locked.0.join("kit");
+        fs::create_dir(&parent).expect("create");
+        let refused = std::panic::catch_unwind(|| give_to(&parent, user))
+            .expect_err("an unreachable parent was accepted");
+        let message = refused
+            .downcast_ref::<String>()
+            .expect("a formatted message");
+        assert!(message.contains("cannot get to"), "{message}");
+        fs::set_permissions(&locked.0, fs::Permissions::from_mode(0o755)).expect("chmod");
+        give_to(&parent, user);
     }
 
     #[test]
