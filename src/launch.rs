@@ -9,7 +9,7 @@ use crate::{
     clock::Clock,
     config::{ConfigError, KeySettings, Settings, StoreConfig, StoreSettings},
     dev::{self, DevEnvironment, DevError},
-    sealing::{KeyError, Keyring},
+    sealing::KeyError,
     server::{self, App, Listeners, ServeError},
     store::{PostgresStore, SledStore, Store, StoreError},
 };
@@ -131,9 +131,10 @@ pub async fn rotate_keys(
     store: &StoreSettings,
     keys: &KeySettings,
 ) -> Result<(), LaunchError> {
-    let keyring = Keyring::load(&keys.encryption(), data_dir)?;
+    let store = store.resolve(keys)?;
+    let keyring = server::load_keys(&keys.encryption(), &store, data_dir)?;
     let current = keyring.current_id();
-    let done = match store.resolve(keys)? {
+    let done = match store {
         StoreConfig::Sled => SledStore::open(data_dir, keyring)?.reseal_all().await?,
         StoreConfig::Postgres(pg) => {
             PostgresStore::open(&pg, keyring)

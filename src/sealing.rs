@@ -52,6 +52,25 @@ pub enum KeyError {
     NoPlaceBeside(PathBuf),
     #[error("the encryption key in {0} is given twice")]
     Duplicate(PathBuf),
+    #[error(
+        "the data directory {data_dir} holds records sealed with key {key_ids}, but its key file \
+         {key_file} is missing; refusing to create a new key that opens none of them: restore \
+         {key_file}, or pass the key with --encryption-key-file"
+    )]
+    MissingForRecords {
+        data_dir: PathBuf,
+        key_file: PathBuf,
+        key_ids: String,
+    },
+    #[error(
+        "the key file {key_file} exists but the data directory {data_dir} does not exist; refusing to \
+         start an empty store beside a key whose data is missing: restore the data directory, or \
+         move {key_file} aside to start afresh (every account must then be authorized again)"
+    )]
+    DataDirMissing {
+        data_dir: PathBuf,
+        key_file: PathBuf,
+    },
 }
 
 /// Why a sealed record did not open.
@@ -174,6 +193,13 @@ impl Keyring {
         out
     }
 
+    /// The id (hex) of the key that sealed `sealed`, read from its header without opening it, so
+    /// that a missing key can be named.
+    pub fn key_id_of(sealed: &[u8]) -> Option<String> {
+        (sealed.len() >= HEADER_LEN && sealed[0] == FORMAT)
+            .then(|| hex::encode(&sealed[1..1 + KEY_ID_LEN]))
+    }
+
     /// Opens a record sealed for `tree`/`key`. Also says whether the current key sealed it.
     pub fn unseal(&self, tree: &str, key: &[u8], sealed: &[u8]) -> Result<Unsealed, UnsealError> {
         if sealed.len() < HEADER_LEN + TAG_LEN || sealed[0] != FORMAT {
@@ -236,18 +262,29 @@ pub fn default_key_path(data_dir: &Path) -> Result<PathBuf, KeyError> {
     Ok(data_dir.with_file_name(file))
 }
 
-/// Writes a fresh random key to `path` (mode 0600); fails if the file exists.
+/// Writes a fresh random key to `path` (mode 0600); fails if the file exists. Durable before it
+/// returns, and whole or absent after a power cut: written to a temporary name and fsynced,
+/// linked into place (which fails if another process created it first), then the directory is
+/// fsynced. A key lost after records were sealed with it would lose every grant.
 pub fn create_key_file(path: &Path) -> Result<(), KeyError> {
     use std::io::Write;
     let create = || -> io::Result<()> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
         let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
+        options.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path)?;
+        let mut file = options.open(&tmp)?;
         let key: [u8; 32] = rand::random();
         writeln!(file, "{}", STANDARD.encode(key))?;
-        file.sync_all()
+        file.sync_all()?;
+        let linked = std::fs::hard_link(&tmp, path);
+        std::fs::remove_file(&tmp)?;
+        linked?;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
     };
     create().map_err(|source| KeyError::Create {
         path: path.to_owned(),

@@ -28,7 +28,7 @@ use crate::{
     clock::Clock,
     config::{ServiceConfig, StoreConfig},
     oauth::ProviderClient,
-    sealing::{KeyError, Keyring},
+    sealing::{EncryptionConfig, KeyError, Keyring, default_key_path},
     store::{self as stores, Store, StoreError},
 };
 
@@ -130,6 +130,45 @@ async fn open_store(config: &ServiceConfig, keys: Keyring) -> Result<Arc<dyn Sto
     }
 }
 
+/// Loads the encryption keys. On sled with the default key (`<data-dir>.key`, created on first
+/// start), a key and its data are kept together: the service never creates a key beside a store
+/// that holds records (they would stay sealed for good), never starts an empty store beside a key
+/// whose data directory is gone, and creates the data directory before the key, so a first start
+/// cut short leaves a state the next start accepts.
+pub fn load_keys(
+    encryption: &EncryptionConfig,
+    store: &StoreConfig,
+    data_dir: &std::path::Path,
+) -> Result<Keyring, ServeError> {
+    if encryption.key_file.is_none() && matches!(store, StoreConfig::Sled) {
+        let key_file = default_key_path(data_dir)?;
+        match (key_file.exists(), data_dir.exists()) {
+            (true, false) => {
+                return Err(KeyError::DataDirMissing {
+                    data_dir: data_dir.to_owned(),
+                    key_file,
+                }
+                .into());
+            }
+            (false, true) => {
+                let ids = stores::SledStore::sealing_key_ids(data_dir)?;
+                if !ids.is_empty() {
+                    let key_ids = ids.into_iter().collect::<Vec<_>>().join(", ");
+                    return Err(KeyError::MissingForRecords {
+                        data_dir: data_dir.to_owned(),
+                        key_file,
+                        key_ids,
+                    }
+                    .into());
+                }
+            }
+            (false, false) => stores::SledStore::create_dir(data_dir)?,
+            (true, true) => {}
+        }
+    }
+    Ok(Keyring::load(encryption, data_dir)?)
+}
+
 /// The assembled service before it serves: tests reach the broker and the store through it.
 pub struct App {
     config: ServiceConfig,
@@ -151,7 +190,7 @@ impl App {
         clock: Clock,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Self, ServeError> {
-        let keys = Keyring::load(&config.encryption, &config.data_dir)?;
+        let keys = load_keys(&config.encryption, &config.store, &config.data_dir)?;
         let store = wrap(open_store(&config, keys).await?);
         let provider = ProviderClient::new(config.provider.clone())?;
         let broker = Broker::new(

@@ -374,3 +374,134 @@ async fn json_logs_are_one_object_per_line_with_the_account() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     stop(&mut child).await; // so that dev mode removes its temporary directory
 }
+
+/// The last line the binary wrote before exiting with `code`: its one-line reason.
+async fn refusal(cmd: &mut Command, code: i32) -> String {
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("the service exits at once")
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    let last = err.trim().lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("credential-service: "), "{err}");
+    last
+}
+
+/// Stores an account sealed with a key of the test's own (no key file beside the data
+/// directory), as an earlier run whose key file was then lost would have; returns the key's id.
+async fn store_an_account_sealed_with_a_lost_key(data: &std::path::Path) -> String {
+    use credential_service::{
+        account::AccountId,
+        sealing::Keyring,
+        store::{Expected, SledStore, Store},
+        tokens::{AccountRecord, TokenSet},
+    };
+    let keys = Keyring::from_keys(&[7; 32], &[]);
+    let store = SledStore::open(data, keys.clone()).unwrap();
+    let now = std::time::SystemTime::now();
+    let tokens = TokenSet {
+        access_token: "at".into(),
+        refresh_token: Some("rt".into()),
+        token_type: "Bearer".into(),
+        issued_at: now,
+        expires_at: now + Duration::from_secs(3600),
+    };
+    store
+        .put_account(
+            &AccountId::parse("acme").unwrap(),
+            &AccountRecord::connected(tokens),
+            Expected::Absent,
+        )
+        .await
+        .unwrap();
+    keys.current_id()
+}
+
+/// A new key beside records sealed with another would leave every grant sealed for good (and, on
+/// a new account's write, a store needing two keys): the service names the key the records need.
+#[tokio::test]
+async fn no_new_key_is_created_beside_a_store_that_holds_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key_id = store_an_account_sealed_with_a_lost_key(&data).await;
+    let line = refusal(
+        &mut configured(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]),
+        1,
+    )
+    .await;
+    assert!(
+        line.contains(&key_id)
+            && line.contains(data.to_str().unwrap())
+            && line.contains("data.key")
+            && line.contains("--encryption-key-file"),
+        "{line}"
+    );
+    assert!(
+        !dir.path().join("data.key").exists(),
+        "no key was created beside the records"
+    );
+}
+
+/// A key file without its data directory means the data went missing (a wrong mount, a failed
+/// restore): starting empty there would look healthy and serve nothing.
+#[tokio::test]
+async fn no_new_data_directory_is_created_beside_an_existing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    credential_service::sealing::create_key_file(&dir.path().join("data.key")).unwrap();
+    let line = refusal(
+        &mut configured(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]),
+        1,
+    )
+    .await;
+    assert!(
+        line.contains(data.to_str().unwrap()) && line.contains("does not exist"),
+        "{line}"
+    );
+    assert!(!data.exists(), "no empty store was created");
+}
+
+/// A store sled cannot read (here: written by another sled version) stops the service with one
+/// line naming the directory and what to do, and is left exactly as it was.
+#[tokio::test]
+async fn a_store_that_does_not_open_stops_the_service_and_stays_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut first, _lines, _addr) = start_real(&data).await;
+    first.kill().await.unwrap();
+    let mut conf = b"segment_size: 524288\nuse_compression: false\nversion: 0.99\n".to_vec();
+    let crc = crc32fast::hash(&conf);
+    conf.extend_from_slice(&crc.to_le_bytes());
+    std::fs::write(data.join("conf"), &conf).unwrap();
+    let db_before = std::fs::read(data.join("db")).unwrap();
+
+    let line = refusal(
+        &mut configured(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]),
+        1,
+    )
+    .await;
+    assert!(
+        line.contains(data.to_str().unwrap())
+            && line.contains("does not open")
+            && line.contains("restore"),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(data.join("conf")).unwrap(), conf);
+    assert_eq!(std::fs::read(data.join("db")).unwrap(), db_before);
+}

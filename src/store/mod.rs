@@ -227,6 +227,12 @@ pub enum StoreError {
     CreateDir { path: PathBuf, source: io::Error },
     #[error("sled: {0}")]
     Sled(#[from] ::sled::Error),
+    #[error(
+        "the data directory {dir} does not open ({source}); refusing to start an empty store in its \
+         place: restore the directory from a backup, or move it aside to start empty (every account \
+         must then be authorized again)"
+    )]
+    Unreadable { dir: PathBuf, source: ::sled::Error },
     #[error("a stored {tree} record cannot be decoded: {reason}")]
     Corrupt { tree: &'static str, reason: String },
     #[error("the flusher thread has stopped")]
@@ -259,6 +265,7 @@ impl StoreError {
             self,
             Self::Locked(_)
                 | Self::CreateDir { .. }
+                | Self::Unreadable { .. }
                 | Self::Corrupt { .. }
                 | Self::FlusherGone
                 | Self::Conflict(_)

@@ -6,8 +6,14 @@
 //! sidesteps sled 0.34's `flush_async` hang under concurrency (spacejam/sled#1308). Versions are
 //! fenced with sled's compare-and-swap on the sealed bytes, which are unique per write (random
 //! nonce), so a swap succeeds only over exactly the record that was read.
+//!
+//! sled's own flush is not durable in a power cut; [`files`] adds what it leaves out (an
+//! `fdatasync` after each flush, fsynced directories, an atomically written `conf`).
+
+mod files;
 
 use std::{
+    collections::BTreeSet,
     fmt, io,
     path::Path,
     sync::{Arc, mpsc},
@@ -62,6 +68,7 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
         match sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
+            .segment_size(files::SEGMENT_SIZE)
             .open()
         {
             Ok(db) => return Ok(db),
@@ -71,8 +78,17 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(other) => return Err(StoreError::Sled(other)),
+            Err(other) => return Err(unreadable(dir, other)),
         }
+    }
+}
+
+/// A data directory that holds a store sled cannot read: the service stops rather than start
+/// empty in its place.
+fn unreadable(dir: &Path, source: impl Into<sled::Error>) -> StoreError {
+    StoreError::Unreadable {
+        dir: dir.to_owned(),
+        source: source.into(),
     }
 }
 
@@ -80,18 +96,25 @@ impl SledStore {
     /// Opens (or creates, mode 0700, files 0600) the database in `dir`, sealing and opening
     /// records with `keys`. Fails within [`LOCK_WAIT`] when another process holds it.
     pub fn open(dir: &Path, keys: Keyring) -> Result<Self, StoreError> {
-        create_private_dir(dir).map_err(|source| StoreError::CreateDir {
+        let repaired = files::prepare(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
         })?;
+        if repaired {
+            tracing::warn!(
+                data_dir = %dir.display(),
+                "sled's conf file was torn (a first start cut short); wrote it again"
+            );
+        }
         let db = open_db(dir)?;
         private_files(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
         })?;
-        let pending = db.open_tree(PENDING)?;
-        let accounts = db.open_tree(ACCOUNTS)?;
-        let flusher = Arc::new(Flusher::start(db.clone()));
+        let pending = db.open_tree(PENDING).map_err(|e| unreadable(dir, e))?;
+        let accounts = db.open_tree(ACCOUNTS).map_err(|e| unreadable(dir, e))?;
+        let syncer = files::Syncer::open(dir).map_err(|e| unreadable(dir, e))?;
+        let flusher = Arc::new(Flusher::start(db.clone(), syncer));
         Ok(Self {
             pending,
             accounts,
@@ -99,6 +122,33 @@ impl SledStore {
             flusher,
             #[cfg(test)]
             fail_flushes: Default::default(),
+        })
+    }
+
+    /// The ids of the keys that sealed the accounts stored in `dir`, read from the records' headers
+    /// without opening any: names the key a store needs when its key file is missing. Empty for a
+    /// directory sled never wrote to.
+    pub fn sealing_key_ids(dir: &Path) -> Result<BTreeSet<String>, StoreError> {
+        let mut ids = BTreeSet::new();
+        if !dir.join("db").exists() {
+            return Ok(ids);
+        }
+        files::prepare(dir).map_err(|e| unreadable(dir, e))?;
+        let db = open_db(dir)?;
+        let accounts = db.open_tree(ACCOUNTS).map_err(|e| unreadable(dir, e))?;
+        for item in accounts.iter() {
+            let (_, sealed) = item.map_err(|e| unreadable(dir, e))?;
+            ids.extend(Keyring::key_id_of(&sealed));
+        }
+        Ok(ids)
+    }
+
+    /// Creates the data directory (and any missing parents, mode 0700), each fsynced into its
+    /// parent, before a key is created beside it.
+    pub fn create_dir(dir: &Path) -> Result<(), StoreError> {
+        files::create_dir_durably(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_owned(),
+            source,
         })
     }
 
@@ -338,24 +388,9 @@ fn private_files(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-#[cfg(unix)]
-fn create_private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    // An existing directory keeps its mode unless we tighten it.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-#[cfg(not(unix))]
-fn create_private_dir(dir: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(dir)
-}
-
-/// Group commit: callers enqueue a waiter after their write; the thread flushes once for every
-/// waiter it has collected, so a burst of N writes costs far fewer than N fsyncs. When the last
+/// Group commit: callers enqueue a waiter after their write; the thread flushes (sled's flush, then
+/// [`files::Syncer::sync`]) once for every waiter it has collected, so a burst of N writes costs
+/// far fewer than N fsyncs, and no waiter hears back before its write is durable. When the last
 /// [`SledStore`] handle goes, the thread flushes a final time and the database closes before the drop
 /// returns, so a restart in the same process finds the directory free.
 struct Flusher {
@@ -366,19 +401,24 @@ struct Flusher {
 type FlushWaiter = oneshot::Sender<Result<(), Arc<sled::Error>>>;
 
 impl Flusher {
-    fn start(db: sled::Db) -> Self {
+    fn start(db: sled::Db, mut syncer: files::Syncer) -> Self {
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
+        let mut durable = move || -> Result<(), sled::Error> {
+            db.flush()?;
+            syncer.sync()?;
+            Ok(())
+        };
         let thread = std::thread::Builder::new()
             .name("sled-flusher".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let waiters: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
-                    let result = db.flush().map(drop).map_err(Arc::new);
+                    let result = durable().map_err(Arc::new);
                     for w in waiters {
                         let _ = w.send(result.clone());
                     }
                 }
-                if let Err(e) = db.flush() {
+                if let Err(e) = durable() {
                     tracing::error!(error = %e, "final flush failed");
                 }
             })
