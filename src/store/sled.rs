@@ -114,7 +114,7 @@ impl SledStore {
         let pending = db.open_tree(PENDING).map_err(|e| unreadable(dir, e))?;
         let accounts = db.open_tree(ACCOUNTS).map_err(|e| unreadable(dir, e))?;
         let syncer = files::Syncer::open(dir).map_err(|e| unreadable(dir, e))?;
-        let flusher = Arc::new(Flusher::start(db.clone(), syncer));
+        let flusher = Arc::new(Flusher::start(db.clone(), syncer, dir));
         Ok(Self {
             pending,
             accounts,
@@ -396,12 +396,14 @@ fn private_files(_dir: &Path) -> io::Result<()> {
 struct Flusher {
     tx: Option<mpsc::Sender<FlushWaiter>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The data directory, fsynced once sled has closed: closing may write a snapshot.
+    dir: std::path::PathBuf,
 }
 
 type FlushWaiter = oneshot::Sender<Result<(), Arc<sled::Error>>>;
 
 impl Flusher {
-    fn start(db: sled::Db, mut syncer: files::Syncer) -> Self {
+    fn start(db: sled::Db, mut syncer: files::Syncer, dir: &Path) -> Self {
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
         let mut durable = move || -> Result<(), sled::Error> {
             db.flush()?;
@@ -426,6 +428,7 @@ impl Flusher {
         Self {
             tx: Some(tx),
             thread: Some(thread),
+            dir: dir.to_owned(),
         }
     }
 
@@ -446,6 +449,9 @@ impl Drop for Flusher {
         drop(self.tx.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        if let Err(e) = files::sync_dir(&self.dir) {
+            tracing::warn!(data_dir = %self.dir.display(), error = %e, "fsync of the data directory at close failed");
         }
     }
 }
