@@ -343,6 +343,9 @@ impl LimitSettings {
     }
 }
 
+/// EdgeTag's revocation path, on its API host.
+const REVOKE_PATH: &str = "/v1/oauth-app/client/revoke";
+
 /// Where state lives: sled in `--data-dir` (the default), or a PostgreSQL database that several
 /// replicas share. Shared by the server and `rotate-keys`.
 #[derive(Debug, Clone, Args)]
@@ -635,9 +638,15 @@ impl Settings {
         let preset = |base: &str, path: &str| {
             Url::parse(&format!("{base}{path}")).expect("preset URLs are valid")
         };
+        // EdgeTag serves the token and revoke endpoints from one API host. A token URL given without
+        // a revoke URL (a stand-in EdgeTag, a proxy) takes the revoke path on its own origin, so that
+        // RemoveAccount never sends these client credentials to the preset's host instead.
+        let revoke_url = revoke_url.unwrap_or_else(|| match &token_url {
+            Some(token) => preset(&token.origin().ascii_serialization(), REVOKE_PATH),
+            None => preset(api, REVOKE_PATH),
+        });
         let authorize_url = authorize_url.unwrap_or_else(|| preset(ui, "/oauth/app/login"));
         let token_url = token_url.unwrap_or_else(|| preset(api, "/v1/oauth-app/client/token"));
-        let revoke_url = revoke_url.unwrap_or_else(|| preset(api, "/v1/oauth-app/client/revoke"));
         require_https(&authorize_url, "--authorize-url / EDGETAG_AUTHORIZE_URL")?;
         require_https(&token_url, "--token-url / EDGETAG_TOKEN_URL")?;
         require_https(&revoke_url, "--revoke-url / EDGETAG_REVOKE_URL")?;
@@ -845,6 +854,26 @@ mod tests {
         args.extend_from_slice(&["--store-password-file", password_arg]);
         let e = settings(&args).resolve(Some("secret".into())).unwrap_err();
         assert!(e.to_string().contains("sled store has no server"), "{e}");
+    }
+
+    #[test]
+    fn a_token_url_without_a_revoke_url_revokes_on_its_own_host() {
+        let mut args = REQUIRED.to_vec();
+        args.extend([
+            "--token-url",
+            "https://edgetag.internal:8443/v1/oauth-app/client/token",
+        ]);
+        let c = settings(&args).resolve(Some("s".into())).unwrap();
+        assert_eq!(
+            c.provider.revoke_url.as_str(),
+            "https://edgetag.internal:8443/v1/oauth-app/client/revoke"
+        );
+        args.extend(["--revoke-url", "https://other.internal/revoke"]);
+        let c = settings(&args).resolve(Some("s".into())).unwrap();
+        assert_eq!(
+            c.provider.revoke_url.as_str(),
+            "https://other.internal/revoke"
+        );
     }
 
     #[test]

@@ -293,6 +293,9 @@ fn announce(
         tls = config.tls.is_some(),
         callers = if config.callers.is_open() { "open (no callers file)" } else { "callers file" },
         accounts = broker.account_count(),
+        authorize_url = %config.provider.authorize_url,
+        token_url = %config.provider.token_url,
+        revoke_url = %config.provider.revoke_url,
         "credential-service serving"
     );
     Ok(())

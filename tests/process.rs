@@ -505,3 +505,31 @@ async fn a_store_that_does_not_open_stops_the_service_and_stays_untouched() {
     assert_eq!(std::fs::read(data.join("conf")).unwrap(), conf);
     assert_eq!(std::fs::read(data.join("db")).unwrap(), db_before);
 }
+
+/// An operator sees where the service will send what: a stand-in's token URL without a revoke URL
+/// revokes on the stand-in, never on EdgeTag's preset host (with the stand-in's credentials).
+#[tokio::test]
+async fn the_serving_line_names_every_edgetag_url_and_revoke_follows_the_token_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = configured(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--token-url",
+        "https://edgetag.internal:8443/v1/oauth-app/client/token",
+    ])
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = wait_for_line(&mut lines, "credential-service serving").await;
+    for url in [
+        "authorize_url=https://app-sandbox.edgetag.io/oauth/app/login",
+        "token_url=https://edgetag.internal:8443/v1/oauth-app/client/token",
+        "revoke_url=https://edgetag.internal:8443/v1/oauth-app/client/revoke",
+    ] {
+        assert!(line.contains(url), "{url} missing from: {line}");
+    }
+    child.kill().await.unwrap();
+}
