@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::{
+    clock::{from_unix_ms, to_unix_ms},
     metrics,
     tokens::{DEFAULT_TOKEN_TYPE, TokenSet},
 };
@@ -106,13 +107,16 @@ pub struct TokenResponse {
 
 impl TokenResponse {
     /// The domain's token set from this answer. `requested_at` is when the request left, so the
-    /// computed expiry errs early; `previous_refresh` is kept when the answer carries none.
+    /// computed expiry errs early; `previous_refresh` is kept when the answer carries none. Times
+    /// are cut to whole milliseconds, as the store keeps them, so the process that refreshed and
+    /// every one that loads the record hand callers the same `expires_at`.
     pub fn into_token_set(
         self,
         requested_at: SystemTime,
         default_lifetime: Duration,
         previous_refresh: Option<&SecretString>,
     ) -> TokenSet {
+        let requested_at = from_unix_ms(to_unix_ms(requested_at));
         let lifetime = self.expires_in.unwrap_or(default_lifetime);
         TokenSet {
             access_token: self.access_token,
@@ -565,6 +569,25 @@ pub(crate) fn unreachable_provider() -> ProviderClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replica that refreshed and one that loaded the stored record agree to the nanosecond.
+    #[test]
+    fn token_times_are_whole_milliseconds_as_the_store_keeps_them() {
+        let requested_at = SystemTime::UNIX_EPOCH + Duration::new(1_765_000_000, 123_456_789);
+        let set = response(None, Some(3600)).into_token_set(requested_at, Duration::ZERO, None);
+        for t in [set.issued_at, set.expires_at] {
+            assert_eq!(
+                from_unix_ms(to_unix_ms(t)),
+                t,
+                "{t:?} survives the store unchanged"
+            );
+        }
+        assert!(set.issued_at <= requested_at, "the expiry still errs early");
+        assert_eq!(
+            set.expires_at,
+            SystemTime::UNIX_EPOCH + Duration::new(1_765_003_600, 123_000_000)
+        );
+    }
 
     fn parse(status: u16, body: &str) -> Result<TokenResponse, UpstreamError> {
         parse_token_response(StatusCode::from_u16(status).unwrap(), None, body.as_bytes())

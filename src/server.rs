@@ -289,7 +289,13 @@ fn announce(
     }
     tracing::info!(
         addr = %local.map(|a| a.to_string()).unwrap_or_default(),
-        data_dir = %config.data_dir.display(),
+        store = %match config.store {
+            StoreConfig::Sled => "sled",
+            StoreConfig::Postgres(_) => "postgres",
+        },
+        // Only sled keeps its data there; a replica on PostgreSQL uses no data directory.
+        data_dir = matches!(config.store, StoreConfig::Sled)
+            .then(|| tracing::field::display(config.data_dir.display())),
         tls = config.tls.is_some(),
         callers = if config.callers.is_open() { "open (no callers file)" } else { "callers file" },
         accounts = broker.account_count(),

@@ -355,6 +355,12 @@ async fn a_thousand_callers_on_three_replicas_cause_one_upstream_refresh() {
     )
     .await;
     let a = fleet.replica().await;
+    // A replica names its store, and no data directory it does not use.
+    let serving = a.log_line("credential-service serving").await;
+    assert!(
+        serving.contains("store=postgres") && !serving.contains("data_dir="),
+        "{serving}"
+    );
     let expires_at = fleet.connect_account(&a, &a).await;
     let first = get_token(&a.client, None).await.unwrap();
     let (b, c) = tokio::join!(fleet.replica(), fleet.replica());
