@@ -104,9 +104,13 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
     settings.authorize_url = Some(Url::parse(&fake.authorize_url()).expect("fake URL"));
     settings.token_url = Some(Url::parse(&fake.token_url()).expect("fake URL"));
     settings.revoke_url = Some(Url::parse(&fake.revoke_url()).expect("fake URL"));
-    // The data in a subdirectory, so the encryption key created beside it is temporary too.
+    // The data and its key in the temporary directory. The key is made here and passed as
+    // --encryption-key-file, so the service does not warn about it as it would about a key it
+    // created beside a production data directory.
     settings.data_dir = data_dir.path().join("data");
-    settings.keys.encryption_key_file = None;
+    let key_file = data_dir.path().join("data.key");
+    crate::sealing::create_key_file(&key_file).map_err(|e| std::io::Error::other(e.to_string()))?;
+    settings.keys.encryption_key_file = Some(key_file);
     Ok(DevEnvironment {
         fake,
         data_dir,
