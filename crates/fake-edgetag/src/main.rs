@@ -4,7 +4,7 @@
 //! It prints the authorize, token and revoke URLs to pass to the service's `--authorize-url`,
 //! `--token-url` and `--revoke-url` flags, then serves until Ctrl-C.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use fake_edgetag::{FakeConfig, FakeEdgeTag};
@@ -23,12 +23,12 @@ struct Args {
     #[arg(long, env = "FAKE_EDGETAG_CLIENT_ID", default_value_t = FakeConfig::default().client_id)]
     client_id: String,
 
-    /// The client secret the fake accepts [default: the fake's well-known default secret].
+    /// The client secret the fake accepts. The default is public (it guards nothing real); a
+    /// secret given in the environment stays hidden in this help.
     #[arg(
         long,
         env = "FAKE_EDGETAG_CLIENT_SECRET",
         default_value_t = FakeConfig::default().client_secret,
-        hide_default_value = true,
         hide_env_values = true
     )]
     client_secret: String,
@@ -54,6 +54,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        // Colour codes only for a terminal: a log written to a file or a pipe stays plain text.
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )

@@ -147,3 +147,36 @@ async fn serves_the_printed_urls_with_the_given_settings_until_ctrl_c() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// `--help` says what the default secret is (it is public), and a log written to a pipe or a
+/// file carries no colour codes.
+#[tokio::test]
+async fn help_names_the_default_secret_and_piped_logs_are_plain() {
+    let help = Command::new(BIN).arg("--help").output().await.unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("[default: fake-client-secret]"), "{help}");
+
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let serving = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("fake EdgeTag serving") {
+                return line;
+            }
+        }
+        panic!("fake-edgetag ended before logging that it serves");
+    })
+    .await
+    .unwrap();
+    assert!(!serving.contains('\x1b'), "{serving:?}");
+    child.kill().await.unwrap();
+}
