@@ -110,8 +110,15 @@ fn main() {
         eprintln!("the performance suite runs with `cargo bench --bench suite`; nothing to do");
         return;
     }
-    // The binary's logging, so the hot path pays what it pays in production.
-    telemetry::init(LogFormat::Text);
+    // The binary's logging, so the hot path pays what it pays in production, but into a file: on
+    // the terminal, tens of thousands of audit lines would bury the tables.
+    let log_path = std::env::temp_dir().join(format!(
+        "credential-service-bench-{}.log",
+        std::process::id()
+    ));
+    let log = std::fs::File::create(&log_path).expect("a log file in the temporary directory");
+    eprintln!("the service's log goes to {}", log_path.display());
+    telemetry::init_to(LogFormat::Text, std::sync::Mutex::new(log), false);
     let all = [
         "throughput",
         "storm",
