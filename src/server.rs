@@ -2,6 +2,7 @@
 //! broker; [`serve`] composes the pieces, each in its own file:
 //! - `grpc`: the credential service with health and reflection, the layers, the drain;
 //! - `conn`: accepting connections within bounds: how many, handshake deadline, TLS;
+//! - `error`: [`ServeError`], why serving could not start or stopped;
 //! - `limits`: bounds on calls in flight and on health Watch streams;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
@@ -11,6 +12,7 @@
 //! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, the last store handle closes.
 
 mod conn;
+mod error;
 mod grpc;
 mod http;
 mod limits;
@@ -21,7 +23,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
-pub use self::signals::shutdown_signal;
+pub use self::{error::ServeError, signals::shutdown_signal};
 use self::{http::HttpListeners, upkeep::Upkeep};
 use crate::{
     broker::Broker,
@@ -47,33 +49,6 @@ pub fn http2_server(limits: &crate::config::Limits) -> tonic::transport::Server 
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-}
-
-/// Why the server could not start or stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Keys(#[from] KeyError),
-    #[error(
-        "refusing to serve on {0} without a callers file: only loopback is safe when every call is allowed"
-    )]
-    OpenOnNetwork(std::net::SocketAddr),
-    #[error("cannot build the HTTP client for EdgeTag: {0}")]
-    HttpClient(#[from] reqwest::Error),
-    #[error("cannot build the reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    #[error("cannot set up TLS: {0}")]
-    Tls(String),
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
 }
 
 /// The sockets the service serves on: gRPC, and the optional HTTP ones.

@@ -13,7 +13,8 @@ use tonic_health::{
 };
 
 use super::{
-    DRAIN_GRACE, ServeError, conn,
+    DRAIN_GRACE, conn,
+    error::ServeError,
     limits::{CallLayer, CappedHealth},
 };
 use crate::{
