@@ -27,7 +27,7 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use super::{error::ServeError, limits::Throttled};
+use super::{error::ServeError, throttled::Throttled};
 use crate::{
     config::{Limits, TlsConfig},
     metrics::{self, ConnectionGuard},

@@ -8,11 +8,10 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
 };
 
 use futures::{Stream, StreamExt};
@@ -23,62 +22,14 @@ use tonic_health::{
     server::HealthService,
 };
 
+use super::throttled::{LOG_EVERY, Throttled};
 use crate::{
     auth::{CallAudit, Callers},
     metrics::{self, RpcCall},
 };
 
-/// How often, at most, one bound's refusals are logged (with the count since the last line).
-pub(super) const LOG_EVERY: Duration = Duration::from_secs(10);
-
 /// Health checks stay answerable while the service sheds other calls: probes must see it alive.
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
-
-/// A log line per bound at most every [`LOG_EVERY`], carrying how many hits it stands for. Hits
-/// after the last line are logged by [`flush_refusal_logs`], so a burst's tail is never lost.
-pub(super) struct Throttled {
-    what: &'static str,
-    /// The bound's label in `credential_limit_hits_total`.
-    limit: &'static str,
-    since_last: AtomicU64,
-    last: Mutex<Option<Instant>>,
-}
-
-impl Throttled {
-    pub(super) const fn new(limit: &'static str, what: &'static str) -> Self {
-        Self {
-            what,
-            limit,
-            since_last: AtomicU64::new(0),
-            last: Mutex::new(None),
-        }
-    }
-
-    /// Counts one hit of the bound (metric and, now and then, a warning).
-    pub(super) fn hit(&self) {
-        metrics::record_limit_hit(self.limit);
-        self.since_last.fetch_add(1, Ordering::Relaxed);
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|at| at.elapsed() < LOG_EVERY) {
-            return;
-        }
-        self.log(&mut last);
-    }
-
-    /// Logs the hits not yet logged, if any.
-    fn flush(&self) {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        self.log(&mut last);
-    }
-
-    fn log(&self, last: &mut Option<Instant>) {
-        let hits = self.since_last.swap(0, Ordering::Relaxed);
-        if hits > 0 {
-            *last = Some(Instant::now());
-            tracing::warn!(limit = self.limit, hits, "{}", self.what);
-        }
-    }
-}
 
 /// Every bound's refusal log.
 static REFUSAL_LOGS: [&Throttled; 5] = [
