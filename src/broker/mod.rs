@@ -21,6 +21,7 @@
 //! - [`connect`](self::connect): BeginAuth and CompleteAuth;
 //! - [`get`](self::get): GetToken, and the one answer for each cause when no refresh can help;
 //! - [`refresh`](self::refresh): the single flight and the refresh state machine;
+//! - [`outcome`](self::outcome): what a refresh produces, and why it failed ([`RefreshFailure`]);
 //! - [`admin`](self::admin): list, describe, refresh now, remove, gauges;
 //! - [`slot`]: one account in memory, its locks and their order;
 //! - [`policy`]: due times, margins, freshness, back-off and jitter, as pure functions;
@@ -33,6 +34,7 @@ mod connect;
 mod events;
 mod follow;
 mod get;
+mod outcome;
 pub mod policy;
 mod refresh;
 mod scheduler;
@@ -57,7 +59,7 @@ use crate::{
 pub use self::{
     admin::Removal,
     events::{AccountEvent, AccountEventKind, Failing},
-    refresh::RefreshFailure,
+    outcome::RefreshFailure,
 };
 
 /// Timing and limits of the broker.

@@ -21,7 +21,11 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{Inner, RefreshFailure, policy, refresh::SharedRefresh};
+use super::{
+    Inner,
+    outcome::{RefreshFailure, SharedRefresh},
+    policy,
+};
 use crate::{
     account::AccountId,
     clock::to_unix_ms,
