@@ -25,6 +25,7 @@
 //! - [`admin`](self::admin): list, describe, refresh now, remove, gauges;
 //! - [`slot`]: one account in memory, its locks and their order;
 //! - [`policy`]: due times, margins, freshness, back-off and jitter, as pure functions;
+//! - [`freshness`](self::freshness): that policy with the broker's settings and clock in force;
 //! - [`scheduler`](self::scheduler): background refreshes, most urgent first;
 //! - [`follow`](self::follow): reloading what other processes changed in a shared store;
 //! - [`events`](self::events): WatchAccounts, each account's transitions for operators.
@@ -33,6 +34,7 @@ mod admin;
 mod connect;
 mod events;
 mod follow;
+mod freshness;
 mod get;
 mod outcome;
 pub mod policy;

@@ -1,10 +1,10 @@
 //! The refresh arithmetic, as pure functions of their inputs (randomness is passed in), so each can
-//! be tested exhaustively: when a token is due, what margin is in force, whether a token is fresh
+//! be tested exhaustively: whether an account is refreshed at all, when a token is due, what margin is in force, whether a token is fresh
 //! enough, how long to back off, and the largest `min_validity` a caller may ask for.
 
 use std::time::{Duration, SystemTime};
 
-use crate::tokens::TokenSet;
+use crate::tokens::{AccountRecord, AccountStatus, TokenSet};
 
 /// The refresh margin in force: the configured one, capped at half the token's lifetime, so a
 /// provider issuing very short-lived tokens does not cause a refresh on every call.
@@ -16,6 +16,12 @@ pub fn margin(configured: Duration, lifetime: Duration) -> Duration {
 /// outlast both the caller's need and the margin.
 pub fn fresh_enough(remaining: Duration, min_validity: Duration, margin: Duration) -> bool {
     remaining > min_validity.max(margin)
+}
+
+/// Whether the scheduler ever refreshes `record`: only an active account with a refresh token can
+/// be refreshed (one that needs re-authorization waits for CompleteAuth).
+pub fn refreshable(record: &AccountRecord) -> bool {
+    record.status == AccountStatus::Active && record.tokens.refresh_token.is_some()
 }
 
 /// When the scheduler should refresh `tokens`: when `ahead_fraction` of the lifetime is left (at
@@ -86,6 +92,25 @@ mod tests {
         assert_eq!(m, 5 * MIN);
         assert_eq!(due(&t, 0.2, 0.0, m), t.expires_at - 24 * MIN);
         assert_eq!(due(&t, 0.2, 0.05, m), t.expires_at - 30 * MIN);
+    }
+
+    #[test]
+    fn only_active_accounts_with_a_refresh_token_are_refreshed() {
+        let record = |status, refresh_token: Option<&str>| AccountRecord {
+            tokens: std::sync::Arc::new(TokenSet {
+                refresh_token: refresh_token.map(Into::into),
+                ..tokens(HOUR)
+            }),
+            status,
+            last_refresh: None,
+        };
+        assert!(refreshable(&record(AccountStatus::Active, Some("rt"))));
+        assert!(!refreshable(&record(AccountStatus::Active, None)));
+        assert!(!refreshable(&record(
+            AccountStatus::NeedsReauth,
+            Some("rt")
+        )));
+        assert!(!refreshable(&record(AccountStatus::NeedsReauth, None)));
     }
 
     #[test]

@@ -24,13 +24,12 @@ use arc_swap::ArcSwap;
 use super::{
     Inner,
     outcome::{RefreshFailure, SharedRefresh},
-    policy,
 };
 use crate::{
     account::AccountId,
     clock::to_unix_ms,
     store::{Expected, Version},
-    tokens::{AccountRecord, AccountStatus, TokenSet},
+    tokens::AccountRecord,
 };
 
 pub(super) struct Slot {
@@ -188,53 +187,5 @@ impl Inner {
         slot.due_ms.store(self.due_ms(&record), Ordering::Release);
         slot.record.store(record);
         slot.touch();
-    }
-
-    /// When the scheduler should refresh this record; never for an account that cannot refresh.
-    pub(super) fn due_ms(&self, record: &AccountRecord) -> i64 {
-        if record.status != AccountStatus::Active || record.tokens.refresh_token.is_none() {
-            return i64::MAX;
-        }
-        let policy = &self.config.refresh;
-        to_unix_ms(policy::due(
-            &record.tokens,
-            policy.ahead_fraction,
-            policy.jitter_fraction * rand::random::<f64>(),
-            self.margin(&record.tokens),
-        ))
-    }
-
-    /// The refresh margin in force for `tokens` (see [`policy::margin`]); logs once when the cap
-    /// shortens the configured margin, so the operator learns why it acts shorter than set.
-    pub(super) fn margin(&self, tokens: &TokenSet) -> Duration {
-        let lifetime = tokens.lifetime();
-        let margin = policy::margin(self.config.refresh_margin, lifetime);
-        if margin < self.config.refresh_margin
-            && !self.margin_cap_logged.load(Ordering::Relaxed)
-            && !self.margin_cap_logged.swap(true, Ordering::Relaxed)
-        {
-            tracing::info!(
-                configured = ?self.config.refresh_margin,
-                token_lifetime = ?lifetime,
-                in_force = ?margin,
-                "the refresh margin is capped at half the token lifetime, so short-lived tokens are not refreshed on every call"
-            );
-        }
-        margin
-    }
-
-    /// The largest `min_validity` a caller may ask for with tokens like `tokens` (see
-    /// [`policy::max_min_validity`]).
-    pub(super) fn longest_need(&self, tokens: &TokenSet) -> Duration {
-        policy::max_min_validity(tokens.lifetime(), self.margin(tokens))
-    }
-
-    /// Whether `tokens` can be handed out without refreshing first.
-    pub(super) fn fresh_enough(&self, tokens: &TokenSet, min_validity: Duration) -> bool {
-        policy::fresh_enough(
-            tokens.remaining(self.clock.now()),
-            min_validity,
-            self.margin(tokens),
-        )
     }
 }
