@@ -1,6 +1,8 @@
 //! The module map in `src/lib.rs` promises that dependencies point one way. This reads `src/` the
 //! way a reviewer would (every `crate::` path outside comments) and fails on an import cycle between
-//! top-level modules, naming it, so the promise stays true without anyone re-measuring it.
+//! top-level modules, naming it, so the promise stays true without anyone re-measuring it. One
+//! level down the same holds: the files of one folder (reading `super::` and `self::` paths too)
+//! import each other one way only.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -206,4 +208,311 @@ fn the_reader_finds_grouped_and_nested_imports() {
     );
     let found: Vec<_> = crate_references(&code).into_iter().collect();
     assert_eq!(found, ["a", "b", "c", "g"]);
+}
+
+// ---- Files of one folder -------------------------------------------------------------------------
+//
+// Inside a module's folder the same promise holds one level down: its parts (each file, or each
+// sub-folder with its root file) point one way. The folder's root file (`m.rs` or `m/mod.rs`)
+// declares the parts and sits above them; an item a part names through the root (`super::X`,
+// `crate::m::X`) counts as naming the part the root imports it from, so a re-export hides no cycle.
+
+/// A file's module path: `src/store/postgres/claim.rs` → `store::postgres::claim`, `src/m/mod.rs`
+/// → `m`, `src/lib.rs` → the crate root (empty).
+fn module_path(src: &Path, file: &Path) -> Vec<String> {
+    let relative = file.strip_prefix(src).unwrap().with_extension("");
+    let mut path: Vec<String> = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if path
+        .last()
+        .is_some_and(|last| last == "mod" || last == "lib")
+    {
+        path.pop();
+    }
+    path
+}
+
+/// The inline modules of `code` (`mod tests { … }`): each one's name and the span of its body.
+fn inline_modules(code: &str) -> Vec<(String, std::ops::Range<usize>)> {
+    let mut found = Vec::new();
+    let bytes = code.as_bytes();
+    let mut from = 0;
+    while let Some(i) = code[from..].find("mod ").map(|i| i + from) {
+        from = i + 4;
+        let preceded_by_ident = code[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        let name = ident_at(&code[from..]);
+        let after = code[from + name.len()..].trim_start();
+        if preceded_by_ident || name.is_empty() || !after.starts_with('{') {
+            continue; // not a module, or a file module (`mod x;`)
+        }
+        let open = code.len() - after.len();
+        let mut depth = 0usize;
+        let mut end = code.len();
+        let mut j = open;
+        while j < bytes.len() {
+            match bytes[j] {
+                // '{' and '}' as character literals are not braces.
+                b'\'' if bytes.get(j + 2) == Some(&b'\'') => j += 2,
+                b'{' => depth += 1,
+                b'}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = j;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            j += 1;
+        }
+        found.push((name, open..end));
+    }
+    found
+}
+
+/// The paths of a use tree or an expression path, without its prefix: `a::b::C` → `[a, b, C]`,
+/// `{a, b::{c, self}}` → `[a]`, `[b, c]`, `[b]`; `*` and `self` name the module they follow.
+fn use_tree(s: &str) -> (Vec<Vec<String>>, &str) {
+    let s = s.trim_start();
+    if let Some(mut rest) = s.strip_prefix('{') {
+        let mut paths = Vec::new();
+        loop {
+            rest = rest.trim_start();
+            if let Some(after) = rest.strip_prefix('}') {
+                return (paths, after);
+            }
+            if let Some(after) = rest.strip_prefix(',') {
+                rest = after;
+                continue;
+            }
+            let (more, after) = use_tree(rest);
+            if after.len() == rest.len() {
+                return (paths, after); // not a use tree after all
+            }
+            paths.extend(more);
+            rest = after;
+        }
+    }
+    if let Some(after) = s.strip_prefix('*') {
+        return (vec![Vec::new()], after);
+    }
+    let name = ident_at(s);
+    if name.is_empty() {
+        return (Vec::new(), s);
+    }
+    let rest = &s[name.len()..];
+    let head = if name == "self" {
+        Vec::new()
+    } else {
+        vec![name]
+    };
+    if let Some(after) = rest.trim_start().strip_prefix("::") {
+        let (tails, after) = use_tree(after);
+        if !tails.is_empty() {
+            let paths = tails
+                .into_iter()
+                .map(|tail| head.iter().cloned().chain(tail).collect())
+                .collect();
+            return (paths, after);
+        }
+    }
+    (vec![head], rest)
+}
+
+/// Every module path the code of the file at module path `file` names through `crate::`,
+/// `super::` or `self::`, made absolute (from the crate root).
+fn absolute_references(file: &[String], code: &str) -> Vec<Vec<String>> {
+    let inline = inline_modules(code);
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at < code.len() {
+        let rest = &code[at..];
+        let prefix = ["crate::", "super::", "self::"]
+            .into_iter()
+            .find(|p| rest.starts_with(p));
+        let preceded_by_ident = code[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        let Some(prefix) = prefix.filter(|_| !preceded_by_ident) else {
+            at += rest.chars().next().unwrap().len_utf8();
+            continue;
+        };
+        // The module this code sits in: the file's, and the inline modules around it.
+        let mut base: Vec<String> = file.to_vec();
+        let mut around: Vec<_> = inline
+            .iter()
+            .filter(|(_, span)| span.contains(&at))
+            .collect();
+        around.sort_by_key(|(_, span)| span.start);
+        base.extend(around.into_iter().map(|(name, _)| name.clone()));
+        let mut tail = &rest[prefix.len()..];
+        match prefix {
+            "crate::" => base.clear(),
+            "super::" => {
+                base.pop();
+                while let Some(after) = tail.strip_prefix("super::") {
+                    base.pop();
+                    tail = after;
+                }
+            }
+            _ => {}
+        }
+        let (paths, _) = use_tree(tail);
+        found.extend(
+            paths
+                .into_iter()
+                .map(|p| base.iter().cloned().chain(p).collect()),
+        );
+        at = code.len() - tail.len();
+    }
+    found
+}
+
+/// One folder's parts and the parts each imports: `(folder, part → parts)`, for every module
+/// whose folder holds at least two parts (the crate root's are the test above's business).
+fn folder_graphs() -> Vec<(String, BTreeMap<String, BTreeSet<String>>)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let files: Vec<(Vec<String>, String)> = rust_files(&src)
+        .into_iter()
+        .filter(|f| !f.starts_with(src.join("bin")))
+        .map(|f| {
+            let code = strip_comments(&fs::read_to_string(&f).unwrap());
+            (module_path(&src, &f), code)
+        })
+        .collect();
+    let mut graphs = Vec::new();
+    for dir in directories(&src) {
+        let folder = module_path(&src, &dir.join("mod.rs"));
+        if folder.is_empty() || folder.first().is_some_and(|f| f == "bin") {
+            continue;
+        }
+        let parts: BTreeSet<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir() || (p.extension().is_some_and(|e| e == "rs")))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+            .filter(|name| name != "mod")
+            .collect();
+        if parts.len() < 2 {
+            continue;
+        }
+        // The part under `folder` that an absolute path names, if any.
+        let part_of = |path: &[String]| -> Option<String> {
+            path.strip_prefix(folder.as_slice())?
+                .first()
+                .filter(|p| parts.contains(*p))
+                .cloned()
+        };
+        // Items the root file imports from its parts (`use self::slot::Slot`): name → part.
+        let mut reexported: BTreeMap<String, String> = BTreeMap::new();
+        for (path, code) in files.iter().filter(|(p, _)| *p == folder) {
+            for r in absolute_references(path, code) {
+                if let (Some(part), Some(item)) = (part_of(&r), r.last())
+                    && r.len() > folder.len() + 1
+                {
+                    reexported.entry(item.clone()).or_insert(part);
+                }
+            }
+        }
+        let mut graph: BTreeMap<String, BTreeSet<String>> =
+            parts.iter().map(|p| (p.clone(), BTreeSet::new())).collect();
+        for (path, code) in &files {
+            let Some(from) = part_of(path) else { continue };
+            for r in absolute_references(path, code) {
+                let to = part_of(&r).or_else(|| {
+                    let rest = r.strip_prefix(folder.as_slice())?;
+                    reexported.get(rest.first()?).cloned()
+                });
+                if let Some(to) = to.filter(|to| *to != from) {
+                    graph.get_mut(&from).unwrap().insert(to);
+                }
+            }
+        }
+        graphs.push((format!("src/{}", folder.join("/")), graph));
+    }
+    graphs
+}
+
+fn directories(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.push(path.clone());
+            out.extend(directories(&path));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn files_of_one_folder_import_each_other_without_cycles() {
+    let graphs = folder_graphs();
+    assert!(
+        graphs.iter().any(|(folder, _)| folder == "src/broker"),
+        "src/ was read: {graphs:?}"
+    );
+    let mut cycles = Vec::new();
+    for (folder, graph) in &graphs {
+        let mut reported: Vec<BTreeSet<String>> = Vec::new();
+        for part in graph.keys() {
+            let found = cycle_from(
+                graph,
+                part,
+                part,
+                &mut vec![part.clone()],
+                &mut BTreeSet::new(),
+            );
+            if let Some(cycle) = found {
+                let members: BTreeSet<String> = cycle.iter().cloned().collect();
+                if !reported.contains(&members) {
+                    reported.push(members);
+                    cycles.push(format!("{folder}: {}", cycle.join(" → ")));
+                }
+            }
+        }
+    }
+    assert!(
+        cycles.is_empty(),
+        "import cycles between files of one folder (each must point one way; move the shared \
+         item into a file of its own):\n{}",
+        cycles.join("\n")
+    );
+}
+
+#[test]
+fn the_folder_reader_resolves_super_self_and_inline_modules() {
+    let code = strip_comments(
+        "use super::{slot::Slot, Inner, policy};\nuse crate::broker::refresh::{self, X};\n\
+         fn f() { self::g::h(); super::super::store::Y::z(); }\n\
+         #[cfg(test)]\nmod tests {\n    use super::*;\n    use super::super::events::E;\n    fn c() -> char { '}' }\n}\n\
+         fn after() { super::admin::A; }",
+    );
+    let file = ["broker".to_owned(), "get".to_owned()];
+    let found: Vec<String> = absolute_references(&file, &code)
+        .into_iter()
+        .map(|p| p.join("::"))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "broker::slot::Slot",
+            "broker::Inner",
+            "broker::policy",
+            "broker::refresh",
+            "broker::refresh::X",
+            "broker::get::g::h",
+            "store::Y::z",
+            "broker::get",
+            "broker::events::E",
+            "broker::admin::A",
+        ]
+    );
 }
