@@ -289,6 +289,8 @@ impl Drop for InflightGuard {
     }
 }
 
+/// One refresh, start to end: the held-back set first if there is one; else [`Refresh::claim`]
+/// the account, [`Refresh::ask_edgetag`], and [`Refresh::persist_and_publish`] its answer.
 #[tracing::instrument(name = "refresh", skip_all, fields(account = %account))]
 async fn refresh_task(
     inner: Arc<Inner>,
@@ -315,12 +317,7 @@ async fn refresh_task(
         .as_ref()
         .map(|held| held.record.clone());
     if let Some(record) = held_back {
-        let version = persist_or_hold_back(&inner, &account, &slot, None, &record).await?;
-        *slot.health() = Health::default();
-        inner.publish(&slot, record.clone(), version);
-        tracing::info!("held-back token set stored; serving it");
-        inner.emit(&account, RefreshEventKind::Refreshed);
-        return Ok(record);
+        return store_held_back(&inner, &account, &slot, record).await;
     }
 
     let current = slot.record.load_full();
@@ -334,145 +331,238 @@ async fn refresh_task(
     let Some(refresh_token) = current.tokens.refresh_token.clone() else {
         return Err(RefreshFailure::NeedsReauth);
     };
-    // A place in the upstream cap first, the claim second: on a shared store a claim holds a row
-    // lock and a pooled connection until the refresh ends, so claims must not queue for places.
-    let permit = inner
-        .upstream_place()
-        .await
-        .map_err(RefreshFailure::Upstream)?;
-    // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the answer.
-    // The scheduler never waits for another process's refresh, and honours the fleet's back-off.
-    let mode = match trigger {
-        Trigger::Background => ClaimMode::Skip {
-            now: inner.clock.now(),
-        },
-        Trigger::Caller | Trigger::Operator => ClaimMode::Wait,
+    let refresh = Refresh {
+        inner: &inner,
+        account: &account,
+        slot: &slot,
+        current,
     };
-    let claim = match inner
-        .store
-        .claim_refresh(&account, slot.version.load(Ordering::Acquire), mode)
-        .await
-    {
-        Ok(Claim::Granted(claim)) => claim,
-        Ok(Claim::Superseded(newer)) => {
-            let record = Arc::new(newer.record);
-            inner.publish(&slot, record.clone(), newer.version);
-            return servable(record);
-        }
-        Ok(Claim::Gone) => return Err(RefreshFailure::Removed),
-        Ok(Claim::Busy) => {
-            // Another process refreshes it now; its commit reaches us as a change. Look again
-            // after a scan or two in case that never comes.
-            let later = inner.clock.now() + inner.config.refresh.scan_interval * 2;
-            slot.due_ms.store(to_unix_ms(later), Ordering::Release);
-            return servable(current);
-        }
-        Ok(Claim::BackingOff(backoff)) => {
-            let mut health = slot.health();
-            health.failures = health.failures.max(backoff.failures);
-            health.retry_at = Some(backoff.retry_at);
-            health.hold_until = backoff.hold_until;
-            health.fleet_outage = backoff.outage;
-            drop(health);
-            if backoff.outage {
-                // A success in this process ends it too.
-                inner.transient_backoffs.store(true, Ordering::Release);
+    let (permit, claim) = match refresh.claim(trigger).await {
+        Ok(claimed) => claimed,
+        Err(answer) => return answer,
+    };
+    let answer = refresh.ask_edgetag(&refresh_token, permit, claim).await?;
+    refresh.persist_and_publish(answer, &refresh_token).await
+}
+
+/// Writes the token set the store refused before, and serves it once written.
+async fn store_held_back(
+    inner: &Inner,
+    account: &AccountId,
+    slot: &Slot,
+    record: Arc<AccountRecord>,
+) -> RefreshResult {
+    let version = persist_or_hold_back(inner, account, slot, None, &record).await?;
+    *slot.health() = Health::default();
+    inner.publish(slot, record.clone(), version);
+    tracing::info!("held-back token set stored; serving it");
+    inner.emit(account, RefreshEventKind::Refreshed);
+    Ok(record)
+}
+
+/// A refresh under way: the account, its slot, and the record it sets out to replace.
+struct Refresh<'a> {
+    inner: &'a Arc<Inner>,
+    account: &'a AccountId,
+    slot: &'a Slot,
+    current: Arc<AccountRecord>,
+}
+
+/// EdgeTag's new token set, with the claim still held for writing it.
+struct Answer {
+    claim: Box<dyn RefreshClaim>,
+    /// When the refresh began asking (a failure is noted at this time).
+    attempted_at: SystemTime,
+    /// When the request that succeeded was sent (for a conservative expiry).
+    requested_at: SystemTime,
+    response: TokenResponse,
+}
+
+impl<'a> Refresh<'a> {
+    /// A place in the upstream cap, then the account's claim in the store. `Err` carries the
+    /// refresh's answer when there is nothing to ask EdgeTag: a newer record stored elsewhere, the
+    /// account gone, another process refreshing it or backing it off, or the store failing.
+    async fn claim(
+        &self,
+        trigger: Trigger,
+    ) -> Result<(SemaphorePermit<'a>, Box<dyn RefreshClaim>), RefreshResult> {
+        let inner: &'a Inner = self.inner;
+        let (account, slot, current) = (self.account, self.slot, &self.current);
+        // A place in the upstream cap first, the claim second: on a shared store a claim holds a
+        // row lock and a pooled connection until the refresh ends, so claims must not queue for
+        // places.
+        let permit = inner
+            .upstream_place()
+            .await
+            .map_err(|e| Err(RefreshFailure::Upstream(e)))?;
+        // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the
+        // answer. The scheduler never waits for another process's refresh, and honours the
+        // fleet's back-off.
+        let mode = match trigger {
+            Trigger::Background => ClaimMode::Skip {
+                now: inner.clock.now(),
+            },
+            Trigger::Caller | Trigger::Operator => ClaimMode::Wait,
+        };
+        match inner
+            .store
+            .claim_refresh(account, slot.version.load(Ordering::Acquire), mode)
+            .await
+        {
+            Ok(Claim::Granted(claim)) => Ok((permit, claim)),
+            Ok(Claim::Superseded(newer)) => {
+                let record = Arc::new(newer.record);
+                inner.publish(slot, record.clone(), newer.version);
+                Err(servable(record))
             }
-            return servable(current);
+            Ok(Claim::Gone) => Err(Err(RefreshFailure::Removed)),
+            Ok(Claim::Busy) => {
+                // Another process refreshes it now; its commit reaches us as a change. Look again
+                // after a scan or two in case that never comes.
+                let later = inner.clock.now() + inner.config.refresh.scan_interval * 2;
+                slot.due_ms.store(to_unix_ms(later), Ordering::Release);
+                Err(servable(current.clone()))
+            }
+            Ok(Claim::BackingOff(backoff)) => {
+                let mut health = slot.health();
+                health.failures = health.failures.max(backoff.failures);
+                health.retry_at = Some(backoff.retry_at);
+                health.hold_until = backoff.hold_until;
+                health.fleet_outage = backoff.outage;
+                drop(health);
+                if backoff.outage {
+                    // A success in this process ends it too.
+                    inner.transient_backoffs.store(true, Ordering::Release);
+                }
+                Err(servable(current.clone()))
+            }
+            Err(e) => {
+                // Noted like any failed refresh, so that callers the demand limit answers without
+                // a refresh of their own get the same answer, and the scheduler backs off.
+                let failure = claim_failure(e);
+                let now = inner.clock.now();
+                Err(Err(inner.note_failure(account, slot, current, failure, now)))
+            }
         }
-        Err(e) => {
-            // Noted like any failed refresh, so that callers the demand limit answers without a
-            // refresh of their own get the same answer, and the scheduler backs off.
-            let failure = claim_failure(e);
-            let now = inner.clock.now();
-            return Err(inner.note_failure(&account, &slot, &current, failure, now));
-        }
-    };
-
-    let attempted_at = inner.clock.now();
-    let response = match inner.refresh_with_retries(&refresh_token, permit).await {
-        Ok(response) => response,
-        Err(UpstreamError::InvalidGrant) => {
-            let record = Arc::new(AccountRecord {
-                tokens: current.tokens.clone(),
-                status: AccountStatus::NeedsReauth,
-                last_refresh: Some(LastRefresh {
-                    at: attempted_at,
-                    outcome: RefreshOutcome::Failed,
-                }),
-            });
-            let version = claim.commit(&record).await.map_err(store_failure)?;
-            inner.publish(&slot, record, version);
-            tracing::warn!(
-                "EdgeTag rejected the refresh token; the account needs re-authorization (BeginAuth)"
-            );
-            inner.emit(&account, RefreshEventKind::NeedsReauth);
-            return Err(RefreshFailure::NeedsReauth);
-        }
-        Err(UpstreamError::InvalidClient { status }) => {
-            log_client_rejected(status);
-            let failure = RefreshFailure::ClientRejected;
-            let failure = inner.note_failure(&account, &slot, &current, failure, attempted_at);
-            share_backoff(claim, &slot).await;
-            return Err(failure);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "refresh failed");
-            let failure = RefreshFailure::Upstream(e);
-            let failure = inner.note_failure(&account, &slot, &current, failure, attempted_at);
-            share_backoff(claim, &slot).await;
-            return Err(failure);
-        }
-    };
-
-    let (requested_at, response) = response;
-    let rotated = response.refresh_token.is_some();
-    let tokens = response.into_token_set(
-        requested_at,
-        inner.provider.config().default_token_lifetime,
-        Some(&refresh_token),
-    );
-    if tokens.expires_at <= current.tokens.expires_at {
-        // Not a usable renewal. A rotated refresh token is kept all the same: the old one may
-        // already be dead at the provider.
-        let e = UpstreamError::Malformed("the new token expires no later than the old one");
-        tracing::warn!(error = %e, rotated, "refresh answer not used");
-        let mut kept = current.clone();
-        let mut claim = Some(claim);
-        if let Some(claim) = claim.take().filter(|_| rotated) {
-            kept = Arc::new(AccountRecord {
-                tokens: Arc::new(TokenSet {
-                    refresh_token: tokens.refresh_token,
-                    ..(*current.tokens).clone()
-                }),
-                ..(*current).clone()
-            });
-            let version = persist_or_hold_back(&inner, &account, &slot, Some(claim), &kept).await?;
-            inner.publish(&slot, kept.clone(), version);
-        }
-        let failure = RefreshFailure::Upstream(e);
-        let failure = inner.note_failure(&account, &slot, &kept, failure, attempted_at);
-        if let Some(claim) = claim {
-            share_backoff(claim, &slot).await;
-        }
-        return Err(failure);
     }
 
-    let record = Arc::new(AccountRecord {
-        tokens: Arc::new(tokens),
-        status: AccountStatus::Active,
-        last_refresh: Some(LastRefresh {
-            at: requested_at,
-            outcome: RefreshOutcome::Succeeded,
-        }),
-    });
-    let version = persist_or_hold_back(&inner, &account, &slot, Some(claim), &record).await?;
-    *slot.health() = Health::default();
-    inner.publish(&slot, record.clone(), version);
-    tracing::info!("access token refreshed");
-    inner.emit(&account, RefreshEventKind::Refreshed);
-    inner.end_transient_backoffs();
-    Ok(record)
+    /// Asks EdgeTag for a new token set (with retries, see [`Inner::refresh_with_retries`]).
+    /// When it refuses, the refusal is noted and the claim released here: `invalid_grant` stores
+    /// the account as needing re-authorization; any other failure backs the account off and
+    /// shares the back-off.
+    async fn ask_edgetag(
+        &self,
+        refresh_token: &SecretString,
+        permit: SemaphorePermit<'_>,
+        claim: Box<dyn RefreshClaim>,
+    ) -> Result<Answer, RefreshFailure> {
+        let (inner, account, slot, current) = (self.inner, self.account, self.slot, &self.current);
+        let attempted_at = inner.clock.now();
+        match inner.refresh_with_retries(refresh_token, permit).await {
+            Ok((requested_at, response)) => Ok(Answer {
+                claim,
+                attempted_at,
+                requested_at,
+                response,
+            }),
+            Err(UpstreamError::InvalidGrant) => {
+                let record = Arc::new(AccountRecord {
+                    tokens: current.tokens.clone(),
+                    status: AccountStatus::NeedsReauth,
+                    last_refresh: Some(LastRefresh {
+                        at: attempted_at,
+                        outcome: RefreshOutcome::Failed,
+                    }),
+                });
+                let version = claim.commit(&record).await.map_err(store_failure)?;
+                inner.publish(slot, record, version);
+                tracing::warn!(
+                    "EdgeTag rejected the refresh token; the account needs re-authorization (BeginAuth)"
+                );
+                inner.emit(account, RefreshEventKind::NeedsReauth);
+                Err(RefreshFailure::NeedsReauth)
+            }
+            Err(UpstreamError::InvalidClient { status }) => {
+                log_client_rejected(status);
+                let failure = RefreshFailure::ClientRejected;
+                let failure = inner.note_failure(account, slot, current, failure, attempted_at);
+                share_backoff(claim, slot).await;
+                Err(failure)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refresh failed");
+                let failure = RefreshFailure::Upstream(e);
+                let failure = inner.note_failure(account, slot, current, failure, attempted_at);
+                share_backoff(claim, slot).await;
+                Err(failure)
+            }
+        }
+    }
+
+    /// Turns EdgeTag's answer into the account's new record, writes it through the claim and only
+    /// then serves it. An answer that renews nothing is a failure, though a rotated refresh token
+    /// in it is stored all the same.
+    async fn persist_and_publish(
+        &self,
+        answer: Answer,
+        refresh_token: &SecretString,
+    ) -> RefreshResult {
+        let (inner, account, slot, current) = (self.inner, self.account, self.slot, &self.current);
+        let Answer {
+            claim,
+            attempted_at,
+            requested_at,
+            response,
+        } = answer;
+        let rotated = response.refresh_token.is_some();
+        let tokens = response.into_token_set(
+            requested_at,
+            inner.provider.config().default_token_lifetime,
+            Some(refresh_token),
+        );
+        if tokens.expires_at <= current.tokens.expires_at {
+            // Not a usable renewal. A rotated refresh token is kept all the same: the old one may
+            // already be dead at the provider.
+            let e = UpstreamError::Malformed("the new token expires no later than the old one");
+            tracing::warn!(error = %e, rotated, "refresh answer not used");
+            let mut kept = current.clone();
+            let mut claim = Some(claim);
+            if let Some(claim) = claim.take().filter(|_| rotated) {
+                kept = Arc::new(AccountRecord {
+                    tokens: Arc::new(TokenSet {
+                        refresh_token: tokens.refresh_token,
+                        ..(*current.tokens).clone()
+                    }),
+                    ..(**current).clone()
+                });
+                let version =
+                    persist_or_hold_back(inner, account, slot, Some(claim), &kept).await?;
+                inner.publish(slot, kept.clone(), version);
+            }
+            let failure = RefreshFailure::Upstream(e);
+            let failure = inner.note_failure(account, slot, &kept, failure, attempted_at);
+            if let Some(claim) = claim {
+                share_backoff(claim, slot).await;
+            }
+            return Err(failure);
+        }
+
+        let record = Arc::new(AccountRecord {
+            tokens: Arc::new(tokens),
+            status: AccountStatus::Active,
+            last_refresh: Some(LastRefresh {
+                at: requested_at,
+                outcome: RefreshOutcome::Succeeded,
+            }),
+        });
+        let version = persist_or_hold_back(inner, account, slot, Some(claim), &record).await?;
+        *slot.health() = Health::default();
+        inner.publish(slot, record.clone(), version);
+        tracing::info!("access token refreshed");
+        inner.emit(account, RefreshEventKind::Refreshed);
+        inner.end_transient_backoffs();
+        Ok(record)
+    }
 }
 
 /// Releases a claim after a failed refresh, leaving the account's back-off where other processes
