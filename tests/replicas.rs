@@ -364,6 +364,15 @@ async fn a_thousand_callers_on_three_replicas_cause_one_upstream_refresh() {
     let expires_at = fleet.connect_account(&a, &a).await;
     let first = get_token(&a.client, None).await.unwrap();
     let (b, c) = tokio::join!(fleet.replica(), fleet.replica());
+    // Replicas after the first find the schema in place, quietly (no "already exists" NOTICE).
+    for replica in [&b, &c] {
+        let log = replica.log.lock().unwrap();
+        assert!(
+            !log.iter().any(|l| l.contains("already exists")),
+            "{}",
+            log.join("\n")
+        );
+    }
     until_serving(&b, &first).await;
     until_serving(&c, &first).await;
     let replicas = [a, b, c];

@@ -30,14 +30,25 @@ pub(super) async fn migrate(client: &tokio_postgres::Client) -> Result<(), Migra
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS credential_service_schema (
-                 only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-                 version  bigint NOT NULL
-             )",
+    // Created only when missing (under the lock, so no race): `CREATE TABLE IF NOT EXISTS` would
+    // make PostgreSQL send a NOTICE that every later replica logs at start-up as if it mattered.
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('credential_service_schema') IS NOT NULL",
+            &[],
         )
-        .await?;
+        .await?
+        .get(0);
+    if !exists {
+        client
+            .batch_execute(
+                "CREATE TABLE credential_service_schema (
+                     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+                     version  bigint NOT NULL
+                 )",
+            )
+            .await?;
+    }
     let found: i64 = client
         .query_opt("SELECT version FROM credential_service_schema", &[])
         .await?
