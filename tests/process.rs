@@ -375,14 +375,21 @@ async fn json_logs_are_one_object_per_line_with_the_account() {
     stop(&mut child).await; // so that dev mode removes its temporary directory
 }
 
-/// The last line the binary wrote before exiting with `code`: its one-line reason.
-async fn refusal(cmd: &mut Command, code: i32) -> String {
+/// The last line the binary, started on `data`, wrote before it exited with code 1: its one-line
+/// reason for not starting.
+async fn refusal_on(data: &std::path::Path) -> String {
+    let mut cmd = configured(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
         .expect("the service exits at once")
         .unwrap();
     let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
     let last = err.trim().lines().last().unwrap_or_default().to_owned();
     assert!(last.starts_with("credential-service: "), "{err}");
     last
@@ -425,16 +432,7 @@ async fn no_new_key_is_created_beside_a_store_that_holds_records() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let key_id = store_an_account_sealed_with_a_lost_key(&data).await;
-    let line = refusal(
-        &mut configured(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ]),
-        1,
-    )
-    .await;
+    let line = refusal_on(&data).await;
     assert!(
         line.contains(&key_id)
             && line.contains(data.to_str().unwrap())
@@ -455,16 +453,7 @@ async fn no_new_data_directory_is_created_beside_an_existing_key() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     credential_service::sealing::create_key_file(&dir.path().join("data.key")).unwrap();
-    let line = refusal(
-        &mut configured(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ]),
-        1,
-    )
-    .await;
+    let line = refusal_on(&data).await;
     assert!(
         line.contains(data.to_str().unwrap()) && line.contains("does not exist"),
         "{line}"
@@ -486,16 +475,7 @@ async fn a_store_that_does_not_open_stops_the_service_and_stays_untouched() {
     std::fs::write(data.join("conf"), &conf).unwrap();
     let db_before = std::fs::read(data.join("db")).unwrap();
 
-    let line = refusal(
-        &mut configured(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ]),
-        1,
-    )
-    .await;
+    let line = refusal_on(&data).await;
     assert!(
         line.contains(data.to_str().unwrap())
             && line.contains("does not open")
