@@ -10,7 +10,7 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use credential_client::{Client, Code, Token};
+use credential_client::{Client, Code, Token, code_name};
 
 struct Args {
     server: String,
@@ -40,29 +40,6 @@ fn parse_args() -> Result<Args, String> {
         token,
         account: account.ok_or("ACCOUNT is required")?,
     })
-}
-
-/// The canonical name of a gRPC status code, as grpcurl and the gRPC docs spell it.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 #[tokio::main]

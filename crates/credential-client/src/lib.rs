@@ -29,8 +29,9 @@
 //! # Ok(()) }
 //! ```
 
+mod codes;
 mod layer;
-mod proto;
+pub mod proto;
 mod source;
 
 use std::{
@@ -39,6 +40,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+pub use codes::code_name;
 pub use layer::{Authorization, AuthorizationLayer};
 pub use secrecy::{ExposeSecret, SecretString};
 pub use source::TokenSource;
@@ -47,7 +49,7 @@ pub use tonic::{
     transport::{Channel, ClientTlsConfig},
 };
 use tonic::{
-    metadata::{Ascii, MetadataValue},
+    metadata::{Ascii, MetadataValue, errors::InvalidMetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
     transport::Endpoint,
 };
@@ -190,14 +192,33 @@ pub enum ConfigError {
     BearerToken,
 }
 
-type Grpc = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
+/// The generated gRPC client with the caller's [`Bearer`] token on every call.
+pub type GrpcClient = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
+
+type Grpc = GrpcClient;
 
 /// The wall clock a source judges expiry by.
 type ClockFn = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-/// Sends the caller's bearer token (from the service's callers file) on every call.
+/// Adds `authorization: Bearer ...` (the caller's token from the service's callers file) to every
+/// call when a token is configured, marked sensitive so that no `Debug` output shows it. For any
+/// client of the service: [`Client`], `credctl` and the service's tests.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Fails when the token holds characters a header cannot carry; the error shows none of them.
+    pub fn new(token: Option<&str>) -> Result<Self, InvalidMetadataValue> {
+        let header = token
+            .map(|t| {
+                let mut value = MetadataValue::try_from(format!("Bearer {t}"))?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()?;
+        Ok(Self(header))
+    }
+}
 
 impl Interceptor for Bearer {
     fn call(
@@ -211,6 +232,43 @@ impl Interceptor for Bearer {
         }
         Ok(request)
     }
+}
+
+/// Why [`endpoint`] could not describe the connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    /// The address is not a URL tonic can connect to.
+    #[error("{0}")]
+    Address(#[source] tonic::transport::Error),
+    /// The TLS settings do not apply to it.
+    #[error("{0}")]
+    Tls(#[source] tonic::transport::Error),
+}
+
+impl EndpointError {
+    /// The transport's own error.
+    pub fn into_inner(self) -> tonic::transport::Error {
+        match self {
+            Self::Address(e) | Self::Tls(e) => e,
+        }
+    }
+}
+
+/// How every client of the service ([`Client`], `credctl`) reaches it: `url` with a 5 s connect
+/// timeout, and `tls` when given. Callers add what is theirs (keep-alives, a call timeout) and
+/// connect, lazily or at once.
+pub fn endpoint(
+    url: impl Into<String>,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Endpoint, EndpointError> {
+    let mut endpoint = Endpoint::from_shared(url.into())
+        .map_err(EndpointError::Address)?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(EndpointError::Tls)?;
+    }
+    Ok(endpoint)
 }
 
 /// What every source of a client shares, apart from the channel.
@@ -353,37 +411,52 @@ impl ClientBuilder {
             Target::Channel(channel) => channel,
             Target::Endpoint(url) => {
                 let https = url.starts_with("https:");
-                let mut endpoint = Endpoint::from_shared(url)
-                    .map_err(ConfigError::Endpoint)?
-                    .connect_timeout(Duration::from_secs(5))
-                    // Dead connections (a vanished server, a dropped NAT entry) are noticed
-                    // within about a minute even while a stream sits idle between tokens.
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(20))
-                    .keep_alive_while_idle(true);
                 let tls = match (self.tls, https) {
                     (Some(tls), _) => Some(tls),
                     (None, true) => Some(ClientTlsConfig::new().with_enabled_roots()),
                     (None, false) => None,
                 };
-                if let Some(tls) = tls {
-                    endpoint = endpoint.tls_config(tls).map_err(ConfigError::Endpoint)?;
-                }
-                endpoint.connect_lazy()
+                endpoint(url, tls)
+                    .map_err(|e| ConfigError::Endpoint(e.into_inner()))?
+                    // Dead connections (a vanished server, a dropped NAT entry) are noticed
+                    // within about a minute even while a stream sits idle between tokens.
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .keep_alive_while_idle(true)
+                    .connect_lazy()
             }
         };
-        let bearer = self
-            .bearer_token
-            .map(|t| {
-                let mut value = MetadataValue::try_from(format!("Bearer {}", t.expose_secret()))
-                    .map_err(|_| ConfigError::BearerToken)?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
-            .transpose()?;
+        let bearer = Bearer::new(self.bearer_token.as_ref().map(|t| t.expose_secret()))
+            .map_err(|_| ConfigError::BearerToken)?;
         Ok(Client {
-            grpc: CredentialServiceClient::with_interceptor(channel, Bearer(bearer)),
+            grpc: CredentialServiceClient::with_interceptor(channel, bearer),
             settings: self.settings,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_goes_in_the_authorization_header_only_when_set() {
+        let request = Bearer::new(Some("tok"))
+            .unwrap()
+            .call(tonic::Request::new(()))
+            .unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer tok"
+        );
+        assert!(
+            !format!("{:?}", request.metadata()).contains("tok"),
+            "sensitive"
+        );
+        let request = Bearer::new(None)
+            .unwrap()
+            .call(tonic::Request::new(()))
+            .unwrap();
+        assert!(request.metadata().get("authorization").is_none());
     }
 }
