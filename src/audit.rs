@@ -33,7 +33,7 @@ use tonic::{Code, Status};
 
 use tracing::Level;
 
-use crate::codes::code_name;
+use credential_client::code_name;
 
 /// The audit settings (`--audit-interval`, `--audit-max-keys`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

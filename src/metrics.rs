@@ -27,7 +27,7 @@ use prometheus_client::{
 use std::sync::atomic::AtomicU64;
 use tonic::Code;
 
-use crate::codes::code_name;
+use credential_client::code_name;
 
 /// The `Content-Type` of the OpenMetrics text format that `prometheus-client` writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

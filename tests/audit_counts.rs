@@ -201,7 +201,7 @@ async fn calls_refused_before_the_handler_are_audited_with_caller_or_peer() {
     ] {
         let outcome = format!(
             "outcome=\"{}\"",
-            credential_service::codes::code_name(tonic::Code::from_i32(code))
+            credential_client::code_name(tonic::Code::from_i32(code))
         );
         assert!(
             reader_calls

@@ -40,16 +40,25 @@ fn assert_known(name: &str) {
 
 /// The `[[bin]]` names in Cargo.toml.
 fn binaries() -> BTreeSet<String> {
-    // Cargo.toml is TOML, but its [[bin]] tables are simple enough for line logic.
-    let manifest = read("Cargo.toml");
+    // The binaries `cargo build` at the root builds: those of the workspace's default members
+    // (the service and crates/credctl). Cargo.toml is TOML, but its `default-members` line and
+    // [[bin]] tables are simple enough for line logic.
+    let root = read("Cargo.toml");
+    let members = root
+        .lines()
+        .find_map(|l| l.strip_prefix("default-members = "))
+        .expect("default-members in Cargo.toml");
     let mut names = BTreeSet::new();
-    let mut in_bin = false;
-    for line in manifest.lines() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_bin = line == "[[bin]]";
-        } else if in_bin && let Some(v) = line.strip_prefix("name = ") {
-            names.insert(v.trim_matches('"').to_owned());
+    for member in members.split('"').skip(1).step_by(2) {
+        let manifest = read(&format!("{member}/Cargo.toml"));
+        let mut in_bin = false;
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_bin = line == "[[bin]]";
+            } else if in_bin && let Some(v) = line.strip_prefix("name = ") {
+                names.insert(v.trim_matches('"').to_owned());
+            }
         }
     }
     names

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
-pub use credential_service::cli::Bearer;
+pub use credential_client::Bearer;
 use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},

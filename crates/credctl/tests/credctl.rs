@@ -1,6 +1,7 @@
 //! The real `credctl` binary against the real server: the whole operator flow in human and JSON
 //! output, and each failure's message and exit code.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::{os::unix::fs::PermissionsExt, process::Output};
@@ -261,10 +262,7 @@ async fn watch_prints_one_line_per_pushed_token_and_the_token_only_when_asked() 
     // Removal ends the stream: the command says why and exits as for an unknown account.
     app.remove("acme", false).await.unwrap();
     let ended = quiet.wait_with_output().await.unwrap();
-    assert_eq!(
-        ended.status.code(),
-        Some(credential_service::cli::exit::NOT_FOUND as i32)
-    );
+    assert_eq!(ended.status.code(), Some(credctl::exit::NOT_FOUND as i32));
     assert!(stderr(&ended).contains("acme"), "{}", stderr(&ended));
 }
 

@@ -1,6 +1,9 @@
 //! `credctl`, the operators' command line: each subcommand is one gRPC call to a running
 //! credential-service, printed for people (default) or as JSON (`--json`), with every gRPC status
 //! turned into a sentence, a hint and its own exit code. The binary only parses and calls [`run`].
+//!
+//! Built on `credential-client`: its generated stubs, its [`Bearer`] interceptor, its
+//! [`endpoint`](credential_client::endpoint) and its gRPC code names.
 
 use std::{
     io::Write,
@@ -10,17 +13,15 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
+use credential_client::{Bearer, EndpointError, GrpcClient as Client, code_name};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tonic::{
-    Code, Request, Status,
-    metadata::{Ascii, MetadataValue, errors::InvalidMetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    Code, Status,
+    transport::{Certificate, ClientTlsConfig},
 };
 
-use crate::codes::code_name;
-use crate::proto::{
+use credential_client::proto::{
     AccountEvent, AccountEventKind, AccountInfo, AccountStatus, BeginAuthRequest,
     CompleteAuthRequest, DescribeAccountRequest, GetTokenRequest, ListAccountsRequest,
     RefreshOutcome, RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome, WatchAccountsRequest,
@@ -222,36 +223,6 @@ impl From<Status> for CliError {
     }
 }
 
-type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// Adds `authorization: Bearer ...` to every call when a token is configured, marked sensitive
-/// so that no `Debug` output shows it. For any client of the service (the tests use it too).
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    /// Fails when the token holds characters a header cannot carry; the error shows none of them.
-    pub fn new(token: Option<&str>) -> Result<Self, InvalidMetadataValue> {
-        let header = token
-            .map(|t| {
-                let mut value = MetadataValue::try_from(format!("Bearer {t}"))?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
-            .transpose()?;
-        Ok(Self(header))
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
-
 /// Runs the command, prints its result to stdout and any failure to stderr.
 pub async fn run(cli: Cli) -> ExitCode {
     let stdout = std::io::stdout();
@@ -269,247 +240,321 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 /// Runs the command and writes its result to `out`.
 pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
-    let token = cli.token.filter(|t| !t.is_empty()).map(SecretString::from);
-    let mut client = connect(&cli.server, token, cli.ca_file.as_deref()).await?;
+    let bearer = cli.token.filter(|t| !t.is_empty()).map(SecretString::from);
+    let mut client = connect(&cli.server, bearer, cli.ca_file.as_deref()).await?;
     let json = cli.json;
     match cli.command {
-        Command::Begin { account, open } => {
-            let r = client
-                .begin_auth(BeginAuthRequest {
-                    account: account.clone(),
-                })
-                .await?
-                .into_inner();
-            let expires = r.expires_at.map(format_time).unwrap_or_default();
-            let opened = open && open_browser(&r.authorize_url);
-            if json {
-                print_json(
-                    out,
-                    json!({"authorize_url": r.authorize_url, "state": r.state, "expires_at": expires}),
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "Open this page and approve access for account {account}:\n\n  {}\n",
-                    r.authorize_url
-                )?;
-                if opened {
-                    writeln!(out, "(opened in your browser)\n")?;
-                } else if open {
-                    writeln!(
-                        out,
-                        "(could not start a browser with {OPENER}: open the page yourself)\n"
-                    )?;
-                }
-                writeln!(
-                    out,
-                    "If EdgeTag then shows the service's \"Connected\" page, you are done. Otherwise run\n  \
-                     credctl complete -\nand paste the address EdgeTag sent the browser to (or run \
-                     credctl complete CODE STATE; state {}). Valid until {expires}.",
-                    r.state
-                )?;
-            }
-        }
-        Command::Complete { code, state } => {
-            let (code, state) = match (code.as_str(), state) {
-                ("-", None) => code_and_state_from_stdin()?,
-                (_, Some(state)) => (code, state),
-                (_, None) => {
-                    return Err(CliError::Usage(
-                        "complete needs CODE STATE, or - to read them from standard input".into(),
-                    ));
-                }
-            };
-            let r = client
-                .complete_auth(CompleteAuthRequest { code, state })
-                .await?
-                .into_inner();
-            let expires = r.expires_at.map(format_time).unwrap_or_default();
-            if json {
-                print_json(out, json!({"account": r.account, "expires_at": expires}))?;
-            } else {
-                writeln!(
-                    out,
-                    "Connected account {}; its access token expires at {expires}.",
-                    r.account
-                )?;
-            }
-        }
+        Command::Begin { account, open } => begin(&mut client, json, out, account, open).await,
+        Command::Complete { code, state } => complete(&mut client, json, out, code, state).await,
         Command::Token {
             account,
             min_validity,
-        } => {
-            let min_validity = proto_duration(min_validity)?;
-            let r = client
-                .get_token(GetTokenRequest {
-                    account,
-                    min_validity,
-                })
-                .await?
-                .into_inner();
-            if json {
-                let expires = r.expires_at.map(format_time).unwrap_or_default();
-                print_json(
-                    out,
-                    json!({"access_token": r.access_token, "token_type": r.token_type, "expires_at": expires}),
-                )?;
-            } else {
-                writeln!(out, "{}", r.access_token)?;
-            }
-        }
+        } => token(&mut client, json, out, account, min_validity).await,
         Command::Watch {
             account,
             show_token,
             min_validity,
-        } => {
-            let min_validity = proto_duration(min_validity)?;
-            let mut stream = client
-                .watch_token(WatchTokenRequest {
-                    account,
-                    min_validity,
-                })
-                .await?
-                .into_inner();
-            while let Some(r) = stream.message().await? {
-                let expires = r.expires_at.map(format_time).unwrap_or_default();
-                match (json, show_token) {
-                    // JSON lines: one object per push.
-                    (true, true) => writeln!(
-                        out,
-                        "{}",
-                        json!({"expires_at": expires, "token_type": r.token_type, "access_token": r.access_token})
-                    )?,
-                    (true, false) => writeln!(out, "{}", json!({"expires_at": expires}))?,
-                    (false, true) => writeln!(
-                        out,
-                        "expires_at={expires} token_type={} access_token={}",
-                        r.token_type, r.access_token
-                    )?,
-                    (false, false) => writeln!(out, "expires_at={expires}")?,
-                }
-                out.flush()?; // one line per push, as it comes
-            }
+        } => watch(&mut client, json, out, account, show_token, min_validity).await,
+        Command::List => list(&mut client, json, out).await,
+        Command::Describe { account } => describe(&mut client, json, out, account).await,
+        Command::Remove { account, force } => remove(&mut client, json, out, account, force).await,
+        Command::Events => events(&mut client, json, out).await,
+        Command::Refresh { account } => refresh(&mut client, json, out, account).await,
+    }
+}
+
+/// `credctl begin`: BeginAuth, and the page to open (opened too with `--open`).
+async fn begin(
+    client: &mut Client,
+    json: bool,
+    out: &mut impl Write,
+    account: String,
+    open: bool,
+) -> Result<(), CliError> {
+    let r = client
+        .begin_auth(BeginAuthRequest {
+            account: account.clone(),
+        })
+        .await?
+        .into_inner();
+    let expires = r.expires_at.map(format_time).unwrap_or_default();
+    let opened = open && open_browser(&r.authorize_url);
+    if json {
+        print_json(
+            out,
+            json!({"authorize_url": r.authorize_url, "state": r.state, "expires_at": expires}),
+        )?;
+    } else {
+        writeln!(
+            out,
+            "Open this page and approve access for account {account}:\n\n  {}\n",
+            r.authorize_url
+        )?;
+        if opened {
+            writeln!(out, "(opened in your browser)\n")?;
+        } else if open {
+            writeln!(
+                out,
+                "(could not start a browser with {OPENER}: open the page yourself)\n"
+            )?;
         }
-        Command::List => {
-            let mut accounts = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_accounts(ListAccountsRequest {
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                accounts.extend(page.accounts);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            if json {
-                print_json(out, Value::Array(accounts.iter().map(info_json).collect()))?;
-            } else if accounts.is_empty() {
-                writeln!(
-                    out,
-                    "No accounts are connected. Connect one with `credctl begin ACCOUNT`."
-                )?;
-            } else {
-                print_table(out, &accounts)?;
-            }
+        writeln!(
+            out,
+            "If EdgeTag then shows the service's \"Connected\" page, you are done. Otherwise run\n  \
+             credctl complete -\nand paste the address EdgeTag sent the browser to (or run \
+             credctl complete CODE STATE; state {}). Valid until {expires}.",
+            r.state
+        )?;
+    }
+    Ok(())
+}
+
+/// `credctl complete`: CompleteAuth with the code and state, from argv or standard input.
+async fn complete(
+    client: &mut Client,
+    json: bool,
+    out: &mut impl Write,
+    code: String,
+    state: Option<String>,
+) -> Result<(), CliError> {
+    let (code, state) = match (code.as_str(), state) {
+        ("-", None) => code_and_state_from_stdin()?,
+        (_, Some(state)) => (code, state),
+        (_, None) => {
+            return Err(CliError::Usage(
+                "complete needs CODE STATE, or - to read them from standard input".into(),
+            ));
         }
-        Command::Describe { account } => {
-            let info = client
-                .describe_account(DescribeAccountRequest { account })
-                .await?
-                .into_inner();
-            if json {
-                print_json(out, info_json(&info))?;
-            } else {
-                let j = info_json(&info);
-                for (key, label) in [
-                    ("account", "account"),
-                    ("status", "status"),
-                    ("access_token_expires_at", "access token expires"),
-                    ("last_refresh_at", "last refresh"),
-                    ("last_refresh_outcome", "last refresh outcome"),
-                    ("refreshing", "refreshing now"),
-                ] {
-                    let value = match &j[key] {
-                        Value::String(s) => s.clone(),
-                        Value::Null => "-".to_owned(),
-                        other => other.to_string(),
-                    };
-                    writeln!(out, "{label:<22}{value}")?;
-                }
-            }
+    };
+    let r = client
+        .complete_auth(CompleteAuthRequest { code, state })
+        .await?
+        .into_inner();
+    let expires = r.expires_at.map(format_time).unwrap_or_default();
+    if json {
+        print_json(out, json!({"account": r.account, "expires_at": expires}))?;
+    } else {
+        writeln!(
+            out,
+            "Connected account {}; its access token expires at {expires}.",
+            r.account
+        )?;
+    }
+    Ok(())
+}
+
+/// `credctl token`: GetToken; the token alone on stdout.
+async fn token(
+    client: &mut Client,
+    json: bool,
+    out: &mut impl Write,
+    account: String,
+    min_validity: Option<Duration>,
+) -> Result<(), CliError> {
+    let min_validity = proto_duration(min_validity)?;
+    let r = client
+        .get_token(GetTokenRequest {
+            account,
+            min_validity,
+        })
+        .await?
+        .into_inner();
+    if json {
+        let expires = r.expires_at.map(format_time).unwrap_or_default();
+        print_json(
+            out,
+            json!({"access_token": r.access_token, "token_type": r.token_type, "expires_at": expires}),
+        )?;
+    } else {
+        writeln!(out, "{}", r.access_token)?;
+    }
+    Ok(())
+}
+
+/// `credctl watch`: WatchToken, one line per pushed token, flushed as it comes.
+async fn watch(
+    client: &mut Client,
+    json: bool,
+    out: &mut impl Write,
+    account: String,
+    show_token: bool,
+    min_validity: Option<Duration>,
+) -> Result<(), CliError> {
+    let min_validity = proto_duration(min_validity)?;
+    let mut stream = client
+        .watch_token(WatchTokenRequest {
+            account,
+            min_validity,
+        })
+        .await?
+        .into_inner();
+    while let Some(r) = stream.message().await? {
+        let expires = r.expires_at.map(format_time).unwrap_or_default();
+        match (json, show_token) {
+            // JSON lines: one object per push.
+            (true, true) => writeln!(
+                out,
+                "{}",
+                json!({"expires_at": expires, "token_type": r.token_type, "access_token": r.access_token})
+            )?,
+            (true, false) => writeln!(out, "{}", json!({"expires_at": expires}))?,
+            (false, true) => writeln!(
+                out,
+                "expires_at={expires} token_type={} access_token={}",
+                r.token_type, r.access_token
+            )?,
+            (false, false) => writeln!(out, "expires_at={expires}")?,
         }
-        Command::Remove { account, force } => {
-            let outcome = client
-                .remove_account(RemoveAccountRequest {
-                    account: account.clone(),
-                    force,
-                })
-                .await?
-                .into_inner()
-                .outcome();
-            let (name, sentence) = match outcome {
-                RemoveOutcome::Revoked => (
-                    "revoked",
-                    format!("Removed account {account}; EdgeTag revoked its grant."),
-                ),
-                RemoveOutcome::RemovedWithoutRevocation => (
-                    "removed_without_revocation",
-                    format!(
-                        "Removed account {account} here, but EdgeTag could not be told: its grant \
-                         stays valid at EdgeTag until it expires or is revoked there."
-                    ),
-                ),
-                RemoveOutcome::NotFound => (
-                    "not_found",
-                    format!("Account {account} was not connected; nothing to remove."),
-                ),
-                RemoveOutcome::Unspecified => {
-                    ("unspecified", format!("Removed account {account}."))
-                }
+        out.flush()?; // one line per push, as it comes
+    }
+    Ok(())
+}
+
+/// `credctl list`: every page of ListAccounts, as a table.
+async fn list(client: &mut Client, json: bool, out: &mut impl Write) -> Result<(), CliError> {
+    let mut accounts = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_accounts(ListAccountsRequest {
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        accounts.extend(page.accounts);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    if json {
+        print_json(out, Value::Array(accounts.iter().map(info_json).collect()))?;
+    } else if accounts.is_empty() {
+        writeln!(
+            out,
+            "No accounts are connected. Connect one with `credctl begin ACCOUNT`."
+        )?;
+    } else {
+        print_table(out, &accounts)?;
+    }
+    Ok(())
+}
+
+/// `credctl describe`: DescribeAccount, one labelled line per field.
+async fn describe(
+    client: &mut Client,
+    json: bool,
+    out: &mut impl Write,
+    account: String,
+) -> Result<(), CliError> {
+    let info = client
+        .describe_account(DescribeAccountRequest { account })
+        .await?
+        .into_inner();
+    if json {
+        print_json(out, info_json(&info))?;
+    } else {
+        let j = info_json(&info);
+        for (key, label) in [
+            ("account", "account"),
+            ("status", "status"),
+            ("access_token_expires_at", "access token expires"),
+            ("last_refresh_at", "last refresh"),
+            ("last_refresh_outcome", "last refresh outcome"),
+            ("refreshing", "refreshing now"),
+        ] {
+            let value = match &j[key] {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".to_owned(),
+                other => other.to_string(),
             };
-            if json {
-                print_json(out, json!({"account": account, "outcome": name}))?;
-            } else {
-                writeln!(out, "{sentence}")?;
-            }
+            writeln!(out, "{label:<22}{value}")?;
         }
-        Command::Events => {
-            let mut stream = client
-                .watch_accounts(WatchAccountsRequest {})
-                .await?
-                .into_inner();
-            while let Some(event) = stream.message().await? {
-                if json {
-                    writeln!(out, "{}", event_json(&event))?;
-                } else {
-                    writeln!(out, "{}", event_line(&event))?;
-                }
-                out.flush()?; // one line per event, as it comes
-            }
+    }
+    Ok(())
+}
+
+/// `credctl remove`: RemoveAccount, and what became of the grant at EdgeTag.
+async fn remove(
+    client: &mut Client,
+    json: bool,
+    out: &mut impl Write,
+    account: String,
+    force: bool,
+) -> Result<(), CliError> {
+    let outcome = client
+        .remove_account(RemoveAccountRequest {
+            account: account.clone(),
+            force,
+        })
+        .await?
+        .into_inner()
+        .outcome();
+    let (name, sentence) = match outcome {
+        RemoveOutcome::Revoked => (
+            "revoked",
+            format!("Removed account {account}; EdgeTag revoked its grant."),
+        ),
+        RemoveOutcome::RemovedWithoutRevocation => (
+            "removed_without_revocation",
+            format!(
+                "Removed account {account} here, but EdgeTag could not be told: its grant \
+                 stays valid at EdgeTag until it expires or is revoked there."
+            ),
+        ),
+        RemoveOutcome::NotFound => (
+            "not_found",
+            format!("Account {account} was not connected; nothing to remove."),
+        ),
+        RemoveOutcome::Unspecified => ("unspecified", format!("Removed account {account}.")),
+    };
+    if json {
+        print_json(out, json!({"account": account, "outcome": name}))?;
+    } else {
+        writeln!(out, "{sentence}")?;
+    }
+    Ok(())
+}
+
+/// `credctl events`: WatchAccounts, one line per event, flushed as it comes.
+async fn events(client: &mut Client, json: bool, out: &mut impl Write) -> Result<(), CliError> {
+    let mut stream = client
+        .watch_accounts(WatchAccountsRequest {})
+        .await?
+        .into_inner();
+    while let Some(event) = stream.message().await? {
+        if json {
+            writeln!(out, "{}", event_json(&event))?;
+        } else {
+            writeln!(out, "{}", event_line(&event))?;
         }
-        Command::Refresh { account } => {
-            let r = client
-                .refresh_token(RefreshTokenRequest {
-                    account: account.clone(),
-                })
-                .await?
-                .into_inner();
-            let expires = r.expires_at.map(format_time).unwrap_or_default();
-            if json {
-                print_json(out, json!({"account": account, "expires_at": expires}))?;
-            } else {
-                writeln!(
-                    out,
-                    "Refreshed account {account}; the new access token expires at {expires}."
-                )?;
-            }
-        }
+        out.flush()?; // one line per event, as it comes
+    }
+    Ok(())
+}
+
+/// `credctl refresh`: RefreshToken now.
+async fn refresh(
+    client: &mut Client,
+    json: bool,
+    out: &mut impl Write,
+    account: String,
+) -> Result<(), CliError> {
+    let r = client
+        .refresh_token(RefreshTokenRequest {
+            account: account.clone(),
+        })
+        .await?
+        .into_inner();
+    let expires = r.expires_at.map(format_time).unwrap_or_default();
+    if json {
+        print_json(out, json!({"account": account, "expires_at": expires}))?;
+    } else {
+        writeln!(
+            out,
+            "Refreshed account {account}; the new access token expires at {expires}."
+        )?;
     }
     Ok(())
 }
@@ -549,12 +594,8 @@ async fn connect(
 ) -> Result<Client, CliError> {
     let url = url::Url::parse(server)
         .map_err(|e| CliError::Usage(format!("--server {server:?} is not a URL: {e}")))?;
-    let loopback = crate::config::is_loopback(&url);
-    let mut endpoint = Endpoint::from_shared(server.to_owned())
-        .map_err(|e| CliError::Usage(format!("--server {server:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60));
-    match url.scheme() {
+    let loopback = is_loopback(&url);
+    let tls = match url.scheme() {
         "https" => {
             let mut tls = ClientTlsConfig::new().with_native_roots();
             if let Some(path) = ca_file {
@@ -563,34 +604,55 @@ async fn connect(
                 })?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| CliError::Usage(format!("TLS set-up: {e}")))?;
+            Some(tls)
         }
         "http" if token.is_some() && !loopback => {
             return Err(CliError::Usage(format!(
                 "refusing to send the bearer token in clear text to {}; use https://",
-                crate::config::printable(&url)
+                printable(&url)
             )));
         }
-        "http" => {}
+        "http" => None,
         other => {
             return Err(CliError::Usage(format!(
                 "--server must start with http:// or https://, not {other}://"
             )));
         }
-    }
+    };
+    let endpoint = credential_client::endpoint(server, tls).map_err(|e| match e {
+        EndpointError::Tls(e) => CliError::Usage(format!("TLS set-up: {e}")),
+        e => CliError::Usage(format!("--server {server:?}: {e}")),
+    })?;
     let channel = endpoint
+        .timeout(Duration::from_secs(60))
         .connect()
         .await
         .map_err(|e| CliError::Unreachable {
-            server: crate::config::printable(&url),
+            server: printable(&url),
             cause: error_chain(&e),
         })?;
     let bearer = Bearer::new(token.as_ref().map(|t| t.expose_secret())).map_err(|_| {
         CliError::Usage("the token contains characters a header cannot carry".into())
     })?;
     Ok(CredentialServiceClient::with_interceptor(channel, bearer))
+}
+
+/// Whether `url` names this machine: only then may a token travel in clear text.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+/// `url` without any `user:password@`, for messages.
+fn printable(url: &url::Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -820,24 +882,6 @@ mod tests {
             panic!("not `complete`");
         };
         assert_eq!((code.as_str(), state), ("-", None));
-    }
-
-    #[test]
-    fn the_token_goes_in_the_authorization_header_only_when_set() {
-        let request = Bearer::new(Some("tok"))
-            .unwrap()
-            .call(Request::new(()))
-            .unwrap();
-        assert_eq!(
-            request.metadata().get("authorization").unwrap(),
-            "Bearer tok"
-        );
-        assert!(
-            !format!("{:?}", request.metadata()).contains("tok"),
-            "sensitive"
-        );
-        let request = Bearer::new(None).unwrap().call(Request::new(())).unwrap();
-        assert!(request.metadata().get("authorization").is_none());
     }
 
     #[tokio::test]
