@@ -471,7 +471,7 @@ mod tests {
         let file = set
             .file
             .iter()
-            .find(|f| f.package() == "credential.v1")
+            .find(|f| f.name() == "credential/v1/credential.proto")
             .unwrap();
         let mut n = 0;
         for service in &file.service {
