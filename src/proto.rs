@@ -4,6 +4,8 @@
 pub mod credential {
     pub mod v1 {
         tonic::include_proto!("credential.v1");
+        // `Debug` for the messages with a secret field (see build.rs).
+        include!(concat!(env!("OUT_DIR"), "/credential_debug.rs"));
     }
 }
 
@@ -13,30 +15,29 @@ pub use credential::v1::*;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/credential_descriptor.bin"));
 
-/// Field names only for what carries a token, a code or a state (the authorize URL holds the state).
-macro_rules! redacting_debug {
-    ($($ty:ident { $($secret:ident),* ; $($plain:ident),* })*) => {$(
-        impl std::fmt::Debug for $ty {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.debug_struct(stringify!($ty))
-                    $(.field(stringify!($secret), &"<redacted>"))*
-                    $(.field(stringify!($plain), &self.$plain))*
-                    .finish()
-            }
-        }
-    )*};
-}
-
-redacting_debug! {
-    GetTokenResponse { access_token; token_type, expires_at }
-    WatchTokenResponse { access_token; token_type, expires_at }
-    CompleteAuthRequest { code, state; }
-    BeginAuthResponse { state, authorize_url; expires_at }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every field marked `[(credential.v1.secret) = true]` in the served descriptor set: its
+    /// message's `Debug` hides it.
+    #[test]
+    fn no_secret_field_shows_in_debug() {
+        let sentinels = credential_proto_build::sentinels(FILE_DESCRIPTOR_SET).unwrap();
+        let fields: Vec<_> = sentinels.iter().map(|(_, _, s)| s.as_str()).collect();
+        assert!(
+            fields
+                .iter()
+                .any(|s| s.contains("credential.v1.GetTokenResponse.access_token")),
+            "{fields:?}"
+        );
+        for (message, bytes, sentinel) in &sentinels {
+            let printed = credential::v1::debug_of_encoded(message, bytes)
+                .unwrap_or_else(|| panic!("{message} is not a generated message"));
+            assert!(!printed.contains(sentinel.as_str()), "{printed}");
+            assert!(printed.contains("<redacted>"), "{printed}");
+        }
+    }
 
     #[test]
     fn messages_with_secrets_print_no_secret() {

@@ -4,27 +4,25 @@
 #[allow(clippy::all, clippy::pedantic, missing_docs, dead_code)]
 mod generated {
     tonic::include_proto!("credential.v1");
+    // `Debug` for the messages with a secret field (see build.rs).
+    include!(concat!(env!("OUT_DIR"), "/credential_debug.rs"));
 }
 
 pub use generated::*;
 
-/// Field names only for what carries a token, a code or a state, as in the service.
-macro_rules! redacting_debug {
-    ($($ty:ident { $($secret:ident),* ; $($plain:ident),* })*) => {$(
-        impl std::fmt::Debug for $ty {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.debug_struct(stringify!($ty))
-                    $(.field(stringify!($secret), &"<redacted>"))*
-                    $(.field(stringify!($plain), &self.$plain))*
-                    .finish()
-            }
+#[cfg(test)]
+mod tests {
+    /// The client's generated code follows `[(credential.v1.secret) = true]` too.
+    #[test]
+    fn no_secret_field_shows_in_debug() {
+        let descriptor_set = include_bytes!(concat!(env!("OUT_DIR"), "/credential_descriptor.bin"));
+        let sentinels = credential_proto_build::sentinels(descriptor_set).unwrap();
+        assert!(sentinels.len() >= 6, "{sentinels:?}");
+        for (message, bytes, sentinel) in &sentinels {
+            let printed = super::generated::debug_of_encoded(message, bytes)
+                .unwrap_or_else(|| panic!("{message} is not a generated message"));
+            assert!(!printed.contains(sentinel.as_str()), "{printed}");
+            assert!(printed.contains("<redacted>"), "{printed}");
         }
-    )*};
-}
-
-redacting_debug! {
-    GetTokenResponse { access_token; token_type, expires_at }
-    WatchTokenResponse { access_token; token_type, expires_at }
-    CompleteAuthRequest { code, state; }
-    BeginAuthResponse { state, authorize_url; expires_at }
+    }
 }
