@@ -95,7 +95,7 @@ pub struct Cli {
 }
 
 /// One gRPC call each.
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 pub enum Command {
     /// Start connecting an account: prints EdgeTag's page to open and approve.
     Begin {
@@ -187,6 +187,17 @@ impl CliError {
         }
     }
 
+    /// What to do about it, for people, after `command` failed so.
+    pub fn hint_after(&self, command: &Command) -> Option<&'static str> {
+        match (self, command) {
+            // CompleteAuth's NOT_FOUND is about the state, not an account.
+            (Self::Status(s), Command::Complete { .. }) if s.code() == Code::NotFound => Some(
+                "the state is unknown, expired or already used: start again with `credctl begin ACCOUNT`",
+            ),
+            _ => self.hint(),
+        }
+    }
+
     /// What to do about it, for people.
     pub fn hint(&self) -> Option<&'static str> {
         let Self::Status(s) = self else {
@@ -226,11 +237,12 @@ impl From<Status> for CliError {
 /// Runs the command, prints its result to stdout and any failure to stderr.
 pub async fn run(cli: Cli) -> ExitCode {
     let stdout = std::io::stdout();
+    let command = cli.command.clone();
     match execute(cli, &mut stdout.lock()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("credctl: {e}");
-            if let Some(hint) = e.hint() {
+            if let Some(hint) = e.hint_after(&command) {
                 eprintln!("  hint: {hint}");
             }
             ExitCode::from(e.exit_code())
@@ -659,8 +671,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
+        // Some errors repeat their cause in their own message ("tcp connect error: tcp connect
+        // error: ..."): say each part once.
+        let text = cause.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         source = cause.source();
     }
     s
@@ -854,6 +871,48 @@ mod tests {
                 "{c:?}"
             );
         }
+    }
+
+    #[test]
+    fn complete_not_found_is_about_the_state_not_an_account() {
+        let e = CliError::Status(Status::not_found("unknown state"));
+        let complete = Command::Complete {
+            code: "c".into(),
+            state: Some("s".into()),
+        };
+        let hint = e.hint_after(&complete).unwrap();
+        assert!(
+            hint.contains("credctl begin") && !hint.contains("credctl list"),
+            "{hint}"
+        );
+        let token = Command::Token {
+            account: "acme".into(),
+            min_validity: None,
+        };
+        assert!(e.hint_after(&token).unwrap().contains("credctl list"));
+    }
+
+    #[test]
+    fn a_cause_repeated_in_its_error_is_said_once() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let refused = Layer("Connection refused (os error 111)", None);
+        let inner = Layer("tcp connect error", Some(Box::new(refused)));
+        let outer = Layer("tcp connect error", Some(Box::new(inner)));
+        assert_eq!(
+            error_chain(&outer),
+            "tcp connect error: Connection refused (os error 111)"
+        );
     }
 
     /// Codes and states are base64url: one in 64 starts with `-`, and must still be taken as
