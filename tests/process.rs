@@ -183,6 +183,8 @@ async fn dev_mode_runs_the_whole_flow_as_its_banner_describes() {
     wait_for_line(&mut lines, "DEV MODE").await;
     wait_for_line(&mut lines, "curl -sL \"$URL\"").await;
     wait_for_line(&mut lines, "CredentialService/GetToken").await;
+    // credctl as a release binary beside the service, not a second (debug) build.
+    wait_for_line(&mut lines, "target/release/credctl --server http://").await;
     let serving = wait_for_line(&mut lines, "credential-service serving").await;
     let addr = serving_addr(&serving);
     // Its data, and the encryption key beside them, in a temporary directory of their own.
