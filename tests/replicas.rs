@@ -26,8 +26,8 @@ use std::{
 };
 
 use credential_service::proto::{
-    BeginAuthRequest, CompleteAuthRequest, GetTokenRequest, RefreshTokenRequest,
-    credential_service_client::CredentialServiceClient,
+    BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest, GetTokenRequest,
+    RefreshTokenRequest, credential_service_client::CredentialServiceClient,
 };
 use fake_edgetag::{FakeConfig, FakeEdgeTag};
 use pg_cluster::{Cluster, Database};
@@ -364,6 +364,21 @@ async fn a_thousand_callers_on_three_replicas_cause_one_upstream_refresh() {
     let expires_at = fleet.connect_account(&a, &a).await;
     let first = get_token(&a.client, None).await.unwrap();
     let (b, c) = tokio::join!(fleet.replica(), fleet.replica());
+    // The replicas that loaded the account from the store answer the expiry the one that
+    // connected it answered, to the nanosecond.
+    for replica in [&b, &c] {
+        let info = replica
+            .client
+            .clone()
+            .describe_account(DescribeAccountRequest {
+                account: ACCOUNT.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let loaded = SystemTime::try_from(info.access_token_expires_at.unwrap()).unwrap();
+        assert_eq!(loaded, expires_at, "{}", replica.name);
+    }
     // Replicas after the first find the schema in place, quietly (no "already exists" NOTICE).
     for replica in [&b, &c] {
         let log = replica.log.lock().unwrap();
