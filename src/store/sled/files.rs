@@ -174,7 +174,7 @@ impl Syncer {
         for name in listing.difference(&self.synced) {
             let path = self.dir.join(name);
             // Blobs are written once and never synced by sled; snapshots sled syncs itself.
-            if path.parent() == Some(blobs.as_path()) || path.starts_with(&blobs) {
+            if path.parent() == Some(blobs.as_path()) {
                 File::open(&path)?.sync_all()?;
             }
         }
