@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! The data's path runs top to bottom; each module imports only modules listed below it
-//! (`tests/layers.rs` fails on a cycle, and on a module missing here).
+//! (`tests/it/layers.rs` fails on a cycle, and on a module missing here).
 //! - [`launch`]: what the binary does: `--dev`, settings to bound listeners, serving, exit codes.
 //! - [`server`]: composition: keys, store, provider client, broker, the gRPC and HTTP listeners,
 //!   upkeep, shutdown.

@@ -3,27 +3,22 @@
 //! tonic refuses before the handler), refusals carry the peer, and floods of refusals (gRPC or the
 //! browser callback) write a handful of lines whose counts add up to the requests sent.
 
+#[path = "logs/capture.rs"]
+mod capture;
+#[allow(dead_code, unused_macros, unused_imports)] // this suite uses a part of the harness
 mod common;
 
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 
+use capture::LogCapture;
 use common::{Options, TestApp};
 use credential_service::{auth::Callers, proto::GetTokenRequest};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 /// One INFO capture for this test binary (the production default level).
-fn capture() -> &'static common::LogCapture {
-    static CAPTURE: OnceLock<common::LogCapture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture = common::LogCapture::default();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(capture.clone())
-            .with_ansi(false)
-            .init();
-        capture
-    })
+fn capture() -> &'static LogCapture {
+    LogCapture::install(tracing::Level::INFO)
 }
 
 /// A server whose callers file names `ops` (admin) and `reader` (reader of `acme*`), each with

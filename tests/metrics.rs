@@ -3,6 +3,7 @@
 //! (`deploy/monitoring`) name only metrics and labels the real binary exports. The series are
 //! process-wide: only the first test serves in this process; the second runs the binary.
 
+#[allow(dead_code, unused_macros, unused_imports)] // this suite uses a part of the harness
 mod common;
 
 use std::{

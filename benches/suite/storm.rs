@@ -272,7 +272,7 @@ pub async fn recovery(env: &Env, accounts: usize, wake: Wake) -> Recovery {
     // Let the refreshes the sweep and the scheduler started end. The test clock runs at real
     // speed from where it was moved, so back-offs end in real time and the scheduler retries the
     // accounts again seconds later; the bench does not wait for that (the back-off and the
-    // demand limit are tested with the manual clock in tests/refresh.rs and tests/recovery.rs).
+    // demand limit are tested with the manual clock in tests/it/refresh.rs and tests/it/recovery.rs).
     settle(&fake).await;
     let outage_requests = fake.stats().token_requests - before_outage;
 

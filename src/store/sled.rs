@@ -489,7 +489,7 @@ mod tests {
     #[test]
     fn a_second_process_on_the_same_directory_is_refused_clearly() {
         // sled's lock is per process (fcntl), so a second open here would succeed; the refusal
-        // across processes is tested in tests/process.rs with the real binary. Here: the message.
+        // across processes is tested in tests/it/process.rs with the real binary. Here: the message.
         let e = StoreError::Locked("/var/lib/x".into());
         assert!(
             e.to_string()

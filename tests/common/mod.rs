@@ -1,6 +1,5 @@
 //! Test harness: the real server on an ephemeral loopback port with a temporary data directory,
 //! in front of the strict fake EdgeTag, and typed helpers for the calls tests make.
-#![allow(dead_code)] // each test binary uses its own subset
 
 use std::{
     collections::HashMap,
@@ -49,6 +48,7 @@ pub struct Options {
     /// Key files; by default one random key in [`Options::key_dir`], kept across restarts.
     pub encryption: EncryptionConfig,
     /// Holds the default key file (outside the data directory, as in production).
+    #[allow(dead_code)] // held so the key file outlives every restart; never read
     pub key_dir: Arc<TempDir>,
     /// Bearer token the harness's client sends (for servers with a callers file).
     pub token: Option<String>,
@@ -466,44 +466,6 @@ pub fn assert_status(
     status
 }
 
-/// Everything every crate logs, at TRACE, kept in memory so a test can search it for secrets.
-#[derive(Clone, Default)]
-pub struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl LogCapture {
-    /// Installs the capture as this test binary's global subscriber (once per binary).
-    pub fn install_trace() -> Self {
-        let capture = Self::default();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(capture.clone())
-            .with_ansi(false)
-            .init();
-        capture
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for LogCapture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
-    type Writer = LogCapture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 /// Waits for `n` refresh events (of any kind) and returns them.
 pub async fn events(
     rx: &mut tokio::sync::broadcast::Receiver<credential_service::broker::RefreshEvent>,
@@ -587,7 +549,6 @@ pub fn store_args(data_dir: &Path) -> Vec<std::ffi::OsString> {
 ///     threaded_test,
 /// }
 /// ```
-#[allow(unused_macros)] // as `dead_code` above: not every test binary uses it
 macro_rules! on_both_stores {
     ($(#[$attr:meta] $($name:ident),+ $(,)?)+) => {
         mod sled {
@@ -612,12 +573,10 @@ macro_rules! on_both_stores {
         }
     };
 }
-#[allow(unused_imports)]
 pub(crate) use on_both_stores;
 
 /// A callers file in `dir` with one entry per `(name, bearer token, role, account glob)`, loaded.
 /// The file holds only each token's SHA-256, as in production.
-#[allow(dead_code)] // not every test binary uses it
 pub fn callers_file(dir: &Path, entries: &[(&str, &str, &str, &str)]) -> Callers {
     use sha2::Digest;
     let toml: String = entries

@@ -2,6 +2,7 @@
 //! output, and each failure's message and exit code.
 
 #[path = "../../../tests/common/mod.rs"]
+#[allow(dead_code, unused_macros, unused_imports)] // credctl's cases use a part of the harness
 mod common;
 
 use std::{os::unix::fs::PermissionsExt, process::Output};

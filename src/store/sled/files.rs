@@ -12,7 +12,7 @@
 //!   changes, so [`prepare`] writes it atomically before sled opens, and replaces one whose checksum
 //!   fails (only an interrupted first write leaves that).
 //!
-//! Measured with the power-cut kit (`crates/powercut`, `tests/powercut.rs`): see the README's
+//! Measured with the power-cut kit (`crates/powercut`, `tests/it/power_cut.rs`): see the README's
 //! "Durability" section.
 
 use std::{

@@ -2,7 +2,7 @@
 //! then one message per published token whatever published it, latest-value delivery to a
 //! watcher that lags, the statuses that end a stream, shutdown, and the caller checks.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

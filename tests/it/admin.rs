@@ -1,7 +1,7 @@
 //! The operators' RPCs against the real server and the strict fake: ListAccounts (statuses,
 //! pagination), DescribeAccount, RefreshToken and RemoveAccount (revocation, idempotence, force).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

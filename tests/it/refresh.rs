@@ -2,7 +2,7 @@
 //! stored state; single flight under load and cancellation; the background scheduler with a
 //! controllable clock; back-off; failing closed when the disk refuses a rotated refresh token.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashSet,

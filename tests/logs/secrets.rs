@@ -1,7 +1,7 @@
 //! No secret reaches the logs: capture everything at TRACE level (every crate, ours and the HTTP
 //! stacks) over the full flow, a refresh, rotation and the error paths, then search for secrets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use fake_edgetag::Fault;
 
 #[tokio::test]
 async fn no_secret_appears_in_trace_logs() {
-    let capture = common::LogCapture::install_trace();
+    let capture = crate::capture::LogCapture::install(tracing::Level::TRACE);
 
     let app = TestApp::spawn_with(common::Options {
         request_timeout: Duration::from_millis(300),

@@ -5,7 +5,7 @@
 //! and fleet-wide across two replicas), and each cause of a failed refresh reaches callers as one
 //! status, whether a caller or the scheduler met it first.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

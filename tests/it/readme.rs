@@ -12,7 +12,7 @@ use tokio::{
 const BIN: &str = env!("CARGO_BIN_EXE_credential-service");
 /// The address the README's commands use; replaced by the test server's.
 const README_ADDR: &str = "127.0.0.1:50051";
-const MARKER: &str = "<!-- tests/readme.rs runs the next block as written -->";
+const MARKER: &str = "<!-- tests/it/readme.rs runs the next block as written -->";
 
 /// The fenced `sh` block right after [`MARKER`].
 fn readme_session() -> String {

@@ -1,7 +1,7 @@
 //! The browser callback: EdgeTag's redirect lands on the service, which completes the flow and
 //! says so in a small page. Driven over real HTTP and, once, by headless Chromium.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Stdio, time::Duration};
 

@@ -2,7 +2,7 @@
 //! reload, TLS and mutual TLS with certificates made here, nothing secret on disk, records that
 //! cannot be swapped, and key rotation with the real `rotate-keys` command.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Stdio, time::Duration};
 

@@ -4,7 +4,7 @@
 //! lags, admin-only access limited to the caller's globs, shutdown, and, on PostgreSQL, an event
 //! raised on one replica reaching a watcher on another.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

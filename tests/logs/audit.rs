@@ -2,7 +2,7 @@
 //! secret (bearer tokens, encryption key, OAuth tokens, codes, verifiers), and every call left
 //! its audit event with caller, method, account and outcome.
 
-mod common;
+use crate::common;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use common::{Options, TestApp};
@@ -14,7 +14,7 @@ const READER: &str = "reader-bearer-0b55f2c4e1";
 
 #[tokio::test]
 async fn trace_logs_hold_no_secret_and_every_call_is_audited() {
-    let capture = common::LogCapture::install_trace();
+    let capture = crate::capture::LogCapture::install(tracing::Level::TRACE);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("callers.toml");

@@ -1,7 +1,7 @@
 //! End to end over gRPC: BeginAuth → approval at the fake EdgeTag → CompleteAuth → GetToken, with
 //! the provider's failures and the single-flight refresh.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashSet, time::Duration};
 

@@ -2,7 +2,7 @@
 //! service, and random token-endpoint answers through the parser. Case counts are modest so the
 //! suite stays fast; proptest shrinks any failure to a small example.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
