@@ -160,8 +160,8 @@ impl App {
         Self::open_wrapped(config, clock, |store| store).await
     }
 
-    /// [`App::open`], with the store passed through `wrap` first (tests wrap it in
-    /// [`stores::Faulty`] to make writes fail on demand).
+    /// [`App::open`], with the store passed through `wrap` first (tests wrap it in `Faulty`, from
+    /// the `testing` feature, to make writes fail on demand).
     pub async fn open_wrapped(
         config: ServiceConfig,
         clock: Clock,

@@ -140,7 +140,9 @@ pub struct Authorization {
     pub expires_at: SystemTime,
 }
 
-/// Something that happened to an account's tokens, for observers (tests, metrics).
+/// How a refresh ended, for tests to await (the `testing` feature; a release build has no
+/// broadcast).
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefreshEvent {
     pub account: AccountId,
@@ -180,6 +182,7 @@ struct Inner {
     background: Arc<Semaphore>,
     /// Wakes the scheduler before its next tick (after EdgeTag recovered, say).
     wake_scheduler: Notify,
+    #[cfg(any(test, feature = "testing"))]
     events: broadcast::Sender<RefreshEvent>,
     /// Names of accounts that changed, for WatchAccounts (see [`events`]); bounded: a watcher
     /// that lags looks at every account again.
@@ -211,6 +214,7 @@ impl Broker {
             upstream: Semaphore::new(cap),
             background: Arc::new(Semaphore::new(cap)),
             wake_scheduler: Notify::new(),
+            #[cfg(any(test, feature = "testing"))]
             events: broadcast::channel(16 * 1024).0,
             account_changes: broadcast::channel(events::BACKLOG).0,
             refreshes: tokio_util::task::TaskTracker::new(),
@@ -235,7 +239,8 @@ impl Broker {
         self.inner.accounts.len()
     }
 
-    /// Refresh outcomes as they happen.
+    /// Refresh outcomes as they happen (tests; the `testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn subscribe(&self) -> broadcast::Receiver<RefreshEvent> {
         self.inner.events.subscribe()
     }
@@ -263,10 +268,15 @@ impl Broker {
 }
 
 impl Inner {
+    /// Tells the tests' observers how a refresh ended; nothing in a release build.
+    #[cfg(any(test, feature = "testing"))]
     fn emit(&self, account: &AccountId, kind: RefreshEventKind) {
         let _ = self.events.send(RefreshEvent {
             account: account.clone(),
             kind,
         });
     }
+
+    #[cfg(not(any(test, feature = "testing")))]
+    fn emit(&self, _: &AccountId, _: RefreshEventKind) {}
 }

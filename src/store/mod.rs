@@ -4,8 +4,9 @@
 //! - [`SledStore`] ([`sled`](self::sled)): the embedded default, one process per data directory;
 //! - [`codec`]: the sealed-record format every backend writes, so a database sees account names and
 //!   ciphertext only;
-//! - [`Faulty`]: a wrapper that makes writes fail or announces changes on demand, so tests can prove
-//!   that the service fails closed and follows other writers; production never builds one.
+//! - `Faulty` (with the `testing` feature, which only the tests turn on): a wrapper that makes writes
+//!   fail or announces changes on demand, so tests can prove that the service fails closed and
+//!   follows other writers; a release build does not contain it.
 //!
 //! The surface is what a networked backend needs. A write returns once it is durable (there is no
 //! separate flush). Account writes name the version they replace ([`Expected`]), so a writer that
@@ -21,6 +22,7 @@
 pub mod codec;
 #[cfg(test)]
 pub(crate) mod contract;
+#[cfg(any(test, feature = "testing"))]
 mod faulty;
 pub mod postgres;
 mod sled;
@@ -35,8 +37,9 @@ use crate::{
     tokens::{AccountRecord, PendingAuth},
 };
 
+#[cfg(any(test, feature = "testing"))]
+pub use self::faulty::{Faults, Faulty};
 pub use self::{
-    faulty::{Faults, Faulty},
     postgres::{PostgresConfig, PostgresStore},
     sled::SledStore,
 };
