@@ -22,7 +22,8 @@
 //! - [`error`]: the domain error and its one mapping to gRPC status codes.
 //! - [`oauth`]: PKCE, the authorize URL, the token endpoint; turns its answers into token sets.
 //! - [`store`]: durable state: pending states and account records, durable before a write returns.
-//! - [`metrics`]: Prometheus series and the `/metrics` endpoint; told things, it asks nothing.
+//! - [`metrics`]: Prometheus series, the `/metrics` endpoint, and every bound's throttled refusal
+//!   log; told things, it asks nothing.
 //! - [`tokens`]: the domain records (token set, account record, pending authorization).
 //! - [`grant`]: the authorization code and state from EdgeTag's redirect, obtainable only by parsing.
 //! - [`account`]: [`account::AccountId`], obtainable only by parsing.

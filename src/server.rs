@@ -4,7 +4,6 @@
 //! - `conn`: accepting connections within bounds: how many, handshake deadline, TLS;
 //! - `error`: [`ServeError`], why serving could not start or stopped;
 //! - `limits`: bounds on calls in flight and on health Watch streams;
-//! - `throttled`: the refusal log lines of every bound, at most one per bound per ten seconds;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
 //! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP.
@@ -18,7 +17,6 @@ mod grpc;
 mod http;
 mod limits;
 mod signals;
-mod throttled;
 mod upkeep;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};

@@ -27,10 +27,10 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use super::{error::ServeError, throttled::Throttled};
+use super::error::ServeError;
 use crate::{
     config::{Limits, TlsConfig},
-    metrics::{self, ConnectionGuard},
+    metrics::{self, ConnectionGuard, Throttled},
 };
 
 /// The HTTP/2 client preface (RFC 9113 §3.4): the handshake is done once it has arrived.

@@ -22,10 +22,9 @@ use tonic_health::{
     server::HealthService,
 };
 
-use super::throttled::{LOG_EVERY, Throttled};
 use crate::{
     auth::{CallAudit, Callers},
-    metrics::{self, RpcCall},
+    metrics::{self, LOG_EVERY, RpcCall, Throttled},
 };
 
 /// Health checks stay answerable while the service sheds other calls: probes must see it alive.
