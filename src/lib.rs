@@ -15,7 +15,8 @@
 //! - [`telemetry`]: log set-up.
 //! - [`config`]: clap settings with environment variables, EdgeTag presets.
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
-//! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
+//! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out; the places
+//!   for watch streams.
 //! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
 //! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh, the scheduler.

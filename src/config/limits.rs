@@ -44,6 +44,18 @@ pub struct LimitSettings {
     #[arg(long, env = "CREDENTIAL_SERVICE_MAX_WATCHERS", default_value_t = Limits::DEFAULT.max_watchers)]
     pub max_watchers: usize,
 
+    /// Most WatchToken and WatchAccounts streams one caller (of the callers file) may hold open at
+    /// once, so that one caller cannot take every place; one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CREDENTIAL_SERVICE_MAX_WATCHERS_PER_CALLER", default_value_t = Limits::DEFAULT.max_watchers_per_caller)]
+    pub max_watchers_per_caller: usize,
+
+    /// Places beyond --max-watchers that only WatchAccounts streams (admins) may take, so
+    /// operators can still follow their accounts when callers' WatchToken streams take every
+    /// place of --max-watchers.
+    #[arg(long, env = "CREDENTIAL_SERVICE_WATCHERS_KEPT_FOR_ADMINS", default_value_t = Limits::DEFAULT.watchers_kept_for_admins)]
+    pub watchers_kept_for_admins: usize,
+
     /// A connection that has not finished its TLS handshake and sent the HTTP/2 preface within
     /// this is closed.
     #[arg(long, env = "CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -68,6 +80,8 @@ pub struct Limits {
     pub max_open_calls_in_flight: usize,
     pub max_health_watches: usize,
     pub max_watchers: usize,
+    pub max_watchers_per_caller: usize,
+    pub watchers_kept_for_admins: usize,
     pub handshake_timeout: Duration,
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
@@ -83,6 +97,8 @@ impl Limits {
         max_open_calls_in_flight: 128,
         max_health_watches: 64,
         max_watchers: 10_000,
+        max_watchers_per_caller: 1_000,
+        watchers_kept_for_admins: 100,
         handshake_timeout: Duration::from_secs(10),
         http2_keepalive_interval: Duration::from_secs(60),
         http2_keepalive_timeout: Duration::from_secs(20),
@@ -126,6 +142,10 @@ impl LimitSettings {
                 self.max_watchers,
                 "--max-watchers / CREDENTIAL_SERVICE_MAX_WATCHERS",
             ),
+            (
+                self.max_watchers_per_caller,
+                "--max-watchers-per-caller / CREDENTIAL_SERVICE_MAX_WATCHERS_PER_CALLER",
+            ),
         ];
         for (value, name) in counts {
             if value == 0 {
@@ -158,6 +178,8 @@ impl LimitSettings {
             max_open_calls_in_flight: self.max_open_calls_in_flight,
             max_health_watches: self.max_health_watches,
             max_watchers: self.max_watchers,
+            max_watchers_per_caller: self.max_watchers_per_caller,
+            watchers_kept_for_admins: self.watchers_kept_for_admins,
             handshake_timeout: self.handshake_timeout,
             http2_keepalive_interval: self.http2_keepalive_interval,
             http2_keepalive_timeout: self.http2_keepalive_timeout,

@@ -31,12 +31,14 @@ use crate::{
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// Every bound's refusal log.
-static REFUSAL_LOGS: [&Throttled; 5] = [
+static REFUSAL_LOGS: [&Throttled; 7] = [
     &CALLS_REFUSED,
     &OPEN_CALLS_REFUSED,
     &WATCHES_REFUSED,
     &super::conn::REFUSED,
     &super::conn::TIMED_OUT,
+    &crate::service::WATCHERS_REFUSED,
+    &crate::service::CALLER_WATCHERS_REFUSED,
 ];
 
 /// Logs the refusals counted since each bound's last line: every [`LOG_EVERY`] while the server

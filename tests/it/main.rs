@@ -18,6 +18,7 @@ mod deploy;
 mod events;
 mod flow;
 mod hardening;
+mod hardening2;
 mod inputs;
 mod layers;
 mod power_cut;

@@ -1,0 +1,408 @@
+//! Issue 31, the second hardening pass, tried the way an attacker (or an unlucky caller) would:
+//! with real sockets against the real binary, the fake EdgeTag on loopback behind it.
+//! - one caller taking every watch place: its own bound, the places kept for admins, and the
+//!   client crate polling GetToken when no place is left, then watching again.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use credential_service::proto::{
+    BeginAuthRequest, CompleteAuthRequest, GetTokenRequest, RefreshTokenRequest,
+    WatchAccountsRequest, WatchTokenRequest, WatchTokenResponse,
+    credential_service_client::CredentialServiceClient,
+};
+use fake_edgetag::{FakeConfig, FakeEdgeTag};
+use sha2::Digest;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::Notify,
+};
+use tonic::{Code, Status, Streaming, transport::Channel};
+
+use crate::common::Bearer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credential-service");
+const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
+/// Bound on every wait for something that normally takes milliseconds.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+type Client =
+    CredentialServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// Everything the binary wrote to stderr so far, and a wake-up for each new line.
+#[derive(Clone, Default)]
+struct Log {
+    lines: Arc<Mutex<Vec<String>>>,
+    added: Arc<Notify>,
+}
+
+impl Log {
+    /// The first line containing `needle`, waiting for it if need be.
+    async fn wait_for(&self, needle: &str) -> String {
+        let wait = async {
+            loop {
+                let added = self.added.notified();
+                if let Some(line) = self
+                    .lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l.contains(needle))
+                {
+                    return line.clone();
+                }
+                added.await;
+            }
+        };
+        match tokio::time::timeout(PATIENCE, wait).await {
+            Ok(line) => line,
+            Err(_) => panic!(
+                "no line with {needle:?} in\n{}",
+                self.lines.lock().unwrap().join("\n")
+            ),
+        }
+    }
+}
+
+/// The value of `name=` in a log line.
+fn field(line: &str, name: &str) -> String {
+    line.split(&format!("{name}="))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_matches('"')
+        .to_owned()
+}
+
+/// The real binary in front of the fake EdgeTag, serving.
+struct Service {
+    child: Child,
+    addr: String,
+    log: Log,
+    fake: Arc<FakeEdgeTag>,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    /// [`Service::start`] with `dir` (which may hold a callers file) as its directory.
+    async fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        Self::start_with(dir, args, None, "info").await
+    }
+
+    /// [`Service::start_in`] under `ulimit` (the shell's options, e.g. `-n 256`) if given, with
+    /// `RUST_LOG` set to `log`.
+    async fn start_with(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        ulimit: Option<&str>,
+        log: &str,
+    ) -> Self {
+        let fake = Arc::new(
+            FakeEdgeTag::start(FakeConfig {
+                redirect_uris: vec![REDIRECT_URI.to_owned()],
+                ..FakeConfig::default()
+            })
+            .await
+            .expect("the fake EdgeTag starts"),
+        );
+        let mut child = service_command(&fake, dir.path(), args, ulimit)
+            .env("RUST_LOG", log)
+            .spawn()
+            .unwrap();
+        let log = Log::default();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let collect = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                collect.lines.lock().unwrap().push(line);
+                collect.added.notify_waiters();
+            }
+        });
+        let addr = field(&log.wait_for("credential-service serving").await, "addr");
+        Self {
+            child,
+            addr,
+            log,
+            fake,
+            _dir: dir,
+        }
+    }
+
+    /// A gRPC client sending `token` as its bearer token.
+    async fn client(&self, token: Option<&str>) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        CredentialServiceClient::with_interceptor(channel, Bearer::new(token).unwrap())
+    }
+
+    /// BeginAuth, the approval at the fake, CompleteAuth, as `admin`.
+    async fn connect(&self, admin: &mut Client, account: &str) {
+        let begun = admin
+            .begin_auth(BeginAuthRequest {
+                account: account.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let redirect = self.fake.approve(&begun.authorize_url).await.unwrap();
+        admin
+            .complete_auth(CompleteAuthRequest {
+                code: redirect.code,
+                state: redirect.state,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `/metrics` at `metrics` counts at least `n` refusals by `limit`; returns the
+    /// count. (A connection's refusal is counted a moment after its socket closes.)
+    async fn until_limit_hits(metrics: &str, limit: &str, n: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let hits = Self::limit_hits(metrics, limit).await;
+            if hits >= n || tokio::time::Instant::now() > deadline {
+                return hits;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `credential_limit_hits_total` count of `limit` from `/metrics` at `metrics`.
+    async fn limit_hits(metrics: &str, limit: &str) -> u64 {
+        let text = reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let series = format!("credential_limit_hits_total{{limit=\"{limit}\"}}");
+        text.lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The binary with the required settings pointed at `fake`, its data in `dir`, on ephemeral
+/// loopback ports, then `args`; started by a shell under `ulimit` if given.
+fn service_command(fake: &FakeEdgeTag, dir: &Path, args: &[&str], ulimit: Option<&str>) -> Command {
+    let mut cmd = match ulimit {
+        None => Command::new(BIN),
+        Some(options) => {
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(format!(r#"ulimit {options} && exec "$0" "$@""#))
+                .arg(BIN);
+            sh
+        }
+    };
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--client-id", fake.client_id()])
+        .args(["--redirect-uri", REDIRECT_URI])
+        .args(["--authorize-url", &fake.authorize_url()])
+        .args(["--token-url", &fake.token_url()])
+        .args(["--revoke-url", &fake.revoke_url()])
+        .args(args)
+        .env_clear()
+        .env("EDGETAG_CLIENT_SECRET", fake.client_secret())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A callers file in `dir` with one entry per `(name, bearer token, role)`, every account allowed.
+fn callers_file(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {
+    let toml: String = entries
+        .iter()
+        .map(|(name, token, role)| {
+            let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+            format!(
+                "[[caller]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\nrole = \"{role}\"\naccounts = [\"*\"]\n\n"
+            )
+        })
+        .collect();
+    let path = dir.join("callers.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Awaits `future`, failing the test instead of hanging it.
+async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .expect("in time")
+}
+
+/// Opens a WatchToken stream of `account` and reads its first token.
+async fn watch(
+    client: &mut Client,
+    account: &str,
+) -> Result<(Streaming<WatchTokenResponse>, WatchTokenResponse), Status> {
+    let mut stream = client
+        .watch_token(WatchTokenRequest {
+            account: account.into(),
+            min_validity: None,
+        })
+        .await?
+        .into_inner();
+    let first = within(stream.message()).await?.expect("a first token");
+    Ok((stream, first))
+}
+
+async fn get_token(client: &mut Client, account: &str) -> String {
+    client
+        .get_token(GetTokenRequest {
+            account: account.into(),
+            min_validity: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token
+}
+
+/// Issue 31, finding 2: one reader opened every WatchToken place, and everyone else's WatchToken,
+/// the admins' WatchAccounts and the client crate's `follow` (0 tokens in 8 s) were refused.
+/// Now one caller gets at most `--max-watchers-per-caller`; another caller still watches; when
+/// callers fill `--max-watchers`, admins still get a kept place for WatchAccounts, and the client
+/// crate polls GetToken, then watches again once a place frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_cannot_take_every_watch_place_and_the_client_still_gets_tokens() {
+    const HOG: &str = "hog-reader-token";
+    const OTHER: &str = "other-reader-token";
+    const FOLLOWER: &str = "follower-reader-token";
+    const OPS: &str = "ops-admin-token";
+    let dir = tempfile::tempdir().unwrap();
+    let callers = callers_file(
+        dir.path(),
+        &[
+            ("hog", HOG, "reader"),
+            ("other", OTHER, "reader"),
+            ("follower", FOLLOWER, "reader"),
+            ("ops", OPS, "admin"),
+        ],
+    );
+    let mut service = Service::start_in(
+        dir,
+        &[
+            "--callers-file",
+            callers.to_str().unwrap(),
+            "--max-watchers",
+            "6",
+            "--max-watchers-per-caller",
+            "4",
+            "--watchers-kept-for-admins",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let metrics = field(&service.log.wait_for("metrics serving").await, "addr");
+    let mut ops = service.client(Some(OPS)).await;
+    service.connect(&mut ops, "acme").await;
+
+    // The hog opens streams until it is refused: it holds its own bound, no more.
+    let mut hog = service.client(Some(HOG)).await;
+    let mut held = Vec::new();
+    let refused = loop {
+        match watch(&mut hog, "acme").await {
+            Ok((stream, _)) => held.push(stream),
+            Err(status) => break status,
+        }
+        assert!(held.len() <= 6, "the hog took every place");
+    };
+    assert_eq!(held.len(), 4, "--max-watchers-per-caller");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-watchers-per-caller"),
+        "{refused:?}"
+    );
+    service.log.wait_for("the caller has too many open").await;
+
+    // Another caller still watches, and takes the last places of --max-watchers.
+    let mut other = service.client(Some(OTHER)).await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        others.push(
+            watch(&mut other, "acme")
+                .await
+                .expect("another caller watches")
+                .0,
+        );
+    }
+    let full = watch(&mut other, "acme").await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+
+    // Admins still follow their accounts: WatchAccounts takes a place kept for them.
+    let mut events = within(ops.watch_accounts(WatchAccountsRequest {}))
+        .await
+        .expect("a kept place for WatchAccounts")
+        .into_inner();
+    let snapshot = within(events.message()).await.unwrap().unwrap();
+    assert_eq!(snapshot.account, "acme");
+
+    // The client crate, refused a stream, polls GetToken: it has a token at once.
+    let follower = credential_client::Client::builder(format!("http://{}", service.addr))
+        .bearer_token(FOLLOWER)
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .polling_fallback(3, Duration::from_millis(200))
+        .build()
+        .unwrap()
+        .token_source("acme");
+    let polled = within(follower.token()).await.expect("a token by polling");
+    let current = get_token(&mut ops, "acme").await;
+    assert_eq!(
+        credential_client::ExposeSecret::expose_secret(polled.access_token()),
+        current
+    );
+    service
+        .log
+        .wait_for("watch stream refused: too many open")
+        .await;
+    assert!(Service::until_limit_hits(&metrics, "watchers_per_caller", 1).await >= 1);
+    assert!(Service::until_limit_hits(&metrics, "watchers", 2).await >= 2);
+
+    // The hog leaves: the client watches again, so each refresh reaches it within moments (polling
+    // would ask again only when three quarters of the hour-long token have passed).
+    drop(held);
+    for _ in 0..2 {
+        let before = follower.token().await.unwrap();
+        ops.refresh_token(RefreshTokenRequest {
+            account: "acme".into(),
+        })
+        .await
+        .unwrap();
+        let refreshed = get_token(&mut ops, "acme").await;
+        let pushed = within(async {
+            loop {
+                let token = follower.token().await.unwrap();
+                if token != before {
+                    break token;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(
+            credential_client::ExposeSecret::expose_secret(pushed.access_token()),
+            refreshed
+        );
+    }
+    drop(others);
+    service.child.kill().await.unwrap();
+}
