@@ -10,9 +10,13 @@ use clap::{Args, ValueEnum};
 use secrecy::SecretString;
 use url::Url;
 
+mod http_limits;
 mod limits;
 
-pub use self::limits::{LimitSettings, Limits};
+pub use self::{
+    http_limits::{HttpLimitSettings, HttpLimits},
+    limits::{LimitSettings, Limits},
+};
 use crate::{
     auth::Callers,
     broker::BrokerConfig,
@@ -186,6 +190,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub limits: LimitSettings,
+
+    #[command(flatten)]
+    pub http_limits: HttpLimitSettings,
 }
 
 /// EdgeTag's revocation path, on its API host.
@@ -339,6 +346,8 @@ pub struct ServiceConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The bounds of the gRPC listener.
     pub limits: Limits,
+    /// The bounds of each HTTP listener.
+    pub http_limits: HttpLimits,
     /// How the audit trail aggregates.
     pub audit: crate::audit::AuditConfig,
 }
@@ -404,6 +413,7 @@ impl ServiceConfig {
             callback: None,
             metrics_listen: None,
             limits: Limits::DEFAULT,
+            http_limits: HttpLimits::DEFAULT,
             audit: crate::audit::AuditConfig::default(),
         }
     }
@@ -443,6 +453,7 @@ impl Settings {
             tls_client_ca,
             keys,
             limits,
+            http_limits,
             audit_interval,
             audit_max_keys,
         } = self;
@@ -553,6 +564,7 @@ impl Settings {
             }
         };
         let limits = limits.resolve()?;
+        let http_limits = http_limits.resolve()?;
         let store = store.resolve(&keys)?;
         if !callback_path.starts_with('/') || callback_path.contains(['?', '#']) {
             return Err(ConfigError(format!(
@@ -595,6 +607,7 @@ impl Settings {
         });
         config.metrics_listen = metrics_listen;
         config.limits = limits;
+        config.http_limits = http_limits;
         config.audit = crate::audit::AuditConfig {
             interval: audit_interval,
             max_keys: audit_max_keys,

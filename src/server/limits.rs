@@ -31,12 +31,15 @@ use crate::{
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// Every bound's refusal log.
-static REFUSAL_LOGS: [&Throttled; 7] = [
+static REFUSAL_LOGS: [&Throttled; 10] = [
     &CALLS_REFUSED,
     &OPEN_CALLS_REFUSED,
     &WATCHES_REFUSED,
     &super::conn::REFUSED,
     &super::conn::TIMED_OUT,
+    &super::http::HTTP_REFUSED,
+    &super::http::HTTP_TIMED_OUT,
+    &super::http::HTTP_TOO_LARGE,
     &crate::service::WATCHERS_REFUSED,
     &crate::service::CALLER_WATCHERS_REFUSED,
 ];

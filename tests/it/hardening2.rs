@@ -1,7 +1,9 @@
 //! Issue 31, the second hardening pass, tried the way an attacker (or an unlucky caller) would:
 //! with real sockets against the real binary, the fake EdgeTag on loopback behind it.
 //! - one caller taking every watch place: its own bound, the places kept for admins, and the
-//!   client crate polling GetToken when no place is left, then watching again.
+//!   client crate polling GetToken when no place is left, then watching again;
+//! - the HTTP listeners (browser callback, metrics): slow and idle connections closed after the
+//!   header timeout, a connection bound of their own, and a small head limit.
 
 use std::{
     path::{Path, PathBuf},
@@ -18,7 +20,8 @@ use credential_service::proto::{
 use fake_edgetag::{FakeConfig, FakeEdgeTag};
 use sha2::Digest;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
     process::{Child, Command},
     sync::Notify,
 };
@@ -91,6 +94,11 @@ struct Service {
 }
 
 impl Service {
+    /// Starts the binary with `args` after the required settings, and waits until it serves.
+    async fn start(args: &[&str]) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), args).await
+    }
+
     /// [`Service::start`] with `dir` (which may hold a callers file) as its directory.
     async fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
         Self::start_with(dir, args, None, "info").await
@@ -405,4 +413,243 @@ async fn one_caller_cannot_take_every_watch_place_and_the_client_still_gets_toke
     }
     drop(others);
     service.child.kill().await.unwrap();
+}
+
+/// A raw TCP connection to an HTTP listener, as an attacker's own client opens it.
+async fn tcp(addr: &str) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns what it sent.
+async fn read_to_close(tcp: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&got).into_owned(),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The HTTP listeners' address from their start-up line (`browser callback serving`, `metrics
+/// serving`).
+async fn http_addr(service: &Service, line: &str) -> String {
+    field(&service.log.wait_for(line).await, "addr")
+}
+
+/// A gRPC health check on a new connection, as a probe would make it: SERVING within 10 s.
+async fn healthy_on_a_new_connection(addr: &str) -> bool {
+    let probe = async {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let status = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .status;
+        Some(status == 1)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// Issue 31, finding 3: a connection to the callback that sends nothing, or a request head in
+/// pieces, stayed open 20 s and more (one stalled request was still open at 40 s). Now each is
+/// closed once `--http-header-timeout` has passed without a whole head, however it trickles, and
+/// so is a kept-alive connection that goes idle after its answer.
+#[tokio::test]
+async fn slow_and_idle_http_connections_are_closed_after_the_header_timeout() {
+    let service = Service::start(&[
+        "--callback-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--http-header-timeout",
+        "1s",
+        "--http-max-connections",
+        "200",
+    ])
+    .await;
+    let callback = http_addr(&service, "browser callback serving").await;
+    let metrics = http_addr(&service, "metrics serving").await;
+    let started = tokio::time::Instant::now();
+    let mut attackers = Vec::new();
+    for i in 0..60 {
+        let mut conn = tcp(&callback).await;
+        attackers.push(tokio::spawn(async move {
+            match i % 3 {
+                0 => {} // sends nothing
+                1 => {
+                    // half a head, then nothing
+                    let _ = conn
+                        .write_all(b"GET /oauth/callback HTTP/1.1\r\nHost: x\r\n")
+                        .await;
+                }
+                _ => {
+                    // a head one byte every 100 ms, for far longer than the timeout
+                    for byte in b"GET /oauth/callback?state=s HTTP/1.1\r\nHost: x\r\nX-Slow: "
+                        .iter()
+                        .cycle()
+                        .take(100)
+                    {
+                        if conn.write_all(&[*byte]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await; // the trickle itself
+                    }
+                }
+            }
+            read_to_close(&mut conn).await;
+            started.elapsed()
+        }));
+    }
+    // A real request, answered; then its kept-alive connection idles past the timeout.
+    let mut kept = tcp(&callback).await;
+    kept.write_all(b"GET /oauth/callback HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = within(read_to_close(&mut kept)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    for attacker in attackers {
+        let closed_after = within(attacker).await.unwrap();
+        assert!(
+            closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(5),
+            "closed after {closed_after:?}"
+        );
+    }
+    service.log.wait_for("no whole request head in time").await;
+    let closed = Service::until_limit_hits(&metrics, "http_header_timeout", 61).await;
+    assert!(closed >= 61, "{closed} timeouts counted");
+    assert!(healthy_on_a_new_connection(&service.addr).await);
+}
+
+/// Issue 31, finding 3: nothing bounded the HTTP listeners' connections. Now each listener holds
+/// at most `--http-max-connections`, apart from gRPC's and from the other listener's: one more
+/// is closed at once, while gRPC and `/metrics` still serve.
+#[tokio::test]
+async fn past_the_http_connection_bound_a_connection_is_closed_at_once_and_the_rest_still_serves() {
+    let service = Service::start(&[
+        "--callback-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--http-max-connections",
+        "4",
+        "--http-header-timeout",
+        "60s",
+    ])
+    .await;
+    let callback = http_addr(&service, "browser callback serving").await;
+    let metrics = http_addr(&service, "metrics serving").await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut conn = tcp(&callback).await;
+        conn.write_all(b"GET /oauth/callback HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        held.push(conn);
+    }
+    let mut extra = tcp(&callback).await;
+    let started = tokio::time::Instant::now();
+    let sent = within(read_to_close(&mut extra)).await;
+    assert!(sent.is_empty(), "{sent}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    service.log.wait_for("too many open on this listener").await;
+    assert!(Service::until_limit_hits(&metrics, "http_connections", 1).await >= 1);
+    assert!(healthy_on_a_new_connection(&service.addr).await);
+    // The held connections are served when they finish their request.
+    let mut first = held.remove(0);
+    first
+        .write_all(b"Host: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = within(read_to_close(&mut first)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+/// Issue 31, finding 3: a 1 MB head was refused (431), but 200 connections each stalled inside a
+/// 380 KB head added 73 MB. Now a head over `--http-max-header-bytes` (16 KiB) is refused 431
+/// and closed, and a stalled head holds at most that much.
+#[tokio::test]
+async fn a_request_head_over_the_limit_is_refused_and_stalled_heads_hold_little_memory() {
+    let mut service = Service::start(&[
+        "--callback-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--http-header-timeout",
+        "60s",
+        // Room for every connection below, so that each is read, not refused.
+        "--http-max-connections",
+        "100",
+    ])
+    .await;
+    let callback = http_addr(&service, "browser callback serving").await;
+    let metrics = http_addr(&service, "metrics serving").await;
+    let request = |header: usize| {
+        format!(
+            "GET /oauth/callback HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(header)
+        )
+    };
+    let mut big = tcp(&callback).await;
+    big.write_all(request(20 * 1024).as_bytes()).await.unwrap();
+    let answer = within(read_to_close(&mut big)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let mut fine = tcp(&callback).await;
+    fine.write_all(request(12 * 1024).as_bytes()).await.unwrap();
+    let answer = within(read_to_close(&mut fine)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "a page, not a refusal: {answer}"
+    );
+    service.log.wait_for("its head is too large").await;
+    assert!(Service::until_limit_hits(&metrics, "http_header_too_large", 1).await >= 1);
+
+    // Connections each stalled inside a 380 KB head.
+    let pid = service.child.id().unwrap();
+    let before = proc_kib(pid, "VmRSS:");
+    let chunk = vec![b'a'; 380 * 1024];
+    let mut stalled = Vec::new();
+    for _ in 0..64 {
+        let mut conn = tcp(&callback).await;
+        conn.write_all(b"GET /oauth/callback HTTP/1.1\r\nX-Big: ")
+            .await
+            .unwrap();
+        // The server stops reading at the limit: the rest waits in the socket buffers, or not.
+        let _ = tokio::time::timeout(Duration::from_millis(50), conn.write_all(&chunk)).await;
+        stalled.push(conn);
+    }
+    // Each is answered 431 and closed (or reset, for what the server never read).
+    within(futures::future::join_all(
+        stalled.iter_mut().map(read_to_close),
+    ))
+    .await;
+    let after = proc_kib(pid, "VmRSS:");
+    let grown = after.saturating_sub(before) / 1024;
+    eprintln!(
+        "64 connections each sending a 380 KB head: RSS {} MiB before, {} MiB after (+{grown} MiB)",
+        before / 1024,
+        after / 1024
+    );
+    assert!(grown < 16, "grew by {grown} MiB");
+    let refused = Service::until_limit_hits(&metrics, "http_header_too_large", 65).await;
+    assert!(refused >= 65, "{refused} refused");
+    service.child.kill().await.unwrap();
+}
+
+/// A line of /proc/<pid>/status, in KiB.
+fn proc_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
