@@ -1,7 +1,12 @@
 //! What the `credential-service` binary does between parsing its flags and exiting, so that its
-//! `main` reads parse, build, run: `--dev`'s set-up, resolving the settings, binding every listener
-//! before anything is opened, serving until a signal, `rotate-keys`, and the exit code of each
-//! failure (2: the settings cannot work as given; 1: starting or serving failed).
+//! `main` reads parse, build, run: `--dev`'s set-up, resolving the settings, raising the open-file
+//! limit (`open_files`), binding every listener before anything is opened, serving until a
+//! signal, `rotate-keys`, and the exit code of each failure (2: the settings cannot work as
+//! given; 1: starting or serving failed).
+
+mod open_files;
+
+pub use self::open_files::budget as open_files_budget;
 
 use std::{future::Future, path::Path, process::ExitCode};
 
@@ -73,6 +78,7 @@ impl Launch {
             dev_env = Some(env);
         }
         let config = settings.resolve(client_secret)?;
+        open_files::raise_and_check(&config);
         let grpc = server::bind(config.listen, "--listen / CREDENTIAL_SERVICE_LISTEN").await?;
         // Dev mode bound the callback already: its address is the redirect URI.
         let callback = match (

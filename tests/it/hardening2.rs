@@ -3,7 +3,8 @@
 //! - one caller taking every watch place: its own bound, the places kept for admins, and the
 //!   client crate polling GetToken when no place is left, then watching again;
 //! - the HTTP listeners (browser callback, metrics): slow and idle connections closed after the
-//!   header timeout, a connection bound of their own, and a small head limit.
+//!   header timeout, a connection bound of their own, a small head limit, and descriptors they
+//!   can never take from gRPC; the soft open-file limit raised at start, and the systemd unit's.
 
 use std::{
     path::{Path, PathBuf},
@@ -652,4 +653,110 @@ fn proc_kib(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with(key)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Issue 31, finding 3: with 1,024 descriptors, 1,100 idle callback connections took every one:
+/// new gRPC connections failed (health down, GetToken timing out) until the attacker left. Now
+/// the HTTP listeners hold at most their own budgets, so gRPC keeps its descriptors.
+#[tokio::test]
+async fn idle_http_connections_cannot_take_the_descriptors_grpc_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Service::start_with(
+        dir,
+        &[
+            "--callback-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "64",
+            "--http-max-connections",
+            "16",
+            "--http-header-timeout",
+            "60s",
+        ],
+        Some("-n 256"),
+        "info",
+    )
+    .await;
+    let budget = service.log.wait_for("open-file limit").await;
+    assert!(budget.contains("open_files=256"), "{budget}");
+    let callback = http_addr(&service, "browser callback serving").await;
+    // Far more idle connections than the process has descriptors.
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        idle.push(tcp(&callback).await);
+    }
+    service.log.wait_for("too many open on this listener").await;
+    // A probe and a caller on new connections are served while the attacker stays.
+    for _ in 0..3 {
+        assert!(healthy_on_a_new_connection(&service.addr).await);
+    }
+    let mut caller = service.client(None).await;
+    let unknown = within(caller.get_token(GetTokenRequest {
+        account: "acme".into(),
+        min_validity: None,
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "served: {unknown:?}");
+    drop(idle);
+    service.child.kill().await.unwrap();
+}
+
+/// The soft open-file limit starts at 1,024 under systemd and many shells; the service raises it
+/// to the hard limit at start and logs it. The systemd unit's `LimitNOFILE` covers the
+/// descriptors the default bounds may hold.
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .expect("a finite hard limit here");
+    let service =
+        Service::start_with(tempfile::tempdir().unwrap(), &[], Some("-S -n 200"), "info").await;
+    let pid = service.child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(open_files, [hard.to_string(), hard.to_string()], "{limits}");
+    let line = service.log.wait_for("open-file limit").await;
+    assert!(line.contains(&format!("open_files={hard}")), "{line}");
+
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/credential-service.service"),
+    )
+    .unwrap();
+    let limit: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .expect("the unit sets LimitNOFILE")
+        .parse()
+        .unwrap();
+    let mut config = credential_service::config::ServiceConfig::new(
+        credential_service::config::Upstream {
+            authorize_url: "https://app.example.com/a".parse().unwrap(),
+            token_url: "https://api.example.com/t".parse().unwrap(),
+            revoke_url: "https://api.example.com/r".parse().unwrap(),
+            client_id: "c".into(),
+            client_secret: "s".into(),
+            redirect_uri: REDIRECT_URI.parse().unwrap(),
+        },
+        "/var/lib/credential-service".into(),
+    );
+    config.callback = Some(credential_service::config::CallbackConfig {
+        listen: "127.0.0.1:8080".parse().unwrap(),
+        path: "/oauth/callback".into(),
+    });
+    config.metrics_listen = Some("127.0.0.1:9090".parse().unwrap());
+    let needed = credential_service::launch::open_files_budget(&config);
+    assert!(
+        limit >= needed,
+        "LimitNOFILE={limit}, the defaults need {needed}"
+    );
 }
