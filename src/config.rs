@@ -530,14 +530,37 @@ impl Settings {
 
         let callers = match &callers_file {
             Some(path) => Callers::load(path).map_err(|e| ConfigError(e.to_string()))?,
-            None if !listen.ip().is_loopback() => {
-                return Err(ConfigError(format!(
-                    "refusing to listen on {listen} without a callers file: anyone who can reach it could \
-                     take every token. Set --callers-file / CREDENTIAL_SERVICE_CALLERS_FILE, or listen \
-                     on loopback"
-                )));
+            None => {
+                // An open service (every call allowed: --dev, tests) is for this machine only,
+                // with its browser callback and metrics: the gRPC rule, for every listener.
+                let listeners = [
+                    (
+                        Some(listen),
+                        "--listen / CREDENTIAL_SERVICE_LISTEN",
+                        "anyone who can reach it could take every token",
+                    ),
+                    (
+                        callback_listen,
+                        "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
+                        "an open service stays on this machine, its browser callback too",
+                    ),
+                    (
+                        metrics_listen,
+                        "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN",
+                        "an open service stays on this machine, its metrics too",
+                    ),
+                ];
+                for (addr, flag, why) in listeners {
+                    if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                        return Err(ConfigError(format!(
+                            "refusing to listen on {addr} without a callers file: {why} ({flag}). \
+                             Set --callers-file / CREDENTIAL_SERVICE_CALLERS_FILE, or listen on \
+                             loopback"
+                        )));
+                    }
+                }
+                Callers::open()
             }
-            None => Callers::open(),
         };
         let read = |path: &PathBuf, name: &str| {
             std::fs::read(path).map_err(|e| {

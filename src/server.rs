@@ -223,7 +223,7 @@ pub async fn serve(
         store,
         broker,
     } = app;
-    announce(&listeners.grpc, &config, &broker)?;
+    announce(&listeners, &config, &broker)?;
     let http = HttpListeners::spawn(listeners.callback, listeners.metrics, &config, &broker);
     let upkeep = Upkeep::spawn(&config, &store, clock, &broker);
     let shutdown = async {
@@ -249,16 +249,23 @@ pub async fn serve(
     Ok(())
 }
 
-/// Refuses an open service (no callers file) beyond loopback, then logs what is about to serve.
+/// Refuses an open service (no callers file) beyond loopback, on any of its listeners, then logs
+/// what is about to serve.
 fn announce(
-    listener: &TcpListener,
+    listeners: &Listeners,
     config: &ServiceConfig,
     broker: &Broker,
 ) -> Result<(), ServeError> {
-    let local = listener.local_addr().ok();
-    if let Some(addr) = local
-        && config.callers.is_open()
-        && !addr.ip().is_loopback()
+    let local = listeners.grpc.local_addr().ok();
+    let http = [&listeners.callback, &listeners.metrics]
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.local_addr().ok());
+    if config.callers.is_open()
+        && let Some(addr) = local
+            .into_iter()
+            .chain(http)
+            .find(|addr| !addr.ip().is_loopback())
     {
         return Err(ServeError::OpenOnNetwork(addr));
     }

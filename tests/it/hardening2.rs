@@ -4,7 +4,8 @@
 //!   client crate polling GetToken when no place is left, then watching again;
 //! - the HTTP listeners (browser callback, metrics): slow and idle connections closed after the
 //!   header timeout, a connection bound of their own, a small head limit, and descriptors they
-//!   can never take from gRPC; the soft open-file limit raised at start, and the systemd unit's.
+//!   can never take from gRPC; the soft open-file limit raised at start, and the systemd unit's;
+//! - an open service's HTTP listeners kept on loopback, like its gRPC listener.
 
 use std::{
     path::{Path, PathBuf},
@@ -759,4 +760,33 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() {
         limit >= needed,
         "LimitNOFILE={limit}, the defaults need {needed}"
     );
+}
+
+/// Issue 31, finding 4: without a callers file the gRPC listener refused anything but loopback,
+/// but `--callback-listen` and `--metrics-listen` bound any address. They follow the same rule.
+#[tokio::test]
+async fn an_open_service_keeps_its_http_listeners_on_loopback_too() {
+    let fake = FakeEdgeTag::start(FakeConfig::default()).await.unwrap();
+    for (flag, addr) in [
+        ("--callback-listen", "0.0.0.0:0"),
+        ("--metrics-listen", "[::]:0"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = within(
+            service_command(&fake, dir.path(), &[flag, addr], None)
+                .stderr(Stdio::piped())
+                .output(),
+        )
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(flag)
+                && stderr.contains("--callers-file")
+                && stderr.contains("loopback"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("serving"), "{stderr}");
+    }
 }
