@@ -5,7 +5,8 @@
 //! - the HTTP listeners (browser callback, metrics): slow and idle connections closed after the
 //!   header timeout, a connection bound of their own, a small head limit, and descriptors they
 //!   can never take from gRPC; the soft open-file limit raised at start, and the systemd unit's;
-//! - an open service's HTTP listeners kept on loopback, like its gRPC listener.
+//! - an open service's HTTP listeners kept on loopback, like its gRPC listener;
+//! - a client certificate naming two callers names none.
 
 use std::{
     path::{Path, PathBuf},
@@ -789,4 +790,122 @@ async fn an_open_service_keeps_its_http_listeners_on_loopback_too() {
         );
         assert!(!stderr.contains("serving"), "{stderr}");
     }
+}
+
+/// Issue 31, finding 4: a client certificate whose subject alternative names belong to two
+/// callers was taken for whichever the callers file listed first. It names neither now.
+#[tokio::test]
+async fn a_client_certificate_naming_two_callers_names_none() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    let leaf = |names: &[&str], usage| {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.extended_key_usages = vec![usage];
+        (
+            params.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (server_cert, server_key) = leaf(&["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    let (cert, key, ca_file) = (
+        write("server.pem", &server_cert),
+        write("server.key", &server_key),
+        write("ca.pem", &ca_pem),
+    );
+    let callers = write(
+        "callers.toml",
+        "[[caller]]\nname = \"billing\"\ntls_san = \"billing.internal\"\nrole = \"reader\"\naccounts = [\"*\"]\n\n\
+         [[caller]]\nname = \"ops\"\ntls_san = \"ops.internal\"\nrole = \"admin\"\naccounts = [\"*\"]\n",
+    );
+    let service = Service::start_in(
+        dir,
+        &[
+            "--callers-file",
+            &callers,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca_file,
+        ],
+    )
+    .await;
+    let client = |names: &[&str]| {
+        let (cert, key) = leaf(names, ExtendedKeyUsagePurpose::ClientAuth);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca_pem))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(cert, key));
+        let addr = service.addr.clone();
+        async move {
+            let channel = Channel::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            CredentialServiceClient::with_interceptor(channel, Bearer::new(None).unwrap())
+        }
+    };
+    let begin = async |client: &mut Client| {
+        client
+            .begin_auth(BeginAuthRequest {
+                account: "acme".into(),
+            })
+            .await
+    };
+    for names in [
+        &["billing.internal", "ops.internal"][..],
+        &["ops.internal", "billing.internal"],
+    ] {
+        let mut both = client(names).await;
+        let refused = begin(&mut both).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::Unauthenticated,
+            "{names:?}: {refused:?}"
+        );
+        assert!(
+            refused.message().contains("more than one caller"),
+            "{refused:?}"
+        );
+        let refused = both
+            .get_token(GetTokenRequest {
+                account: "acme".into(),
+                min_validity: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::Unauthenticated,
+            "{names:?}: {refused:?}"
+        );
+    }
+    // One name, one caller: as before.
+    let mut ops = client(&["ops.internal"]).await;
+    assert!(begin(&mut ops).await.is_ok());
+    let mut billing = client(&["billing.internal"]).await;
+    assert_eq!(
+        begin(&mut billing).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
 }
