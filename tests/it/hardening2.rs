@@ -6,7 +6,8 @@
 //!   header timeout, a connection bound of their own, a small head limit, and descriptors they
 //!   can never take from gRPC; the soft open-file limit raised at start, and the systemd unit's;
 //! - an open service's HTTP listeners kept on loopback, like its gRPC listener;
-//! - a client certificate naming two callers names none.
+//! - a client certificate naming two callers names none;
+//! - the callback's `error` parameter logged as one quoted value.
 
 use std::{
     path::{Path, PathBuf},
@@ -908,4 +909,34 @@ async fn a_client_certificate_naming_two_callers_names_none() {
         begin(&mut billing).await.unwrap_err().code(),
         Code::PermissionDenied
     );
+}
+
+/// Issue 31, finding 4: the callback's `error` parameter was logged unquoted, so
+/// `error=x caller=ops-cli` read as two fields to a logfmt parser, and U+2028 passed the filter.
+/// It is one quoted, escaped value now.
+#[tokio::test]
+async fn the_callbacks_error_parameter_is_logged_as_one_quoted_value() {
+    let service = Service::start_with(
+        tempfile::tempdir().unwrap(),
+        &["--callback-listen", "127.0.0.1:0"],
+        None,
+        "info,credential_service::callback=debug",
+    )
+    .await;
+    let callback = http_addr(&service, "browser callback serving").await;
+    let forged = "x caller=ops-cli\u{2028}outcome=OK \"quoted\"";
+    let query: String = url::form_urlencoded::byte_serialize(forged.as_bytes()).collect();
+    let page = reqwest::get(format!("http://{callback}/oauth/callback?error={query}"))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 400);
+    let line = service
+        .log
+        .wait_for("EdgeTag redirected with an error")
+        .await;
+    assert!(
+        line.contains(r#"error="x caller=ops-cli\u{2028}outcome=OK \"quoted\"""#),
+        "{line}"
+    );
+    assert!(!line.contains('\u{2028}'), "{line}");
 }
