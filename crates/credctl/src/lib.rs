@@ -5,6 +5,10 @@
 //! Built on `credential-client`: its generated stubs, its [`Bearer`] interceptor, its
 //! [`endpoint`](credential_client::endpoint) and its gRPC code names.
 
+mod token;
+
+pub use token::parse;
+
 use std::{
     io::Write,
     path::PathBuf,
@@ -57,7 +61,7 @@ Exit codes:
    6  FAILED_PRECONDITION (EdgeTag rejected the code, or the account needs re-authorization)
    7  UNAVAILABLE (EdgeTag unreachable; retry later)
    8  DEADLINE_EXCEEDED
-   9  UNAUTHENTICATED (missing or wrong --token / CREDCTL_TOKEN)
+   9  UNAUTHENTICATED (missing or wrong --token-file / --token / CREDCTL_TOKEN)
   10  PERMISSION_DENIED (this caller may not do that)
   11  UNIMPLEMENTED (the service is older than this credctl)
   12  INTERNAL (the service's log has the cause)
@@ -76,10 +80,21 @@ pub struct Cli {
     )]
     pub server: String,
 
-    /// Bearer token sent as `authorization: Bearer ...`. Prefer the environment variable: the
-    /// command line is visible to other users in `ps`.
-    #[arg(long, env = "CREDCTL_TOKEN", hide_env_values = true, global = true)]
+    /// Bearer token sent as `authorization: Bearer ...`. Prefer --token-file: a command line is
+    /// visible to every local user in `ps` and /proc, and an environment to the processes of
+    /// the same user.
+    #[arg(
+        long,
+        env = "CREDCTL_TOKEN",
+        hide_env_values = true,
+        global = true,
+        allow_hyphen_values = true
+    )]
     pub token: Option<String>,
+
+    /// File whose first line is the bearer token (mode 0600), instead of --token.
+    #[arg(long, env = "CREDCTL_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 
     /// PEM file of the CA that signed the service's certificate (`https://` only; the system's
     /// roots are trusted too).
@@ -216,7 +231,9 @@ impl CliError {
             Code::FailedPrecondition => "connect the account again: `credctl begin ACCOUNT`",
             Code::Unavailable => "EdgeTag or the service is unreachable; retry later",
             Code::DeadlineExceeded => "the call took too long; retry later",
-            Code::Unauthenticated => "pass a valid bearer token with --token or CREDCTL_TOKEN",
+            Code::Unauthenticated => {
+                "pass a valid bearer token with --token-file (or --token, CREDCTL_TOKEN)"
+            }
             Code::PermissionDenied => {
                 "this caller may not do that; ask an administrator for the needed role"
             }
@@ -252,7 +269,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 /// Runs the command and writes its result to `out`.
 pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
-    let bearer = cli.token.filter(|t| !t.is_empty()).map(SecretString::from);
+    let bearer = token::bearer(cli.token, cli.token_file.as_deref())?;
     let mut client = connect(&cli.server, bearer, cli.ca_file.as_deref()).await?;
     let json = cli.json;
     match cli.command {
@@ -690,9 +707,14 @@ const OPENER: &str = if cfg!(target_os = "macos") {
     "xdg-open"
 };
 
-/// Starts the default browser; false when the opener is missing or failed.
+/// Starts the default browser; false when the opener is missing or failed. The token (an admin's,
+/// usually) stays here: neither the opener nor the browser it starts gets it in its environment.
 fn open_browser(url: &str) -> bool {
-    std::process::Command::new(OPENER)
+    let mut opener = std::process::Command::new(OPENER);
+    for variable in token::VARIABLES {
+        opener.env_remove(variable);
+    }
+    opener
         .arg(url)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
