@@ -10,7 +10,7 @@ use crate::{
     config::{ConfigError, KeySettings, Settings, StoreConfig, StoreSettings},
     dev::{self, DevEnvironment, DevError},
     sealing::KeyError,
-    server::{self, App, Listeners, ServeError},
+    server::{self, ServeError, Service, StartOptions},
     store::{PostgresStore, SledStore, Store, StoreError},
 };
 
@@ -54,8 +54,7 @@ pub fn exit(outcome: Result<(), LaunchError>) -> ExitCode {
 /// The service with its settings checked, its listeners bound and its data opened: what is left
 /// is to serve.
 pub struct Launch {
-    app: App,
-    listeners: Listeners,
+    service: Service,
     /// `--dev`'s fake EdgeTag and temporary data directory, kept alive while the service runs.
     dev: Option<DevEnvironment>,
 }
@@ -73,53 +72,25 @@ impl Launch {
             dev_env = Some(env);
         }
         let config = settings.resolve(client_secret)?;
-        let grpc = server::bind(config.listen, "--listen / CREDENTIAL_SERVICE_LISTEN").await?;
-        // Dev mode bound the callback already: its address is the redirect URI.
-        let callback = match (
-            dev_env.as_mut().and_then(|e| e.callback.take()),
-            &config.callback,
-        ) {
-            (Some(bound), _) => Some(bound),
-            (None, Some(c)) => Some(
-                server::bind(
-                    c.listen,
-                    "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
-                )
-                .await?,
-            ),
-            (None, None) => None,
+        let options = StartOptions {
+            // Dev mode bound the callback already: its address is the redirect URI.
+            callback: dev_env.as_mut().and_then(|e| e.callback.take()),
+            ..StartOptions::default()
         };
-        let metrics = match config.metrics_listen {
-            Some(addr) => Some(
-                server::bind(addr, "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN").await?,
-            ),
-            None => None,
-        };
+        let service = Service::start_with(config, Clock::system(), options).await?;
         if let Some(env) = &dev_env {
-            let listen = grpc.local_addr().unwrap_or(config.listen);
-            eprintln!("{}", dev::banner(listen, env));
+            eprintln!("{}", dev::banner(service.grpc_addr(), env));
         }
-        let app = App::open(config, Clock::system()).await?;
-        let listeners = Listeners {
-            grpc,
-            callback,
-            metrics,
-        };
         Ok(Self {
-            app,
-            listeners,
+            service,
             dev: dev_env,
         })
     }
 
-    /// Serves until `shutdown` resolves (see [`server::serve`]).
+    /// Serves until `shutdown` resolves (see [`Service::serve`]).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), LaunchError> {
-        let Self {
-            app,
-            listeners,
-            dev,
-        } = self;
-        server::serve(app, listeners, shutdown).await?;
+        let Self { service, dev } = self;
+        service.serve(shutdown).await?;
         drop(dev); // only now: the fake and the temporary data outlive the server
         Ok(())
     }
