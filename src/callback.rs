@@ -194,6 +194,7 @@ fn failed(e: Error) -> Response {
         | Error::UnknownAccount(_)
         | Error::NeedsReauth(_)
         | Error::TokenExpired { .. }
+        | Error::UpstreamBusy(_)
         | Error::ValidityNotReached(_)
         | Error::MinValidityTooLong { .. } => {
             tracing::error!(error = %e, "browser callback failed");

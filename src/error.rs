@@ -45,6 +45,11 @@ pub enum Error {
         account: AccountId,
         cause: UpstreamError,
     },
+    /// EdgeTag is slow: every place for its requests stayed taken (see `broker::places`).
+    #[error(
+        "the access token of account {0} has expired (or expires sooner than asked) and EdgeTag is answering too slowly to renew it now; retry later"
+    )]
+    UpstreamBusy(AccountId),
     #[error(
         "min_validity is longer than a freshly issued EdgeTag token covers before its refresh margin; ask for at most {longest:?}"
     )]
@@ -90,6 +95,7 @@ impl Error {
             Error::ClientCredentialsRejected => Code::Internal,
             Error::ProviderUnavailable(_)
             | Error::TokenExpired { .. }
+            | Error::UpstreamBusy(_)
             | Error::ValidityNotReached(_)
             | Error::StoreUnavailable => Code::Unavailable,
             Error::Store(e) if e.is_unavailable() => Code::Unavailable,

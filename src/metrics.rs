@@ -210,7 +210,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register(
         "limit_hits",
         "Connections or calls refused, or connections closed, by the listener's bounds (connections, \
-         calls_in_flight, health_watches, handshake_timeout, accept_errors)",
+         calls_in_flight, health_watches, handshake_timeout, accept_errors), and refreshes that found no place for \
+         an EdgeTag request in time (upstream_queue)",
         limit_hits.clone(),
     );
     registry.register(

@@ -114,7 +114,7 @@ impl Broker {
         let revoked = {
             let _permit = self
                 .inner
-                .upstream
+                .operator_upstream
                 .acquire()
                 .await
                 .map_err(|_| Error::Internal("upstream limiter closed"))?;

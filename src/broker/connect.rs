@@ -92,7 +92,7 @@ impl Broker {
 
         let exchanged = {
             let _permit = inner
-                .upstream
+                .operator_upstream
                 .acquire()
                 .await
                 .map_err(|_| Error::Internal("upstream limiter closed"))?;

@@ -37,6 +37,7 @@ mod follow;
 mod freshness;
 mod get;
 mod outcome;
+mod places;
 pub mod policy;
 mod refresh;
 mod scheduler;
@@ -72,8 +73,15 @@ pub struct BrokerConfig {
     /// GetToken refreshes first when the token expires within this margin (capped at half the
     /// token's lifetime, see [`policy::margin`]).
     pub refresh_margin: Duration,
-    /// Most token-endpoint requests in flight at once, over all accounts (per process).
+    /// Refreshes asking the token endpoint at once, over all accounts (per process); code
+    /// exchanges and revocations have as many places of their own (see [`places`]).
     pub upstream_concurrency: usize,
+    /// When an unanswered refresh request stops holding its place.
+    pub upstream_stall_after: Duration,
+    /// Most refresh requests out at once, stalled ones included.
+    pub upstream_max_in_flight: usize,
+    /// How long a refresh that callers wait for may wait for a place.
+    pub upstream_queue_timeout: Duration,
     /// When and how persistently to refresh.
     pub refresh: RefreshPolicy,
 }
@@ -84,6 +92,9 @@ impl Default for BrokerConfig {
             state_ttl: Duration::from_secs(600),
             refresh_margin: Duration::from_secs(300),
             upstream_concurrency: 8,
+            upstream_stall_after: Duration::from_millis(500),
+            upstream_max_in_flight: 32,
+            upstream_queue_timeout: Duration::from_secs(2),
             refresh: RefreshPolicy::default(),
         }
     }
@@ -176,8 +187,11 @@ struct Inner {
     /// foldhash rather than SipHash: lookups are the hot path, and only operators add keys, so
     /// there is no hash-flooding surface.
     accounts: DashMap<AccountId, Arc<Slot>, foldhash::fast::RandomState>,
-    /// Caps token-endpoint requests over all accounts.
-    upstream: Semaphore,
+    /// Places for refresh requests to the token endpoint, over all accounts.
+    places: places::Places,
+    /// Caps code exchanges and revocations: an operator waits for those, so they never queue
+    /// behind refreshes.
+    operator_upstream: Semaphore,
     /// Caps background refreshes, so a wave of due accounts never queues ahead of callers.
     background: Arc<Semaphore>,
     /// Wakes the scheduler before its next tick (after EdgeTag recovered, say).
@@ -205,13 +219,19 @@ impl Broker {
         config: BrokerConfig,
     ) -> Result<Self, StoreError> {
         let cap = config.upstream_concurrency.max(1);
+        let limits = places::Limits {
+            places: cap,
+            max_in_flight: config.upstream_max_in_flight,
+            stall_after: config.upstream_stall_after,
+        };
         let inner = Arc::new(Inner {
             store,
             provider,
             clock,
             config,
             accounts: DashMap::default(),
-            upstream: Semaphore::new(cap),
+            places: places::Places::new(limits),
+            operator_upstream: Semaphore::new(cap),
             background: Arc::new(Semaphore::new(cap)),
             wake_scheduler: Notify::new(),
             #[cfg(any(test, feature = "testing"))]

@@ -121,13 +121,33 @@ pub struct Settings {
     #[arg(long, env = "EDGETAG_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
     pub default_token_lifetime: Duration,
 
-    /// Most requests to EdgeTag's token endpoint in flight at once.
+    /// Refreshes asking EdgeTag's token endpoint at once (places). A request still unanswered
+    /// after --upstream-stall-after gives its place to the next, so a slow EdgeTag cannot make
+    /// every other account wait.
     #[arg(
         long,
         env = "CREDENTIAL_SERVICE_UPSTREAM_CONCURRENCY",
         default_value_t = 8
     )]
     pub upstream_concurrency: usize,
+
+    /// When an unanswered refresh request stops holding its place (it runs on until
+    /// --upstream-timeout).
+    #[arg(long, env = "CREDENTIAL_SERVICE_UPSTREAM_STALL_AFTER", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub upstream_stall_after: Duration,
+
+    /// Most refresh requests out at once, stalled ones included.
+    #[arg(
+        long,
+        env = "CREDENTIAL_SERVICE_UPSTREAM_MAX_IN_FLIGHT",
+        default_value_t = 32
+    )]
+    pub upstream_max_in_flight: usize,
+
+    /// How long a refresh a caller waits for may wait for a place; after it the caller gets its
+    /// still-valid token or UNAVAILABLE.
+    #[arg(long, env = "CREDENTIAL_SERVICE_UPSTREAM_QUEUE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub upstream_queue_timeout: Duration,
 
     /// Also send `redirect_uri` in the code exchange, for strict OAuth 2.0 servers (EdgeTag needs none).
     #[arg(long, env = "EDGETAG_SEND_REDIRECT_URI")]
@@ -572,6 +592,9 @@ impl Settings {
             upstream_timeout,
             default_token_lifetime,
             upstream_concurrency,
+            upstream_stall_after,
+            upstream_max_in_flight,
+            upstream_queue_timeout,
             send_redirect_uri,
             callback_listen,
             callback_path,
@@ -647,6 +670,24 @@ impl Settings {
             (state_ttl, "state_ttl"),
             (upstream_timeout, "upstream_timeout"),
             (default_token_lifetime, "default_token_lifetime"),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!(
+                    "{} must be longer than zero",
+                    flag(id)
+                )));
+            }
+        }
+        if upstream_max_in_flight < upstream_concurrency {
+            return Err(ConfigError(format!(
+                "{} must be at least {}",
+                flag("upstream_max_in_flight"),
+                flag("upstream_concurrency")
+            )));
+        }
+        for (value, id) in [
+            (upstream_stall_after, "upstream_stall_after"),
+            (upstream_queue_timeout, "upstream_queue_timeout"),
         ] {
             if value.is_zero() {
                 return Err(ConfigError(format!(
@@ -737,6 +778,9 @@ impl Settings {
         config.broker.refresh_margin = refresh_margin;
         config.broker.refresh.demand_interval = demand_refresh_interval;
         config.broker.upstream_concurrency = upstream_concurrency;
+        config.broker.upstream_stall_after = upstream_stall_after;
+        config.broker.upstream_max_in_flight = upstream_max_in_flight;
+        config.broker.upstream_queue_timeout = upstream_queue_timeout;
         config.callers = callers;
         config.tls = tls;
         config.encryption = keys.encryption();

@@ -27,4 +27,5 @@ mod recovery;
 mod refresh;
 mod replicas;
 mod security;
+mod upstream;
 mod watch;
