@@ -32,7 +32,7 @@ use crate::{
     clock::Clock,
     config::{ServiceConfig, StoreConfig},
     oauth::ProviderClient,
-    sealing::{EncryptionConfig, KeyError, Keyring, default_key_path},
+    sealing::{EncryptionConfig, KeyError, Keyring, LiveKeyring, default_key_path},
     store::{self as stores, Store, StoreError},
 };
 
@@ -94,7 +94,10 @@ pub async fn bind_http(
 
 /// Opens the configured store. On PostgreSQL a refresh may hold an account's lock for as long as
 /// EdgeTag may take to answer it, retries included.
-async fn open_store(config: &ServiceConfig, keys: Keyring) -> Result<Arc<dyn Store>, StoreError> {
+async fn open_store(
+    config: &ServiceConfig,
+    keys: LiveKeyring,
+) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
         StoreConfig::Sled => stores::open_sled(&config.data_dir, keys),
         StoreConfig::Postgres(pg) => {
@@ -168,6 +171,9 @@ impl App {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Self, ServeError> {
         let keys = load_keys(&config.encryption, &config.store, &config.data_dir)?;
+        // A reload reads the same files again.
+        let keys =
+            LiveKeyring::from_files(keys, config.encryption.clone(), config.data_dir.clone());
         let store = wrap(open_store(&config, keys).await?);
         let provider = ProviderClient::new(config.provider.clone())?;
         let broker = Broker::new(
