@@ -7,7 +7,8 @@
 //! - `throttled`: the refusal log lines of every bound, at most one per bound per ten seconds;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
-//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP.
+//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP;
+//! - `rekey`: SIGHUP's reload of the encryption key files.
 //!
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
 //! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, the last store handle closes.
@@ -17,6 +18,7 @@ mod error;
 mod grpc;
 mod http;
 mod limits;
+mod rekey;
 mod signals;
 mod throttled;
 mod upkeep;
@@ -171,7 +173,7 @@ impl App {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Self, ServeError> {
         let keys = load_keys(&config.encryption, &config.store, &config.data_dir)?;
-        // A reload reads the same files again.
+        // SIGHUP and ResealRecords read the same files again.
         let keys =
             LiveKeyring::from_files(keys, config.encryption.clone(), config.data_dir.clone());
         let store = wrap(open_store(&config, keys).await?);

@@ -29,6 +29,7 @@
 //! - [`scheduler`](self::scheduler): background refreshes, most urgent first;
 //! - [`follow`](self::follow): reloading what other processes changed in a shared store;
 //! - [`unopened`](self::unopened): records sealed with a key this process does not hold yet;
+//! - [`reseal`](self::reseal): taking up new key files, and re-sealing every record with the current key;
 //! - [`events`](self::events): WatchAccounts, each account's transitions for operators.
 
 mod admin;
@@ -40,6 +41,7 @@ mod get;
 mod outcome;
 pub mod policy;
 mod refresh;
+mod reseal;
 mod scheduler;
 mod slot;
 mod unopened;
@@ -195,6 +197,8 @@ struct Inner {
     transient_backoffs: AtomicBool,
     /// Accounts whose stored record needs a key this process does not hold yet.
     unopened: std::sync::Mutex<unopened::Unopened>,
+    /// One re-seal at a time.
+    resealing: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -221,6 +225,7 @@ impl Broker {
             margin_cap_logged: AtomicBool::new(false),
             transient_backoffs: AtomicBool::new(false),
             unopened: Default::default(),
+            resealing: Default::default(),
         });
         for (id, stored) in inner.store.load_accounts().await? {
             let slot = inner.new_slot(&id, stored.record, stored.version);
