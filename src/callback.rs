@@ -189,8 +189,10 @@ fn failed(e: Error) -> Response {
             "An operator must check the configured client id and client secret; then reload this \
              page.",
         ),
+        // (KeysNotLoaded: only a re-seal meets it, never CompleteAuth.)
         Error::Store(_)
         | Error::Internal(_)
+        | Error::KeysNotLoaded(_)
         | Error::UnknownAccount(_)
         | Error::NeedsReauth(_)
         | Error::TokenExpired { .. }

@@ -10,6 +10,7 @@ use crate::{
     account::{AccountId, InvalidAccount},
     grant::InvalidInput,
     oauth::UpstreamError,
+    sealing::KeyError,
     store::StoreError,
 };
 
@@ -68,6 +69,10 @@ pub enum Error {
         account: AccountId,
         cause: StoreError,
     },
+    /// A re-seal found the encryption key files unloadable; the keys in force stay. The message
+    /// names the file and why (never its content), for the operator who must fix it.
+    #[error("{0}; the keys in force stay and nothing was re-sealed: fix the file, then retry")]
+    KeysNotLoaded(KeyError),
     #[error("internal error: storage")]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -90,7 +95,9 @@ impl Error {
             Error::UnknownAccount(_) | Error::UnknownState => Code::NotFound,
             // Retry at a higher level: the whole authorization, not this call.
             Error::GrantNotStored { .. } => Code::Aborted,
-            Error::CodeRejected(_) | Error::NeedsReauth(_) => Code::FailedPrecondition,
+            Error::CodeRejected(_) | Error::NeedsReauth(_) | Error::KeysNotLoaded(_) => {
+                Code::FailedPrecondition
+            }
             // Distinct from a rejected code: nothing the caller sends can fix it, only the operator.
             Error::ClientCredentialsRejected => Code::Internal,
             Error::ProviderUnavailable(_)
@@ -161,6 +168,10 @@ mod tests {
                     longest: std::time::Duration::from_secs(6900),
                 },
                 Code::InvalidArgument,
+            ),
+            (
+                Error::KeysNotLoaded(KeyError::Invalid("/etc/k".into())),
+                Code::FailedPrecondition,
             ),
             (Error::Store(StoreError::FlusherGone), Code::Internal),
             (Error::Internal("refresh task panicked"), Code::Internal),

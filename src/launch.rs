@@ -28,13 +28,19 @@ pub enum LaunchError {
     Serve(#[from] ServeError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `rotate-keys` left records sealed with keys it was not given.
+    #[error(
+        "{count} record(s) stay sealed with key(s) {key_ids}, which were not given; pass their \
+         files with --previous-encryption-key-file and run rotate-keys again"
+    )]
+    KeysNotGiven { count: usize, key_ids: String },
 }
 
 impl LaunchError {
     /// 2 when the settings must change, like a usage error; 1 when starting or serving failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Dev(_) | Self::Keys(_) => 2,
+            Self::Config(_) | Self::Dev(_) | Self::Keys(_) | Self::KeysNotGiven { .. } => 2,
             Self::Serve(_) | Self::Store(_) => 1,
         }
     }
@@ -114,6 +120,16 @@ pub async fn rotate_keys(
                 .await?
         }
     };
+    if !done.remaining.is_empty() {
+        eprintln!(
+            "credential-service: {} record(s) re-sealed with key {current}, {} already were",
+            done.resealed, done.current
+        );
+        return Err(LaunchError::KeysNotGiven {
+            count: done.remaining.values().sum(),
+            key_ids: done.remaining.into_keys().collect::<Vec<_>>().join(", "),
+        });
+    }
     eprintln!(
         "credential-service: {} record(s) re-sealed with key {current}, {} already were; \
          the previous key files are no longer needed",

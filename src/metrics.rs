@@ -81,6 +81,11 @@ const METHODS: &[(&str, &str, &str)] = &[
         "RefreshToken",
     ),
     (
+        "/credential.v1.CredentialService/ResealRecords",
+        "credential.v1.CredentialService",
+        "ResealRecords",
+    ),
+    (
         "/grpc.health.v1.Health/Check",
         "grpc.health.v1.Health",
         "Check",
@@ -487,6 +492,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 9);
+        assert_eq!(n, 10);
     }
 }

@@ -7,7 +7,8 @@
 //! - `throttled`: the refusal log lines of every bound, at most one per bound per ten seconds;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
-//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP.
+//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP;
+//! - `rekey`: SIGHUP's reload of the encryption key files.
 //!
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
 //! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, the last store handle closes.
@@ -17,6 +18,7 @@ mod error;
 mod grpc;
 mod http;
 mod limits;
+mod rekey;
 mod signals;
 mod throttled;
 mod upkeep;
@@ -32,7 +34,7 @@ use crate::{
     clock::Clock,
     config::{ServiceConfig, StoreConfig, flag},
     oauth::ProviderClient,
-    sealing::{EncryptionConfig, KeyError, Keyring, default_key_path},
+    sealing::{EncryptionConfig, KeyError, Keyring, LiveKeyring, default_key_path},
     store::{self as stores, Store, StoreError},
 };
 
@@ -75,7 +77,10 @@ async fn bind(addr: SocketAddr, id: &str) -> Result<TcpListener, ServeError> {
 
 /// Opens the configured store. On PostgreSQL a refresh may hold an account's lock for as long as
 /// EdgeTag may take to answer it, retries included.
-async fn open_store(config: &ServiceConfig, keys: Keyring) -> Result<Arc<dyn Store>, StoreError> {
+async fn open_store(
+    config: &ServiceConfig,
+    keys: LiveKeyring,
+) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
         StoreConfig::Sled => stores::open_sled(&config.data_dir, keys),
         StoreConfig::Postgres(pg) => {
@@ -144,6 +149,9 @@ impl App {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Self, ServeError> {
         let keys = load_keys(&config.encryption, &config.store, &config.data_dir)?;
+        // SIGHUP and ResealRecords read the same files again.
+        let keys =
+            LiveKeyring::from_files(keys, config.encryption.clone(), config.data_dir.clone());
         let store = wrap(open_store(&config, keys).await?);
         let provider = ProviderClient::new(config.provider.clone())?;
         let broker = Broker::new(

@@ -23,8 +23,9 @@ use crate::{
         self, AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
         ListAccountsRequest, ListAccountsResponse, RefreshTokenRequest, RefreshTokenResponse,
-        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome, WatchAccountsRequest,
-        WatchTokenRequest, WatchTokenResponse, credential_service_server::CredentialService,
+        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome, ResealRecordsRequest,
+        ResealRecordsResponse, WatchAccountsRequest, WatchTokenRequest, WatchTokenResponse,
+        credential_service_server::CredentialService,
     },
     tokens::{AccountRecord, AccountStatus, RefreshOutcome, TokenSet},
 };
@@ -475,6 +476,31 @@ impl CredentialService for CredentialApi {
             }))
         })
         .await
+    }
+
+    /// Needs the admin role (checked by `Callers::check` in the call layer), whatever its globs:
+    /// it changes no account's content and answers counts and key ids only.
+    #[tracing::instrument(name = "ResealRecords", skip_all)]
+    async fn reseal_records(
+        &self,
+        request: Request<ResealRecordsRequest>,
+    ) -> Result<Response<ResealRecordsResponse>, Status> {
+        let caller = auth::caller(request.extensions())?.clone();
+        let result = match self.broker.reseal().await {
+            Ok(done) => Ok(Response::new(ResealRecordsResponse {
+                key_id: done.key_id,
+                resealed: done.resealed as u64,
+                already_current: done.current as u64,
+                remaining: done
+                    .remaining
+                    .into_iter()
+                    .map(|(key_id, n)| (key_id, n as u64))
+                    .collect(),
+            })),
+            Err(e) => Err(Status::from(e)),
+        };
+        audit::record("ResealRecords", caller.name(), "", audit::outcome(&result));
+        result
     }
 }
 

@@ -29,8 +29,9 @@ struct Cli {
 enum Command {
     /// Re-seal every stored record with the current encryption key, so previous keys can be
     /// retired. With the new key as --encryption-key-file and the old one(s) as
-    /// --previous-encryption-key-file. On sled, with the service stopped; on PostgreSQL, while
-    /// the replicas run (each already holding both keys).
+    /// --previous-encryption-key-file. On sled, with the service stopped (while it serves, SIGHUP
+    /// and `credctl reseal` do the same); on PostgreSQL, also while the replicas run, once each
+    /// holds the new key.
     RotateKeys {
         /// Directory of the embedded sled database.
         #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]

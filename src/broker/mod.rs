@@ -28,6 +28,8 @@
 //! - [`freshness`](self::freshness): that policy with the broker's settings and clock in force;
 //! - [`scheduler`](self::scheduler): background refreshes, most urgent first;
 //! - [`follow`](self::follow): reloading what other processes changed in a shared store;
+//! - [`unopened`](self::unopened): records sealed with a key this process does not hold yet;
+//! - [`reseal`](self::reseal): taking up new key files, and re-sealing every record with the current key;
 //! - [`events`](self::events): WatchAccounts, each account's transitions for operators.
 
 mod admin;
@@ -40,8 +42,10 @@ mod outcome;
 mod places;
 pub mod policy;
 mod refresh;
+mod reseal;
 mod scheduler;
 mod slot;
+mod unopened;
 mod watch;
 
 use std::{
@@ -208,6 +212,10 @@ struct Inner {
     /// Set when an account starts backing off after an outage (here, or learned from the store);
     /// the next successful refresh ends those back-offs (EdgeTag is back).
     transient_backoffs: AtomicBool,
+    /// Accounts whose stored record needs a key this process does not hold yet.
+    unopened: std::sync::Mutex<unopened::Unopened>,
+    /// One re-seal at a time.
+    resealing: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -240,6 +248,8 @@ impl Broker {
             refreshes: tokio_util::task::TaskTracker::new(),
             margin_cap_logged: AtomicBool::new(false),
             transient_backoffs: AtomicBool::new(false),
+            unopened: Default::default(),
+            resealing: Default::default(),
         });
         for (id, stored) in inner.store.load_accounts().await? {
             let slot = inner.new_slot(&id, stored.record, stored.version);

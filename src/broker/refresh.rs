@@ -483,8 +483,16 @@ impl<'a> Refresh<'a> {
             }
             Err(e) => {
                 // Noted like any failed refresh, so that callers the demand limit answers without
-                // a refresh of their own get the same answer, and the scheduler backs off.
-                let failure = claim_failure(e);
+                // a refresh of their own get the same answer, and the scheduler backs off. A
+                // record another replica sealed with a key this one lacks is logged once per key
+                // and taken up after the next key reload.
+                let failure = match e {
+                    StoreError::KeyNotHeld { key_id, .. } => {
+                        inner.note_unopened(account, &key_id);
+                        RefreshFailure::ClaimFailed
+                    }
+                    e => claim_failure(e),
+                };
                 let now = inner.clock.now();
                 Err(Err(inner.note_failure(account, slot, current, failure, now)))
             }

@@ -134,8 +134,10 @@ impl Store for Faulty {
         self.inner.purge_expired_pending(now).await
     }
 
-    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
-        self.inner.load_accounts().await
+    async fn scan_accounts(
+        &self,
+    ) -> Result<Vec<(AccountId, Result<Versioned, StoreError>)>, StoreError> {
+        self.inner.scan_accounts().await
     }
 
     async fn load_account(&self, account: &AccountId) -> Result<Option<Versioned>, StoreError> {
@@ -188,6 +190,10 @@ impl Store for Faulty {
         let announced = BroadcastStream::new(self.faults.changes.subscribe())
             .map(|c| c.unwrap_or(Change::Resync)); // lagged: changes were missed
         futures::stream::select(self.inner.changes(), announced).boxed()
+    }
+
+    fn keyring(&self) -> &crate::sealing::LiveKeyring {
+        self.inner.keyring()
     }
 
     async fn reseal_all(&self) -> Result<Resealed, StoreError> {

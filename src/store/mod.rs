@@ -27,13 +27,14 @@ mod faulty;
 pub mod postgres;
 mod sled;
 
-use std::{fmt, io, path::PathBuf, sync::Arc, time::SystemTime};
+use std::{collections::BTreeMap, fmt, io, path::PathBuf, sync::Arc, time::SystemTime};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 use crate::{
     account::AccountId,
+    sealing::LiveKeyring,
     tokens::{AccountRecord, PendingAuth},
 };
 
@@ -165,8 +166,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Deletes pending authorizations that expired before `now`; returns how many.
     async fn purge_expired_pending(&self, now: SystemTime) -> Result<usize, StoreError>;
 
-    /// Every stored account, for the in-memory cache at start-up and after a resync.
-    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError>;
+    /// Every stored account, each record opened on its own: one that does not open (sealed
+    /// with a key this process does not hold yet, say) comes back as its error instead of
+    /// failing the others. For resyncs while serving, which keep what they cannot open.
+    async fn scan_accounts(
+        &self,
+    ) -> Result<Vec<(AccountId, Result<Versioned, StoreError>)>, StoreError>;
+
+    /// Every stored account, for the in-memory cache at start-up: fails on the first record that
+    /// does not open, so that a missing key stops the service instead of hiding accounts.
+    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
+        self.scan_accounts()
+            .await?
+            .into_iter()
+            .map(|(account, opened)| opened.map(|v| (account, v)))
+            .collect()
+    }
 
     /// One account, for reloading what another process changed.
     async fn load_account(&self, account: &AccountId) -> Result<Option<Versioned>, StoreError>;
@@ -205,17 +220,84 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Changes made by other processes, in order. A backend with a single writer never yields.
     fn changes(&self) -> BoxStream<'static, Change>;
 
-    /// Re-seals every record not sealed with the current key (`credential-service rotate-keys`).
+    /// The keyring records are sealed and opened with; a key reload replaces its keys in place.
+    fn keyring(&self) -> &LiveKeyring;
+
+    /// Re-seals, in place, every record not sealed with the current key, while the service
+    /// serves (`credctl reseal`) or not (`credential-service rotate-keys`). Each rewrite is
+    /// fenced on the record it read, so a record written meanwhile (sealed with the current key
+    /// already) is never replaced by stale content; resealing keeps a record's version. Durable
+    /// before it returns. Records that do not open with the keys in force are left as they are
+    /// and counted in [`Resealed::remaining`]. Passes repeat (a few at most) while records remain
+    /// on a key this process holds: a write sealed just before a key reload may land after the
+    /// pass went by.
     async fn reseal_all(&self) -> Result<Resealed, StoreError>;
 }
 
-/// What [`Store::reseal_all`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What [`Store::reseal_all`] did. Key ids only, never keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resealed {
+    /// The id of the key every record it could open is now sealed with.
+    pub key_id: String,
     /// Records that were sealed with a previous key and now are with the current one.
     pub resealed: usize,
-    /// Records already sealed with the current key.
+    /// Records already sealed with the current key (or written with it meanwhile).
     pub current: usize,
+    /// Records still sealed with another key, by key id, counted after the last pass: ones this
+    /// process could not re-seal (a key it does not hold; rarely, tampered with or locked past
+    /// the bound). Empty once the rotation is complete.
+    pub remaining: BTreeMap<String, usize>,
+}
+
+/// At most this many passes per re-seal. A pass that leaves records on a key this process holds
+/// met a write sealed just before a key reload that landed after the pass went by; the next pass
+/// takes it.
+const RESEAL_PASSES: usize = 3;
+
+impl Resealed {
+    /// The report: `resealed` by the passes, then every record counted by the key that seals it
+    /// (`by_key`, a count read after the last pass, so what remains is what is there).
+    fn from_counts(key_id: String, resealed: usize, mut by_key: BTreeMap<String, usize>) -> Self {
+        let on_current = by_key.remove(&key_id).unwrap_or(0);
+        Self {
+            key_id,
+            resealed,
+            current: on_current.saturating_sub(resealed),
+            remaining: by_key,
+        }
+    }
+}
+
+/// What one pass of a re-seal did.
+#[derive(Debug, Default)]
+struct Pass {
+    /// Records re-sealed with the current key.
+    resealed: usize,
+    /// Records on a key this process holds that it still could not re-seal (tampered with, or
+    /// locked past the bound): another pass would not move them.
+    stuck: usize,
+}
+
+impl Pass {
+    /// Notes a record the pass could not re-seal, sealed with the key `key_id`.
+    fn not_resealed(&mut self, keys: &LiveKeyring, key_id: &str) {
+        if keys.get().holds(key_id) {
+            self.stuck += 1;
+        }
+    }
+}
+
+/// Whether another pass could move something: records remain on keys this process holds,
+/// beyond the ones the last pass could not move.
+fn another_pass(keys: &LiveKeyring, by_key: &BTreeMap<String, usize>, last: &Pass) -> bool {
+    let keyring = keys.get();
+    let current = keyring.current_id();
+    let movable: usize = by_key
+        .iter()
+        .filter(|(id, _)| **id != current && keyring.holds(id))
+        .map(|(_, n)| n)
+        .sum();
+    movable > last.stuck
 }
 
 /// Why the store could not do what was asked. Messages name paths and causes, never record contents.
@@ -238,6 +320,12 @@ pub enum StoreError {
     Unreadable { dir: PathBuf, source: ::sled::Error },
     #[error("a stored {tree} record cannot be decoded: {reason}")]
     Corrupt { tree: &'static str, reason: String },
+    /// Another process seals with a key this one does not hold (yet): a key rotation under way.
+    #[error(
+        "{record} is sealed with key {key_id}, which is not loaded; pass its file with \
+         --previous-encryption-key-file, or, while serving, put it in the key files and send SIGHUP"
+    )]
+    KeyNotHeld { record: String, key_id: String },
     #[error("the flusher thread has stopped")]
     FlusherGone,
     #[error("account {0} was changed by another writer; reload it and decide again")]
@@ -270,6 +358,7 @@ impl StoreError {
                 | Self::CreateDir { .. }
                 | Self::Unreadable { .. }
                 | Self::Corrupt { .. }
+                | Self::KeyNotHeld { .. }
                 | Self::FlusherGone
                 | Self::Conflict(_)
                 | Self::SchemaTooNew { .. }
@@ -278,9 +367,6 @@ impl StoreError {
 }
 
 /// Opens the embedded default store.
-pub fn open_sled(
-    dir: &std::path::Path,
-    keys: crate::sealing::Keyring,
-) -> Result<Arc<dyn Store>, StoreError> {
+pub fn open_sled(dir: &std::path::Path, keys: LiveKeyring) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(SledStore::open(dir, keys)?))
 }

@@ -19,6 +19,7 @@ mod events;
 mod flow;
 mod hardening;
 mod inputs;
+mod key_rotation;
 mod layers;
 mod power_cut;
 mod process;

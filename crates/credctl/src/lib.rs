@@ -3,7 +3,10 @@
 //! turned into a sentence, a hint and its own exit code. The binary only parses and calls [`run`].
 //!
 //! Built on `credential-client`: its generated stubs, its [`Bearer`] interceptor, its
-//! [`endpoint`](credential_client::endpoint) and its gRPC code names.
+//! [`endpoint`](credential_client::endpoint) and its gRPC code names. Subcommands with more than
+//! a call and a sentence have a module of their own (`reseal`).
+
+mod reseal;
 
 use std::{
     io::Write,
@@ -149,6 +152,10 @@ pub enum Command {
     /// line per transition (connected, refreshed, refresh_failing, recovered, needs_reauth,
     /// removed), until the stream ends or Ctrl-C. With --json, one JSON object per line.
     Events,
+    /// After an encryption key rotation (new key files, then SIGHUP): re-seal every stored record
+    /// with the service's current key, while it serves. Prints what remains on other keys (key
+    /// ids only) and exits 1 while any record does.
+    Reseal,
 }
 
 /// Why a command failed; each maps to one exit code.
@@ -162,6 +169,9 @@ pub enum CliError {
     Status(Status),
     #[error("cannot write the output: {0}")]
     Io(#[from] std::io::Error),
+    /// The call succeeded but did not finish the job (records left on other keys).
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 impl CliError {
@@ -170,7 +180,7 @@ impl CliError {
         match self {
             Self::Usage(_) => exit::USAGE,
             Self::Unreachable { .. } => exit::UNREACHABLE,
-            Self::Io(_) => exit::OTHER,
+            Self::Io(_) | Self::Incomplete(_) => exit::OTHER,
             Self::Status(s) => match s.code() {
                 Code::NotFound => exit::NOT_FOUND,
                 Code::InvalidArgument | Code::OutOfRange => exit::INVALID_ARGUMENT,
@@ -194,6 +204,9 @@ impl CliError {
             (Self::Status(s), Command::Complete { .. }) if s.code() == Code::NotFound => Some(
                 "the state is unknown, expired or already used: start again with `credctl begin ACCOUNT`",
             ),
+            (Self::Status(s), Command::Reseal) if s.code() == Code::FailedPrecondition => {
+                Some("fix the key file named above, then run `credctl reseal` again")
+            }
             _ => self.hint(),
         }
     }
@@ -204,6 +217,9 @@ impl CliError {
             return match self {
                 Self::Unreachable { .. } => Some(
                     "check that the service runs and --server / CREDCTL_SERVER points at its gRPC address",
+                ),
+                Self::Incomplete(_) => Some(
+                    "give every replica the key files those records need, send each SIGHUP, then run `credctl reseal` again",
                 ),
                 _ => None,
             };
@@ -272,6 +288,7 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
         Command::Remove { account, force } => remove(&mut client, json, out, account, force).await,
         Command::Events => events(&mut client, json, out).await,
         Command::Refresh { account } => refresh(&mut client, json, out, account).await,
+        Command::Reseal => reseal::reseal(&mut client, json, out).await,
     }
 }
 

@@ -401,4 +401,10 @@ impl CredentialService for Legacy {
     ) -> Result<Response<Self::WatchAccountsStream>, Status> {
         unimplemented()
     }
+    async fn reseal_records(
+        &self,
+        _: Request<proto::ResealRecordsRequest>,
+    ) -> Result<Response<proto::ResealRecordsResponse>, Status> {
+        unimplemented()
+    }
 }
