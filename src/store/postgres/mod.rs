@@ -31,8 +31,10 @@
 //! - `notify`: NOTIFY payloads, LISTEN and the resyncs;
 //! - `sql`: the account writes the store and its claims share;
 //! - `claim`: [`PgClaim`](self::claim::PgClaim), the row lock a refresh holds;
+//! - `backup`: every record as stored, out (one snapshot) and in (one transaction);
 //! - here: [`PostgresStore`] and its [`Store`] implementation.
 
+mod backup;
 mod claim;
 mod config;
 mod migrate;
@@ -68,7 +70,8 @@ use self::{
     sql::{END_OUTAGE_BACKOFFS, PUT_NEW, PUT_NEXT, from_db, to_db},
 };
 use super::{
-    Backoff, Change, Claim, ClaimMode, Expected, Resealed, Store, StoreError, Version, Versioned,
+    Backoff, Change, Claim, ClaimMode, Expected, RawAccount, Resealed, Store, StoreError, Version,
+    Versioned,
     codec::{ACCOUNTS, Codec, PENDING, Resealing, state_key},
 };
 use crate::{
@@ -460,5 +463,21 @@ impl Store for PostgresStore {
             }
         }
         Ok(done)
+    }
+
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError> {
+        backup::export(&self.db).await
+    }
+
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        backup::restore(&self.db, records, replace).await
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
     }
 }
