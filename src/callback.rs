@@ -195,7 +195,10 @@ fn failed(e: Error) -> Response {
         | Error::NeedsReauth(_)
         | Error::TokenExpired { .. }
         | Error::ValidityNotReached(_)
-        | Error::MinValidityTooLong { .. } => {
+        | Error::MinValidityTooLong { .. }
+        | Error::AlreadyConnected(_)
+        | Error::ImportedGrantRejected(_)
+        | Error::NotEveryAccount { .. } => {
             tracing::error!(error = %e, "browser callback failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -81,6 +81,16 @@ const METHODS: &[(&str, &str, &str)] = &[
         "RefreshToken",
     ),
     (
+        "/credential.v1.CredentialService/Backup",
+        "credential.v1.CredentialService",
+        "Backup",
+    ),
+    (
+        "/credential.v1.CredentialService/ImportGrant",
+        "credential.v1.CredentialService",
+        "ImportGrant",
+    ),
+    (
         "/grpc.health.v1.Health/Check",
         "grpc.health.v1.Health",
         "Check",
@@ -486,6 +496,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 9);
+        assert_eq!(n, 11);
     }
 }
