@@ -2,8 +2,14 @@
 //! credential-service, printed for people (default) or as JSON (`--json`), with every gRPC status
 //! turned into a sentence, a hint and its own exit code. The binary only parses and calls [`run`].
 //!
+//! `backup` and `import` live in their own modules ([`backup`](self::backup),
+//! [`import`](self::import)).
+//!
 //! Built on `credential-client`: its generated stubs, its [`Bearer`] interceptor, its
 //! [`endpoint`](credential_client::endpoint) and its gRPC code names.
+
+mod backup;
+mod import;
 
 use std::{
     io::Write,
@@ -44,6 +50,7 @@ pub mod exit {
     pub const UNIMPLEMENTED: u8 = 11;
     pub const INTERNAL: u8 = 12;
     pub const ABORTED: u8 = 13;
+    pub const NOT_ALL_IMPORTED: u8 = 14;
 }
 
 const EXIT_CODES: &str = "\
@@ -61,7 +68,8 @@ Exit codes:
   10  PERMISSION_DENIED (this caller may not do that)
   11  UNIMPLEMENTED (the service is older than this credctl)
   12  INTERNAL (the service's log has the cause)
-  13  ABORTED (EdgeTag approved, but the service could not keep it; start again with `credctl begin`)";
+  13  ABORTED (EdgeTag approved, but the service could not keep it; start again with `credctl begin`)
+  14  import: some lines were not imported (each line's result says why)";
 
 /// Talks to a credential-service over gRPC.
 #[derive(Parser)]
@@ -149,6 +157,19 @@ pub enum Command {
     /// line per transition (connected, refreshed, refresh_failing, recovered, needs_reauth,
     /// removed), until the stream ends or Ctrl-C. With --json, one JSON object per line.
     Events,
+    /// Back up every account while the service runs, to FILE: the records as stored, sealed,
+    /// with a SHA-256 at the end. FILE is created 0600 and appears only once complete and
+    /// verified. Restore with `credential-service restore --from FILE`.
+    Backup { file: PathBuf },
+    /// Import grants from FILE (or - for standard input): one JSON object per line,
+    /// {"account", "refresh_token", "access_token", "expires_at"}, the last two optional. Each is
+    /// checked with EdgeTag at once unless its access token is still valid; one result per line.
+    Import {
+        file: String,
+        /// Overwrite accounts that are already connected.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 /// Why a command failed; each maps to one exit code.
@@ -162,6 +183,12 @@ pub enum CliError {
     Status(Status),
     #[error("cannot write the output: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+    #[error(
+        "{imported} of {total} grant(s) imported; the lines above say what became of the others"
+    )]
+    NotAllImported { imported: usize, total: usize },
 }
 
 impl CliError {
@@ -170,7 +197,8 @@ impl CliError {
         match self {
             Self::Usage(_) => exit::USAGE,
             Self::Unreachable { .. } => exit::UNREACHABLE,
-            Self::Io(_) => exit::OTHER,
+            Self::Io(_) | Self::Failed(_) => exit::OTHER,
+            Self::NotAllImported { .. } => exit::NOT_ALL_IMPORTED,
             Self::Status(s) => match s.code() {
                 Code::NotFound => exit::NOT_FOUND,
                 Code::InvalidArgument | Code::OutOfRange => exit::INVALID_ARGUMENT,
@@ -252,6 +280,14 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 /// Runs the command and writes its result to `out`.
 pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
+    // Grants are read (and a grant on the command line refused) before anything is sent.
+    let grants = match &cli.command {
+        Command::Import { file, .. } => {
+            import::refuse_secret_argument(file)?;
+            Some(import::read_input(file)?)
+        }
+        _ => None,
+    };
     let bearer = cli.token.filter(|t| !t.is_empty()).map(SecretString::from);
     let mut client = connect(&cli.server, bearer, cli.ca_file.as_deref()).await?;
     let json = cli.json;
@@ -272,6 +308,11 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
         Command::Remove { account, force } => remove(&mut client, json, out, account, force).await,
         Command::Events => events(&mut client, json, out).await,
         Command::Refresh { account } => refresh(&mut client, json, out, account).await,
+        Command::Backup { file } => backup::backup(&mut client, json, out, &file).await,
+        Command::Import { replace, .. } => {
+            let grants = grants.unwrap_or_default();
+            import::import(&mut client, json, out, &grants, replace).await
+        }
     }
 }
 
