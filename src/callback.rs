@@ -197,7 +197,7 @@ fn failed(e: Error) -> Response {
         | Error::ValidityNotReached(_)
         | Error::MinValidityTooLong { .. }
         | Error::AlreadyConnected(_)
-        | Error::ImportedGrantRejected(_)
+        | Error::ImportedGrantRejected { .. }
         | Error::NotEveryAccount { .. } => {
             tracing::error!(error = %e, "browser callback failed");
             (

@@ -67,12 +67,18 @@ pub enum Error {
         "account {0} is already connected; its grant is overwritten only when asked to (credctl import --replace)"
     )]
     AlreadyConnected(AccountId),
-    /// An imported grant that EdgeTag refused at once: stored all the same, so the account is
-    /// listed and can be connected again.
+    /// An imported grant that EdgeTag refused at once: stored marked as needing
+    /// re-authorization, so the account is listed and can be connected again; an account already
+    /// connected keeps its grant (a dead one replaces nothing).
     #[error(
-        "EdgeTag rejected the imported refresh token of account {0}: stored, marked as needing re-authorization; connect it again with BeginAuth"
+        "EdgeTag rejected the imported refresh token of account {account}: {}",
+        if *.stored {
+            "stored, marked as needing re-authorization; connect it again with BeginAuth"
+        } else {
+            "not stored; the account keeps the grant it already had"
+        }
     )]
-    ImportedGrantRejected(AccountId),
+    ImportedGrantRejected { account: AccountId, stored: bool },
     /// A backup copies every account; a caller who may see only some must not get the others.
     #[error(
         "a backup copies every account, and {outside} of them are outside this caller's account globs; use a caller whose globs cover every account"
@@ -100,9 +106,9 @@ impl Error {
             Error::UnknownAccount(_) | Error::UnknownState => Code::NotFound,
             // Retry at a higher level: the whole authorization, not this call.
             Error::GrantNotStored { .. } => Code::Aborted,
-            Error::CodeRejected(_) | Error::NeedsReauth(_) | Error::ImportedGrantRejected(_) => {
-                Code::FailedPrecondition
-            }
+            Error::CodeRejected(_)
+            | Error::NeedsReauth(_)
+            | Error::ImportedGrantRejected { .. } => Code::FailedPrecondition,
             Error::AlreadyConnected(_) => Code::AlreadyExists,
             Error::NotEveryAccount { .. } => Code::PermissionDenied,
             // Distinct from a rejected code: nothing the caller sends can fix it, only the operator.

@@ -649,6 +649,26 @@ async fn import_refreshes_valid_grants_reports_each_bad_line_and_never_shows_a_t
     .await;
     result.unwrap();
     assert!(printed.starts_with("line 1 acme: refreshed"), "{printed}");
+    // A dead grant never replaces a live one, even with --replace.
+    std::fs::write(&again, lines[2].replace("initech", "acme")).unwrap();
+    let (result, printed) = credctl(&[
+        "--server",
+        &server,
+        "import",
+        "--replace",
+        again.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(
+        result.unwrap_err().exit_code(),
+        credctl::exit::NOT_ALL_IMPORTED
+    );
+    assert!(
+        printed.contains("not stored; the account keeps the grant it already had"),
+        "{printed}"
+    );
+    let token = app.get_token("acme").await.unwrap().access_token;
+    assert!(app.fake.access_token_is_valid(&token));
     let (result, _) = credctl(&["--server", &server, "import", &lines[6]]).await;
     let e = result.unwrap_err();
     assert_eq!(e.exit_code(), credctl::exit::USAGE);
@@ -677,4 +697,57 @@ async fn import_refreshes_valid_grants_reports_each_bad_line_and_never_shows_a_t
             "a token reached the report"
         );
     }
+}
+
+#[tokio::test]
+async fn a_backup_needs_a_caller_whose_globs_cover_every_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let callers = common::callers_file(
+        dir.path(),
+        &[
+            ("ops", "t-ops", "admin", "*"),
+            ("team", "t-team", "admin", "acme*"),
+        ],
+    );
+    let app = common::TestApp::spawn_with(common::Options {
+        callers,
+        token: Some("t-ops".into()),
+        ..common::Options::default()
+    })
+    .await;
+    app.connect("acme").await;
+    app.connect("globex").await;
+    let server = format!("http://{}", app.addr);
+    let file = dir.path().join("team.backup");
+    let (result, _) = credctl(&[
+        "--server",
+        &server,
+        "--token",
+        "t-team",
+        "backup",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    let e = result.unwrap_err();
+    assert_eq!(e.exit_code(), credctl::exit::PERMISSION_DENIED, "{e}");
+    assert!(e.to_string().contains("1 of them are outside"), "{e}");
+    assert!(!file.exists(), "no partial backup");
+    let (result, printed) = credctl(&[
+        "--server",
+        &server,
+        "--token",
+        "t-ops",
+        "backup",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    result.unwrap();
+    assert!(printed.contains("Backed up 2 account(s)"), "{printed}");
+    assert_eq!(
+        format::decode(&std::fs::read(&file).unwrap())
+            .unwrap()
+            .records
+            .len(),
+        2
+    );
 }

@@ -35,9 +35,9 @@ pub enum Imported {
 
 impl Broker {
     /// Imports `grant` as `account`. An account already connected is refused unless `replace`.
-    /// A refresh token EdgeTag rejects is stored marked as needing re-authorization (listed, so an
-    /// operator sees it) and answered with [`Error::ImportedGrantRejected`]; when EdgeTag cannot
-    /// be asked, nothing is stored.
+    /// A refresh token EdgeTag rejects is answered with [`Error::ImportedGrantRejected`], stored
+    /// marked as needing re-authorization (listed, so an operator sees it) unless the account is
+    /// connected already; when EdgeTag cannot be asked, nothing is stored.
     pub async fn import(
         &self,
         account: &AccountId,
@@ -110,9 +110,18 @@ impl Broker {
                         outcome: RefreshOutcome::Failed,
                     }),
                 };
-                install(record).await?;
-                tracing::warn!(account = %account, "imported grant rejected by EdgeTag; stored as needing re-authorization");
-                Err(Error::ImportedGrantRejected(account.clone()))
+                // Never over a connected account, even when replacing: a dead grant would
+                // replace a live one.
+                let stored = match self.install(account, &Arc::new(record), false).await {
+                    Ok(()) => true,
+                    Err(NotInstalled::Exists) => false,
+                    Err(NotInstalled::Store(cause)) => return Err(Error::Store(cause)),
+                };
+                tracing::warn!(account = %account, stored, "imported grant rejected by EdgeTag");
+                Err(Error::ImportedGrantRejected {
+                    account: account.clone(),
+                    stored,
+                })
             }
             Err(UpstreamError::InvalidClient { status }) => {
                 super::refresh::log_client_rejected(status);
