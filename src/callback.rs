@@ -198,7 +198,10 @@ fn failed(e: Error) -> Response {
         | Error::TokenExpired { .. }
         | Error::UpstreamBusy(_)
         | Error::ValidityNotReached(_)
-        | Error::MinValidityTooLong { .. } => {
+        | Error::MinValidityTooLong { .. }
+        | Error::AlreadyConnected(_)
+        | Error::ImportedGrantRejected { .. }
+        | Error::NotEveryAccount { .. } => {
             tracing::error!(error = %e, "browser callback failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,11 +1,15 @@
 //! What the `credential-service` binary does between parsing its flags and exiting, so that its
 //! `main` reads parse, build, run: `--dev`'s set-up, resolving the settings, binding every listener
-//! before anything is opened, serving until a signal, `rotate-keys`, and the exit code of each
-//! failure (2: the settings cannot work as given; 1: starting or serving failed).
+//! before anything is opened, serving until a signal, `rotate-keys`, `backup` and `restore`
+//! ([`backups`]), and the exit code of each failure (2: the settings cannot work as given; 1:
+//! starting, serving or a command failed).
+
+pub mod backups;
 
 use std::{future::Future, path::Path, process::ExitCode};
 
 use crate::{
+    backup::BackupError,
     clock::Clock,
     config::{ConfigError, KeySettings, Settings, StoreConfig, StoreSettings},
     dev::{self, DevEnvironment, DevError},
@@ -34,14 +38,23 @@ pub enum LaunchError {
          files with --previous-encryption-key-file and run rotate-keys again"
     )]
     KeysNotGiven { count: usize, key_ids: String },
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// An offline command's arguments cannot work as given.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl LaunchError {
     /// 2 when the settings must change, like a usage error; 1 when starting or serving failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Dev(_) | Self::Keys(_) | Self::KeysNotGiven { .. } => 2,
-            Self::Serve(_) | Self::Store(_) => 1,
+            Self::Config(_)
+            | Self::Dev(_)
+            | Self::Keys(_)
+            | Self::KeysNotGiven { .. }
+            | Self::Usage(_) => 2,
+            Self::Serve(_) | Self::Store(_) | Self::Backup(_) => 1,
         }
     }
 }

@@ -16,6 +16,7 @@
 //! - [`config`]: clap settings with environment variables, EdgeTag presets.
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
 //! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
+//! - [`backup`]: the backup file (sealed records, checksummed), restore's checks, offline backups.
 //! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
 //! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh, the scheduler.
@@ -33,6 +34,7 @@
 pub mod account;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod broker;
 pub mod callback;
 pub mod clock;

@@ -86,6 +86,16 @@ const METHODS: &[(&str, &str, &str)] = &[
         "ResealRecords",
     ),
     (
+        "/credential.v1.CredentialService/Backup",
+        "credential.v1.CredentialService",
+        "Backup",
+    ),
+    (
+        "/credential.v1.CredentialService/ImportGrant",
+        "credential.v1.CredentialService",
+        "ImportGrant",
+    ),
+    (
         "/grpc.health.v1.Health/Check",
         "grpc.health.v1.Health",
         "Check",
@@ -492,6 +502,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 10);
+        assert_eq!(n, 12);
     }
 }

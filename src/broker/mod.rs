@@ -22,7 +22,8 @@
 //! - [`get`](self::get): GetToken, and the one answer for each cause when no refresh can help;
 //! - [`refresh`](self::refresh): the single flight and the refresh state machine;
 //! - [`outcome`](self::outcome): what a refresh produces, and why it failed ([`RefreshFailure`]);
-//! - [`admin`](self::admin): list, describe, refresh now, remove, gauges;
+//! - [`admin`](self::admin): list, describe, refresh now, remove, gauges, the records for a backup;
+//! - [`import`](self::import): grants obtained elsewhere, checked with EdgeTag, then stored;
 //! - [`slot`]: one account in memory, its locks and their order;
 //! - [`policy`]: due times, margins, freshness, back-off and jitter, as pure functions;
 //! - [`freshness`](self::freshness): that policy with the broker's settings and clock in force;
@@ -38,6 +39,7 @@ mod events;
 mod follow;
 mod freshness;
 mod get;
+mod import;
 mod outcome;
 mod places;
 pub mod policy;
@@ -66,6 +68,7 @@ use crate::{
 pub use self::{
     admin::Removal,
     events::{AccountEvent, AccountEventKind, Failing},
+    import::{Grant, Imported},
     outcome::RefreshFailure,
 };
 

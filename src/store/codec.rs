@@ -11,7 +11,7 @@ use prost::Message;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use super::{StoreError, Version, Versioned};
+use super::{RawAccount, StoreError, Version, Versioned};
 use crate::{
     account::AccountId,
     clock::{from_unix_ms, to_unix_ms},
@@ -127,6 +127,18 @@ impl Codec {
         let name = account_of_key(key)?;
         let plaintext = self.unseal(ACCOUNTS, key, sealed, Some(&name))?;
         Ok((name, decode_account(&plaintext)?))
+    }
+
+    /// The record stored under `key`, copied as it is, with the version and needs-reauth mark read
+    /// by opening it in memory: a record that does not open with these keys is refused here.
+    pub fn raw_account(&self, key: &[u8], sealed: &[u8]) -> Result<RawAccount, StoreError> {
+        let (account, versioned) = self.open_account(key, sealed)?;
+        Ok(RawAccount {
+            account,
+            version: versioned.version,
+            needs_reauth: versioned.record.status == AccountStatus::NeedsReauth,
+            sealed: sealed.to_vec(),
+        })
     }
 
     /// Opens any record and seals it again with the current key unless its header says it already

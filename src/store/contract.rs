@@ -65,6 +65,10 @@ macro_rules! contract_tests {
             async fn a_record_sealed_with_a_key_not_held_is_named_not_fatal() {
                 c::a_record_sealed_with_a_key_not_held_is_named_not_fatal(&$make).await
             }
+            #[tokio::test]
+            async fn an_export_restores_as_stored_with_its_versions() {
+                c::an_export_restores_as_stored_with_its_versions(&$make).await
+            }
         }
     };
 }
@@ -459,4 +463,86 @@ pub(crate) async fn a_record_sealed_with_a_key_not_held_is_named_not_fatal(b: &d
     let done = store.reseal_all().await.unwrap();
     assert_eq!((done.resealed, done.current), (0, 1));
     assert_eq!(done.remaining, [(c_id, 1)].into());
+}
+
+pub(crate) async fn an_export_restores_as_stored_with_its_versions(b: &dyn Backend) {
+    let keys = Keyring::ephemeral();
+    let (acme, globex) = (id("acme"), id("globex"));
+    let store = b.open(keys.clone()).await;
+    let active = AccountRecord {
+        status: AccountStatus::Active,
+        ..record("at-acme", Some("rt-acme"))
+    };
+    let mut v = store
+        .put_account(&acme, &active, Expected::Absent)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        v = store
+            .put_account(&acme, &active, Expected::Version(v))
+            .await
+            .unwrap();
+    }
+    store
+        .put_account(&globex, &record("at-globex", None), Expected::Absent)
+        .await
+        .unwrap();
+    store
+        .put_pending("s", &pending("acme", Duration::from_secs(600)))
+        .await
+        .unwrap();
+
+    let exported = store.export_accounts().await.unwrap();
+    let summary: Vec<_> = exported
+        .iter()
+        .map(|r| (r.account.as_str(), r.version, r.needs_reauth))
+        .collect();
+    assert_eq!(summary, [("acme", 3, false), ("globex", 1, true)]);
+    assert_eq!(exported[0].key_id(), Some(keys.current_id()));
+    let text = String::from_utf8_lossy(&exported[0].sealed);
+    assert!(!text.contains("at-acme") && !text.contains("rt-acme"));
+
+    // Never mixed into accounts already there, and refused before anything is written.
+    let refused = store.restore_accounts(&exported[..1], false).await;
+    assert!(
+        matches!(refused, Err(StoreError::NotEmpty { accounts: 2 })),
+        "{refused:?}"
+    );
+    assert_eq!(store.export_accounts().await.unwrap(), exported);
+
+    // A newer acme and no globex, then the backup again: versions as they were in it.
+    store
+        .put_account(&acme, &active, Expected::Version(3))
+        .await
+        .unwrap();
+    store.delete_account(&globex, 1).await.unwrap();
+    assert_eq!(store.restore_accounts(&exported, true).await.unwrap(), 2);
+    drop(store);
+    let store = b.open(keys).await;
+    assert_eq!(store.export_accounts().await.unwrap(), exported);
+    let loaded = store.load_account(&acme).await.unwrap().unwrap();
+    assert_eq!((loaded.version, access(&loaded.record)), (3, "at-acme"));
+    assert!(
+        store.take_pending("s").await.unwrap().is_some(),
+        "pending states stay"
+    );
+
+    // Writers fence on the restored versions.
+    let stale = store
+        .put_account(&acme, &active, Expected::Version(2))
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    assert_eq!(
+        store
+            .put_account(&acme, &active, Expected::Version(3))
+            .await
+            .unwrap(),
+        4
+    );
+
+    // Replacing with nothing empties the accounts; an empty store takes a backup without --replace.
+    assert_eq!(store.restore_accounts(&[], true).await.unwrap(), 0);
+    assert!(store.export_accounts().await.unwrap().is_empty());
+    assert_eq!(store.restore_accounts(&exported, false).await.unwrap(), 2);
+    assert_eq!(store.export_accounts().await.unwrap(), exported);
 }

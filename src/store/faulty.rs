@@ -16,8 +16,8 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::{
-    Backoff, Change, Claim, ClaimMode, Expected, RefreshClaim, Resealed, Store, StoreError,
-    Version, Versioned,
+    Backoff, Change, Claim, ClaimMode, Expected, RawAccount, RefreshClaim, Resealed, Store,
+    StoreError, Version, Versioned,
 };
 use crate::{
     account::AccountId,
@@ -199,6 +199,23 @@ impl Store for Faulty {
     async fn reseal_all(&self) -> Result<Resealed, StoreError> {
         self.faults.check()?;
         self.inner.reseal_all().await
+    }
+
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError> {
+        self.inner.export_accounts().await
+    }
+
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        self.faults.check()?;
+        self.inner.restore_accounts(records, replace).await
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
     }
 }
 

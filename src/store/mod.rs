@@ -4,6 +4,7 @@
 //! - [`SledStore`] ([`sled`](self::sled)): the embedded default, one process per data directory;
 //! - [`codec`]: the sealed-record format every backend writes, so a database sees account names and
 //!   ciphertext only;
+//! - [`RawAccount`] ([`raw`]): a record exactly as stored, for backups and restores;
 //! - `Faulty` (with the `testing` feature, which only the tests turn on): a wrapper that makes writes
 //!   fail or announces changes on demand, so tests can prove that the service fails closed and
 //!   follows other writers; a release build does not contain it.
@@ -25,6 +26,7 @@ pub(crate) mod contract;
 #[cfg(any(test, feature = "testing"))]
 mod faulty;
 pub mod postgres;
+mod raw;
 mod sled;
 
 use std::{collections::BTreeMap, fmt, io, path::PathBuf, sync::Arc, time::SystemTime};
@@ -42,6 +44,7 @@ use crate::{
 pub use self::faulty::{Faults, Faulty};
 pub use self::{
     postgres::{PostgresConfig, PostgresStore},
+    raw::RawAccount,
     sled::SledStore,
 };
 
@@ -232,6 +235,24 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// on a key this process holds: a write sealed just before a key reload may land after the
     /// pass went by.
     async fn reseal_all(&self) -> Result<Resealed, StoreError>;
+
+    /// Every account record as stored, sealed, sorted by name (a backup). Each record is at
+    /// least as new as when the call began; nothing about pending authorizations. A record that
+    /// does not open with the loaded keys fails the whole export.
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError>;
+
+    /// Writes `records` exactly as given, keeping their versions, all or nothing (a restore).
+    /// A store that already holds accounts is refused with [`StoreError::NotEmpty`] unless
+    /// `replace`, which removes every account the records do not name. Pending authorizations
+    /// stay. Returns how many records were written.
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError>;
+
+    /// The backend's name as operators give it (`sled`, `postgres`), for backup headers.
+    fn kind(&self) -> &'static str;
 }
 
 /// What [`Store::reseal_all`] did. Key ids only, never keys.
@@ -337,6 +358,11 @@ pub enum StoreError {
     #[error("the database refused: {0}")]
     Postgres(String),
     #[error(
+        "the store already holds {accounts} account(s); a restore does not mix a backup into them: \
+         pass --replace to replace them all, or restore into an empty store"
+    )]
+    NotEmpty { accounts: usize },
+    #[error(
         "the database's schema is version {found}, newer than this binary knows ({known}); \
          run the newer credential-service, or restore the database"
     )]
@@ -361,6 +387,7 @@ impl StoreError {
                 | Self::KeyNotHeld { .. }
                 | Self::FlusherGone
                 | Self::Conflict(_)
+                | Self::NotEmpty { .. }
                 | Self::SchemaTooNew { .. }
         )
     }

@@ -27,8 +27,8 @@ use futures::{StreamExt, stream::BoxStream};
 use tokio::sync::oneshot;
 
 use super::{
-    Change, Claim, ClaimMode, Expected, Pass, RESEAL_PASSES, RefreshClaim, Resealed, Store,
-    StoreError, Version, Versioned, another_pass,
+    Change, Claim, ClaimMode, Expected, Pass, RESEAL_PASSES, RawAccount, RefreshClaim, Resealed,
+    Store, StoreError, Version, Versioned, another_pass,
     codec::{ACCOUNTS, Codec, PENDING, Resealing, account_of_key, state_key},
 };
 use crate::{
@@ -417,6 +417,53 @@ impl Store for SledStore {
             })??;
         self.flush().await?;
         Ok(done)
+    }
+
+    /// sled's iterator sees each key's latest value as it passes it: every record is one that was
+    /// stored, at least as new as when the export began. On a blocking thread: 100,000 records
+    /// take a while, and the runtime's workers keep answering GetToken meanwhile.
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError> {
+        let (accounts, codec) = (self.accounts.clone(), self.codec.clone());
+        tokio::task::spawn_blocking(move || {
+            accounts
+                .iter()
+                .map(|item| {
+                    let (key, sealed) = item?;
+                    codec.raw_account(&key, &sealed)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    /// One sled batch (atomic, also across a crash), then one flush.
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut existing = 0;
+        for item in self.accounts.iter() {
+            let (key, _) = item?;
+            existing += 1;
+            batch.remove(key);
+        }
+        if existing > 0 && !replace {
+            return Err(StoreError::NotEmpty { accounts: existing });
+        }
+        // A later insert of the same key wins over its removal in the batch.
+        for r in records {
+            batch.insert(r.account.as_str(), r.sealed.as_slice());
+        }
+        self.accounts.apply_batch(batch)?;
+        self.flush().await?;
+        Ok(records.len())
+    }
+
+    fn kind(&self) -> &'static str {
+        "sled"
     }
 }
 

@@ -12,6 +12,7 @@
 mod common;
 
 mod admin;
+mod backup;
 mod callback;
 mod crash;
 mod deploy;
@@ -24,6 +25,7 @@ mod layers;
 mod power_cut;
 mod process;
 mod readme;
+mod readme_backups;
 mod recovery;
 mod refresh;
 mod replicas;

@@ -32,8 +32,10 @@
 //! - `sql`: the account writes the store and its claims share;
 //! - `claim`: [`PgClaim`](self::claim::PgClaim), the row lock a refresh holds;
 //! - `reseal`: re-sealing every record with the current key while the replicas serve;
+//! - `backup`: every record as stored, out (one snapshot) and in (one transaction);
 //! - here: [`PostgresStore`] and its [`Store`] implementation.
 
+mod backup;
 mod claim;
 mod config;
 mod migrate;
@@ -70,7 +72,8 @@ use self::{
     sql::{END_OUTAGE_BACKOFFS, PUT_NEW, PUT_NEXT, from_db, to_db},
 };
 use super::{
-    Backoff, Change, Claim, ClaimMode, Expected, Resealed, Store, StoreError, Version, Versioned,
+    Backoff, Change, Claim, ClaimMode, Expected, RawAccount, Resealed, Store, StoreError, Version,
+    Versioned,
     codec::{Codec, account_of_key, state_key},
 };
 use crate::{
@@ -436,5 +439,21 @@ impl Store for PostgresStore {
 
     async fn reseal_all(&self) -> Result<Resealed, StoreError> {
         reseal::reseal_all(self).await
+    }
+
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError> {
+        backup::export(&self.db).await
+    }
+
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        backup::restore(&self.db, records, replace).await
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
     }
 }

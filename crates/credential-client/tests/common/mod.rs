@@ -407,4 +407,20 @@ impl CredentialService for Legacy {
     ) -> Result<Response<proto::ResealRecordsResponse>, Status> {
         unimplemented()
     }
+
+    type BackupStream =
+        Pin<Box<dyn Stream<Item = Result<proto::BackupResponse, Status>> + Send + 'static>>;
+
+    async fn backup(
+        &self,
+        _: Request<proto::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        unimplemented()
+    }
+    async fn import_grant(
+        &self,
+        _: Request<proto::ImportGrantRequest>,
+    ) -> Result<Response<proto::ImportGrantResponse>, Status> {
+        unimplemented()
+    }
 }
