@@ -191,13 +191,19 @@ fn failed(e: Error) -> Response {
             "An operator must check the configured client id and client secret; then reload this \
              page.",
         ),
+        // (KeysNotLoaded: only a re-seal meets it, never CompleteAuth.)
         Error::Store(_)
         | Error::Internal(_)
+        | Error::KeysNotLoaded(_)
         | Error::UnknownAccount(_)
         | Error::NeedsReauth(_)
         | Error::TokenExpired { .. }
+        | Error::UpstreamBusy(_)
         | Error::ValidityNotReached(_)
-        | Error::MinValidityTooLong { .. } => {
+        | Error::MinValidityTooLong { .. }
+        | Error::AlreadyConnected(_)
+        | Error::ImportedGrantRejected { .. }
+        | Error::NotEveryAccount { .. } => {
             tracing::error!(error = %e, "browser callback failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,

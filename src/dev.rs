@@ -39,7 +39,7 @@ pub struct DevEnvironment {
     /// The fake's client secret, handed to the service as if from EDGETAG_CLIENT_SECRET.
     pub client_secret: String,
     /// The browser callback's listener, bound here because its address is the redirect URI;
-    /// the binary hands it to [`crate::server::serve`].
+    /// the binary hands it to [`crate::server::Service::start_with`].
     pub callback: Option<TcpListener>,
     /// The redirect URI: the callback page.
     pub redirect_uri: Url,

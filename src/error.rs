@@ -10,6 +10,7 @@ use crate::{
     account::{AccountId, InvalidAccount},
     grant::InvalidInput,
     oauth::UpstreamError,
+    sealing::KeyError,
     store::StoreError,
 };
 
@@ -45,6 +46,11 @@ pub enum Error {
         account: AccountId,
         cause: UpstreamError,
     },
+    /// EdgeTag is slow: every place for its requests stayed taken (see `broker::places`).
+    #[error(
+        "the access token of account {0} has expired (or expires sooner than asked) and EdgeTag is answering too slowly to renew it now; retry later"
+    )]
+    UpstreamBusy(AccountId),
     #[error(
         "min_validity is longer than a freshly issued EdgeTag token covers before its refresh margin; ask for at most {longest:?}"
     )]
@@ -63,6 +69,31 @@ pub enum Error {
         account: AccountId,
         cause: StoreError,
     },
+    /// A re-seal found the encryption key files unloadable; the keys in force stay. The message
+    /// names the file and why (never its content), for the operator who must fix it.
+    #[error("{0}; the keys in force stay and nothing was re-sealed: fix the file, then retry")]
+    KeysNotLoaded(KeyError),
+    #[error(
+        "account {0} is already connected; its grant is overwritten only when asked to (credctl import --replace)"
+    )]
+    AlreadyConnected(AccountId),
+    /// An imported grant that EdgeTag refused at once: stored marked as needing
+    /// re-authorization, so the account is listed and can be connected again; an account already
+    /// connected keeps its grant (a dead one replaces nothing).
+    #[error(
+        "EdgeTag rejected the imported refresh token of account {account}: {}",
+        if *.stored {
+            "stored, marked as needing re-authorization; connect it again with BeginAuth"
+        } else {
+            "not stored; the account keeps the grant it already had"
+        }
+    )]
+    ImportedGrantRejected { account: AccountId, stored: bool },
+    /// A backup copies every account; a caller who may see only some must not get the others.
+    #[error(
+        "a backup copies every account, and {outside} of them are outside this caller's account globs; use a caller whose globs cover every account"
+    )]
+    NotEveryAccount { outside: usize },
     #[error("internal error: storage")]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -85,11 +116,17 @@ impl Error {
             Error::UnknownAccount(_) | Error::UnknownState => Code::NotFound,
             // Retry at a higher level: the whole authorization, not this call.
             Error::GrantNotStored { .. } => Code::Aborted,
-            Error::CodeRejected(_) | Error::NeedsReauth(_) => Code::FailedPrecondition,
+            Error::CodeRejected(_)
+            | Error::NeedsReauth(_)
+            | Error::KeysNotLoaded(_)
+            | Error::ImportedGrantRejected { .. } => Code::FailedPrecondition,
+            Error::AlreadyConnected(_) => Code::AlreadyExists,
+            Error::NotEveryAccount { .. } => Code::PermissionDenied,
             // Distinct from a rejected code: nothing the caller sends can fix it, only the operator.
             Error::ClientCredentialsRejected => Code::Internal,
             Error::ProviderUnavailable(_)
             | Error::TokenExpired { .. }
+            | Error::UpstreamBusy(_)
             | Error::ValidityNotReached(_)
             | Error::StoreUnavailable => Code::Unavailable,
             Error::Store(e) if e.is_unavailable() => Code::Unavailable,
@@ -155,6 +192,10 @@ mod tests {
                     longest: std::time::Duration::from_secs(6900),
                 },
                 Code::InvalidArgument,
+            ),
+            (
+                Error::KeysNotLoaded(KeyError::Invalid("/etc/k".into())),
+                Code::FailedPrecondition,
             ),
             (Error::Store(StoreError::FlusherGone), Code::Internal),
             (Error::Internal("refresh task panicked"), Code::Internal),

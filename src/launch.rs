@@ -1,9 +1,10 @@
 //! What the `credential-service` binary does between parsing its flags and exiting, so that its
 //! `main` reads parse, build, run: `--dev`'s set-up, resolving the settings, raising the open-file
 //! limit (`open_files`), binding every listener before anything is opened, serving until a
-//! signal, `rotate-keys`, and the exit code of each failure (2: the settings cannot work as
-//! given; 1: starting or serving failed).
+//! signal, `rotate-keys`, `backup` and `restore` ([`backups`]), and the exit code of each failure
+//! (2: the settings cannot work as given; 1: starting, serving or a command failed).
 
+pub mod backups;
 mod open_files;
 
 pub use self::open_files::budget as open_files_budget;
@@ -11,11 +12,12 @@ pub use self::open_files::budget as open_files_budget;
 use std::{future::Future, path::Path, process::ExitCode};
 
 use crate::{
+    backup::BackupError,
     clock::Clock,
     config::{ConfigError, KeySettings, Settings, StoreConfig, StoreSettings},
     dev::{self, DevEnvironment, DevError},
     sealing::KeyError,
-    server::{self, App, Listeners, ServeError},
+    server::{self, ServeError, Service, StartOptions},
     store::{PostgresStore, SledStore, Store, StoreError},
 };
 
@@ -33,14 +35,29 @@ pub enum LaunchError {
     Serve(#[from] ServeError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `rotate-keys` left records sealed with keys it was not given.
+    #[error(
+        "{count} record(s) stay sealed with key(s) {key_ids}, which were not given; pass their \
+         files with --previous-encryption-key-file and run rotate-keys again"
+    )]
+    KeysNotGiven { count: usize, key_ids: String },
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// An offline command's arguments cannot work as given.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl LaunchError {
     /// 2 when the settings must change, like a usage error; 1 when starting or serving failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Dev(_) | Self::Keys(_) => 2,
-            Self::Serve(_) | Self::Store(_) => 1,
+            Self::Config(_)
+            | Self::Dev(_)
+            | Self::Keys(_)
+            | Self::KeysNotGiven { .. }
+            | Self::Usage(_) => 2,
+            Self::Serve(_) | Self::Store(_) | Self::Backup(_) => 1,
         }
     }
 }
@@ -59,8 +76,7 @@ pub fn exit(outcome: Result<(), LaunchError>) -> ExitCode {
 /// The service with its settings checked, its listeners bound and its data opened: what is left
 /// is to serve.
 pub struct Launch {
-    app: App,
-    listeners: Listeners,
+    service: Service,
     /// `--dev`'s fake EdgeTag and temporary data directory, kept alive while the service runs.
     dev: Option<DevEnvironment>,
 }
@@ -79,53 +95,25 @@ impl Launch {
         }
         let config = settings.resolve(client_secret)?;
         open_files::raise_and_check(&config);
-        let grpc = server::bind(config.listen, "--listen / CREDENTIAL_SERVICE_LISTEN").await?;
-        // Dev mode bound the callback already: its address is the redirect URI.
-        let callback = match (
-            dev_env.as_mut().and_then(|e| e.callback.take()),
-            &config.callback,
-        ) {
-            (Some(bound), _) => Some(bound),
-            (None, Some(c)) => Some(
-                server::bind(
-                    c.listen,
-                    "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
-                )
-                .await?,
-            ),
-            (None, None) => None,
+        let options = StartOptions {
+            // Dev mode bound the callback already: its address is the redirect URI.
+            callback: dev_env.as_mut().and_then(|e| e.callback.take()),
+            ..StartOptions::default()
         };
-        let metrics = match config.metrics_listen {
-            Some(addr) => Some(
-                server::bind(addr, "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN").await?,
-            ),
-            None => None,
-        };
+        let service = Service::start_with(config, Clock::system(), options).await?;
         if let Some(env) = &dev_env {
-            let listen = grpc.local_addr().unwrap_or(config.listen);
-            eprintln!("{}", dev::banner(listen, env));
+            eprintln!("{}", dev::banner(service.grpc_addr(), env));
         }
-        let app = App::open(config, Clock::system()).await?;
-        let listeners = Listeners {
-            grpc,
-            callback,
-            metrics,
-        };
         Ok(Self {
-            app,
-            listeners,
+            service,
             dev: dev_env,
         })
     }
 
-    /// Serves until `shutdown` resolves (see [`server::serve`]).
+    /// Serves until `shutdown` resolves (see [`Service::serve`]).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), LaunchError> {
-        let Self {
-            app,
-            listeners,
-            dev,
-        } = self;
-        server::serve(app, listeners, shutdown).await?;
+        let Self { service, dev } = self;
+        service.serve(shutdown).await?;
         drop(dev); // only now: the fake and the temporary data outlive the server
         Ok(())
     }
@@ -149,6 +137,16 @@ pub async fn rotate_keys(
                 .await?
         }
     };
+    if !done.remaining.is_empty() {
+        eprintln!(
+            "credential-service: {} record(s) re-sealed with key {current}, {} already were",
+            done.resealed, done.current
+        );
+        return Err(LaunchError::KeysNotGiven {
+            count: done.remaining.values().sum(),
+            key_ids: done.remaining.into_keys().collect::<Vec<_>>().join(", "),
+        });
+    }
     eprintln!(
         "credential-service: {} record(s) re-sealed with key {current}, {} already were; \
          the previous key files are no longer needed",

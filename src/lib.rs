@@ -17,6 +17,7 @@
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
 //! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out; the places
 //!   for watch streams.
+//! - [`backup`]: the backup file (sealed records, checksummed), restore's checks, offline backups.
 //! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
 //! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh, the scheduler.
@@ -35,6 +36,7 @@
 pub mod account;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod broker;
 pub mod callback;
 pub mod clock;

@@ -85,6 +85,21 @@ const METHODS: &[(&str, &str, &str)] = &[
         "RefreshToken",
     ),
     (
+        "/credential.v1.CredentialService/ResealRecords",
+        "credential.v1.CredentialService",
+        "ResealRecords",
+    ),
+    (
+        "/credential.v1.CredentialService/Backup",
+        "credential.v1.CredentialService",
+        "Backup",
+    ),
+    (
+        "/credential.v1.CredentialService/ImportGrant",
+        "credential.v1.CredentialService",
+        "ImportGrant",
+    ),
+    (
         "/grpc.health.v1.Health/Check",
         "grpc.health.v1.Health",
         "Check",
@@ -214,7 +229,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register(
         "limit_hits",
         "Connections or calls refused, or connections closed, by the listener's bounds (connections, \
-         calls_in_flight, health_watches, handshake_timeout, accept_errors)",
+         calls_in_flight, health_watches, handshake_timeout, accept_errors), and refreshes that found no place for \
+         an EdgeTag request in time (upstream_queue)",
         limit_hits.clone(),
     );
     registry.register(
@@ -490,6 +506,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 9);
+        assert_eq!(n, 12);
     }
 }

@@ -5,8 +5,13 @@
 //! under another account (or into another tree) fails to open instead of serving the wrong
 //! token. The key id is a hash of the key, so a record names the key that opens it: the current
 //! key seals, previous keys (`--previous-encryption-key-file`) still open old records until
-//! `credential-service rotate-keys` re-seals them. Keys are 32 random bytes, base64, in a file;
-//! without one the service creates `<data-dir>.key` (mode 0600) beside the data directory.
+//! they are re-sealed (`credctl reseal` while serving, `credential-service rotate-keys` when
+//! stopped). Keys are 32 random bytes, base64, in a file; without one the service creates
+//! `<data-dir>.key` (mode 0600) beside the data directory.
+//!
+//! A running service takes up new key files on SIGHUP ([`LiveKeyring::reload`]): the keyring in
+//! force is swapped whole, and every key it held stays loaded as a previous key until the process
+//! ends, so a reload never leaves a record that this process could open unopenable.
 
 use std::{
     fmt, io,
@@ -14,6 +19,7 @@ use std::{
     sync::Arc,
 };
 
+use arc_swap::ArcSwap;
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chacha20poly1305::{AeadInPlace, KeyInit, XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
@@ -86,6 +92,7 @@ pub enum UnsealError {
     Forged,
 }
 
+#[derive(Clone)]
 struct SealingKey {
     id: [u8; KEY_ID_LEN],
     cipher: XChaCha20Poly1305,
@@ -175,6 +182,46 @@ impl Keyring {
         hex::encode(self.current.id)
     }
 
+    /// The previous keys' ids (hex), in the order they are tried.
+    pub fn previous_ids(&self) -> Vec<String> {
+        self.previous.iter().map(|k| hex::encode(k.id)).collect()
+    }
+
+    /// Whether this keyring opens records sealed with the key `id` (hex).
+    pub fn holds(&self, id: &str) -> bool {
+        std::iter::once(&*self.current)
+            .chain(self.previous.iter())
+            .any(|k| hex::encode(k.id) == id)
+    }
+
+    /// The keyring the configured files hold now, keeping every key of this one as a previous
+    /// key. Never creates a key file (a missing default key is an error here, not a new key).
+    /// A previous key file that names the new current key is taken as that key, not refused:
+    /// during a rotation the files may briefly hold the same key.
+    fn reloaded(&self, config: &EncryptionConfig, data_dir: &Path) -> Result<Self, KeyError> {
+        let path = match &config.key_file {
+            Some(path) => path.clone(),
+            None => default_key_path(data_dir)?,
+        };
+        let current = SealingKey::new(&read_key_file(&path)?);
+        let mut previous: Vec<SealingKey> = Vec::new();
+        let configured = config
+            .previous_key_files
+            .iter()
+            .map(|path| read_key_file(path).map(|key| SealingKey::new(&key)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let held = std::iter::once(&*self.current).chain(self.previous.iter());
+        for key in configured.iter().chain(held) {
+            if key.id != current.id && previous.iter().all(|p| p.id != key.id) {
+                previous.push(key.clone());
+            }
+        }
+        Ok(Self {
+            current: Arc::new(current),
+            previous: previous.into(),
+        })
+    }
+
     /// Seals `plaintext` with the current key for `tree`/`key`.
     pub fn seal(&self, tree: &str, key: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
@@ -224,6 +271,94 @@ impl Keyring {
             .decrypt_in_place_detached(nonce, &ad, &mut plaintext, tag.into())
             .map_err(|_| UnsealError::Forged)?;
         Ok(Unsealed { plaintext, current })
+    }
+}
+
+/// The keyring in force, shared by the store (which seals and opens with it) and the key reload
+/// (SIGHUP, ResealRecords), which replaces it whole: each record is sealed or opened with one
+/// keyring, never with a half-loaded one. Cheap to clone; every clone sees a reload.
+#[derive(Clone)]
+pub struct LiveKeyring {
+    keys: Arc<ArcSwap<Keyring>>,
+    /// The key files a reload reads: none for a keyring built in memory.
+    files: Option<Arc<(EncryptionConfig, PathBuf)>>,
+    /// One reload at a time, so two at once cannot drop a key the other retained.
+    reloading: Arc<std::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for LiveKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.keys.load().fmt(f)
+    }
+}
+
+impl From<Keyring> for LiveKeyring {
+    fn from(keys: Keyring) -> Self {
+        Self {
+            keys: Arc::new(ArcSwap::from_pointee(keys)),
+            files: None,
+            reloading: Arc::default(),
+        }
+    }
+}
+
+/// What [`LiveKeyring::reload`] did. Key ids only, never key bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// The files hold the keys already in force.
+    Unchanged { current: String },
+    /// New writes seal with `current`; `previous` still open older records.
+    Changed {
+        current: String,
+        previous: Vec<String>,
+    },
+}
+
+impl LiveKeyring {
+    /// `keys` as loaded from `config` (beside `data_dir` for the default key), which
+    /// [`LiveKeyring::reload`] reads again.
+    pub fn from_files(keys: Keyring, config: EncryptionConfig, data_dir: PathBuf) -> Self {
+        Self {
+            files: Some(Arc::new((config, data_dir))),
+            ..Self::from(keys)
+        }
+    }
+
+    /// The keyring in force now.
+    pub fn get(&self) -> Arc<Keyring> {
+        self.keys.load_full()
+    }
+
+    /// Puts `keys` in force, as a reload would (tests rotate keys without files).
+    #[cfg(test)]
+    pub(crate) fn set(&self, keys: Keyring) {
+        self.keys.store(Arc::new(keys));
+    }
+
+    /// Reads the key files again (`--encryption-key-file`, or `<data-dir>.key`, and each
+    /// `--previous-encryption-key-file`) and puts them in force, every key held so far staying
+    /// loaded as a previous one. A file that does not load changes nothing: the error names the
+    /// file (never its content) and the keys in force stay. Without files, nothing changes.
+    pub fn reload(&self) -> Result<Reload, KeyError> {
+        match &self.files {
+            Some(files) => self.reload_from(&files.0, &files.1),
+            None => Ok(Reload::Unchanged {
+                current: self.get().current_id(),
+            }),
+        }
+    }
+
+    fn reload_from(&self, config: &EncryptionConfig, data_dir: &Path) -> Result<Reload, KeyError> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.keys.load_full();
+        let new = old.reloaded(config, data_dir)?;
+        let current = new.current_id();
+        if new.current.id == old.current.id && new.previous.len() == old.previous.len() {
+            return Ok(Reload::Unchanged { current });
+        }
+        let previous = new.previous_ids();
+        self.keys.store(Arc::new(new));
+        Ok(Reload::Changed { current, previous })
     }
 }
 
@@ -372,6 +507,99 @@ mod tests {
         assert_eq!(e, UnsealError::UnknownKey(old.current_id()));
         assert!(e.to_string().contains("--previous-encryption-key-file"));
         assert!(!format!("{rotated:?}").contains(&STANDARD.encode(a)));
+    }
+
+    /// A reload puts the key file's new key in force for sealing and keeps the old one for
+    /// opening; a file that does not load changes nothing; the same files again change nothing.
+    #[test]
+    fn a_reload_seals_with_the_new_key_keeps_the_old_and_survives_a_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        create_key_file(&path).unwrap();
+        let config = EncryptionConfig {
+            key_file: Some(path.clone()),
+            previous_key_files: vec![],
+        };
+        let live = LiveKeyring::from_files(
+            Keyring::load(&config, dir.path()).unwrap(),
+            config.clone(),
+            dir.path().to_owned(),
+        );
+        let old = live.get().current_id();
+        let sealed_old = live.get().seal("accounts", b"acme", b"x");
+        assert_eq!(
+            live.reload().unwrap(),
+            Reload::Unchanged {
+                current: old.clone()
+            }
+        );
+
+        std::fs::write(&path, "not a key").unwrap();
+        let e = live.reload().unwrap_err().to_string();
+        assert!(
+            e.contains("32 random bytes") && !e.contains("not a key"),
+            "{e}"
+        );
+        assert_eq!(live.get().current_id(), old, "the keys in force stay");
+
+        std::fs::remove_file(&path).unwrap();
+        create_key_file(&path).unwrap();
+        let Reload::Changed { current, previous } = live.reload().unwrap() else {
+            panic!("a new key is a change");
+        };
+        assert_ne!(current, old);
+        assert_eq!(previous, vec![old.clone()]);
+        let keys = live.get();
+        assert!(keys.holds(&old) && keys.holds(&current));
+        let opened = keys.unseal("accounts", b"acme", &sealed_old).unwrap();
+        assert!(!opened.current, "sealed with the previous key");
+        let sealed_new = keys.seal("accounts", b"acme", b"y");
+        assert_eq!(Keyring::key_id_of(&sealed_new), Some(current.clone()));
+
+        // The old key named as previous too (as the README's steps do) is the same key, once.
+        let old_file = dir.path().join("old");
+        std::fs::write(&old_file, "").unwrap();
+        let with_previous = EncryptionConfig {
+            key_file: Some(path.clone()),
+            previous_key_files: vec![old_file.clone(), path.clone()],
+        };
+        assert!(
+            live.reload_from(&with_previous, dir.path()).is_err(),
+            "an empty file does not load"
+        );
+        std::fs::remove_file(&old_file).unwrap();
+        create_key_file(&old_file).unwrap();
+        let Reload::Changed { previous, .. } =
+            live.reload_from(&with_previous, dir.path()).unwrap()
+        else {
+            panic!("one more previous key is a change");
+        };
+        assert_eq!(previous.len(), 2, "{previous:?}");
+        assert_eq!(live.get().current_id(), current);
+        assert!(!format!("{live:?}").contains(std::fs::read_to_string(&path).unwrap().trim()));
+    }
+
+    /// Without `--encryption-key-file`, a reload reads `<data-dir>.key` again, and never creates
+    /// one: a missing default key is an error that changes nothing.
+    #[test]
+    fn a_reload_of_the_default_key_reads_it_again_and_never_creates_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let config = EncryptionConfig::default();
+        let live =
+            LiveKeyring::from_files(Keyring::load(&config, &data).unwrap(), config, data.clone());
+        let old = live.get().current_id();
+        let path = default_key_path(&data).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(live.reload(), Err(KeyError::Read { .. })));
+        assert!(!path.exists(), "a reload creates no key");
+        assert_eq!(live.get().current_id(), old);
+        create_key_file(&path).unwrap();
+        let Reload::Changed { current, previous } = live.reload().unwrap() else {
+            panic!("the new default key is a change");
+        };
+        assert_ne!(current, old);
+        assert_eq!(previous, vec![old]);
     }
 
     #[test]

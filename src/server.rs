@@ -1,12 +1,13 @@
-//! Assembles the service and serves it. [`App::open`] loads keys, store, provider client and
-//! broker; [`serve`] composes the pieces, each in its own file:
+//! Assembles the service and serves it. [`Service::start`] binds the listeners and opens keys,
+//! store, provider client and broker; [`Service::serve`] composes the pieces, each in its own file:
 //! - `grpc`: the credential service with health and reflection, the layers, the drain;
 //! - `conn`: accepting connections within bounds: how many, handshake deadline, TLS;
 //! - `error`: [`ServeError`], why serving could not start or stopped;
 //! - `limits`: bounds on calls in flight and on health Watch streams;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
-//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP.
+//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP;
+//! - `rekey`: SIGHUP's reload of the encryption key files.
 //!
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
 //! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, the last store handle closes.
@@ -16,6 +17,7 @@ mod error;
 mod grpc;
 mod http;
 mod limits;
+mod rekey;
 mod signals;
 mod upkeep;
 
@@ -28,9 +30,9 @@ use self::{http::HttpListeners, upkeep::Upkeep};
 use crate::{
     broker::Broker,
     clock::Clock,
-    config::{ServiceConfig, StoreConfig},
+    config::{ServiceConfig, StoreConfig, flag},
     oauth::ProviderClient,
-    sealing::{EncryptionConfig, KeyError, Keyring, default_key_path},
+    sealing::{EncryptionConfig, KeyError, Keyring, LiveKeyring, default_key_path},
     store::{self as stores, Store, StoreError},
 };
 
@@ -52,47 +54,31 @@ pub fn http2_server(limits: &crate::config::Limits) -> tonic::transport::Server 
 }
 
 /// The sockets the service serves on: gRPC, and the optional HTTP ones.
-pub struct Listeners {
-    pub grpc: TcpListener,
+struct Listeners {
+    grpc: TcpListener,
     /// The browser callback (path from `config.callback`, else `/oauth/callback`).
-    pub callback: Option<TcpListener>,
+    callback: Option<TcpListener>,
     /// `/metrics`.
-    pub metrics: Option<TcpListener>,
+    metrics: Option<TcpListener>,
 }
 
-/// Binds `addr`; the error names the setting (`what`) so the operator knows which to fix.
-pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServeError> {
+/// Binds `addr`; the error names the setting (`id`, see [`flag`]) so the operator knows which to fix.
+async fn bind(addr: SocketAddr, id: &str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { what, addr, source })
-}
-
-/// Binds the optional HTTP listeners named in `config`.
-pub async fn bind_http(
-    config: &ServiceConfig,
-) -> Result<(Option<TcpListener>, Option<TcpListener>), ServeError> {
-    let callback = match &config.callback {
-        Some(c) => Some(
-            bind(
-                c.listen,
-                "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let metrics = match config.metrics_listen {
-        Some(addr) => {
-            Some(bind(addr, "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN").await?)
-        }
-        None => None,
-    };
-    Ok((callback, metrics))
+        .map_err(|source| ServeError::Bind {
+            what: flag(id),
+            addr,
+            source,
+        })
 }
 
 /// Opens the configured store. On PostgreSQL a refresh may hold an account's lock for as long as
 /// EdgeTag may take to answer it, retries included.
-async fn open_store(config: &ServiceConfig, keys: Keyring) -> Result<Arc<dyn Store>, StoreError> {
+async fn open_store(
+    config: &ServiceConfig,
+    keys: LiveKeyring,
+) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
         StoreConfig::Sled => stores::open_sled(&config.data_dir, keys),
         StoreConfig::Postgres(pg) => {
@@ -144,8 +130,8 @@ pub fn load_keys(
     Ok(Keyring::load(encryption, data_dir)?)
 }
 
-/// The assembled service before it serves: tests reach the broker and the store through it.
-pub struct App {
+/// The assembled service before it serves.
+struct App {
     config: ServiceConfig,
     clock: Clock,
     store: Arc<dyn Store>,
@@ -153,19 +139,17 @@ pub struct App {
 }
 
 impl App {
-    /// Loads the encryption keys, opens the store and loads every account into memory.
-    pub async fn open(config: ServiceConfig, clock: Clock) -> Result<Self, ServeError> {
-        Self::open_wrapped(config, clock, |store| store).await
-    }
-
-    /// [`App::open`], with the store passed through `wrap` first (tests wrap it in `Faulty`, from
-    /// the `testing` feature, to make writes fail on demand).
-    pub async fn open_wrapped(
+    /// Loads the encryption keys, opens the store (passed through `wrap`) and loads every account
+    /// into memory.
+    async fn open(
         config: ServiceConfig,
         clock: Clock,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Result<Self, ServeError> {
         let keys = load_keys(&config.encryption, &config.store, &config.data_dir)?;
+        // SIGHUP and ResealRecords read the same files again.
+        let keys =
+            LiveKeyring::from_files(keys, config.encryption.clone(), config.data_dir.clone());
         let store = wrap(open_store(&config, keys).await?);
         let provider = ProviderClient::new(config.provider.clone())?;
         let broker = Broker::new(
@@ -182,37 +166,99 @@ impl App {
             broker,
         })
     }
+}
 
+/// What [`Service::start_with`] takes besides the settings; the binary passes none of it.
+#[derive(Default)]
+pub struct StartOptions {
+    /// The browser callback's listener, bound already: `--dev` binds it first, since its
+    /// address is the redirect URI. Otherwise `config.callback` says where to bind it.
+    pub callback: Option<TcpListener>,
+    /// Passes the store through this before the broker sees it (tests wrap it in `Faulty`,
+    /// from the `testing` feature, to make writes fail on demand).
+    #[allow(clippy::type_complexity)]
+    pub wrap_store: Option<Box<dyn FnOnce(Arc<dyn Store>) -> Arc<dyn Store> + Send>>,
+}
+
+/// The service, started: every listener bound, keys, store and broker open. The one way to
+/// start it, for the binary, the tests and the benchmarks alike; [`Service::serve`] runs it.
+pub struct Service {
+    app: App,
+    listeners: Listeners,
+}
+
+impl Service {
+    /// Binds every listener in `config` first (a port in use stops the start before any data
+    /// is opened), then loads the keys, opens the store and loads every account.
+    pub async fn start(config: ServiceConfig, clock: Clock) -> Result<Self, ServeError> {
+        Self::start_with(config, clock, StartOptions::default()).await
+    }
+
+    /// [`Service::start`], with a listener bound already or the store wrapped ([`StartOptions`]).
+    pub async fn start_with(
+        config: ServiceConfig,
+        clock: Clock,
+        options: StartOptions,
+    ) -> Result<Self, ServeError> {
+        let grpc = bind(config.listen, "listen").await?;
+        let callback = match (options.callback, &config.callback) {
+            (Some(bound), _) => Some(bound),
+            (None, Some(c)) => Some(bind(c.listen, "callback_listen").await?),
+            (None, None) => None,
+        };
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(bind(addr, "metrics_listen").await?),
+            None => None,
+        };
+        let wrap = options
+            .wrap_store
+            .unwrap_or_else(|| Box::new(|store| store));
+        let app = App::open(config, clock, wrap).await?;
+        Ok(Self {
+            app,
+            listeners: Listeners {
+                grpc,
+                callback,
+                metrics,
+            },
+        })
+    }
+
+    /// Where gRPC is served (the port chosen when `--listen` asked for port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        local_addr(&self.listeners.grpc)
+    }
+
+    /// Where the browser callback is served, if it is.
+    pub fn callback_addr(&self) -> Option<SocketAddr> {
+        self.listeners.callback.as_ref().map(local_addr)
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.listeners.metrics.as_ref().map(local_addr)
+    }
+
+    /// Tests and benchmarks drive refreshes and read state through it.
     pub fn broker(&self) -> &Broker {
-        &self.broker
+        &self.app.broker
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// Serves until `shutdown` resolves, then finishes in-flight calls, flushes the store and
+    /// returns once every task holding the store has ended, so the data directory is free again.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        serve(self.app, self.listeners, shutdown).await
     }
 }
 
-/// Opens the service and serves on `listener` (and on the HTTP addresses in `config`) until
-/// `shutdown` resolves (see [`serve`]).
-pub async fn run(
-    listener: TcpListener,
-    config: ServiceConfig,
-    clock: Clock,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    let (callback, metrics) = bind_http(&config).await?;
-    let listeners = Listeners {
-        grpc: listener,
-        callback,
-        metrics,
-    };
-    serve(App::open(config, clock).await?, listeners, shutdown).await
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .expect("a bound TCP listener has an address")
 }
 
-/// Serves on listeners the caller bound (port 0 in tests, or the ones `--dev` picked) until
-/// `shutdown` resolves, then finishes in-flight calls, flushes the store and returns once every
-/// task holding the store has ended, so the data directory is free again.
-pub async fn serve(
+/// [`Service::serve`]: the shutdown order is in this module's documentation.
+async fn serve(
     app: App,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,

@@ -17,16 +17,20 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use crate::{
     account::AccountId,
     audit, auth,
-    broker::{self, Broker, Removal},
+    backup::format::{Encoder, Header},
+    broker::{self, Broker, Grant, Imported, Removal},
     clock::to_timestamp,
     error::Error,
     proto::{
-        self, AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
-        CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
+        self, AccountInfo, BackupRequest, BackupResponse, BeginAuthRequest, BeginAuthResponse,
+        CompleteAuthRequest, CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest,
+        GetTokenResponse, ImportGrantRequest, ImportGrantResponse, ImportOutcome,
         ListAccountsRequest, ListAccountsResponse, RefreshTokenRequest, RefreshTokenResponse,
-        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome, WatchAccountsRequest,
-        WatchTokenRequest, WatchTokenResponse, credential_service_server::CredentialService,
+        RemoveAccountRequest, RemoveAccountResponse, RemoveOutcome, ResealRecordsRequest,
+        ResealRecordsResponse, WatchAccountsRequest, WatchTokenRequest, WatchTokenResponse,
+        credential_service_server::CredentialService,
     },
+    store::RawAccount,
     tokens::{AccountRecord, AccountStatus, RefreshOutcome, TokenSet},
 };
 
@@ -89,6 +93,70 @@ fn token_message(tokens: &TokenSet) -> WatchTokenResponse {
         token_type: tokens.token_type.clone(),
         expires_at: Some(to_timestamp(tokens.expires_at)),
     }
+}
+
+/// The stream a Backup call answers with.
+pub type BackupStream = Pin<Box<dyn Stream<Item = Result<BackupResponse, Status>> + Send>>;
+
+/// Bytes per Backup message: far below gRPC's 4 MiB default limit, large enough that 100,000
+/// accounts take a few hundred messages.
+const BACKUP_CHUNK: usize = 256 * 1024;
+
+/// The backup file of `records`, encoded lazily as the stream is polled, one chunk at a time.
+fn backup_stream(source: &str, records: Vec<RawAccount>) -> BackupStream {
+    let mut encoder = Some(Encoder::new(&Header::new(source, &records)));
+    let mut records = records.into_iter();
+    let chunks = std::iter::from_fn(move || {
+        let e = encoder.as_mut()?;
+        while e.pending() < BACKUP_CHUNK {
+            match records.next() {
+                Some(r) => e.record(&r),
+                None => return encoder.take().map(|e| e.finish()),
+            }
+        }
+        Some(e.take())
+    });
+    Box::pin(futures::stream::iter(
+        chunks.map(|data| Ok(BackupResponse { data })),
+    ))
+}
+
+/// The grant of an ImportGrant request, checked.
+fn parse_grant(request: ImportGrantRequest) -> Result<(Grant, bool), Error> {
+    let ImportGrantRequest {
+        refresh_token,
+        access_token,
+        access_token_expires_at,
+        replace,
+        ..
+    } = request;
+    if refresh_token.is_empty() {
+        return Err(Error::InvalidArgument("refresh_token is required"));
+    }
+    let access = match (access_token.is_empty(), access_token_expires_at) {
+        (true, None) => None,
+        (false, Some(at)) => Some((
+            access_token.into(),
+            std::time::SystemTime::try_from(at).map_err(|_| {
+                Error::InvalidArgument("access_token_expires_at is not a valid time")
+            })?,
+        )),
+        (false, None) => {
+            return Err(Error::InvalidArgument(
+                "access_token needs access_token_expires_at",
+            ));
+        }
+        (true, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "access_token_expires_at is set without access_token",
+            ));
+        }
+    };
+    let grant = Grant {
+        refresh_token: refresh_token.into(),
+        access,
+    };
+    Ok((grant, replace))
 }
 
 /// The stream a WatchAccounts call answers with.
@@ -465,6 +533,86 @@ impl CredentialService for CredentialApi {
             let tokens = self.broker.refresh_now(account).await?;
             tracing::info!("refreshed on request");
             Ok(Response::new(RefreshTokenResponse {
+                expires_at: Some(to_timestamp(tokens.expires_at)),
+            }))
+        })
+        .await
+    }
+
+    /// Needs the admin role (checked by `Callers::check` in the call layer), whatever its globs:
+    /// it changes no account's content and answers counts and key ids only.
+    #[tracing::instrument(name = "ResealRecords", skip_all)]
+    async fn reseal_records(
+        &self,
+        request: Request<ResealRecordsRequest>,
+    ) -> Result<Response<ResealRecordsResponse>, Status> {
+        let caller = auth::caller(request.extensions())?.clone();
+        let result = match self.broker.reseal().await {
+            Ok(done) => Ok(Response::new(ResealRecordsResponse {
+                key_id: done.key_id,
+                resealed: done.resealed as u64,
+                already_current: done.current as u64,
+                remaining: done
+                    .remaining
+                    .into_iter()
+                    .map(|(key_id, n)| (key_id, n as u64))
+                    .collect(),
+            })),
+            Err(e) => Err(Status::from(e)),
+        };
+        audit::record("ResealRecords", caller.name(), "", audit::outcome(&result));
+        result
+    }
+
+    type BackupStream = BackupStream;
+
+    /// Needs the admin role (checked by `Callers::check` in the call layer) and globs that cover
+    /// every account. Reads the store, not the cache: GetToken goes on meanwhile.
+    #[tracing::instrument(name = "Backup", skip_all)]
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        let caller = auth::caller(request.extensions())?.clone();
+        let result = async {
+            let records = self.broker.export_accounts().await?;
+            let outside = records
+                .iter()
+                .filter(|r| !caller.may_use(&r.account))
+                .count();
+            if outside > 0 {
+                return Err(Error::NotEveryAccount { outside });
+            }
+            Ok(records)
+        }
+        .await
+        .map_err(Status::from);
+        audit::record("Backup", caller.name(), "", audit::outcome(&result));
+        let records = result?;
+        tracing::info!(accounts = records.len(), "backup taken");
+        Ok(Response::new(backup_stream(
+            self.broker.store_kind(),
+            records,
+        )))
+    }
+
+    /// One audit event per grant (account, caller, outcome); never a token.
+    #[tracing::instrument(name = "ImportGrant", skip_all, fields(account = tracing::field::Empty))]
+    async fn import_grant(
+        &self,
+        request: Request<ImportGrantRequest>,
+    ) -> Result<Response<ImportGrantResponse>, Status> {
+        let (metadata, extensions, message) = request.into_parts();
+        let raw = message.account.clone();
+        let request = Request::from_parts(metadata, extensions, ());
+        on_account(request, "ImportGrant", &raw, async |account| {
+            let (grant, replace) = parse_grant(message)?;
+            let (outcome, tokens) = match self.broker.import(account, grant, replace).await? {
+                Imported::Refreshed(tokens) => (ImportOutcome::Refreshed, tokens),
+                Imported::Stored(tokens) => (ImportOutcome::Stored, tokens),
+            };
+            Ok(Response::new(ImportGrantResponse {
+                outcome: outcome.into(),
                 expires_at: Some(to_timestamp(tokens.expires_at)),
             }))
         })

@@ -16,7 +16,7 @@ use credential_service::{
     clock::Clock,
     config::{ServiceConfig, Upstream},
     sealing::{EncryptionConfig, Keyring},
-    server::{self, ServeError},
+    server::{ServeError, Service},
     store::{Expected, SledStore, Store},
     tokens::{AccountRecord, TokenSet},
 };
@@ -265,15 +265,26 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// The real service, via `credential_service::server::run`; returns once health says SERVING.
-    pub async fn service(server_rt: &Handle, config: ServiceConfig, clock: Clock) -> Self {
-        Self::spawn(server_rt, move |listener, stop| {
-            server::run(listener, config, clock, stop)
-        })
-        .await
+    /// The real service, started as the binary starts it ([`Service::start`]) on a port the
+    /// system picks; returns once health says SERVING.
+    pub async fn service(server_rt: &Handle, mut config: ServiceConfig, clock: Clock) -> Self {
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (addr_tx, addr_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        // Started inside the server runtime, so its reactor (not the load generator's) drives the socket.
+        let done = server_rt.spawn(async move {
+            let service = Service::start(config, clock).await?;
+            addr_tx.send(service.grpc_addr()).unwrap();
+            service
+                .serve(async move {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+        Self::serving(addr_rx, stop_tx, done).await
     }
 
-    /// Any server function with the same shape as `server::run`.
+    /// Any other server (the floor) on a loopback listener of its own, served until stopped.
     pub async fn spawn<F, Fut>(server_rt: &Handle, serve: F) -> Self
     where
         F: FnOnce(TcpListener, futures::future::BoxFuture<'static, ()>) -> Fut + Send + 'static,
@@ -290,13 +301,24 @@ impl RunningServer {
             });
             serve(listener, stop).await
         });
-        let addr = addr_rx.await.expect("the server binds");
+        Self::serving(addr_rx, stop_tx, done).await
+    }
+
+    async fn serving(
+        addr: oneshot::Receiver<SocketAddr>,
+        stop: oneshot::Sender<()>,
+        done: JoinHandle<Result<(), ServeError>>,
+    ) -> Self {
+        let addr = match addr.await {
+            Ok(addr) => addr,
+            Err(_) => panic!("the server did not start: {:?}", done.await),
+        };
         wait_until_serving(addr, Duration::from_secs(120))
             .await
             .expect("the server answers health checks");
         Self {
             addr,
-            stop: Some(stop_tx),
+            stop: Some(stop),
             done,
         }
     }

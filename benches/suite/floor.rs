@@ -36,7 +36,7 @@ use tonic::{
 
 const GET_TOKEN_PATH: &str = "/credential.v1.CredentialService/GetToken";
 
-/// Serves the floor on `listener` until `shutdown`, with the routes `server::run` registers; on
+/// Serves the floor on `listener` until `shutdown`, with the routes the service registers; on
 /// tonic's default HTTP/2 settings if `bare`; with each of `lookup`'s accounts answered by its own
 /// token if given.
 pub async fn run(

@@ -4,7 +4,8 @@
 //!
 //! - [`throughput`]: floor versus service, in alternation, with 1, 1,000 and 100,000 accounts.
 //! - [`storm`]: refresh storms, counted at the fake EdgeTag.
-//! - [`scale`]: the real binary on 100,000 accounts: time to serve, memory, throughput.
+//! - [`scale`]: the real binary on 100,000 accounts: time to serve, memory, throughput, and
+//!   [`backup`]: a Backup of them all, alone and under GetToken load.
 //! - [`durable`]: CompleteAuth and refresh latency against a bare sled insert + flush.
 //! - [`postgres`]: the same rows on a private PostgreSQL cluster, a three-replica storm, start-up.
 //! - [`watchers`]: idle WatchToken streams on the real binary, and one refresh fanned out.
@@ -12,6 +13,7 @@
 //!   (only when named: `-- soak`, shortened with `--soak-seconds`).
 //! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
 
+mod backup;
 mod durable;
 mod fixture;
 mod floor;

@@ -242,10 +242,43 @@ pub fn scale(s: &Scale) -> String {
             String::new(),
         ],
     ];
+    let b = &s.backup;
+    let backup_rows = vec![
+        vec![
+            "one Backup stream written to a file and fsynced, no other load".into(),
+            format!(
+                "{:.0} ms ({} accounts, {:.1} MiB)",
+                b.alone.as_secs_f64() * 1000.0,
+                b.accounts,
+                b.bytes as f64 / (1024.0 * 1024.0)
+            ),
+        ],
+        vec![
+            "Backups back to back during the GetToken window".into(),
+            format!(
+                "{} completed, {:.0} ms each on average",
+                b.during,
+                b.during_mean.as_secs_f64() * 1000.0
+            ),
+        ],
+        vec![
+            "GetToken throughput meanwhile (against the row above without backups)".into(),
+            format!(
+                "{:.0} req/s ({:.0}% of {:.0}), p50 {}, p99 {}, {} errors",
+                b.load.rps(),
+                100.0 * b.load.rps() / s.load.rps(),
+                s.load.rps(),
+                fmt_us(b.load.p50_us()),
+                fmt_us(b.load.p99_us()),
+                b.load.errors
+            ),
+        ],
+    ];
     format!(
-        "## Scale: the release binary on {} stored accounts\n\n{}",
+        "## Scale: the release binary on {} stored accounts\n\n{}\n### Backup of them all, online\n\n{}",
         s.accounts,
-        table(&["measure", "value", "target", ""], &rows)
+        table(&["measure", "value", "target", ""], &rows),
+        table(&["measure", "value"], &backup_rows)
     )
 }
 

@@ -25,6 +25,8 @@ pub const MAX_RSS_MB: f64 = 150.0;
 
 pub struct Scale {
     pub accounts: usize,
+    /// Backups on the same binary, with and without GetToken load.
+    pub backup: crate::backup::BackupRun,
     pub time_to_serve: Duration,
     pub rss_after_load_mb: f64,
     pub rss_after_traffic_mb: f64,
@@ -103,9 +105,11 @@ pub async fn run(env: &Env, data_dir: &Path, accounts: Arc<[String]>) -> Scale {
     let rss_after_traffic_mb = status_mb(pid, "VmRSS");
     let peak_rss_mb = status_mb(pid, "VmHWM");
     drop(clients);
+    let backup = crate::backup::run(env, addr, pid, accounts.clone()).await;
     stop(&mut child).await;
     Scale {
         accounts: accounts.len(),
+        backup,
         time_to_serve,
         rss_after_load_mb,
         rss_after_traffic_mb,

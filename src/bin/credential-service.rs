@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use credential_service::{
     config::{KeySettings, Settings, StoreSettings},
-    launch::{self, Launch, LaunchError},
+    launch::{
+        self, Launch, LaunchError,
+        backups::{self, Target},
+    },
     server, telemetry,
 };
 
@@ -29,9 +32,55 @@ struct Cli {
 enum Command {
     /// Re-seal every stored record with the current encryption key, so previous keys can be
     /// retired. With the new key as --encryption-key-file and the old one(s) as
-    /// --previous-encryption-key-file. On sled, with the service stopped; on PostgreSQL, while
-    /// the replicas run (each already holding both keys).
+    /// --previous-encryption-key-file. On sled, with the service stopped (while it serves, SIGHUP
+    /// and `credctl reseal` do the same); on PostgreSQL, also while the replicas run, once each
+    /// holds the new key.
     RotateKeys {
+        /// Directory of the embedded sled database.
+        #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+
+        #[command(flatten)]
+        store: StoreSettings,
+
+        #[command(flatten)]
+        keys: KeySettings,
+    },
+    /// Back up every account of a stopped service (sled's lock allows one process; a running
+    /// service is backed up with `credctl backup`): the records as stored, sealed, in one file
+    /// created 0600 under a temporary name and renamed into place once complete.
+    Backup {
+        /// The backup file to write (replaced if it exists, once the new one is complete).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+
+        /// Directory of the embedded sled database.
+        #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+
+        #[command(flatten)]
+        store: StoreSettings,
+
+        #[command(flatten)]
+        keys: KeySettings,
+    },
+    /// Restore a backup into a stopped service's store, all or nothing: first the checksum and
+    /// every record opened with the configured keys, then one write. Refuses a store that holds
+    /// accounts unless --replace. Versions are kept, so replicas fence correctly on them.
+    Restore {
+        /// The backup file to restore.
+        #[arg(long, value_name = "FILE", required_unless_present = "check")]
+        from: Option<PathBuf>,
+
+        /// Only verify FILE: its checksum, and that every record opens with the keys. Writes
+        /// nothing and opens no store.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["from", "replace"])]
+        check: Option<PathBuf>,
+
+        /// Replace every account the target store holds.
+        #[arg(long)]
+        replace: bool,
+
         /// Directory of the embedded sled database.
         #[arg(long, env = "CREDENTIAL_SERVICE_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
@@ -58,6 +107,38 @@ async fn main() -> ExitCode {
             store,
             keys,
         }) => launch::rotate_keys(&data_dir, &store, &keys).await,
+        Some(Command::Backup {
+            to,
+            data_dir,
+            store,
+            keys,
+        }) => {
+            let target = Target {
+                data_dir: &data_dir,
+                store: &store,
+                keys: &keys,
+            };
+            backups::backup(target, &to).await
+        }
+        Some(Command::Restore {
+            from,
+            check,
+            replace,
+            data_dir,
+            store,
+            keys,
+        }) => {
+            let target = Target {
+                data_dir: &data_dir,
+                store: &store,
+                keys: &keys,
+            };
+            match (check, from) {
+                (Some(file), _) => backups::check(target, &file),
+                (None, Some(file)) => backups::restore(target, &file, replace).await,
+                (None, None) => unreachable!("clap requires --from or --check"),
+            }
+        }
         None => serve(settings, dev).await,
     };
     launch::exit(outcome)

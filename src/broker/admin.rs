@@ -9,6 +9,7 @@ use crate::{
     error::Error,
     metrics::AccountGauges,
     oauth::UpstreamError,
+    store::RawAccount,
     tokens::{AccountRecord, AccountStatus, TokenSet},
 };
 
@@ -34,6 +35,17 @@ impl Broker {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    /// Every account record as stored, sealed, sorted by name (an online backup). Read from the
+    /// store, not the cache: GetToken never waits for it.
+    pub async fn export_accounts(&self) -> Result<Vec<RawAccount>, Error> {
+        Ok(self.inner.store.export_accounts().await?)
+    }
+
+    /// The store's kind (`sled`, `postgres`), for a backup's header.
+    pub fn store_kind(&self) -> &'static str {
+        self.inner.store.kind()
     }
 
     /// One account's current record.
@@ -114,7 +126,7 @@ impl Broker {
         let revoked = {
             let _permit = self
                 .inner
-                .upstream
+                .operator_upstream
                 .acquire()
                 .await
                 .map_err(|_| Error::Internal("upstream limiter closed"))?;

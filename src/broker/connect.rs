@@ -92,7 +92,7 @@ impl Broker {
 
         let exchanged = {
             let _permit = inner
-                .upstream
+                .operator_upstream
                 .acquire()
                 .await
                 .map_err(|_| Error::Internal("upstream limiter closed"))?;
@@ -124,16 +124,46 @@ impl Broker {
             None,
         );
         let record = Arc::new(AccountRecord::connected(tokens));
+        self.install(&pending.account, &record, true)
+            .await
+            .map_err(|e| match e {
+                NotInstalled::Store(cause) => Error::GrantNotStored {
+                    account: pending.account.clone(),
+                    cause,
+                },
+                NotInstalled::Exists => Error::Internal("an account replaced was refused"),
+            })?;
+        tracing::info!(account = %pending.account, "account connected");
+        Ok((pending.account, record.tokens.clone()))
+    }
+}
+
+/// Why [`Broker::install`] stored nothing.
+#[derive(Debug)]
+pub(super) enum NotInstalled {
+    /// The account is connected, and was not to be replaced.
+    Exists,
+    Store(StoreError),
+}
+
+impl Broker {
+    /// Stores a new grant for `account` durably, then serves it: a known account is replaced under
+    /// its write lock (or, without `replace`, left alone); a new one is stored first and only then
+    /// becomes visible. A write that lost a race to another writer (a concurrent CompleteAuth,
+    /// another replica) reloads and tries again; a store that may recover gets a few more chances,
+    /// since the grant may be the only one a person's approval gives.
+    pub(super) async fn install(
+        &self,
+        account: &AccountId,
+        record: &Arc<AccountRecord>,
+        replace: bool,
+    ) -> Result<(), NotInstalled> {
+        let inner = &self.inner;
         let mut write_retries = GRANT_WRITE_RETRIES;
-        // Nothing is served before it is stored: a known account is replaced under its write lock;
-        // a new one is stored first and only then becomes visible. A write that lost a race to
-        // another writer (a concurrent CompleteAuth, another replica) reloads and tries again.
         loop {
-            let existing = inner
-                .accounts
-                .get(&pending.account)
-                .map(|s| s.value().clone());
+            let existing = inner.accounts.get(account).map(|s| s.value().clone());
             let written = match existing {
+                Some(_) if !replace => return Err(NotInstalled::Exists),
                 Some(slot) => {
                     let _write = slot.write.lock().await;
                     if slot.removed.load(Ordering::Acquire) {
@@ -141,7 +171,7 @@ impl Broker {
                     }
                     match inner
                         .store
-                        .put_account(&pending.account, &record, slot.expected())
+                        .put_account(account, record, slot.expected())
                         .await
                     {
                         Ok(version) => {
@@ -155,43 +185,37 @@ impl Broker {
                 }
                 None => match inner
                     .store
-                    .put_account(&pending.account, &record, Expected::Absent)
+                    .put_account(account, record, Expected::Absent)
                     .await
                 {
-                    Ok(version) => match inner.accounts.entry(pending.account.clone()) {
+                    Ok(version) => match inner.accounts.entry(account.clone()) {
                         dashmap::Entry::Vacant(vacant) => {
-                            let slot = inner.new_slot(&pending.account, (*record).clone(), version);
+                            let slot = inner.new_slot(account, (**record).clone(), version);
                             vacant.insert(slot.clone());
                             slot.touch(); // a new account, for WatchAccounts
                             Ok(())
                         }
-                        // Only a reload can have created it meanwhile; replace it under its lock.
+                        // Only a reload can have created it meanwhile, from what was just stored
+                        // (or newer): replace it under its lock, or keep it when not replacing.
+                        dashmap::Entry::Occupied(_) if !replace => Ok(()),
                         dashmap::Entry::Occupied(_) => continue,
                     },
                     Err(e) => Err(e),
                 },
             };
-            let not_stored = |cause| Error::GrantNotStored {
-                account: pending.account.clone(),
-                cause,
-            };
             match written {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(StoreError::Conflict(_)) => {
-                    self.reload(&pending.account).await.map_err(not_stored)?;
+                    self.reload(account).await.map_err(NotInstalled::Store)?;
                 }
-                // EdgeTag has used the code up: this token set is the only one the person's
-                // approval will give, so a store that may recover gets a few more chances.
                 Err(cause) if cause.may_pass_on_retry() && !write_retries.is_empty() => {
                     let wait = write_retries[0];
                     write_retries = &write_retries[1..];
-                    tracing::warn!(account = %pending.account, error = %cause, retry_in = ?wait, "cannot store the new grant yet; retrying");
+                    tracing::warn!(account = %account, error = %cause, retry_in = ?wait, "cannot store the new grant yet; retrying");
                     tokio::time::sleep(wait).await;
                 }
-                Err(cause) => return Err(not_stored(cause)),
+                Err(cause) => return Err(NotInstalled::Store(cause)),
             }
         }
-        tracing::info!(account = %pending.account, "account connected");
-        Ok((pending.account, record.tokens.clone()))
     }
 }

@@ -1,7 +1,8 @@
 //! Following other processes: when a shared store reports that another process changed an account
 //! (a refresh, a new CompleteAuth, a removal), the slot is reloaded from the store, so memory
 //! follows the database. A record replaces the one in memory only when its version is newer; a
-//! resync reloads everything. On sled no change ever arrives.
+//! resync reloads everything. A record that does not open with the keys this process holds
+//! leaves memory as it was (see [`unopened`](super::unopened)). On sled no change ever arrives.
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -29,34 +30,56 @@ impl Broker {
                         Ok(())
                     }
                 };
-                if let Err(e) = applied {
-                    tracing::warn!(error = %e, change = ?change, "could not apply a change from the store; the next resync will");
+                match applied {
+                    Ok(()) | Err(StoreError::KeyNotHeld { .. }) => {} // noted once, by key
+                    Err(e) => {
+                        tracing::warn!(error = %e, change = ?change, "could not apply a change from the store; the next resync will")
+                    }
                 }
             }
         }
     }
 
-    /// Makes memory match the store for one account.
+    /// Makes memory match the store for one account. A record sealed with a key this process
+    /// does not hold is noted, and memory kept.
     pub(super) async fn reload(&self, account: &AccountId) -> Result<(), StoreError> {
-        let stored = self.inner.store.load_account(account).await?;
+        let stored = self.inner.store.load_account(account).await;
+        if self.inner.noted_if_key_missing(account, &stored) {
+            return stored.map(drop);
+        }
+        let stored = stored?;
+        self.inner.opened(account);
         self.apply(account, stored).await;
         Ok(())
     }
 
-    /// Makes memory match the store for every account.
+    /// Makes memory match the store for every account. An account whose record does not open is
+    /// kept as memory has it (never taken for removed).
     async fn resync(&self) -> Result<(), StoreError> {
-        let stored = self.inner.store.load_accounts().await?;
+        let stored = self.inner.store.scan_accounts().await?;
         let mut gone: std::collections::HashSet<AccountId> = self
             .inner
             .accounts
             .iter()
             .map(|e| e.key().clone())
             .collect();
-        for (account, versioned) in stored {
+        for (account, opened) in stored {
             gone.remove(&account);
-            self.apply(&account, Some(versioned)).await;
+            if self.inner.noted_if_key_missing(&account, &opened) {
+                continue;
+            }
+            match opened {
+                Ok(versioned) => {
+                    self.inner.opened(&account);
+                    self.apply(&account, Some(versioned)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(account = %account, error = %e, "a stored account does not open; keeping what memory has");
+                }
+            }
         }
         for account in gone {
+            self.inner.opened(&account);
             self.apply(&account, None).await;
         }
         Ok(())

@@ -22,12 +22,15 @@
 //! - [`get`](self::get): GetToken, and the one answer for each cause when no refresh can help;
 //! - [`refresh`](self::refresh): the single flight and the refresh state machine;
 //! - [`outcome`](self::outcome): what a refresh produces, and why it failed ([`RefreshFailure`]);
-//! - [`admin`](self::admin): list, describe, refresh now, remove, gauges;
+//! - [`admin`](self::admin): list, describe, refresh now, remove, gauges, the records for a backup;
+//! - [`import`](self::import): grants obtained elsewhere, checked with EdgeTag, then stored;
 //! - [`slot`]: one account in memory, its locks and their order;
 //! - [`policy`]: due times, margins, freshness, back-off and jitter, as pure functions;
 //! - [`freshness`](self::freshness): that policy with the broker's settings and clock in force;
 //! - [`scheduler`](self::scheduler): background refreshes, most urgent first;
 //! - [`follow`](self::follow): reloading what other processes changed in a shared store;
+//! - [`unopened`](self::unopened): records sealed with a key this process does not hold yet;
+//! - [`reseal`](self::reseal): taking up new key files, and re-sealing every record with the current key;
 //! - [`events`](self::events): WatchAccounts, each account's transitions for operators.
 
 mod admin;
@@ -36,11 +39,15 @@ mod events;
 mod follow;
 mod freshness;
 mod get;
+mod import;
 mod outcome;
+mod places;
 pub mod policy;
 mod refresh;
+mod reseal;
 mod scheduler;
 mod slot;
+mod unopened;
 mod watch;
 
 use std::{
@@ -61,6 +68,7 @@ use crate::{
 pub use self::{
     admin::Removal,
     events::{AccountEvent, AccountEventKind, Failing},
+    import::{Grant, Imported},
     outcome::RefreshFailure,
 };
 
@@ -72,8 +80,15 @@ pub struct BrokerConfig {
     /// GetToken refreshes first when the token expires within this margin (capped at half the
     /// token's lifetime, see [`policy::margin`]).
     pub refresh_margin: Duration,
-    /// Most token-endpoint requests in flight at once, over all accounts (per process).
+    /// Refreshes asking the token endpoint at once, over all accounts (per process); code
+    /// exchanges and revocations have as many places of their own (see [`places`]).
     pub upstream_concurrency: usize,
+    /// When an unanswered refresh request stops holding its place.
+    pub upstream_stall_after: Duration,
+    /// Most refresh requests out at once, stalled ones included.
+    pub upstream_max_in_flight: usize,
+    /// How long a refresh that callers wait for may wait for a place.
+    pub upstream_queue_timeout: Duration,
     /// When and how persistently to refresh.
     pub refresh: RefreshPolicy,
 }
@@ -84,6 +99,9 @@ impl Default for BrokerConfig {
             state_ttl: Duration::from_secs(600),
             refresh_margin: Duration::from_secs(300),
             upstream_concurrency: 8,
+            upstream_stall_after: Duration::from_millis(500),
+            upstream_max_in_flight: 32,
+            upstream_queue_timeout: Duration::from_secs(2),
             refresh: RefreshPolicy::default(),
         }
     }
@@ -176,8 +194,11 @@ struct Inner {
     /// foldhash rather than SipHash: lookups are the hot path, and only operators add keys, so
     /// there is no hash-flooding surface.
     accounts: DashMap<AccountId, Arc<Slot>, foldhash::fast::RandomState>,
-    /// Caps token-endpoint requests over all accounts.
-    upstream: Semaphore,
+    /// Places for refresh requests to the token endpoint, over all accounts.
+    places: places::Places,
+    /// Caps code exchanges and revocations: an operator waits for those, so they never queue
+    /// behind refreshes.
+    operator_upstream: Semaphore,
     /// Caps background refreshes, so a wave of due accounts never queues ahead of callers.
     background: Arc<Semaphore>,
     /// Wakes the scheduler before its next tick (after EdgeTag recovered, say).
@@ -194,6 +215,10 @@ struct Inner {
     /// Set when an account starts backing off after an outage (here, or learned from the store);
     /// the next successful refresh ends those back-offs (EdgeTag is back).
     transient_backoffs: AtomicBool,
+    /// Accounts whose stored record needs a key this process does not hold yet.
+    unopened: std::sync::Mutex<unopened::Unopened>,
+    /// One re-seal at a time.
+    resealing: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -205,13 +230,19 @@ impl Broker {
         config: BrokerConfig,
     ) -> Result<Self, StoreError> {
         let cap = config.upstream_concurrency.max(1);
+        let limits = places::Limits {
+            places: cap,
+            max_in_flight: config.upstream_max_in_flight,
+            stall_after: config.upstream_stall_after,
+        };
         let inner = Arc::new(Inner {
             store,
             provider,
             clock,
             config,
             accounts: DashMap::default(),
-            upstream: Semaphore::new(cap),
+            places: places::Places::new(limits),
+            operator_upstream: Semaphore::new(cap),
             background: Arc::new(Semaphore::new(cap)),
             wake_scheduler: Notify::new(),
             #[cfg(any(test, feature = "testing"))]
@@ -220,6 +251,8 @@ impl Broker {
             refreshes: tokio_util::task::TaskTracker::new(),
             margin_cap_logged: AtomicBool::new(false),
             transient_backoffs: AtomicBool::new(false),
+            unopened: Default::default(),
+            resealing: Default::default(),
         });
         for (id, stored) in inner.store.load_accounts().await? {
             let slot = inner.new_slot(&id, stored.record, stored.version);

@@ -33,6 +33,9 @@ pub enum RefreshFailure {
     /// The store failed otherwise while claiming the account (logged where it happened): nothing
     /// was asked of EdgeTag.
     ClaimFailed,
+    /// Every place for EdgeTag requests stayed taken for the queue timeout (EdgeTag is slow):
+    /// nothing was asked, and the account does not back off for it.
+    NoPlace,
     /// The account was removed meanwhile.
     Removed,
     /// The refresh task panicked.
@@ -56,6 +59,7 @@ impl RefreshFailure {
             Self::ClaimFailed => {
                 Error::Internal("the account's refresh could not be claimed in the store")
             }
+            Self::NoPlace => Error::UpstreamBusy(account.clone()),
             Self::Removed => Error::UnknownAccount(account.clone()),
             Self::Panicked => Error::Internal("refresh task failed"),
         }
@@ -70,6 +74,7 @@ impl RefreshFailure {
             | Self::Removed
             | Self::Panicked
             | Self::StoreUnavailable
+            | Self::NoPlace
             | Self::ClaimFailed => RefreshEventKind::Failed,
         }
     }

@@ -19,11 +19,12 @@ use std::{
 
 use futures::FutureExt;
 use secrecy::SecretString;
-use tokio::sync::{SemaphorePermit, TryAcquireError};
+use tokio::sync::Notify;
 
 use super::{
     Inner, RefreshEventKind,
     outcome::{RefreshFailure, RefreshResult, SharedRefresh},
+    places::{NoPlace, Place, Priority},
     policy,
     slot::{Health, HeldBack, Inflight, Slot},
 };
@@ -44,6 +45,16 @@ pub(super) enum Trigger {
     Operator,
 }
 
+impl Trigger {
+    /// Where its request queues for a place (see [`super::places`]).
+    fn priority(self) -> Priority {
+        match self {
+            Self::Caller | Self::Operator => Priority::Waited,
+            Self::Background => Priority::Ahead,
+        }
+    }
+}
+
 static NEXT_REFRESH_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Inner {
@@ -59,6 +70,9 @@ impl Inner {
     ) -> Option<SharedRefresh> {
         let mut inflight = slot.inflight();
         if let Some(running) = &*inflight {
+            if trigger != Trigger::Background {
+                running.waited.notify_one();
+            }
             return Some(running.result.clone());
         }
         if trigger == Trigger::Caller
@@ -67,13 +81,17 @@ impl Inner {
             return None;
         }
         let id = NEXT_REFRESH_ID.fetch_add(1, Ordering::Relaxed);
+        let waited = Arc::new(Notify::new());
         let task = self.refreshes.spawn(refresh_task(
             self.clone(),
-            account.clone(),
-            slot.clone(),
-            seen,
-            id,
-            trigger,
+            RefreshOf {
+                account: account.clone(),
+                slot: slot.clone(),
+                seen,
+                id,
+                trigger,
+                waited: waited.clone(),
+            },
         ));
         let result = async move { task.await.unwrap_or(Err(RefreshFailure::Panicked)) }
             .boxed()
@@ -81,27 +99,40 @@ impl Inner {
         *inflight = Some(Inflight {
             id,
             result: result.clone(),
+            waited,
         });
         Some(result)
     }
 
-    /// A place in the upstream cap, waited for; refused only when the broker shuts down.
-    async fn upstream_place(&self) -> Result<SemaphorePermit<'_>, UpstreamError> {
-        self.upstream
-            .acquire()
-            .await
-            .map_err(|_| UpstreamError::Unreachable("shutting down"))
+    /// A place for the refresh's request to EdgeTag: a refresh someone waits for goes first and
+    /// waits at most the queue timeout; refresh-ahead waits behind, as long as it takes.
+    /// A refresh-ahead that a caller joins while it queues moves to the front part of the queue
+    /// (`waited`).
+    async fn upstream_place(
+        &self,
+        trigger: Trigger,
+        waited: &Notify,
+    ) -> Result<Place<'_>, NoPlace> {
+        let wait = Some(self.config.upstream_queue_timeout);
+        if trigger.priority() == Priority::Waited {
+            return self.places.acquire(Priority::Waited, wait).await;
+        }
+        tokio::select! {
+            place = self.places.acquire(Priority::Ahead, None) => place,
+            () = waited.notified() => self.places.acquire(Priority::Waited, wait).await,
+        }
     }
 
     /// One refresh request with retries for transient failures, inside the policy's budget; the
-    /// first try uses `permit`, a place in the upstream cap already taken. A retry goes ahead only
+    /// first try uses `place`, taken already. A retry goes ahead only
     /// if a place is free when its pause ends: the caller holds the account's claim (on a shared
     /// store a row lock and a pooled connection), which must not wait in the queue for the cap.
     /// Returns when the successful request was sent, for a conservative expiry.
     async fn refresh_with_retries(
         &self,
         refresh_token: &SecretString,
-        mut permit: SemaphorePermit<'_>,
+        mut place: Place<'_>,
+        priority: Priority,
     ) -> Result<(SystemTime, TokenResponse), UpstreamError> {
         let policy = &self.config.refresh;
         let started = Instant::now();
@@ -109,8 +140,8 @@ impl Inner {
         let mut attempt = 1;
         loop {
             let requested_at = self.clock.now();
-            let result = self.provider.refresh(refresh_token).await;
-            drop(permit);
+            let result = place.run(self.provider.refresh(refresh_token)).await;
+            drop(place);
             let e = match result {
                 Ok(response) => return Ok((requested_at, response)),
                 Err(e) => e,
@@ -126,13 +157,10 @@ impl Inner {
             }
             tracing::debug!(error = %e, attempt, "transient refresh failure; retrying");
             tokio::time::sleep(wait).await;
-            permit = match self.upstream.try_acquire() {
-                Ok(permit) => permit,
+            place = match self.places.try_acquire(priority) {
+                Some(place) => place,
                 // Every place is taken: this failure is the answer, and the back-off takes over.
-                Err(TryAcquireError::NoPermits) => return Err(e),
-                Err(TryAcquireError::Closed) => {
-                    return Err(UpstreamError::Unreachable("shutting down"));
-                }
+                None => return Err(e),
             };
             pause *= 2;
             attempt += 1;
@@ -289,17 +317,29 @@ impl Drop for InflightGuard {
     }
 }
 
-/// One refresh, start to end: the held-back set first if there is one; else [`Refresh::claim`]
-/// the account, [`Refresh::ask_edgetag`], and [`Refresh::persist_and_publish`] its answer.
-#[tracing::instrument(name = "refresh", skip_all, fields(account = %account))]
-async fn refresh_task(
-    inner: Arc<Inner>,
+/// What one refresh task is about (see [`Inner::start_refresh`]).
+struct RefreshOf {
     account: AccountId,
     slot: Arc<Slot>,
+    /// The token set the asker judged too old.
     seen: Arc<TokenSet>,
     id: u64,
     trigger: Trigger,
-) -> RefreshResult {
+    waited: Arc<Notify>,
+}
+
+/// One refresh, start to end: the held-back set first if there is one; else [`Refresh::claim`]
+/// the account, [`Refresh::ask_edgetag`], and [`Refresh::persist_and_publish`] its answer.
+#[tracing::instrument(name = "refresh", skip_all, fields(account = %of.account))]
+async fn refresh_task(inner: Arc<Inner>, of: RefreshOf) -> RefreshResult {
+    let RefreshOf {
+        account,
+        slot,
+        seen,
+        id,
+        trigger,
+        waited,
+    } = of;
     let _guard = InflightGuard {
         slot: slot.clone(),
         id,
@@ -336,12 +376,15 @@ async fn refresh_task(
         account: &account,
         slot: &slot,
         current,
+        waited: &waited,
     };
-    let (permit, claim) = match refresh.claim(trigger).await {
+    let (place, claim) = match refresh.claim(trigger).await {
         Ok(claimed) => claimed,
         Err(answer) => return answer,
     };
-    let answer = refresh.ask_edgetag(&refresh_token, permit, claim).await?;
+    let answer = refresh
+        .ask_edgetag(&refresh_token, place, trigger.priority(), claim)
+        .await?;
     refresh.persist_and_publish(answer, &refresh_token).await
 }
 
@@ -366,6 +409,8 @@ struct Refresh<'a> {
     account: &'a AccountId,
     slot: &'a Slot,
     current: Arc<AccountRecord>,
+    /// Notified when a caller joins (see [`Inner::upstream_place`]).
+    waited: &'a Notify,
 }
 
 /// EdgeTag's new token set, with the claim still held for writing it.
@@ -385,16 +430,16 @@ impl<'a> Refresh<'a> {
     async fn claim(
         &self,
         trigger: Trigger,
-    ) -> Result<(SemaphorePermit<'a>, Box<dyn RefreshClaim>), RefreshResult> {
+    ) -> Result<(Place<'a>, Box<dyn RefreshClaim>), RefreshResult> {
         let inner: &'a Inner = self.inner;
         let (account, slot, current) = (self.account, self.slot, &self.current);
         // A place in the upstream cap first, the claim second: on a shared store a claim holds a
         // row lock and a pooled connection until the refresh ends, so claims must not queue for
         // places.
-        let permit = inner
-            .upstream_place()
+        let place = inner
+            .upstream_place(trigger, self.waited)
             .await
-            .map_err(|e| Err(RefreshFailure::Upstream(e)))?;
+            .map_err(|NoPlace| Err(RefreshFailure::NoPlace))?;
         // Fleet-wide, only the claim holder refreshes; a newer record stored elsewhere is the
         // answer. The scheduler never waits for another process's refresh, and honours the
         // fleet's back-off.
@@ -409,7 +454,7 @@ impl<'a> Refresh<'a> {
             .claim_refresh(account, slot.version.load(Ordering::Acquire), mode)
             .await
         {
-            Ok(Claim::Granted(claim)) => Ok((permit, claim)),
+            Ok(Claim::Granted(claim)) => Ok((place, claim)),
             Ok(Claim::Superseded(newer)) => {
                 let record = Arc::new(newer.record);
                 inner.publish(slot, record.clone(), newer.version);
@@ -438,8 +483,16 @@ impl<'a> Refresh<'a> {
             }
             Err(e) => {
                 // Noted like any failed refresh, so that callers the demand limit answers without
-                // a refresh of their own get the same answer, and the scheduler backs off.
-                let failure = claim_failure(e);
+                // a refresh of their own get the same answer, and the scheduler backs off. A
+                // record another replica sealed with a key this one lacks is logged once per key
+                // and taken up after the next key reload.
+                let failure = match e {
+                    StoreError::KeyNotHeld { key_id, .. } => {
+                        inner.note_unopened(account, &key_id);
+                        RefreshFailure::ClaimFailed
+                    }
+                    e => claim_failure(e),
+                };
                 let now = inner.clock.now();
                 Err(Err(inner.note_failure(account, slot, current, failure, now)))
             }
@@ -453,12 +506,16 @@ impl<'a> Refresh<'a> {
     async fn ask_edgetag(
         &self,
         refresh_token: &SecretString,
-        permit: SemaphorePermit<'_>,
+        place: Place<'_>,
+        priority: Priority,
         claim: Box<dyn RefreshClaim>,
     ) -> Result<Answer, RefreshFailure> {
         let (inner, account, slot, current) = (self.inner, self.account, self.slot, &self.current);
         let attempted_at = inner.clock.now();
-        match inner.refresh_with_retries(refresh_token, permit).await {
+        match inner
+            .refresh_with_retries(refresh_token, place, priority)
+            .await
+        {
             Ok((requested_at, response)) => Ok(Answer {
                 claim,
                 attempted_at,

@@ -103,6 +103,9 @@ pub(super) struct HeldBack {
 pub(super) struct Inflight {
     pub(super) id: u64,
     pub(super) result: SharedRefresh,
+    /// Told when a caller joins a refresh-ahead: its request then queues as one someone waits
+    /// for (see `places`).
+    pub(super) waited: Arc<tokio::sync::Notify>,
 }
 
 impl Slot {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::ConfigError;
+use super::{ConfigError, flag};
 
 /// The smallest header limit hyper's HTTP/1 server accepts (its `max_buf_size`).
 const MIN_HEADER_BYTES: usize = 8192;
@@ -58,20 +58,21 @@ impl Default for HttpLimits {
 impl HttpLimitSettings {
     pub(super) fn resolve(&self) -> Result<HttpLimits, ConfigError> {
         if self.http_max_connections == 0 {
-            return Err(ConfigError(
-                "--http-max-connections / CREDENTIAL_SERVICE_HTTP_MAX_CONNECTIONS must be at least 1"
-                    .into(),
-            ));
+            return Err(ConfigError(format!(
+                "{} must be at least 1",
+                flag("http_max_connections")
+            )));
         }
         if self.http_header_timeout.is_zero() {
-            return Err(ConfigError(
-                "--http-header-timeout / CREDENTIAL_SERVICE_HTTP_HEADER_TIMEOUT must be longer than zero"
-                    .into(),
-            ));
+            return Err(ConfigError(format!(
+                "{} must be longer than zero",
+                flag("http_header_timeout")
+            )));
         }
         if self.http_max_header_bytes < MIN_HEADER_BYTES {
             return Err(ConfigError(format!(
-                "--http-max-header-bytes / CREDENTIAL_SERVICE_HTTP_MAX_HEADER_BYTES must be at least {MIN_HEADER_BYTES}"
+                "{} must be at least {MIN_HEADER_BYTES}",
+                flag("http_max_header_bytes")
             )));
         }
         Ok(HttpLimits {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::ConfigError;
+use super::{ConfigError, flag};
 
 /// What one peer, or all of them together, may hold of the gRPC listener at once. Each bound
 /// answers a way to exhaust the service's memory or file descriptors without credentials.
@@ -114,60 +114,33 @@ impl Default for Limits {
 impl LimitSettings {
     pub(super) fn resolve(&self) -> Result<Limits, ConfigError> {
         let counts = [
-            (
-                self.max_request_bytes,
-                "--max-request-bytes / CREDENTIAL_SERVICE_MAX_REQUEST_BYTES",
-            ),
-            (
-                self.max_connections,
-                "--max-connections / CREDENTIAL_SERVICE_MAX_CONNECTIONS",
-            ),
+            (self.max_request_bytes, "max_request_bytes"),
+            (self.max_connections, "max_connections"),
             (
                 self.max_streams_per_connection as usize,
-                "--max-streams-per-connection / CREDENTIAL_SERVICE_MAX_STREAMS_PER_CONNECTION",
+                "max_streams_per_connection",
             ),
-            (
-                self.max_calls_in_flight,
-                "--max-calls-in-flight / CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT",
-            ),
-            (
-                self.max_open_calls_in_flight,
-                "--max-open-calls-in-flight / CREDENTIAL_SERVICE_MAX_OPEN_CALLS_IN_FLIGHT",
-            ),
-            (
-                self.max_health_watches,
-                "--max-health-watches / CREDENTIAL_SERVICE_MAX_HEALTH_WATCHES",
-            ),
-            (
-                self.max_watchers,
-                "--max-watchers / CREDENTIAL_SERVICE_MAX_WATCHERS",
-            ),
-            (
-                self.max_watchers_per_caller,
-                "--max-watchers-per-caller / CREDENTIAL_SERVICE_MAX_WATCHERS_PER_CALLER",
-            ),
+            (self.max_calls_in_flight, "max_calls_in_flight"),
+            (self.max_open_calls_in_flight, "max_open_calls_in_flight"),
+            (self.max_health_watches, "max_health_watches"),
+            (self.max_watchers, "max_watchers"),
+            (self.max_watchers_per_caller, "max_watchers_per_caller"),
         ];
-        for (value, name) in counts {
+        for (value, id) in counts {
             if value == 0 {
-                return Err(ConfigError(format!("{name} must be at least 1")));
+                return Err(ConfigError(format!("{} must be at least 1", flag(id))));
             }
         }
-        for (value, name) in [
-            (
-                self.handshake_timeout,
-                "--handshake-timeout / CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT",
-            ),
-            (
-                self.http2_keepalive_interval,
-                "--http2-keepalive-interval / CREDENTIAL_SERVICE_HTTP2_KEEPALIVE_INTERVAL",
-            ),
-            (
-                self.http2_keepalive_timeout,
-                "--http2-keepalive-timeout / CREDENTIAL_SERVICE_HTTP2_KEEPALIVE_TIMEOUT",
-            ),
+        for (value, id) in [
+            (self.handshake_timeout, "handshake_timeout"),
+            (self.http2_keepalive_interval, "http2_keepalive_interval"),
+            (self.http2_keepalive_timeout, "http2_keepalive_timeout"),
         ] {
             if value.is_zero() {
-                return Err(ConfigError(format!("{name} must be longer than zero")));
+                return Err(ConfigError(format!(
+                    "{} must be longer than zero",
+                    flag(id)
+                )));
             }
         }
         Ok(Limits {

@@ -16,7 +16,8 @@ const RESERVE: u64 = 128;
 const NR_OPEN: u64 = 1 << 20;
 
 /// The descriptors the bounds in `config` may hold at once: every gRPC connection, every HTTP
-/// connection of each HTTP listener, each request to EdgeTag in flight, and [`RESERVE`]. The
+/// connection of each HTTP listener, each request to EdgeTag that may be out (refreshes, stalled
+/// ones included, and the code exchanges and revocations beside them), and [`RESERVE`]. The
 /// systemd unit's `LimitNOFILE` is checked against it.
 pub fn budget(config: &ServiceConfig) -> u64 {
     let http_listeners =
@@ -24,6 +25,12 @@ pub fn budget(config: &ServiceConfig) -> u64 {
     let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     count(config.limits.max_connections)
         .saturating_add(count(config.http_limits.max_connections).saturating_mul(http_listeners))
+        .saturating_add(count(
+            config
+                .broker
+                .upstream_max_in_flight
+                .max(config.broker.upstream_concurrency),
+        ))
         .saturating_add(count(config.broker.upstream_concurrency))
         .saturating_add(RESERVE)
 }
@@ -60,8 +67,9 @@ pub fn raise_and_check(config: &ServiceConfig) {
                 StoreConfig::Postgres(_) => "postgres",
             },
             "the open-file limit is below what the bounds may hold (--max-connections, plus \
-             --http-max-connections per HTTP listener, plus --upstream-concurrency and {RESERVE} \
-             for the rest): raise it (LimitNOFILE= under systemd, ulimit -n) or lower those bounds"
+             --http-max-connections per HTTP listener, plus --upstream-max-in-flight and \
+             --upstream-concurrency for EdgeTag, plus {RESERVE} for the rest): raise it \
+             (LimitNOFILE= under systemd, ulimit -n) or lower those bounds"
         );
     } else {
         tracing::info!(open_files = limit, needed, "open-file limit");

@@ -26,7 +26,7 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
-        what: &'static str,
+        what: String,
         addr: SocketAddr,
         source: std::io::Error,
     },

@@ -1,17 +1,17 @@
 //! Background work for as long as the server runs: the broker's refresh scheduler, the purge of
-//! expired pending authorizations, the callers-file reload on SIGHUP, the audit's periodic
-//! flush of its counts and that of the refusal logs.
+//! expired pending authorizations, the callers-file and encryption-key reloads on SIGHUP, the
+//! audit's periodic flush of its counts and that of the refusal logs.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::task::JoinHandle;
 
-use super::signals::reload_on_sighup;
+use super::{rekey::reload_keys_on_sighup, signals::reload_on_sighup};
 use crate::{broker::Broker, clock::Clock, config::ServiceConfig, store::Store};
 
 /// The upkeep tasks; each holds a store handle until [`Upkeep::stop`] has waited for it.
 pub(super) struct Upkeep {
-    tasks: [JoinHandle<()>; 5],
+    tasks: [JoinHandle<()>; 6],
 }
 
 impl Upkeep {
@@ -28,6 +28,7 @@ impl Upkeep {
                 tokio::spawn(reload_on_sighup(config.callers.clone())),
                 tokio::spawn(crate::audit::run_flusher(config.audit)),
                 tokio::spawn(super::limits::run_refusal_log_flusher()),
+                tokio::spawn(reload_keys_on_sighup(broker.clone())),
             ],
         }
     }

@@ -11,11 +11,11 @@ use prost::Message;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use super::{StoreError, Version, Versioned};
+use super::{RawAccount, StoreError, Version, Versioned};
 use crate::{
     account::AccountId,
     clock::{from_unix_ms, to_unix_ms},
-    sealing::Keyring,
+    sealing::{Keyring, LiveKeyring, UnsealError},
     tokens::{AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, TokenSet},
 };
 
@@ -31,10 +31,11 @@ pub fn state_key(state: &str) -> [u8; 32] {
     Sha256::digest(state.as_bytes()).into()
 }
 
-/// Seals and opens records with one keyring.
+/// Seals and opens records with the keyring in force (replaced whole when the key files are
+/// reloaded).
 #[derive(Clone)]
 pub struct Codec {
-    keys: Keyring,
+    keys: LiveKeyring,
 }
 
 impl fmt::Debug for Codec {
@@ -43,15 +44,29 @@ impl fmt::Debug for Codec {
     }
 }
 
-/// A record opened by [`Codec::reseal`]: sealed again with the current key, or already current.
+/// What [`Codec::reseal`] made of a record.
 pub enum Resealing {
+    /// Sealed with the current key already: nothing to write.
     Current,
+    /// The same plaintext (version included), sealed again with the current key.
     Resealed(Vec<u8>),
+    /// It does not open with the keys in force: it stays as it is, sealed with this key id.
+    Unopened(String),
 }
 
 impl Codec {
-    pub fn new(keys: Keyring) -> Self {
-        Self { keys }
+    pub fn new(keys: impl Into<LiveKeyring>) -> Self {
+        Self { keys: keys.into() }
+    }
+
+    /// The keyring in force, which a key reload replaces in place.
+    pub fn keyring(&self) -> &LiveKeyring {
+        &self.keys
+    }
+
+    /// The id of the key new records are sealed with.
+    pub fn current_key_id(&self) -> String {
+        self.keys.get().current_id()
     }
 
     /// The sealed pending record for the state whose key is `key` ([`state_key`]).
@@ -62,7 +77,7 @@ impl Codec {
             verifier: pending.verifier.expose_secret().to_owned(),
             expires_at_ms: to_unix_ms(pending.expires_at),
         };
-        self.keys.seal(PENDING, key, &record.encode_to_vec())
+        self.keys.get().seal(PENDING, key, &record.encode_to_vec())
     }
 
     pub fn open_pending(&self, key: &[u8], sealed: &[u8]) -> Result<PendingAuth, StoreError> {
@@ -96,7 +111,7 @@ impl Codec {
         record: &AccountRecord,
         version: Version,
     ) -> Vec<u8> {
-        self.keys.seal(
+        self.keys.get().seal(
             ACCOUNTS,
             account.as_str().as_bytes(),
             &encode_account(record, version),
@@ -109,39 +124,44 @@ impl Codec {
         key: &[u8],
         sealed: &[u8],
     ) -> Result<(AccountId, Versioned), StoreError> {
-        let name = std::str::from_utf8(key)
-            .ok()
-            .and_then(|s| AccountId::parse(s).ok())
-            .ok_or_else(|| StoreError::Corrupt {
-                tree: ACCOUNTS,
-                reason: "key is not an account name".into(),
-            })?;
+        let name = account_of_key(key)?;
         let plaintext = self.unseal(ACCOUNTS, key, sealed, Some(&name))?;
         Ok((name, decode_account(&plaintext)?))
     }
 
-    /// Opens any record and seals it again with the current key unless it already is.
-    pub fn reseal(
-        &self,
-        tree: &'static str,
-        key: &[u8],
-        sealed: &[u8],
-    ) -> Result<Resealing, StoreError> {
-        let unsealed = self
-            .keys
-            .unseal(tree, key, sealed)
-            .map_err(|e| StoreError::Corrupt {
-                tree,
-                reason: match tree {
-                    ACCOUNTS => format!("account {}: {e}", String::from_utf8_lossy(key)),
-                    _ => e.to_string(),
-                },
-            })?;
-        Ok(if unsealed.current {
-            Resealing::Current
-        } else {
-            Resealing::Resealed(self.keys.seal(tree, key, &unsealed.plaintext))
+    /// The record stored under `key`, copied as it is, with the version and needs-reauth mark read
+    /// by opening it in memory: a record that does not open with these keys is refused here.
+    pub fn raw_account(&self, key: &[u8], sealed: &[u8]) -> Result<RawAccount, StoreError> {
+        let (account, versioned) = self.open_account(key, sealed)?;
+        Ok(RawAccount {
+            account,
+            version: versioned.version,
+            needs_reauth: versioned.record.status == AccountStatus::NeedsReauth,
+            sealed: sealed.to_vec(),
         })
+    }
+
+    /// Opens any record and seals it again with the current key unless its header says it already
+    /// is. A record that does not open (a key not held, or tampered with) is left for the caller
+    /// to count.
+    pub fn reseal(&self, tree: &'static str, key: &[u8], sealed: &[u8]) -> Resealing {
+        let keys = self.keys.get();
+        // The header names the key: a record on the current one needs no deciphering.
+        if Keyring::key_id_of(sealed).is_some_and(|id| id == keys.current_id()) {
+            return Resealing::Current;
+        }
+        match keys.unseal(tree, key, sealed) {
+            Ok(unsealed) if unsealed.current => Resealing::Current,
+            Ok(unsealed) => Resealing::Resealed(keys.seal(tree, key, &unsealed.plaintext)),
+            Err(e) => {
+                let key_id = Keyring::key_id_of(sealed).unwrap_or_else(|| "(not sealed)".into());
+                if !matches!(e, UnsealError::UnknownKey(_)) {
+                    let record = record_name(tree, key);
+                    tracing::warn!(%record, key_id, error = %e, "a stored record does not open; left as it is");
+                }
+                Resealing::Unopened(key_id)
+            }
+        }
     }
 
     fn unseal(
@@ -152,15 +172,45 @@ impl Codec {
         account: Option<&AccountId>,
     ) -> Result<Vec<u8>, StoreError> {
         self.keys
+            .get()
             .unseal(tree, key, sealed)
             .map(|u| u.plaintext)
-            .map_err(|e| StoreError::Corrupt {
-                tree,
-                reason: match account {
-                    Some(name) => format!("account {name}: {e}"),
-                    None => e.to_string(),
+            .map_err(|e| match e {
+                UnsealError::UnknownKey(key_id) => StoreError::KeyNotHeld {
+                    record: match account {
+                        Some(name) => format!("account {name}"),
+                        None => record_name(tree, key),
+                    },
+                    key_id,
+                },
+                e => StoreError::Corrupt {
+                    tree,
+                    reason: match account {
+                        Some(name) => format!("account {name}: {e}"),
+                        None => e.to_string(),
+                    },
                 },
             })
+    }
+}
+
+/// The account whose record is stored under `key` (its name's bytes).
+pub fn account_of_key(key: &[u8]) -> Result<AccountId, StoreError> {
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|s| AccountId::parse(s).ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            tree: ACCOUNTS,
+            reason: "key is not an account name".into(),
+        })
+}
+
+/// How logs and errors name a record: an account by its name, a pending authorization by nothing
+/// (its key is the hash of a live state).
+fn record_name(tree: &str, key: &[u8]) -> String {
+    match tree {
+        ACCOUNTS => format!("account {}", String::from_utf8_lossy(key)),
+        _ => "a pending authorization".to_owned(),
     }
 }
 

@@ -16,8 +16,8 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::{
-    Backoff, Change, Claim, ClaimMode, Expected, RefreshClaim, Resealed, Store, StoreError,
-    Version, Versioned,
+    Backoff, Change, Claim, ClaimMode, Expected, RawAccount, RefreshClaim, Resealed, Store,
+    StoreError, Version, Versioned,
 };
 use crate::{
     account::AccountId,
@@ -134,8 +134,10 @@ impl Store for Faulty {
         self.inner.purge_expired_pending(now).await
     }
 
-    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
-        self.inner.load_accounts().await
+    async fn scan_accounts(
+        &self,
+    ) -> Result<Vec<(AccountId, Result<Versioned, StoreError>)>, StoreError> {
+        self.inner.scan_accounts().await
     }
 
     async fn load_account(&self, account: &AccountId) -> Result<Option<Versioned>, StoreError> {
@@ -190,9 +192,30 @@ impl Store for Faulty {
         futures::stream::select(self.inner.changes(), announced).boxed()
     }
 
+    fn keyring(&self) -> &crate::sealing::LiveKeyring {
+        self.inner.keyring()
+    }
+
     async fn reseal_all(&self) -> Result<Resealed, StoreError> {
         self.faults.check()?;
         self.inner.reseal_all().await
+    }
+
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError> {
+        self.inner.export_accounts().await
+    }
+
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        self.faults.check()?;
+        self.inner.restore_accounts(records, replace).await
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
     }
 }
 

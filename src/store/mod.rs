@@ -4,6 +4,7 @@
 //! - [`SledStore`] ([`sled`](self::sled)): the embedded default, one process per data directory;
 //! - [`codec`]: the sealed-record format every backend writes, so a database sees account names and
 //!   ciphertext only;
+//! - [`RawAccount`] ([`raw`]): a record exactly as stored, for backups and restores;
 //! - `Faulty` (with the `testing` feature, which only the tests turn on): a wrapper that makes writes
 //!   fail or announces changes on demand, so tests can prove that the service fails closed and
 //!   follows other writers; a release build does not contain it.
@@ -25,15 +26,17 @@ pub(crate) mod contract;
 #[cfg(any(test, feature = "testing"))]
 mod faulty;
 pub mod postgres;
+mod raw;
 mod sled;
 
-use std::{fmt, io, path::PathBuf, sync::Arc, time::SystemTime};
+use std::{collections::BTreeMap, fmt, io, path::PathBuf, sync::Arc, time::SystemTime};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 use crate::{
     account::AccountId,
+    sealing::LiveKeyring,
     tokens::{AccountRecord, PendingAuth},
 };
 
@@ -41,6 +44,7 @@ use crate::{
 pub use self::faulty::{Faults, Faulty};
 pub use self::{
     postgres::{PostgresConfig, PostgresStore},
+    raw::RawAccount,
     sled::SledStore,
 };
 
@@ -165,8 +169,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Deletes pending authorizations that expired before `now`; returns how many.
     async fn purge_expired_pending(&self, now: SystemTime) -> Result<usize, StoreError>;
 
-    /// Every stored account, for the in-memory cache at start-up and after a resync.
-    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError>;
+    /// Every stored account, each record opened on its own: one that does not open (sealed
+    /// with a key this process does not hold yet, say) comes back as its error instead of
+    /// failing the others. For resyncs while serving, which keep what they cannot open.
+    async fn scan_accounts(
+        &self,
+    ) -> Result<Vec<(AccountId, Result<Versioned, StoreError>)>, StoreError>;
+
+    /// Every stored account, for the in-memory cache at start-up: fails on the first record that
+    /// does not open, so that a missing key stops the service instead of hiding accounts.
+    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
+        self.scan_accounts()
+            .await?
+            .into_iter()
+            .map(|(account, opened)| opened.map(|v| (account, v)))
+            .collect()
+    }
 
     /// One account, for reloading what another process changed.
     async fn load_account(&self, account: &AccountId) -> Result<Option<Versioned>, StoreError>;
@@ -205,17 +223,102 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Changes made by other processes, in order. A backend with a single writer never yields.
     fn changes(&self) -> BoxStream<'static, Change>;
 
-    /// Re-seals every record not sealed with the current key (`credential-service rotate-keys`).
+    /// The keyring records are sealed and opened with; a key reload replaces its keys in place.
+    fn keyring(&self) -> &LiveKeyring;
+
+    /// Re-seals, in place, every record not sealed with the current key, while the service
+    /// serves (`credctl reseal`) or not (`credential-service rotate-keys`). Each rewrite is
+    /// fenced on the record it read, so a record written meanwhile (sealed with the current key
+    /// already) is never replaced by stale content; resealing keeps a record's version. Durable
+    /// before it returns. Records that do not open with the keys in force are left as they are
+    /// and counted in [`Resealed::remaining`]. Passes repeat (a few at most) while records remain
+    /// on a key this process holds: a write sealed just before a key reload may land after the
+    /// pass went by.
     async fn reseal_all(&self) -> Result<Resealed, StoreError>;
+
+    /// Every account record as stored, sealed, sorted by name (a backup). Each record is at
+    /// least as new as when the call began; nothing about pending authorizations. A record that
+    /// does not open with the loaded keys fails the whole export.
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError>;
+
+    /// Writes `records` exactly as given, keeping their versions, all or nothing (a restore).
+    /// A store that already holds accounts is refused with [`StoreError::NotEmpty`] unless
+    /// `replace`, which removes every account the records do not name. Pending authorizations
+    /// stay. Returns how many records were written.
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError>;
+
+    /// The backend's name as operators give it (`sled`, `postgres`), for backup headers.
+    fn kind(&self) -> &'static str;
 }
 
-/// What [`Store::reseal_all`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What [`Store::reseal_all`] did. Key ids only, never keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resealed {
+    /// The id of the key every record it could open is now sealed with.
+    pub key_id: String,
     /// Records that were sealed with a previous key and now are with the current one.
     pub resealed: usize,
-    /// Records already sealed with the current key.
+    /// Records already sealed with the current key (or written with it meanwhile).
     pub current: usize,
+    /// Records still sealed with another key, by key id, counted after the last pass: ones this
+    /// process could not re-seal (a key it does not hold; rarely, tampered with or locked past
+    /// the bound). Empty once the rotation is complete.
+    pub remaining: BTreeMap<String, usize>,
+}
+
+/// At most this many passes per re-seal. A pass that leaves records on a key this process holds
+/// met a write sealed just before a key reload that landed after the pass went by; the next pass
+/// takes it.
+const RESEAL_PASSES: usize = 3;
+
+impl Resealed {
+    /// The report: `resealed` by the passes, then every record counted by the key that seals it
+    /// (`by_key`, a count read after the last pass, so what remains is what is there).
+    fn from_counts(key_id: String, resealed: usize, mut by_key: BTreeMap<String, usize>) -> Self {
+        let on_current = by_key.remove(&key_id).unwrap_or(0);
+        Self {
+            key_id,
+            resealed,
+            current: on_current.saturating_sub(resealed),
+            remaining: by_key,
+        }
+    }
+}
+
+/// What one pass of a re-seal did.
+#[derive(Debug, Default)]
+struct Pass {
+    /// Records re-sealed with the current key.
+    resealed: usize,
+    /// Records on a key this process holds that it still could not re-seal (tampered with, or
+    /// locked past the bound): another pass would not move them.
+    stuck: usize,
+}
+
+impl Pass {
+    /// Notes a record the pass could not re-seal, sealed with the key `key_id`.
+    fn not_resealed(&mut self, keys: &LiveKeyring, key_id: &str) {
+        if keys.get().holds(key_id) {
+            self.stuck += 1;
+        }
+    }
+}
+
+/// Whether another pass could move something: records remain on keys this process holds,
+/// beyond the ones the last pass could not move.
+fn another_pass(keys: &LiveKeyring, by_key: &BTreeMap<String, usize>, last: &Pass) -> bool {
+    let keyring = keys.get();
+    let current = keyring.current_id();
+    let movable: usize = by_key
+        .iter()
+        .filter(|(id, _)| **id != current && keyring.holds(id))
+        .map(|(_, n)| n)
+        .sum();
+    movable > last.stuck
 }
 
 /// Why the store could not do what was asked. Messages name paths and causes, never record contents.
@@ -238,6 +341,12 @@ pub enum StoreError {
     Unreadable { dir: PathBuf, source: ::sled::Error },
     #[error("a stored {tree} record cannot be decoded: {reason}")]
     Corrupt { tree: &'static str, reason: String },
+    /// Another process seals with a key this one does not hold (yet): a key rotation under way.
+    #[error(
+        "{record} is sealed with key {key_id}, which is not loaded; pass its file with \
+         --previous-encryption-key-file, or, while serving, put it in the key files and send SIGHUP"
+    )]
+    KeyNotHeld { record: String, key_id: String },
     #[error("the flusher thread has stopped")]
     FlusherGone,
     #[error("account {0} was changed by another writer; reload it and decide again")]
@@ -248,6 +357,11 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the database refused: {0}")]
     Postgres(String),
+    #[error(
+        "the store already holds {accounts} account(s); a restore does not mix a backup into them: \
+         pass --replace to replace them all, or restore into an empty store"
+    )]
+    NotEmpty { accounts: usize },
     #[error(
         "the database's schema is version {found}, newer than this binary knows ({known}); \
          run the newer credential-service, or restore the database"
@@ -270,17 +384,16 @@ impl StoreError {
                 | Self::CreateDir { .. }
                 | Self::Unreadable { .. }
                 | Self::Corrupt { .. }
+                | Self::KeyNotHeld { .. }
                 | Self::FlusherGone
                 | Self::Conflict(_)
+                | Self::NotEmpty { .. }
                 | Self::SchemaTooNew { .. }
         )
     }
 }
 
 /// Opens the embedded default store.
-pub fn open_sled(
-    dir: &std::path::Path,
-    keys: crate::sealing::Keyring,
-) -> Result<Arc<dyn Store>, StoreError> {
+pub fn open_sled(dir: &std::path::Path, keys: LiveKeyring) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(SledStore::open(dir, keys)?))
 }

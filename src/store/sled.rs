@@ -5,7 +5,9 @@
 //! flush that started after it; flushes are batched by one flusher thread (group commit), which also
 //! sidesteps sled 0.34's `flush_async` hang under concurrency (spacejam/sled#1308). Versions are
 //! fenced with sled's compare-and-swap on the sealed bytes, which are unique per write (random
-//! nonce), so a swap succeeds only over exactly the record that was read.
+//! nonce), so a swap succeeds only over exactly the record that was read. A re-seal
+//! ([`Store::reseal_all`]) changes the bytes but not the version: a writer whose swap meets one
+//! reads again and swaps over it, so only a new version is a conflict.
 //!
 //! sled's own flush is not durable in a power cut; [`files`] adds what it leaves out (an
 //! `fdatasync` after each flush, fsynced directories, an atomically written `conf`).
@@ -13,7 +15,7 @@
 mod files;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt, io,
     path::Path,
     sync::{Arc, mpsc},
@@ -25,13 +27,13 @@ use futures::{StreamExt, stream::BoxStream};
 use tokio::sync::oneshot;
 
 use super::{
-    Change, Claim, ClaimMode, Expected, RefreshClaim, Resealed, Store, StoreError, Version,
-    Versioned,
-    codec::{ACCOUNTS, Codec, PENDING, Resealing, state_key},
+    Change, Claim, ClaimMode, Expected, Pass, RESEAL_PASSES, RawAccount, RefreshClaim, Resealed,
+    Store, StoreError, Version, Versioned, another_pass,
+    codec::{ACCOUNTS, Codec, PENDING, Resealing, account_of_key, state_key},
 };
 use crate::{
     account::AccountId,
-    sealing::Keyring,
+    sealing::{Keyring, LiveKeyring},
     tokens::{AccountRecord, PendingAuth},
 };
 
@@ -95,7 +97,7 @@ fn unreadable(dir: &Path, source: impl Into<sled::Error>) -> StoreError {
 impl SledStore {
     /// Opens (or creates, mode 0700, files 0600) the database in `dir`, sealing and opening
     /// records with `keys`. Fails within [`LOCK_WAIT`] when another process holds it.
-    pub fn open(dir: &Path, keys: Keyring) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, keys: impl Into<LiveKeyring>) -> Result<Self, StoreError> {
         let repaired = files::prepare(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_owned(),
             source,
@@ -195,7 +197,8 @@ impl SledStore {
     }
 
     /// The compare-and-swap behind every account write: replaces exactly the record `expected`
-    /// names, or nothing.
+    /// names, or nothing. A swap that fails over a record of the expected version (a re-seal
+    /// rewrote its bytes meanwhile) reads it again and swaps over that.
     /// The in-memory half of [`Self::write_account`]: returns the bytes replaced and written.
     fn swap_account(
         &self,
@@ -203,18 +206,94 @@ impl SledStore {
         expected: Expected,
         new: Option<(&AccountRecord, Version)>,
     ) -> Result<(Option<sled::IVec>, Option<sled::IVec>), StoreError> {
-        let old = match (expected, self.current(account)?) {
-            (Expected::Absent, None) => None,
-            (Expected::Version(v), Some((bytes, stored))) if stored.version == v => Some(bytes),
-            _ => return Err(StoreError::Conflict(account.clone())),
-        };
         let sealed = new.map(|(record, version)| {
             sled::IVec::from(self.codec.seal_account(account, record, version))
         });
-        self.accounts
-            .compare_and_swap(account.as_str(), old.clone(), sealed.clone())?
-            .map_err(|_| StoreError::Conflict(account.clone()))?;
-        Ok((old, sealed))
+        loop {
+            let old = match (expected, self.current(account)?) {
+                (Expected::Absent, None) => None,
+                (Expected::Version(v), Some((bytes, stored))) if stored.version == v => Some(bytes),
+                _ => return Err(StoreError::Conflict(account.clone())),
+            };
+            if self
+                .accounts
+                .compare_and_swap(account.as_str(), old.clone(), sealed.clone())?
+                .is_ok()
+            {
+                return Ok((old, sealed));
+            }
+        }
+    }
+
+    /// One pass of [`Store::reseal_all`] over one tree, blocking (sled's calls and the ciphers
+    /// are synchronous): each record is re-sealed with a compare-and-swap over the bytes read,
+    /// and read again when a writer got there first.
+    fn reseal_tree(&self, name: &'static str, pass: &mut Pass) -> Result<(), StoreError> {
+        let tree = self.tree(name);
+        for item in tree.iter().keys() {
+            let key = item?;
+            while let Some(bytes) = tree.get(&key)? {
+                match self.codec.reseal(name, &key, &bytes) {
+                    Resealing::Current => {}
+                    Resealing::Unopened(key_id) => pass.not_resealed(self.codec.keyring(), &key_id),
+                    Resealing::Resealed(sealed) => {
+                        if tree
+                            .compare_and_swap(&key, Some(bytes), Some(sealed))?
+                            .is_err()
+                        {
+                            continue; // written meanwhile: look at what is there now
+                        }
+                        pass.resealed += 1;
+                    }
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every record of both trees counted by the id of the key that sealed it (from its header).
+    fn count_by_key(&self) -> Result<BTreeMap<String, usize>, StoreError> {
+        let mut counts = BTreeMap::new();
+        for name in [PENDING, ACCOUNTS] {
+            for item in self.tree(name).iter().values() {
+                let id = Keyring::key_id_of(&item?).unwrap_or_else(|| "(not sealed)".into());
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// [`Store::reseal_all`]'s passes, blocking; see there.
+    fn reseal_blocking(&self) -> Result<Resealed, StoreError> {
+        let mut resealed = 0;
+        for _ in 0..RESEAL_PASSES {
+            let mut pass = Pass::default();
+            self.reseal_tree(PENDING, &mut pass)?;
+            self.reseal_tree(ACCOUNTS, &mut pass)?;
+            resealed += pass.resealed;
+            let by_key = self.count_by_key()?;
+            if !another_pass(self.codec.keyring(), &by_key, &pass) {
+                return Ok(Resealed::from_counts(
+                    self.codec.current_key_id(),
+                    resealed,
+                    by_key,
+                ));
+            }
+        }
+        let by_key = self.count_by_key()?;
+        Ok(Resealed::from_counts(
+            self.codec.current_key_id(),
+            resealed,
+            by_key,
+        ))
+    }
+
+    fn tree(&self, name: &str) -> &sled::Tree {
+        match name {
+            PENDING => &self.pending,
+            _ => &self.accounts,
+        }
     }
 }
 
@@ -254,12 +333,16 @@ impl Store for SledStore {
         Ok(purged)
     }
 
-    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
+    async fn scan_accounts(
+        &self,
+    ) -> Result<Vec<(AccountId, Result<Versioned, StoreError>)>, StoreError> {
         self.accounts
             .iter()
             .map(|item| {
                 let (key, bytes) = item?;
-                self.codec.open_account(&key, &bytes)
+                let account = account_of_key(&key)?;
+                let opened = self.codec.open_account(&key, &bytes).map(|(_, v)| v);
+                Ok((account, opened))
             })
             .collect()
     }
@@ -318,29 +401,69 @@ impl Store for SledStore {
         futures::stream::pending().boxed()
     }
 
-    /// Run while the service is stopped (sled allows one process); a record that opens with no
-    /// loaded key stops it.
+    fn keyring(&self) -> &LiveKeyring {
+        self.codec.keyring()
+    }
+
+    /// While serving: the passes run on a blocking thread beside the broker's writes (see
+    /// [`Self::reseal_tree`]); one group commit makes every rewrite durable before it returns.
     async fn reseal_all(&self) -> Result<Resealed, StoreError> {
-        let mut done = Resealed::default();
-        for (name, tree) in [(PENDING, &self.pending), (ACCOUNTS, &self.accounts)] {
-            for item in tree.iter() {
-                let (key, bytes) = item?;
-                match self.codec.reseal(name, &key, &bytes)? {
-                    Resealing::Current => done.current += 1,
-                    // Compare-and-swap: never overwrite a record written meanwhile.
-                    Resealing::Resealed(sealed) => {
-                        if tree
-                            .compare_and_swap(&key, Some(bytes), Some(sealed))?
-                            .is_ok()
-                        {
-                            done.resealed += 1;
-                        }
-                    }
-                }
-            }
-        }
+        let store = self.clone();
+        let done = tokio::task::spawn_blocking(move || store.reseal_blocking())
+            .await
+            .map_err(|e| match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => StoreError::FlusherGone, // the runtime is shutting down
+            })??;
         self.flush().await?;
         Ok(done)
+    }
+
+    /// sled's iterator sees each key's latest value as it passes it: every record is one that was
+    /// stored, at least as new as when the export began. On a blocking thread: 100,000 records
+    /// take a while, and the runtime's workers keep answering GetToken meanwhile.
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError> {
+        let (accounts, codec) = (self.accounts.clone(), self.codec.clone());
+        tokio::task::spawn_blocking(move || {
+            accounts
+                .iter()
+                .map(|item| {
+                    let (key, sealed) = item?;
+                    codec.raw_account(&key, &sealed)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    /// One sled batch (atomic, also across a crash), then one flush.
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut existing = 0;
+        for item in self.accounts.iter() {
+            let (key, _) = item?;
+            existing += 1;
+            batch.remove(key);
+        }
+        if existing > 0 && !replace {
+            return Err(StoreError::NotEmpty { accounts: existing });
+        }
+        // A later insert of the same key wins over its removal in the batch.
+        for r in records {
+            batch.insert(r.account.as_str(), r.sealed.as_slice());
+        }
+        self.accounts.apply_batch(batch)?;
+        self.flush().await?;
+        Ok(records.len())
+    }
+
+    fn kind(&self) -> &'static str {
+        "sled"
     }
 }
 

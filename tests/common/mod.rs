@@ -22,7 +22,7 @@ use credential_service::{
         credential_service_client::CredentialServiceClient,
     },
     sealing::{self, EncryptionConfig},
-    server::{self, App, ServeError},
+    server::{ServeError, Service, StartOptions},
     store::{Faults, Faulty, PostgresConfig},
 };
 use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
@@ -34,6 +34,9 @@ use url::Url;
 pub const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
 pub const HOUR: Duration = Duration::from_secs(3600);
 pub const MINUTE: Duration = Duration::from_secs(60);
+/// Where test servers listen: loopback, a port the system picks.
+pub const LOOPBACK_ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// Knobs a test may turn; everything else is the production default (`ServiceConfig::new`).
 #[derive(Clone)]
@@ -189,42 +192,46 @@ impl TestApp {
         data_dir: Arc<TempDir>,
         options: Options,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let mut config = service_config(&fake, data_dir.path().to_owned(), &options);
-        let bind_http = async |wanted: bool| match wanted {
-            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        // The callback's port is its redirect URI, so it is bound before the configuration is
+        // complete; /metrics binds with the service.
+        let callback = match options.callback {
+            true => Some(TcpListener::bind(LOOPBACK_ANY_PORT).await.unwrap()),
             false => None,
         };
-        let callback = bind_http(options.callback).await;
-        let metrics = bind_http(options.metrics).await;
-        let http_url = |l: &Option<TcpListener>, path: &str| {
-            l.as_ref()
-                .map(|l| format!("http://{}{path}", l.local_addr().unwrap()))
-        };
-        let callback_url = http_url(&callback, "/oauth/callback");
-        let metrics_url = http_url(&metrics, "/metrics");
-        if let Some(url) = &callback_url {
-            config.provider.redirect_uri = url.parse().unwrap();
+        if let Some(listener) = &callback {
+            let listen = listener.local_addr().unwrap();
+            config.provider.redirect_uri =
+                format!("http://{listen}/oauth/callback").parse().unwrap();
             config.callback = Some(CallbackConfig {
-                listen: callback.as_ref().unwrap().local_addr().unwrap(),
+                listen,
                 path: "/oauth/callback".into(),
             });
         }
-        let listeners = server::Listeners {
-            grpc: listener,
-            callback,
-            metrics,
-        };
-        let (tx, rx) = oneshot::channel::<()>();
+        if options.metrics {
+            config.metrics_listen = Some(LOOPBACK_ANY_PORT);
+        }
         let faults = Faults::default();
-        let app = App::open_wrapped(config, clock.clone(), |store| {
-            Arc::new(Faulty::new(store, faults.clone()))
-        })
-        .await
-        .expect("the service opens");
-        let broker = app.broker().clone();
-        let server = tokio::spawn(server::serve(app, listeners, async {
+        let wrap_faults = faults.clone();
+        let start = StartOptions {
+            callback,
+            wrap_store: Some(Box::new(move |store| {
+                Arc::new(Faulty::new(store, wrap_faults))
+            })),
+        };
+        let service = Service::start_with(config, clock.clone(), start)
+            .await
+            .expect("the service starts");
+        let addr = service.grpc_addr();
+        let callback_url = service
+            .callback_addr()
+            .map(|a| format!("http://{a}/oauth/callback"));
+        let metrics_url = service
+            .metrics_addr()
+            .map(|a| format!("http://{a}/metrics"));
+        let broker = service.broker().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(service.serve(async {
             let _ = rx.await;
         }));
         let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
@@ -436,6 +443,7 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
         redirect_uri: url(REDIRECT_URI.to_owned()),
     };
     let mut config = ServiceConfig::new(upstream, data_dir);
+    config.listen = LOOPBACK_ANY_PORT;
     config.provider.request_timeout = options.request_timeout;
     config.provider.send_redirect_uri = options.send_redirect_uri;
     config.broker = options.broker.clone();

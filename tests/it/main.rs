@@ -12,6 +12,7 @@
 mod common;
 
 mod admin;
+mod backup;
 mod callback;
 mod crash;
 mod deploy;
@@ -20,12 +21,15 @@ mod flow;
 mod hardening;
 mod hardening2;
 mod inputs;
+mod key_rotation;
 mod layers;
 mod power_cut;
 mod process;
 mod readme;
+mod readme_backups;
 mod recovery;
 mod refresh;
 mod replicas;
 mod security;
+mod upstream;
 mod watch;

@@ -596,6 +596,9 @@ async fn a_retry_does_not_wait_for_a_place_while_holding_the_claim() {
     let app = TestApp::spawn_with(Options {
         broker: BrokerConfig {
             upstream_concurrency: 1,
+            // b's slow request keeps the one request slot even after it stalls (see
+            // tests/it/upstream.rs for stalls), so no place is free during a's pause.
+            upstream_max_in_flight: 1,
             refresh: RefreshPolicy {
                 retry_base: Duration::from_secs(1),
                 retry_budget: Duration::from_secs(5),

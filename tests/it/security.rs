@@ -14,7 +14,7 @@ use credential_service::{
         BeginAuthRequest, GetTokenRequest, credential_service_client::CredentialServiceClient,
     },
     sealing::{self, EncryptionConfig},
-    server::{self, ServeError},
+    server::{ServeError, Service},
 };
 use futures::TryStreamExt;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
@@ -384,11 +384,11 @@ async fn records_swapped_between_accounts_are_refused_not_served() {
             assert_eq!(swapped, 2);
         }
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = common::service_config(&fake, data_dir.path().to_owned(), &options);
-    let e = server::run(listener, config, clock, std::future::ready(()))
+    let e = Service::start(config, clock)
         .await
-        .unwrap_err();
+        .err()
+        .expect("the service refuses to start");
     assert!(matches!(e, ServeError::Store(_)), "{e}");
     let text = e.to_string();
     assert!(
@@ -424,11 +424,11 @@ async fn key_rotation_keeps_every_account_serving() {
     let (fake, clock, data_dir, _) = app.stop().await;
 
     // B alone cannot open A's records, and says which key is missing.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = common::service_config(&fake, data_dir.path().to_owned(), &with_keys(&b, &[]));
-    let e = server::run(listener, config, clock.clone(), std::future::ready(()))
+    let e = Service::start(config, clock.clone())
         .await
-        .unwrap_err()
+        .err()
+        .expect("the service refuses to start")
         .to_string();
     assert!(e.contains("--previous-encryption-key-file"), "{e}");
 

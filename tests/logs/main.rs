@@ -8,4 +8,5 @@ mod common;
 
 mod audit;
 mod capture;
+mod import;
 mod secrets;

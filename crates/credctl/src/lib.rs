@@ -2,8 +2,17 @@
 //! credential-service, printed for people (default) or as JSON (`--json`), with every gRPC status
 //! turned into a sentence, a hint and its own exit code. The binary only parses and calls [`run`].
 //!
+//! `backup` and `import` live in their own modules ([`backup`](self::backup),
+//! [`import`](self::import)).
+//!
 //! Built on `credential-client`: its generated stubs, its [`Bearer`] interceptor, its
-//! [`endpoint`](credential_client::endpoint) and its gRPC code names.
+//! [`endpoint`](credential_client::endpoint) and its gRPC code names. Subcommands with more than
+//! a call and a sentence have a module of their own (`reseal`).
+
+mod reseal;
+
+mod backup;
+mod import;
 
 mod token;
 
@@ -33,39 +42,9 @@ use credential_client::proto::{
 };
 
 /// Exit codes, one per kind of failure, so scripts can tell them apart.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const OTHER: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const UNREACHABLE: u8 = 3;
-    pub const NOT_FOUND: u8 = 4;
-    pub const INVALID_ARGUMENT: u8 = 5;
-    pub const FAILED_PRECONDITION: u8 = 6;
-    pub const UNAVAILABLE: u8 = 7;
-    pub const DEADLINE_EXCEEDED: u8 = 8;
-    pub const UNAUTHENTICATED: u8 = 9;
-    pub const PERMISSION_DENIED: u8 = 10;
-    pub const UNIMPLEMENTED: u8 = 11;
-    pub const INTERNAL: u8 = 12;
-    pub const ABORTED: u8 = 13;
-}
+pub mod exit;
 
-const EXIT_CODES: &str = "\
-Exit codes:
-   0  success
-   1  other error
-   2  usage error
-   3  cannot reach the service
-   4  NOT_FOUND (unknown account, or unknown/expired/used state)
-   5  INVALID_ARGUMENT (malformed account, code, state or duration)
-   6  FAILED_PRECONDITION (EdgeTag rejected the code, or the account needs re-authorization)
-   7  UNAVAILABLE (EdgeTag unreachable; retry later)
-   8  DEADLINE_EXCEEDED
-   9  UNAUTHENTICATED (missing or wrong --token-file / --token / CREDCTL_TOKEN)
-  10  PERMISSION_DENIED (this caller may not do that)
-  11  UNIMPLEMENTED (the service is older than this credctl)
-  12  INTERNAL (the service's log has the cause)
-  13  ABORTED (EdgeTag approved, but the service could not keep it; start again with `credctl begin`)";
+use exit::EXIT_CODES;
 
 /// Talks to a credential-service over gRPC.
 #[derive(Parser)]
@@ -164,6 +143,23 @@ pub enum Command {
     /// line per transition (connected, refreshed, refresh_failing, recovered, needs_reauth,
     /// removed), until the stream ends or Ctrl-C. With --json, one JSON object per line.
     Events,
+    /// After an encryption key rotation (new key files, then SIGHUP): re-seal every stored record
+    /// with the service's current key, while it serves. Prints what remains on other keys (key
+    /// ids only) and exits 1 while any record does.
+    Reseal,
+    /// Back up every account while the service runs, to FILE: the records as stored, sealed,
+    /// with a SHA-256 at the end. FILE is created 0600 and appears only once complete and
+    /// verified. Restore with `credential-service restore --from FILE`.
+    Backup { file: PathBuf },
+    /// Import grants from FILE (or - for standard input): one JSON object per line,
+    /// {"account", "refresh_token", "access_token", "expires_at"}, the last two optional. Each is
+    /// checked with EdgeTag at once unless its access token is still valid; one result per line.
+    Import {
+        file: String,
+        /// Overwrite accounts that are already connected.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 /// Why a command failed; each maps to one exit code.
@@ -177,6 +173,15 @@ pub enum CliError {
     Status(Status),
     #[error("cannot write the output: {0}")]
     Io(#[from] std::io::Error),
+    /// The call succeeded but did not finish the job (records left on other keys).
+    #[error("{0}")]
+    Incomplete(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(
+        "{imported} of {total} grant(s) imported; the lines above say what became of the others"
+    )]
+    NotAllImported { imported: usize, total: usize },
 }
 
 impl CliError {
@@ -185,7 +190,8 @@ impl CliError {
         match self {
             Self::Usage(_) => exit::USAGE,
             Self::Unreachable { .. } => exit::UNREACHABLE,
-            Self::Io(_) => exit::OTHER,
+            Self::Io(_) | Self::Incomplete(_) | Self::Failed(_) => exit::OTHER,
+            Self::NotAllImported { .. } => exit::NOT_ALL_IMPORTED,
             Self::Status(s) => match s.code() {
                 Code::NotFound => exit::NOT_FOUND,
                 Code::InvalidArgument | Code::OutOfRange => exit::INVALID_ARGUMENT,
@@ -209,6 +215,9 @@ impl CliError {
             (Self::Status(s), Command::Complete { .. }) if s.code() == Code::NotFound => Some(
                 "the state is unknown, expired or already used: start again with `credctl begin ACCOUNT`",
             ),
+            (Self::Status(s), Command::Reseal) if s.code() == Code::FailedPrecondition => {
+                Some("fix the key file named above, then run `credctl reseal` again")
+            }
             _ => self.hint(),
         }
     }
@@ -219,6 +228,9 @@ impl CliError {
             return match self {
                 Self::Unreachable { .. } => Some(
                     "check that the service runs and --server / CREDCTL_SERVER points at its gRPC address",
+                ),
+                Self::Incomplete(_) => Some(
+                    "give every replica the key files those records need, send each SIGHUP, then run `credctl reseal` again",
                 ),
                 _ => None,
             };
@@ -269,6 +281,14 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 /// Runs the command and writes its result to `out`.
 pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
+    // Grants are read (and a grant on the command line refused) before anything is sent.
+    let grants = match &cli.command {
+        Command::Import { file, .. } => {
+            import::refuse_secret_argument(file)?;
+            Some(import::read_input(file)?)
+        }
+        _ => None,
+    };
     let bearer = token::bearer(cli.token, cli.token_file.as_deref())?;
     let mut client = connect(&cli.server, bearer, cli.ca_file.as_deref()).await?;
     let json = cli.json;
@@ -289,6 +309,12 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
         Command::Remove { account, force } => remove(&mut client, json, out, account, force).await,
         Command::Events => events(&mut client, json, out).await,
         Command::Refresh { account } => refresh(&mut client, json, out, account).await,
+        Command::Reseal => reseal::reseal(&mut client, json, out).await,
+        Command::Backup { file } => backup::backup(&mut client, json, out, &file).await,
+        Command::Import { replace, .. } => {
+            let grants = grants.unwrap_or_default();
+            import::import(&mut client, json, out, &grants, replace).await
+        }
     }
 }
 

@@ -328,6 +328,16 @@ impl FakeEdgeTag {
         self.inner.token_delay_nanos.store(nanos, Ordering::Relaxed);
     }
 
+    /// Makes every `refresh_token` grant with one of `refresh_tokens` wait `delay` before it is
+    /// answered, as an EdgeTag that is slow for some accounts; other requests are unaffected.
+    pub fn hold_refreshes(
+        &self,
+        refresh_tokens: impl IntoIterator<Item = String>,
+        delay: Duration,
+    ) {
+        lock(&self.inner.faults).held_refreshes = (refresh_tokens.into_iter().collect(), delay);
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> FakeStats {
         let c = &self.inner.counters;

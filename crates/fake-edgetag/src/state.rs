@@ -45,6 +45,9 @@ pub(crate) struct Counters {
 pub(crate) struct Faults {
     pub(crate) queue: VecDeque<Fault>,
     pub(crate) persistent: Option<Fault>,
+    /// Refresh tokens whose refreshes EdgeTag sits on, and for how long (a slow EdgeTag for
+    /// chosen accounts).
+    pub(crate) held_refreshes: (std::collections::HashSet<String>, std::time::Duration),
 }
 
 /// Counts one token request as in flight for as long as it lives, and the time it took.

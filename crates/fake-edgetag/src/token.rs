@@ -40,13 +40,22 @@ pub(crate) async fn token_handler(
     fake.counters.token_requests.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(&fake.counters);
     // Claim the fault on arrival so "the Nth request gets the Nth fault" holds under concurrency.
-    let fault = {
+    let (fault, held) = {
         let mut faults = lock(&fake.faults);
-        faults
+        let (tokens, hold) = &faults.held_refreshes;
+        let held = (!tokens.is_empty()
+            && url::form_urlencoded::parse(&body)
+                .any(|(k, v)| k == "refresh_token" && tokens.contains(v.as_ref())))
+        .then_some(*hold);
+        let fault = faults
             .queue
             .pop_front()
-            .or_else(|| faults.persistent.clone())
+            .or_else(|| faults.persistent.clone());
+        (fault, held)
     };
+    if let Some(hold) = held {
+        tokio::time::sleep(hold).await;
+    }
     let delay = Duration::from_nanos(fake.token_delay_nanos.load(Ordering::Relaxed));
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

@@ -31,14 +31,18 @@
 //! - `notify`: NOTIFY payloads, LISTEN and the resyncs;
 //! - `sql`: the account writes the store and its claims share;
 //! - `claim`: [`PgClaim`](self::claim::PgClaim), the row lock a refresh holds;
+//! - `reseal`: re-sealing every record with the current key while the replicas serve;
+//! - `backup`: every record as stored, out (one snapshot) and in (one transaction);
 //! - here: [`PostgresStore`] and its [`Store`] implementation.
 
+mod backup;
 mod claim;
 mod config;
 mod migrate;
 mod notify;
 mod pool;
 mod reach;
+mod reseal;
 mod sql;
 #[cfg(test)]
 mod tests;
@@ -68,12 +72,13 @@ use self::{
     sql::{END_OUTAGE_BACKOFFS, PUT_NEW, PUT_NEXT, from_db, to_db},
 };
 use super::{
-    Backoff, Change, Claim, ClaimMode, Expected, Resealed, Store, StoreError, Version, Versioned,
-    codec::{ACCOUNTS, Codec, PENDING, Resealing, state_key},
+    Backoff, Change, Claim, ClaimMode, Expected, RawAccount, Resealed, Store, StoreError, Version,
+    Versioned,
+    codec::{Codec, account_of_key, state_key},
 };
 use crate::{
     account::AccountId,
-    sealing::Keyring,
+    sealing::LiveKeyring,
     tokens::{AccountRecord, PendingAuth},
 };
 
@@ -100,7 +105,10 @@ impl fmt::Debug for PostgresStore {
 impl PostgresStore {
     /// Connects, applies the migrations this binary carries (refusing a newer schema) and starts
     /// following other replicas' writes.
-    pub async fn open(config: &PostgresConfig, keys: Keyring) -> Result<Self, StoreError> {
+    pub async fn open(
+        config: &PostgresConfig,
+        keys: impl Into<LiveKeyring>,
+    ) -> Result<Self, StoreError> {
         let connector = config.connector()?;
         let session = config.session();
         let pool = connector.pool(session.clone())?;
@@ -218,7 +226,9 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn load_accounts(&self) -> Result<Vec<(AccountId, Versioned)>, StoreError> {
+    async fn scan_accounts(
+        &self,
+    ) -> Result<Vec<(AccountId, Result<Versioned, StoreError>)>, StoreError> {
         let db = &self.db;
         // 100,000 accounts stream in one query well within the operation bound.
         db.bounded(Duration::from_secs(50), async {
@@ -236,7 +246,9 @@ impl Store for PostgresStore {
             while let Some(row) = rows.try_next().await.map_err(pg)? {
                 let name: &str = row.get(0);
                 let sealed: &[u8] = row.get(1);
-                loaded.push(db.codec.open_account(name.as_bytes(), sealed)?);
+                let account = account_of_key(name.as_bytes())?;
+                let opened = db.open_row(&account, sealed);
+                loaded.push((account, opened));
             }
             Ok(loaded)
         })
@@ -421,44 +433,27 @@ impl Store for PostgresStore {
             .boxed()
     }
 
+    fn keyring(&self) -> &LiveKeyring {
+        self.db.codec.keyring()
+    }
+
     async fn reseal_all(&self) -> Result<Resealed, StoreError> {
-        let mut done = Resealed::default();
-        let accounts = self
-            .query("SELECT account, sealed FROM accounts", &[])
-            .await?;
-        for row in accounts {
-            let (name, sealed): (&str, &[u8]) = (row.get(0), row.get(1));
-            match self.db.codec.reseal(ACCOUNTS, name.as_bytes(), sealed)? {
-                Resealing::Current => done.current += 1,
-                Resealing::Resealed(new) => {
-                    let changed = self
-                        .query(
-                            "UPDATE accounts SET sealed = $3 WHERE account = $1 AND sealed = $2 RETURNING 1",
-                            &[&name, &sealed, &new],
-                        )
-                        .await?;
-                    done.resealed += changed.len();
-                }
-            }
-        }
-        let pending = self
-            .query("SELECT state_hash, sealed FROM pending", &[])
-            .await?;
-        for row in pending {
-            let (key, sealed): (&[u8], &[u8]) = (row.get(0), row.get(1));
-            match self.db.codec.reseal(PENDING, key, sealed)? {
-                Resealing::Current => done.current += 1,
-                Resealing::Resealed(new) => {
-                    let changed = self
-                        .query(
-                            "UPDATE pending SET sealed = $3 WHERE state_hash = $1 AND sealed = $2 RETURNING 1",
-                            &[&key, &sealed, &new],
-                        )
-                        .await?;
-                    done.resealed += changed.len();
-                }
-            }
-        }
-        Ok(done)
+        reseal::reseal_all(self).await
+    }
+
+    async fn export_accounts(&self) -> Result<Vec<RawAccount>, StoreError> {
+        backup::export(&self.db).await
+    }
+
+    async fn restore_accounts(
+        &self,
+        records: &[RawAccount],
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        backup::restore(&self.db, records, replace).await
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
     }
 }

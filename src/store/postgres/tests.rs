@@ -6,7 +6,10 @@ use async_trait::async_trait;
 use secrecy::ExposeSecret;
 
 use super::{migrate::MIGRATIONS, *};
-use crate::store::contract::{Backend, contract_tests, record};
+use crate::{
+    sealing::Keyring,
+    store::contract::{Backend, contract_tests, record},
+};
 
 struct Pg(PostgresConfig);
 

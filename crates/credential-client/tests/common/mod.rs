@@ -25,7 +25,7 @@ use credential_service::{
         credential_service_server::{CredentialService, CredentialServiceServer},
     },
     sealing::{self, EncryptionConfig},
-    server::{self, App, Listeners, ServeError},
+    server::{self, ServeError},
 };
 use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
 use futures::{Stream, StreamExt};
@@ -99,17 +99,16 @@ impl Service {
         .expect("the fake EdgeTag starts");
         let root = Arc::new(tempfile::tempdir().unwrap());
         sealing::create_key_file(&root.path().join("current.key")).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Self::start(listener, clock, Arc::new(fake), root).await
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start(any_port, clock, Arc::new(fake), root).await
     }
 
     async fn start(
-        listener: TcpListener,
+        listen: SocketAddr,
         clock: Clock,
         fake: Arc<FakeEdgeTag>,
         root: Arc<TempDir>,
     ) -> Self {
-        let addr = listener.local_addr().unwrap();
         let url = |s: String| Url::parse(&s).unwrap();
         let upstream = Upstream {
             authorize_url: url(fake.authorize_url()),
@@ -134,17 +133,14 @@ impl Service {
             key_file: Some(root.path().join("current.key")),
             previous_key_files: Vec::new(),
         };
-        let app = App::open(config, clock.clone())
+        config.listen = listen;
+        let service = server::Service::start(config, clock.clone())
             .await
-            .expect("the service opens");
-        let broker = app.broker().clone();
+            .expect("the service starts");
+        let addr = service.grpc_addr();
+        let broker = service.broker().clone();
         let (tx, rx) = oneshot::channel::<()>();
-        let listeners = Listeners {
-            grpc: listener,
-            callback: None,
-            metrics: None,
-        };
-        let server = tokio::spawn(server::serve(app, listeners, async {
+        let server = tokio::spawn(service.serve(async {
             let _ = rx.await;
         }));
         let grpc = CredentialServiceClient::new(
@@ -183,10 +179,8 @@ impl Service {
 
     /// Starts again on the same address, data, clock and fake.
     pub async fn restart(stopped: Stopped) -> Self {
-        let listener = TcpListener::bind(stopped.addr)
-            .await
-            .expect("the port is free again");
-        Self::start(listener, stopped.clock, stopped.fake, stopped.root).await
+        // The port is free again: the service binds it anew.
+        Self::start(stopped.addr, stopped.clock, stopped.fake, stopped.root).await
     }
 
     /// The whole connect flow for one account, as an operator and a browser do it.
@@ -410,6 +404,28 @@ impl CredentialService for Legacy {
         &self,
         _: Request<proto::WatchAccountsRequest>,
     ) -> Result<Response<Self::WatchAccountsStream>, Status> {
+        unimplemented()
+    }
+    async fn reseal_records(
+        &self,
+        _: Request<proto::ResealRecordsRequest>,
+    ) -> Result<Response<proto::ResealRecordsResponse>, Status> {
+        unimplemented()
+    }
+
+    type BackupStream =
+        Pin<Box<dyn Stream<Item = Result<proto::BackupResponse, Status>> + Send + 'static>>;
+
+    async fn backup(
+        &self,
+        _: Request<proto::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        unimplemented()
+    }
+    async fn import_grant(
+        &self,
+        _: Request<proto::ImportGrantRequest>,
+    ) -> Result<Response<proto::ImportGrantResponse>, Status> {
         unimplemented()
     }
 }

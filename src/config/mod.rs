@@ -4,16 +4,18 @@
 //! overridden, so tests and other OAuth 2.0 servers work too. Missing or unsafe settings stop the
 //! process with one line naming both the flag and the variable.
 
+mod flags;
+mod http_limits;
+mod limits;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
 use secrecy::SecretString;
 use url::Url;
 
-mod http_limits;
-mod limits;
-
 pub use self::{
+    flags::flag,
     http_limits::{HttpLimitSettings, HttpLimits},
     limits::{LimitSettings, Limits},
 };
@@ -125,13 +127,33 @@ pub struct Settings {
     #[arg(long, env = "EDGETAG_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
     pub default_token_lifetime: Duration,
 
-    /// Most requests to EdgeTag's token endpoint in flight at once.
+    /// Refreshes asking EdgeTag's token endpoint at once (places). A request still unanswered
+    /// after --upstream-stall-after gives its place to the next, so a slow EdgeTag cannot make
+    /// every other account wait.
     #[arg(
         long,
         env = "CREDENTIAL_SERVICE_UPSTREAM_CONCURRENCY",
         default_value_t = 8
     )]
     pub upstream_concurrency: usize,
+
+    /// When an unanswered refresh request stops holding its place (it runs on until
+    /// --upstream-timeout).
+    #[arg(long, env = "CREDENTIAL_SERVICE_UPSTREAM_STALL_AFTER", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub upstream_stall_after: Duration,
+
+    /// Most refresh requests out at once, stalled ones included.
+    #[arg(
+        long,
+        env = "CREDENTIAL_SERVICE_UPSTREAM_MAX_IN_FLIGHT",
+        default_value_t = 32
+    )]
+    pub upstream_max_in_flight: usize,
+
+    /// How long a refresh a caller waits for may wait for a place; after it the caller gets its
+    /// still-valid token or UNAVAILABLE.
+    #[arg(long, env = "CREDENTIAL_SERVICE_UPSTREAM_QUEUE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub upstream_queue_timeout: Duration,
 
     /// Also send `redirect_uri` in the code exchange, for strict OAuth 2.0 servers (EdgeTag needs none).
     #[arg(long, env = "EDGETAG_SEND_REDIRECT_URI")]
@@ -223,21 +245,25 @@ impl StoreSettings {
         let store = self.store.trim();
         if store.is_empty() || store == "sled" {
             if self.store_password_file.is_some() || self.store_ca_file.is_some() {
-                return Err(ConfigError(
-                    "--store-password-file and --store-ca-file are for --store postgres://…; the sled store has no server".into(),
-                ));
+                return Err(ConfigError(format!(
+                    "{} and {} are for a postgres:// store; the sled store has no server",
+                    flag("store_password_file"),
+                    flag("store_ca_file")
+                )));
             }
             return Ok(StoreConfig::Sled);
         }
         if !(store.starts_with("postgres://") || store.starts_with("postgresql://")) {
-            return Err(ConfigError(
-                "--store / CREDENTIAL_SERVICE_STORE must be `sled` or a postgres:// URL".into(),
-            ));
+            return Err(ConfigError(format!(
+                "{} must be `sled` or a postgres:// URL",
+                flag("store")
+            )));
         }
         if keys.encryption_key_file.is_none() {
-            return Err(ConfigError(
-                "--store postgres://… needs --encryption-key-file (CREDENTIAL_SERVICE_ENCRYPTION_KEY_FILE): every replica must seal with the same key".into(),
-            ));
+            return Err(ConfigError(format!(
+                "a postgres:// store needs {}: every replica must seal with the same key",
+                flag("encryption_key_file")
+            )));
         }
         let password = self
             .store_password_file
@@ -245,8 +271,9 @@ impl StoreSettings {
             .map(|path| {
                 let raw = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError(format!(
-                        "cannot read the store password file {} (--store-password-file / CREDENTIAL_SERVICE_STORE_PASSWORD_FILE): {e}",
-                        path.display()
+                        "cannot read the store password file {} ({}): {e}",
+                        path.display(),
+                        flag("store_password_file")
                     ))
                 })?;
                 sealing::warn_if_open_to_others(path, "the store password file");
@@ -259,7 +286,8 @@ impl StoreSettings {
             .map(|path| {
                 std::fs::read(path).map_err(|e| {
                     ConfigError(format!(
-                        "cannot read --store-ca-file / CREDENTIAL_SERVICE_STORE_CA_FILE {}: {e}",
+                        "cannot read {} {}: {e}",
+                        flag("store_ca_file"),
                         path.display()
                     ))
                 })
@@ -267,7 +295,7 @@ impl StoreSettings {
             .transpose()?;
         crate::store::PostgresConfig::parse(store, password, ca)
             .map(|pg| StoreConfig::Postgres(Box::new(pg)))
-            .map_err(|e| ConfigError(format!("--store / CREDENTIAL_SERVICE_STORE: {e}")))
+            .map_err(|e| ConfigError(format!("{}: {e}", flag("store"))))
     }
 }
 
@@ -442,6 +470,9 @@ impl Settings {
             upstream_timeout,
             default_token_lifetime,
             upstream_concurrency,
+            upstream_stall_after,
+            upstream_max_in_flight,
+            upstream_queue_timeout,
             send_redirect_uri,
             callback_listen,
             callback_path,
@@ -457,16 +488,20 @@ impl Settings {
             audit_interval,
             audit_max_keys,
         } = self;
-        let client_id = client_id.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
-            ConfigError("missing client id: set --client-id or EDGETAG_CLIENT_ID".into())
-        })?;
+        let client_id = client_id
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| ConfigError(format!("missing client id: set {}", flag("client_id"))))?;
         let client_secret = match (
             &client_secret_file,
             client_secret_env.filter(|s| !s.is_empty()),
         ) {
             (Some(path), _) => {
                 let raw = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!("cannot read the client secret file {} (--client-secret-file / EDGETAG_CLIENT_SECRET_FILE): {e}", path.display()))
+                    ConfigError(format!(
+                        "cannot read the client secret file {} ({}): {e}",
+                        path.display(),
+                        flag("client_secret_file")
+                    ))
                 })?;
                 sealing::warn_if_open_to_others(path, "the client secret file");
                 let secret = raw.trim();
@@ -480,14 +515,17 @@ impl Settings {
             }
             (None, Some(secret)) => SecretString::from(secret),
             (None, None) => {
-                return Err(ConfigError(
-                    "missing client secret: set --client-secret-file or EDGETAG_CLIENT_SECRET_FILE (or EDGETAG_CLIENT_SECRET)"
-                        .into(),
-                ));
+                return Err(ConfigError(format!(
+                    "missing client secret: set {} (or EDGETAG_CLIENT_SECRET)",
+                    flag("client_secret_file")
+                )));
             }
         };
         let redirect_uri = redirect_uri.ok_or_else(|| {
-            ConfigError("missing redirect URI: set --redirect-uri or EDGETAG_REDIRECT_URI".into())
+            ConfigError(format!(
+                "missing redirect URI: set {}",
+                flag("redirect_uri")
+            ))
         })?;
 
         let (ui, api) = environment.hosts();
@@ -503,29 +541,45 @@ impl Settings {
         });
         let authorize_url = authorize_url.unwrap_or_else(|| preset(ui, "/oauth/app/login"));
         let token_url = token_url.unwrap_or_else(|| preset(api, "/v1/oauth-app/client/token"));
-        require_https(&authorize_url, "--authorize-url / EDGETAG_AUTHORIZE_URL")?;
-        require_https(&token_url, "--token-url / EDGETAG_TOKEN_URL")?;
-        require_https(&revoke_url, "--revoke-url / EDGETAG_REVOKE_URL")?;
+        require_https(&authorize_url, "authorize_url")?;
+        require_https(&token_url, "token_url")?;
+        require_https(&revoke_url, "revoke_url")?;
 
-        for (value, name) in [
-            (state_ttl, "--state-ttl / CREDENTIAL_SERVICE_STATE_TTL"),
-            (
-                upstream_timeout,
-                "--upstream-timeout / EDGETAG_REQUEST_TIMEOUT",
-            ),
-            (
-                default_token_lifetime,
-                "--default-token-lifetime / EDGETAG_DEFAULT_TOKEN_LIFETIME",
-            ),
+        for (value, id) in [
+            (state_ttl, "state_ttl"),
+            (upstream_timeout, "upstream_timeout"),
+            (default_token_lifetime, "default_token_lifetime"),
         ] {
             if value.is_zero() {
-                return Err(ConfigError(format!("{name} must be longer than zero")));
+                return Err(ConfigError(format!(
+                    "{} must be longer than zero",
+                    flag(id)
+                )));
+            }
+        }
+        if upstream_max_in_flight < upstream_concurrency {
+            return Err(ConfigError(format!(
+                "{} must be at least {}",
+                flag("upstream_max_in_flight"),
+                flag("upstream_concurrency")
+            )));
+        }
+        for (value, id) in [
+            (upstream_stall_after, "upstream_stall_after"),
+            (upstream_queue_timeout, "upstream_queue_timeout"),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!(
+                    "{} must be longer than zero",
+                    flag(id)
+                )));
             }
         }
         if upstream_concurrency == 0 {
-            return Err(ConfigError(
-                "--upstream-concurrency / CREDENTIAL_SERVICE_UPSTREAM_CONCURRENCY must be at least 1".into(),
-            ));
+            return Err(ConfigError(format!(
+                "{} must be at least 1",
+                flag("upstream_concurrency")
+            )));
         }
 
         let callers = match &callers_file {
@@ -536,54 +590,61 @@ impl Settings {
                 let listeners = [
                     (
                         Some(listen),
-                        "--listen / CREDENTIAL_SERVICE_LISTEN",
+                        "listen",
                         "anyone who can reach it could take every token",
                     ),
                     (
                         callback_listen,
-                        "--callback-listen / CREDENTIAL_SERVICE_CALLBACK_LISTEN",
+                        "callback_listen",
                         "an open service stays on this machine, its browser callback too",
                     ),
                     (
                         metrics_listen,
-                        "--metrics-listen / CREDENTIAL_SERVICE_METRICS_LISTEN",
+                        "metrics_listen",
                         "an open service stays on this machine, its metrics too",
                     ),
                 ];
-                for (addr, flag, why) in listeners {
+                for (addr, id, why) in listeners {
                     if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
                         return Err(ConfigError(format!(
-                            "refusing to listen on {addr} without a callers file: {why} ({flag}). \
-                             Set --callers-file / CREDENTIAL_SERVICE_CALLERS_FILE, or listen on \
-                             loopback"
+                            "refusing to listen on {addr} without a callers file: {why} ({}). Set \
+                             {}, or listen on loopback",
+                            flag(id),
+                            flag("callers_file")
                         )));
                     }
                 }
                 Callers::open()
             }
         };
-        let read = |path: &PathBuf, name: &str| {
+        let read = |path: &PathBuf, id: &str| {
             std::fs::read(path).map_err(|e| {
-                ConfigError(format!("cannot read {name} file {}: {e}", path.display()))
+                ConfigError(format!(
+                    "cannot read {} file {}: {e}",
+                    flag(id),
+                    path.display()
+                ))
             })
         };
         let tls = match (&tls_cert, &tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig {
-                cert_pem: read(cert, "--tls-cert / CREDENTIAL_SERVICE_TLS_CERT")?,
+                cert_pem: read(cert, "tls_cert")?,
                 key_pem: {
                     sealing::warn_if_open_to_others(key, "the TLS key file");
-                    read(key, "--tls-key / CREDENTIAL_SERVICE_TLS_KEY")?
+                    read(key, "tls_key")?
                 },
                 client_ca_pem: tls_client_ca
                     .as_ref()
-                    .map(|ca| read(ca, "--tls-client-ca / CREDENTIAL_SERVICE_TLS_CLIENT_CA"))
+                    .map(|ca| read(ca, "tls_client_ca"))
                     .transpose()?,
             }),
             (None, None) => None,
             _ => {
-                return Err(ConfigError(
-                    "--tls-cert and --tls-key (CREDENTIAL_SERVICE_TLS_CERT, CREDENTIAL_SERVICE_TLS_KEY) go together".into(),
-                ));
+                return Err(ConfigError(format!(
+                    "{} and {} go together",
+                    flag("tls_cert"),
+                    flag("tls_key")
+                )));
             }
         };
         let limits = limits.resolve()?;
@@ -591,7 +652,8 @@ impl Settings {
         let store = store.resolve(&keys)?;
         if !callback_path.starts_with('/') || callback_path.contains(['?', '#']) {
             return Err(ConfigError(format!(
-                "--callback-path / CREDENTIAL_SERVICE_CALLBACK_PATH must be a path starting with /: {callback_path:?}"
+                "{} must be a path starting with /: {callback_path:?}",
+                flag("callback_path")
             )));
         }
         if callback_listen.is_some() && redirect_uri.path() != callback_path {
@@ -620,6 +682,9 @@ impl Settings {
         config.broker.refresh_margin = refresh_margin;
         config.broker.refresh.demand_interval = demand_refresh_interval;
         config.broker.upstream_concurrency = upstream_concurrency;
+        config.broker.upstream_stall_after = upstream_stall_after;
+        config.broker.upstream_max_in_flight = upstream_max_in_flight;
+        config.broker.upstream_queue_timeout = upstream_queue_timeout;
         config.callers = callers;
         config.tls = tls;
         config.encryption = keys.encryption();
@@ -640,12 +705,13 @@ impl Settings {
 }
 
 /// Credentials travel to these URLs, so plain HTTP is allowed only to this machine.
-fn require_https(url: &Url, name: &str) -> Result<(), ConfigError> {
+fn require_https(url: &Url, id: &str) -> Result<(), ConfigError> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if is_loopback(url) => Ok(()),
         _ => Err(ConfigError(format!(
-            "{name} must be an https:// URL (plain http only to loopback): {}",
+            "{} must be an https:// URL (plain http only to loopback): {}",
+            flag(id),
             printable(url)
         ))),
     }
@@ -670,279 +736,4 @@ pub fn printable(url: &Url) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::Parser;
-    use secrecy::ExposeSecret;
-
-    use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        settings: Settings,
-    }
-
-    fn settings(args: &[&str]) -> Settings {
-        let mut argv = vec!["credential-service"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).unwrap().settings
-    }
-
-    const REQUIRED: [&str; 4] = [
-        "--client-id",
-        "cid",
-        "--redirect-uri",
-        "https://ops.example.com/cb",
-    ];
-
-    #[test]
-    fn postgres_needs_a_shared_key_and_keeps_the_password_in_a_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let password = dir.path().join("store-password");
-        std::fs::write(&password, "s3cret-pw\n").unwrap();
-        let key = dir.path().join("key");
-        let url = "postgres://svc@db.internal:5432/creds?sslmode=disable";
-        let with = |extra: &[&str]| {
-            let mut args = REQUIRED.to_vec();
-            args.extend_from_slice(&["--store", url]);
-            args.extend_from_slice(extra);
-            settings(&args).resolve(Some("secret".into()))
-        };
-
-        let e = with(&[]).unwrap_err().to_string();
-        assert!(e.contains("needs --encryption-key-file"), "{e}");
-        assert_eq!(e.lines().count(), 1);
-
-        let key_arg = key.to_str().unwrap();
-        let password_arg = password.to_str().unwrap();
-        let config = with(&[
-            "--encryption-key-file",
-            key_arg,
-            "--store-password-file",
-            password_arg,
-        ])
-        .unwrap();
-        let StoreConfig::Postgres(pg) = &config.store else {
-            panic!("a postgres:// store is PostgreSQL");
-        };
-        assert_eq!(pg.url(), url);
-        assert!(!format!("{config:?}").contains("s3cret-pw"), "{config:?}");
-
-        // sled stays the default, and PostgreSQL's settings mean nothing to it.
-        let config = settings(&REQUIRED).resolve(Some("secret".into())).unwrap();
-        assert!(matches!(config.store, StoreConfig::Sled));
-        let mut args = REQUIRED.to_vec();
-        args.extend_from_slice(&["--store-password-file", password_arg]);
-        let e = settings(&args).resolve(Some("secret".into())).unwrap_err();
-        assert!(e.to_string().contains("sled store has no server"), "{e}");
-    }
-
-    #[test]
-    fn a_token_url_without_a_revoke_url_revokes_on_its_own_host() {
-        let mut args = REQUIRED.to_vec();
-        args.extend([
-            "--token-url",
-            "https://edgetag.internal:8443/v1/oauth-app/client/token",
-        ]);
-        let c = settings(&args).resolve(Some("s".into())).unwrap();
-        assert_eq!(
-            c.provider.revoke_url.as_str(),
-            "https://edgetag.internal:8443/v1/oauth-app/client/revoke"
-        );
-        args.extend(["--revoke-url", "https://other.internal/revoke"]);
-        let c = settings(&args).resolve(Some("s".into())).unwrap();
-        assert_eq!(
-            c.provider.revoke_url.as_str(),
-            "https://other.internal/revoke"
-        );
-    }
-
-    #[test]
-    fn sandbox_is_the_default_and_production_switches_every_host() {
-        let c = settings(&REQUIRED).resolve(Some("s3cret".into())).unwrap();
-        assert_eq!(
-            c.provider.authorize_url.as_str(),
-            "https://app-sandbox.edgetag.io/oauth/app/login"
-        );
-        assert_eq!(
-            c.provider.token_url.as_str(),
-            "https://api-sandbox.edgetag.io/v1/oauth-app/client/token"
-        );
-        assert_eq!(c.provider.client_secret.expose_secret(), "s3cret");
-        assert_eq!(c.broker.state_ttl, Duration::from_secs(600));
-        assert_eq!(c.broker.refresh_margin, Duration::from_secs(300));
-        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
-
-        let mut args = REQUIRED.to_vec();
-        args.extend(["--environment", "production", "--state-ttl", "90s"]);
-        let c = settings(&args).resolve(Some("s".into())).unwrap();
-        assert_eq!(
-            c.provider.authorize_url.as_str(),
-            "https://app.edgetag.io/oauth/app/login"
-        );
-        assert_eq!(
-            c.provider.token_url.as_str(),
-            "https://api.edgetag.io/v1/oauth-app/client/token"
-        );
-        assert_eq!(
-            c.provider.revoke_url.as_str(),
-            "https://api.edgetag.io/v1/oauth-app/client/revoke"
-        );
-        assert_eq!(c.broker.state_ttl, Duration::from_secs(90));
-    }
-
-    #[test]
-    fn the_flags_defaults_are_the_builders() {
-        let resolved = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
-        let (ui, api) = Environment::Sandbox.hosts();
-        let url = |base: &str, path: &str| Url::parse(&format!("{base}{path}")).unwrap();
-        let built = ServiceConfig::new(
-            Upstream {
-                authorize_url: url(ui, "/oauth/app/login"),
-                token_url: url(api, "/v1/oauth-app/client/token"),
-                revoke_url: url(api, "/v1/oauth-app/client/revoke"),
-                client_id: "cid".into(),
-                client_secret: "s".into(),
-                redirect_uri: url("https://ops.example.com", "/cb"),
-            },
-            "./data".into(),
-        );
-        assert_eq!(format!("{resolved:?}"), format!("{built:?}"));
-        // What the provider's Debug leaves out.
-        let (r, b) = (&resolved.provider, &built.provider);
-        assert_eq!(
-            r.client_secret.expose_secret(),
-            b.client_secret.expose_secret()
-        );
-        assert_eq!(r.default_token_lifetime, b.default_token_lifetime);
-        assert_eq!(r.send_redirect_uri, b.send_redirect_uri);
-    }
-
-    #[test]
-    fn missing_settings_name_flag_and_variable() {
-        let e = settings(&[])
-            .resolve(Some("s".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--client-id") && e.contains("EDGETAG_CLIENT_ID"),
-            "{e}"
-        );
-        let e = settings(&REQUIRED).resolve(None).unwrap_err().to_string();
-        assert!(
-            e.contains("--client-secret-file") && e.contains("EDGETAG_CLIENT_SECRET_FILE"),
-            "{e}"
-        );
-        let e = settings(&["--client-id", "c"])
-            .resolve(Some("s".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--redirect-uri") && e.contains("EDGETAG_REDIRECT_URI"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn secret_file_is_read_and_trimmed_and_never_printed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("secret");
-        std::fs::write(&path, "file-secret\n").unwrap();
-        let mut args = REQUIRED.to_vec();
-        let p = path.to_str().unwrap();
-        args.extend(["--client-secret-file", p]);
-        let c = settings(&args).resolve(Some("env-secret".into())).unwrap();
-        assert_eq!(c.provider.client_secret.expose_secret(), "file-secret");
-        assert!(!format!("{c:?}").contains("file-secret"));
-    }
-
-    #[test]
-    fn listening_beyond_loopback_needs_a_callers_file() {
-        let mut args = REQUIRED.to_vec();
-        args.extend(["--listen", "0.0.0.0:50051"]);
-        let e = settings(&args)
-            .resolve(Some("s".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("0.0.0.0:50051") && e.contains("--callers-file"),
-            "{e}"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("callers.toml");
-        std::fs::write(&path, "").unwrap();
-        args.extend(["--callers-file", path.to_str().unwrap()]);
-        let c = settings(&args).resolve(Some("s".into())).unwrap();
-        assert!(!c.callers.is_open());
-        let c = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
-        assert!(c.callers.is_open());
-    }
-
-    #[test]
-    fn limits_default_to_the_documented_values_and_none_may_be_zero() {
-        let c = settings(&REQUIRED).resolve(Some("s".into())).unwrap();
-        assert_eq!(c.limits, Limits::DEFAULT);
-        let mut args = REQUIRED.to_vec();
-        args.extend(["--max-health-watches", "3", "--handshake-timeout", "2s"]);
-        let c = settings(&args).resolve(Some("s".into())).unwrap();
-        assert_eq!(c.limits.max_health_watches, 3);
-        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
-        for (flag, value, variable) in [
-            (
-                "--max-connections",
-                "0",
-                "CREDENTIAL_SERVICE_MAX_CONNECTIONS",
-            ),
-            (
-                "--max-calls-in-flight",
-                "0",
-                "CREDENTIAL_SERVICE_MAX_CALLS_IN_FLIGHT",
-            ),
-            (
-                "--max-open-calls-in-flight",
-                "0",
-                "CREDENTIAL_SERVICE_MAX_OPEN_CALLS_IN_FLIGHT",
-            ),
-            (
-                "--handshake-timeout",
-                "0s",
-                "CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT",
-            ),
-        ] {
-            let mut args = REQUIRED.to_vec();
-            args.extend([flag, value]);
-            let e = settings(&args)
-                .resolve(Some("s".into()))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(flag) && e.contains(variable), "{e}");
-        }
-    }
-
-    #[test]
-    fn credentials_never_go_over_plain_http_except_to_loopback() {
-        let mut args = REQUIRED.to_vec();
-        args.extend(["--token-url", "http://api.example.com/token"]);
-        let e = settings(&args)
-            .resolve(Some("s".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--token-url") && e.contains("https"), "{e}");
-        let mut args = REQUIRED.to_vec();
-        args.extend(["--token-url", "http://127.0.0.1:9/token"]);
-        assert!(settings(&args).resolve(Some("s".into())).is_ok());
-    }
-
-    #[test]
-    fn urls_are_printed_without_credentials() {
-        let url = Url::parse("https://user:hunter2@api.example.com/token").unwrap();
-        assert_eq!(printable(&url), "https://api.example.com/token");
-        let mut args = REQUIRED.to_vec();
-        args.extend(["--token-url", "http://user:hunter2@api.example.com/token"]);
-        let e = settings(&args)
-            .resolve(Some("s".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("hunter2"), "{e}");
-    }
-}
+mod tests;
