@@ -373,14 +373,28 @@ impl Callers {
                     "client certificates with a wildcard name are not accepted",
                 ));
             }
+            // A certificate whose names belong to two callers would otherwise be whichever the
+            // file lists first: it names neither.
+            let mut named: Option<&Arc<Caller>> = None;
             for (san, caller) in &table.by_san {
-                if san_matches(&cert, san) {
-                    return Ok(caller.clone());
+                if !san_matches(&cert, san) {
+                    continue;
+                }
+                match named {
+                    Some(first) if !Arc::ptr_eq(first, caller) => {
+                        return Err(Status::unauthenticated(
+                            "the client certificate names more than one caller in the callers \
+                             file, so it names none: issue one certificate per caller",
+                        ));
+                    }
+                    _ => named = Some(caller),
                 }
             }
-            return Err(Status::unauthenticated(
-                "the client certificate names no caller in the callers file",
-            ));
+            return named.cloned().ok_or_else(|| {
+                Status::unauthenticated(
+                    "the client certificate names no caller in the callers file",
+                )
+            });
         }
         Err(Status::unauthenticated(
             "no credentials: send `authorization: Bearer <token>` (or a client certificate listed in the callers file)",

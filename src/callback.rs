@@ -76,7 +76,9 @@ async fn callback(
     let redirect = Redirect::parse(query.as_deref().unwrap_or(""));
     if let Some(error) = &redirect.error {
         let error = cap(error, MAX_ERROR_CHARS);
-        tracing::debug!(error = %error, "EdgeTag redirected with an error");
+        // Anyone can put text here: quoted and escaped (`Debug`), so that it reads as one value
+        // to a logfmt parser whatever it holds (spaces, `=`, quotes, U+2028).
+        tracing::debug!(error = ?error, "EdgeTag redirected with an error");
         refused(tonic::Code::PermissionDenied, peer);
         let mut lines = vec![format!("EdgeTag answered: {error}")];
         if let Some(d) = &redirect.error_description {
@@ -329,6 +331,12 @@ mod tests {
             cap("a\u{202E}b\u{2066}c\u{200B}d\u{FEFF}e\u{E0041}f", 64),
             "abcdef"
         );
+    }
+
+    #[test]
+    fn provider_errors_are_logged_as_one_quoted_value() {
+        let logged = format!("{:?}", cap("x caller=ops-cli\u{2028}y=\"z\"", 64));
+        assert_eq!(logged, r#""x caller=ops-cli\u{2028}y=\"z\"""#);
     }
 
     #[test]

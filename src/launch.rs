@@ -1,10 +1,13 @@
 //! What the `credential-service` binary does between parsing its flags and exiting, so that its
-//! `main` reads parse, build, run: `--dev`'s set-up, resolving the settings, binding every listener
-//! before anything is opened, serving until a signal, `rotate-keys`, `backup` and `restore`
-//! ([`backups`]), and the exit code of each failure (2: the settings cannot work as given; 1:
-//! starting, serving or a command failed).
+//! `main` reads parse, build, run: `--dev`'s set-up, resolving the settings, raising the open-file
+//! limit (`open_files`), binding every listener before anything is opened, serving until a
+//! signal, `rotate-keys`, `backup` and `restore` ([`backups`]), and the exit code of each failure
+//! (2: the settings cannot work as given; 1: starting, serving or a command failed).
 
 pub mod backups;
+mod open_files;
+
+pub use self::open_files::budget as open_files_budget;
 
 use std::{future::Future, path::Path, process::ExitCode};
 
@@ -91,6 +94,7 @@ impl Launch {
             dev_env = Some(env);
         }
         let config = settings.resolve(client_secret)?;
+        open_files::raise_and_check(&config);
         let options = StartOptions {
             // Dev mode bound the callback already: its address is the redirect URI.
             callback: dev_env.as_mut().and_then(|e| e.callback.take()),

@@ -15,7 +15,8 @@
 //! - [`telemetry`]: log set-up.
 //! - [`config`]: clap settings with environment variables, EdgeTag presets.
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
-//! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
+//! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out; the places
+//!   for watch streams.
 //! - [`backup`]: the backup file (sealed records, checksummed), restore's checks, offline backups.
 //! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
@@ -23,7 +24,8 @@
 //! - [`error`]: the domain error and its one mapping to gRPC status codes.
 //! - [`oauth`]: PKCE, the authorize URL, the token endpoint; turns its answers into token sets.
 //! - [`store`]: durable state: pending states and account records, durable before a write returns.
-//! - [`metrics`]: Prometheus series and the `/metrics` endpoint; told things, it asks nothing.
+//! - [`metrics`]: Prometheus series, the `/metrics` endpoint, and every bound's throttled refusal
+//!   log; told things, it asks nothing.
 //! - [`tokens`]: the domain records (token set, account record, pending authorization).
 //! - [`grant`]: the authorization code and state from EdgeTag's redirect, obtainable only by parsing.
 //! - [`account`]: [`account::AccountId`], obtainable only by parsing.

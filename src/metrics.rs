@@ -8,6 +8,10 @@
 //! hot path costs an array lookup of the (method, code) series and an uncontended histogram lock:
 //! no allocation, no hashing.
 
+mod throttled;
+
+pub use self::throttled::{LOG_EVERY, Throttled};
+
 use std::{
     sync::{LazyLock, OnceLock},
     time::{Duration, Instant},
@@ -340,7 +344,7 @@ pub fn record_refresh_lag(lag: Duration) {
     METRICS.refresh_lag.set(lag.as_secs_f64());
 }
 
-/// Counts one refusal by a bound of the gRPC listener; `limit` names it.
+/// Counts one refusal by a bound (of a listener, or of watch streams); `limit` names it.
 pub fn record_limit_hit(limit: &'static str) {
     METRICS
         .limit_hits

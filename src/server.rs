@@ -4,7 +4,6 @@
 //! - `conn`: accepting connections within bounds: how many, handshake deadline, TLS;
 //! - `error`: [`ServeError`], why serving could not start or stopped;
 //! - `limits`: bounds on calls in flight and on health Watch streams;
-//! - `throttled`: the refusal log lines of every bound, at most one per bound per ten seconds;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
 //! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP;
@@ -20,7 +19,6 @@ mod http;
 mod limits;
 mod rekey;
 mod signals;
-mod throttled;
 mod upkeep;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -271,7 +269,7 @@ async fn serve(
         store,
         broker,
     } = app;
-    announce(&listeners.grpc, &config, &broker)?;
+    announce(&listeners, &config, &broker)?;
     let http = HttpListeners::spawn(listeners.callback, listeners.metrics, &config, &broker);
     let upkeep = Upkeep::spawn(&config, &store, clock, &broker);
     let shutdown = async {
@@ -297,16 +295,23 @@ async fn serve(
     Ok(())
 }
 
-/// Refuses an open service (no callers file) beyond loopback, then logs what is about to serve.
+/// Refuses an open service (no callers file) beyond loopback, on any of its listeners, then logs
+/// what is about to serve.
 fn announce(
-    listener: &TcpListener,
+    listeners: &Listeners,
     config: &ServiceConfig,
     broker: &Broker,
 ) -> Result<(), ServeError> {
-    let local = listener.local_addr().ok();
-    if let Some(addr) = local
-        && config.callers.is_open()
-        && !addr.ip().is_loopback()
+    let local = listeners.grpc.local_addr().ok();
+    let http = [&listeners.callback, &listeners.metrics]
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.local_addr().ok());
+    if config.callers.is_open()
+        && let Some(addr) = local
+            .into_iter()
+            .chain(http)
+            .find(|addr| !addr.ip().is_loopback())
     {
         return Err(ServeError::OpenOnNetwork(addr));
     }

@@ -3,11 +3,12 @@
 //! Each handler checks the caller's account (see [`crate::auth`]) before the broker looks the
 //! account up, and leaves one audit event (see [`crate::audit`]; token reads are counted).
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+mod watchers;
+
+use std::{pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
@@ -33,6 +34,8 @@ use crate::{
     tokens::{AccountRecord, AccountStatus, RefreshOutcome, TokenSet},
 };
 
+pub use self::watchers::{CALLER_WATCHERS_REFUSED, WATCHERS_REFUSED, WatchBounds, WatchKind};
+
 /// Longest `min_validity` a caller may ask for before the broker compares it with real lifetimes.
 const MAX_MIN_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -45,17 +48,17 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 #[derive(Clone)]
 pub struct CredentialApi {
     broker: Broker,
-    watchers: Arc<Semaphore>,
+    watchers: WatchBounds,
     shutdown: CancellationToken,
 }
 
 impl CredentialApi {
-    /// `max_watchers` bounds the WatchToken and WatchAccounts streams open at once, together; `shutdown` ends them all, so
-    /// that draining does not wait for streams that never end on their own.
-    pub fn new(broker: Broker, max_watchers: usize, shutdown: CancellationToken) -> Self {
+    /// `watchers` bounds the WatchToken and WatchAccounts streams open at once; `shutdown` ends
+    /// them all, so that draining does not wait for streams that never end on their own.
+    pub fn new(broker: Broker, watchers: WatchBounds, shutdown: CancellationToken) -> Self {
         Self {
             broker,
-            watchers: Arc::new(Semaphore::new(max_watchers)),
+            watchers,
             shutdown,
         }
     }
@@ -391,11 +394,7 @@ impl CredentialService for CredentialApi {
             let account = account.map_err(Status::from)?;
             caller.authorize(&account)?;
             let min_validity = parse_min_validity(raw.min_validity)?;
-            let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
-                return Err(Status::resource_exhausted(
-                    "too many WatchToken streams open (--max-watchers); use GetToken, or retry later",
-                ));
-            };
+            let permit = self.watchers.admit(caller.name(), WatchKind::Token)?;
             Ok((account, min_validity, permit))
         }
         .await;
@@ -449,12 +448,7 @@ impl CredentialService for CredentialApi {
         request: Request<WatchAccountsRequest>,
     ) -> Result<Response<AccountEventStream>, Status> {
         let caller = auth::caller(request.extensions())?.clone();
-        let started = match self.watchers.clone().try_acquire_owned() {
-            Ok(permit) => Ok(permit),
-            Err(_) => Err(Status::resource_exhausted(
-                "too many watch streams open (--max-watchers); use ListAccounts, or retry later",
-            )),
-        };
+        let started = self.watchers.admit(caller.name(), WatchKind::Accounts);
         audit::record("WatchAccounts", caller.name(), "", audit::outcome(&started));
         let permit = started?;
         let mut end = WatchEnd {
@@ -691,10 +685,13 @@ fn audited(method: &str, caller: &str, account: &str, status: Status) -> Status 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// WatchToken and WatchAccounts streams share one cap: a permit is held while a stream is
-    /// open, whichever kind, and returns when it is dropped.
+    /// open, whichever kind, and returns when it is dropped; WatchAccounts may also take the
+    /// places kept for admins, which WatchToken never takes.
     #[tokio::test]
     async fn watch_streams_of_both_kinds_share_the_watcher_cap() {
         let dir = tempfile::tempdir().unwrap();
@@ -711,7 +708,11 @@ mod tests {
         )
         .await
         .unwrap();
-        let api = CredentialApi::new(broker, 1, CancellationToken::new());
+        let api = CredentialApi::new(
+            broker,
+            WatchBounds::new(1, 1, None),
+            CancellationToken::new(),
+        );
         fn request<T>(message: T) -> Request<T> {
             let mut request = Request::new(message);
             request
@@ -735,18 +736,22 @@ mod tests {
             code(api.watch_token(token()).await),
             Some(Code::ResourceExhausted)
         );
+        let kept = api.watch_accounts(request(WatchAccountsRequest {})).await;
+        assert!(kept.is_ok(), "the place kept for admins");
         assert_eq!(
             code(api.watch_accounts(request(WatchAccountsRequest {})).await),
             Some(Code::ResourceExhausted)
         );
-        drop(events);
+        drop((events, kept));
         let watching = api.watch_token(token()).await;
         assert!(watching.is_ok());
         assert_eq!(
-            code(api.watch_accounts(request(WatchAccountsRequest {})).await),
+            code(api.watch_token(token()).await),
             Some(Code::ResourceExhausted)
         );
-        drop(watching);
+        let kept = api.watch_accounts(request(WatchAccountsRequest {})).await;
+        assert!(kept.is_ok(), "the place kept for admins");
+        drop((watching, kept));
         assert!(
             api.watch_accounts(request(WatchAccountsRequest {}))
                 .await

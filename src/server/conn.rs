@@ -27,10 +27,10 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use super::{error::ServeError, throttled::Throttled};
+use super::error::ServeError;
 use crate::{
     config::{Limits, TlsConfig},
-    metrics::{self, ConnectionGuard},
+    metrics::{self, ConnectionGuard, Throttled},
 };
 
 /// The HTTP/2 client preface (RFC 9113 §3.4): the handshake is done once it has arrived.
@@ -152,7 +152,7 @@ where
 }
 
 /// Errors that concern one connection only (the peer gave up); the next accept is fine.
-fn is_per_connection(e: &io::Error) -> bool {
+pub(super) fn is_per_connection(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted
@@ -163,9 +163,10 @@ fn is_per_connection(e: &io::Error) -> bool {
 }
 
 /// Backs off on accept errors (out of file descriptors, memory): 10 ms, doubling up to 1 s;
-/// one warning when a burst starts and one line when accepting works again.
+/// one warning when a burst starts and one line when accepting works again. The HTTP
+/// listeners' accept loops use it too.
 #[derive(Default)]
-struct Backoff {
+pub(super) struct Backoff {
     errors: u64,
     delay: Duration,
 }
@@ -174,7 +175,7 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(10);
     const MAX: Duration = Duration::from_secs(1);
 
-    async fn wait(&mut self, e: &io::Error) {
+    pub(super) async fn wait(&mut self, e: &io::Error) {
         metrics::record_limit_hit("accept_errors");
         if self.errors == 0 {
             tracing::warn!(error = %e, "cannot accept connections; backing off until it works again");
@@ -185,7 +186,7 @@ impl Backoff {
         self.delay = (self.delay * 2).min(Self::MAX);
     }
 
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         if self.errors > 0 {
             tracing::info!(
                 errors = self.errors,

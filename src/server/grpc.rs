@@ -21,7 +21,7 @@ use crate::{
     broker::Broker,
     config::ServiceConfig,
     proto::{self, credential_service_server::CredentialServiceServer},
-    service::CredentialApi,
+    service::{CredentialApi, WatchBounds},
 };
 
 /// Serves gRPC on `listener` until `shutdown` resolves; then health turns NOT_SERVING and open
@@ -56,9 +56,15 @@ pub(super) async fn serve(
         .max_decoding_message_size(max_request);
     // Cancelled when shutdown begins: WatchToken streams end then, instead of holding the drain.
     let watches_end = tokio_util::sync::CancellationToken::new();
+    // Without a callers file every call is the same anonymous caller: no per-caller bound then.
+    let watchers = WatchBounds::new(
+        limits.max_watchers,
+        limits.watchers_kept_for_admins,
+        (!config.callers.is_open()).then_some(limits.max_watchers_per_caller),
+    );
     let api = CredentialServiceServer::new(CredentialApi::new(
         broker.clone(),
-        limits.max_watchers,
+        watchers,
         watches_end.clone(),
     ))
     .max_decoding_message_size(max_request);

@@ -22,22 +22,26 @@ use tonic_health::{
     server::HealthService,
 };
 
-use super::throttled::{LOG_EVERY, Throttled};
 use crate::{
     auth::{CallAudit, Callers},
-    metrics::{self, RpcCall},
+    metrics::{self, LOG_EVERY, RpcCall, Throttled},
 };
 
 /// Health checks stay answerable while the service sheds other calls: probes must see it alive.
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// Every bound's refusal log.
-static REFUSAL_LOGS: [&Throttled; 5] = [
+static REFUSAL_LOGS: [&Throttled; 10] = [
     &CALLS_REFUSED,
     &OPEN_CALLS_REFUSED,
     &WATCHES_REFUSED,
     &super::conn::REFUSED,
     &super::conn::TIMED_OUT,
+    &super::http::HTTP_REFUSED,
+    &super::http::HTTP_TIMED_OUT,
+    &super::http::HTTP_TOO_LARGE,
+    &crate::service::WATCHERS_REFUSED,
+    &crate::service::CALLER_WATCHERS_REFUSED,
 ];
 
 /// Logs the refusals counted since each bound's last line: every [`LOG_EVERY`] while the server

@@ -19,6 +19,7 @@ mod deploy;
 mod events;
 mod flow;
 mod hardening;
+mod hardening2;
 mod inputs;
 mod key_rotation;
 mod layers;

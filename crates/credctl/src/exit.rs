@@ -28,7 +28,7 @@ Exit codes:
    6  FAILED_PRECONDITION (EdgeTag rejected the code, or the account needs re-authorization)
    7  UNAVAILABLE (EdgeTag unreachable; retry later)
    8  DEADLINE_EXCEEDED
-   9  UNAUTHENTICATED (missing or wrong --token / CREDCTL_TOKEN)
+   9  UNAUTHENTICATED (missing or wrong --token-file / --token / CREDCTL_TOKEN)
   10  PERMISSION_DENIED (this caller may not do that)
   11  UNIMPLEMENTED (the service is older than this credctl)
   12  INTERNAL (the service's log has the cause)

@@ -5,41 +5,49 @@
 //! `backup` and `import` live in their own modules ([`backup`](self::backup),
 //! [`import`](self::import)).
 //!
-//! Built on `credential-client`: its generated stubs, its [`Bearer`] interceptor, its
-//! [`endpoint`](credential_client::endpoint) and its gRPC code names. Subcommands with more than
-//! a call and a sentence have a module of their own (`reseal`).
+//! Built on `credential-client`: its generated stubs, its [`Bearer`](credential_client::Bearer)
+//! interceptor, its [`endpoint`](credential_client::endpoint) and its gRPC code names. Subcommands
+//! with more than a call and a sentence have a module of their own (`reseal`); so do reaching the
+//! service (`connect`), the bearer token (`token`) and the browser `begin --open` starts
+//! (`browser`).
 
 mod reseal;
 
 mod backup;
 mod import;
 
+mod browser;
+mod connect;
+mod token;
+
+pub use token::parse;
+
 use std::{
     io::Write,
     path::PathBuf,
-    process::{ExitCode, Stdio},
+    process::ExitCode,
     time::{Duration, SystemTime},
 };
 
 use clap::{Parser, Subcommand};
-use credential_client::{Bearer, EndpointError, GrpcClient as Client, code_name};
-use secrecy::{ExposeSecret, SecretString};
+use credential_client::{GrpcClient as Client, code_name};
 use serde_json::{Value, json};
-use tonic::{
-    Code, Status,
-    transport::{Certificate, ClientTlsConfig},
-};
+use tonic::{Code, Status};
 
 use credential_client::proto::{
     AccountEvent, AccountEventKind, AccountInfo, AccountStatus, BeginAuthRequest,
     CompleteAuthRequest, DescribeAccountRequest, GetTokenRequest, ListAccountsRequest,
     RefreshOutcome, RefreshTokenRequest, RemoveAccountRequest, RemoveOutcome, WatchAccountsRequest,
-    WatchTokenRequest, credential_service_client::CredentialServiceClient,
+    WatchTokenRequest,
 };
 
 /// Exit codes, one per kind of failure, so scripts can tell them apart.
 pub mod exit;
 
+use self::{
+    browser::{OPENER, open_browser},
+    connect::connect,
+};
 use exit::EXIT_CODES;
 
 /// Talks to a credential-service over gRPC.
@@ -55,10 +63,21 @@ pub struct Cli {
     )]
     pub server: String,
 
-    /// Bearer token sent as `authorization: Bearer ...`. Prefer the environment variable: the
-    /// command line is visible to other users in `ps`.
-    #[arg(long, env = "CREDCTL_TOKEN", hide_env_values = true, global = true)]
+    /// Bearer token sent as `authorization: Bearer ...`. Prefer --token-file: a command line is
+    /// visible to every local user in `ps` and /proc, and an environment to the processes of
+    /// the same user.
+    #[arg(
+        long,
+        env = "CREDCTL_TOKEN",
+        hide_env_values = true,
+        global = true,
+        allow_hyphen_values = true
+    )]
     pub token: Option<String>,
+
+    /// File whose first line is the bearer token (mode 0600), instead of --token.
+    #[arg(long, env = "CREDCTL_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 
     /// PEM file of the CA that signed the service's certificate (`https://` only; the system's
     /// roots are trusted too).
@@ -228,7 +247,9 @@ impl CliError {
             Code::FailedPrecondition => "connect the account again: `credctl begin ACCOUNT`",
             Code::Unavailable => "EdgeTag or the service is unreachable; retry later",
             Code::DeadlineExceeded => "the call took too long; retry later",
-            Code::Unauthenticated => "pass a valid bearer token with --token or CREDCTL_TOKEN",
+            Code::Unauthenticated => {
+                "pass a valid bearer token with --token-file (or --token, CREDCTL_TOKEN)"
+            }
             Code::PermissionDenied => {
                 "this caller may not do that; ask an administrator for the needed role"
             }
@@ -272,7 +293,7 @@ pub async fn execute(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
         }
         _ => None,
     };
-    let bearer = cli.token.filter(|t| !t.is_empty()).map(SecretString::from);
+    let bearer = token::bearer(cli.token, cli.token_file.as_deref())?;
     let mut client = connect(&cli.server, bearer, cli.ca_file.as_deref()).await?;
     let json = cli.json;
     match cli.command {
@@ -624,109 +645,6 @@ fn parse_code_and_state(input: &str) -> Option<(String, String)> {
     }
 }
 
-/// Connects, refusing to send a bearer token in clear text anywhere but this machine.
-async fn connect(
-    server: &str,
-    token: Option<SecretString>,
-    ca_file: Option<&std::path::Path>,
-) -> Result<Client, CliError> {
-    let url = url::Url::parse(server)
-        .map_err(|e| CliError::Usage(format!("--server {server:?} is not a URL: {e}")))?;
-    let loopback = is_loopback(&url);
-    let tls = match url.scheme() {
-        "https" => {
-            let mut tls = ClientTlsConfig::new().with_native_roots();
-            if let Some(path) = ca_file {
-                let pem = std::fs::read(path).map_err(|e| {
-                    CliError::Usage(format!("cannot read --ca-file {}: {e}", path.display()))
-                })?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            Some(tls)
-        }
-        "http" if token.is_some() && !loopback => {
-            return Err(CliError::Usage(format!(
-                "refusing to send the bearer token in clear text to {}; use https://",
-                printable(&url)
-            )));
-        }
-        "http" => None,
-        other => {
-            return Err(CliError::Usage(format!(
-                "--server must start with http:// or https://, not {other}://"
-            )));
-        }
-    };
-    let endpoint = credential_client::endpoint(server, tls).map_err(|e| match e {
-        EndpointError::Tls(e) => CliError::Usage(format!("TLS set-up: {e}")),
-        e => CliError::Usage(format!("--server {server:?}: {e}")),
-    })?;
-    let channel = endpoint
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .map_err(|e| CliError::Unreachable {
-            server: printable(&url),
-            cause: error_chain(&e),
-        })?;
-    let bearer = Bearer::new(token.as_ref().map(|t| t.expose_secret())).map_err(|_| {
-        CliError::Usage("the token contains characters a header cannot carry".into())
-    })?;
-    Ok(CredentialServiceClient::with_interceptor(channel, bearer))
-}
-
-/// Whether `url` names this machine: only then may a token travel in clear text.
-fn is_loopback(url: &url::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    }
-}
-
-/// `url` without any `user:password@`, for messages.
-fn printable(url: &url::Url) -> String {
-    let mut url = url.clone();
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.to_string()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        // Some errors repeat their cause in their own message ("tcp connect error: tcp connect
-        // error: ..."): say each part once.
-        let text = cause.to_string();
-        if !s.ends_with(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
-}
-
-/// The desktop's "open this URL" command (`open` on Linux is openvt, so only macOS gets it).
-const OPENER: &str = if cfg!(target_os = "macos") {
-    "open"
-} else {
-    "xdg-open"
-};
-
-/// Starts the default browser; false when the opener is missing or failed.
-fn open_browser(url: &str) -> bool {
-    std::process::Command::new(OPENER)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// `--min-validity` as the proto's duration.
 fn proto_duration(d: Option<Duration>) -> Result<Option<prost_types::Duration>, CliError> {
     d.map(prost_types::Duration::try_from)
@@ -918,29 +836,6 @@ mod tests {
         assert!(e.hint_after(&token).unwrap().contains("credctl list"));
     }
 
-    #[test]
-    fn a_cause_repeated_in_its_error_is_said_once() {
-        #[derive(Debug)]
-        struct Layer(&'static str, Option<Box<Layer>>);
-        impl std::fmt::Display for Layer {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.0)
-            }
-        }
-        impl std::error::Error for Layer {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                self.1.as_deref().map(|l| l as _)
-            }
-        }
-        let refused = Layer("Connection refused (os error 111)", None);
-        let inner = Layer("tcp connect error", Some(Box::new(refused)));
-        let outer = Layer("tcp connect error", Some(Box::new(inner)));
-        assert_eq!(
-            error_chain(&outer),
-            "tcp connect error: Connection refused (os error 111)"
-        );
-    }
-
     /// Codes and states are base64url: one in 64 starts with `-`, and must still be taken as
     /// pasted, wherever the global flags go.
     #[test]
@@ -967,21 +862,6 @@ mod tests {
             panic!("not `complete`");
         };
         assert_eq!((code.as_str(), state), ("-", None));
-    }
-
-    #[tokio::test]
-    async fn a_token_never_travels_in_clear_text_off_this_machine() {
-        let e = connect(
-            "http://credentials.example.com:50051",
-            Some(SecretString::from("tok-secret")),
-            None,
-        )
-        .await
-        .err()
-        .unwrap();
-        assert_eq!(e.exit_code(), exit::USAGE);
-        assert!(e.to_string().contains("https://"), "{e}");
-        assert!(!e.to_string().contains("tok-secret"));
     }
 
     #[test]

@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use credctl::Cli;
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    credctl::run(Cli::parse()).await
+    match credctl::parse() {
+        Ok(cli) => credctl::run(cli).await,
+        Err(code) => code,
+    }
 }

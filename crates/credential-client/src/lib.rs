@@ -7,8 +7,10 @@
 //! token as soon as it is published (well before the previous one nears expiry), so
 //! [`TokenSource::token`] answers from memory. While the service is unreachable it keeps handing
 //! out the token it has, for as long as that token still covers the source's `min_validity`, and
-//! then fails; it never hands out an expired token. Against a service without `WatchToken` it
-//! falls back to polling `GetToken` ahead of expiry.
+//! then fails; it never hands out an expired token. Against a service without `WatchToken`, one
+//! that has no place for another stream (`RESOURCE_EXHAUSTED`), or one whose streams keep ending
+//! `UNAVAILABLE` while calls get through, it polls `GetToken` ahead of expiry instead, and goes back
+//! to watching when it can ([`ClientBuilder::polling_fallback`]).
 //!
 //! A [`Client`] holds one gRPC channel; every [`TokenSource`] made from it shares that channel,
 //! so a service with 50 accounts opens one connection, not 50. [`AuthorizationLayer`] puts the
@@ -277,6 +279,10 @@ struct Settings {
     min_validity: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    /// WatchToken attempts in a row that may end UNAVAILABLE before GetToken is tried instead.
+    unavailable_attempts: u32,
+    /// While polling, how often WatchToken is tried again.
+    watch_again_after: Duration,
     clock: ClockFn,
 }
 
@@ -362,6 +368,8 @@ impl ClientBuilder {
                 min_validity: Duration::ZERO,
                 backoff_initial: Duration::from_millis(200),
                 backoff_max: Duration::from_secs(30),
+                unavailable_attempts: 3,
+                watch_again_after: Duration::from_secs(30),
                 clock: Arc::new(SystemTime::now),
             },
         }
@@ -394,6 +402,21 @@ impl ClientBuilder {
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.settings.backoff_initial = initial;
         self.settings.backoff_max = max.max(initial);
+        self
+    }
+
+    /// When to poll GetToken instead of watching: after `unavailable_attempts` WatchToken
+    /// attempts in a row ended UNAVAILABLE without a token (default 3; a proxy may cut streams
+    /// while calls get through), and at once when the service has no place for another stream
+    /// (RESOURCE_EXHAUSTED). While polling, WatchToken is tried again about every
+    /// `watch_again_after` (default 30 s, randomized), and at once after GetToken fails too.
+    pub fn polling_fallback(
+        mut self,
+        unavailable_attempts: u32,
+        watch_again_after: Duration,
+    ) -> Self {
+        self.settings.unavailable_attempts = unavailable_attempts.max(1);
+        self.settings.watch_again_after = watch_again_after;
         self
     }
 

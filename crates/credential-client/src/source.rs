@@ -1,5 +1,6 @@
 //! One account's tokens: the latest in memory, kept current by a background task that follows
-//! the account's WatchToken stream (or polls GetToken where the service has no WatchToken).
+//! the account's WatchToken stream, or polls GetToken where the service has no WatchToken, where
+//! it has no place for another stream, or where streams keep failing while calls get through.
 
 use std::{
     sync::Arc,
@@ -7,12 +8,12 @@ use std::{
 };
 
 use secrecy::SecretString;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tonic::{Code, Status};
 
 use crate::{
     ClockFn, Error, Grpc, Settings, Token,
-    proto::{GetTokenRequest, WatchTokenRequest},
+    proto::{GetTokenRequest, WatchTokenRequest, WatchTokenResponse},
 };
 
 /// What the background task last learned.
@@ -124,15 +125,24 @@ impl TokenSource {
 }
 
 /// The background task: follows the account until every [`TokenSource`] handle is gone.
-async fn follow(mut grpc: Grpc, account: String, settings: Settings, tx: watch::Sender<State>) {
-    let mut backoff = Backoff::new(&settings);
+async fn follow(grpc: Grpc, account: String, settings: Settings, tx: watch::Sender<State>) {
+    let backoff = Backoff::new(&settings);
+    let mut follower = Follower {
+        grpc,
+        account,
+        settings,
+        backoff,
+        unavailable_in_a_row: 0,
+        polling: None,
+    };
     loop {
         let ended = tokio::select! {
             () = tx.closed() => return,
-            status = session(&mut grpc, &account, &settings, &tx, &mut backoff) => status,
+            status = follower.session(&tx) => status,
         };
-        let error = Error::from_status(&account, &ended);
-        let pause = backoff.next();
+        let account = &follower.account;
+        let error = Error::from_status(account, &ended);
+        let pause = follower.backoff.next();
         tracing::warn!(
             account,
             code = ?ended.code(),
@@ -158,80 +168,186 @@ async fn follow(mut grpc: Grpc, account: String, settings: Settings, tx: watch::
     }
 }
 
-/// One connection's worth of following: a WatchToken stream, or GetToken polling where the
-/// service has no WatchToken. Returns the status that ended it.
-async fn session(
-    grpc: &mut Grpc,
-    account: &str,
-    settings: &Settings,
-    tx: &watch::Sender<State>,
-    backoff: &mut Backoff,
-) -> Status {
-    let min_validity = prost_types::Duration::try_from(settings.min_validity).ok();
-    let request = WatchTokenRequest {
-        account: account.to_owned(),
-        min_validity,
-    };
-    let mut stream = match grpc.watch_token(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) if status.code() == Code::Unimplemented => {
-            tracing::info!(
-                account,
-                "the credential service has no WatchToken; polling GetToken"
-            );
-            return poll(grpc, account, settings, tx, backoff).await;
-        }
-        Err(status) => return status,
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(message)) => {
-                let Some(token) =
-                    token(message.access_token, message.token_type, message.expires_at)
-                else {
-                    return Status::internal("the service sent a token without an expiry");
-                };
-                publish(tx, token);
-                backoff.reset();
-            }
-            Ok(None) => return Status::unavailable("the WatchToken stream ended without a status"),
-            Err(status) => return status,
-        }
-    }
+/// What the background task keeps between connections.
+struct Follower {
+    grpc: Grpc,
+    account: String,
+    settings: Settings,
+    backoff: Backoff,
+    /// WatchToken attempts that ended UNAVAILABLE since the last token, counted against
+    /// [`Settings::unavailable_attempts`].
+    unavailable_in_a_row: u32,
+    /// While it polls GetToken instead of watching: when it tries WatchToken again.
+    polling: Option<Polling>,
 }
 
-/// GetToken, again each time three quarters of the token's useful life (beyond `min_validity`)
-/// have passed: the service refreshes once a token nears its margin, so a few calls per token
-/// lifetime find the new one well before the old one stops covering `min_validity`.
-async fn poll(
-    grpc: &mut Grpc,
-    account: &str,
-    settings: &Settings,
-    tx: &watch::Sender<State>,
-    backoff: &mut Backoff,
-) -> Status {
-    loop {
-        let request = GetTokenRequest {
-            account: account.to_owned(),
-            min_validity: prost_types::Duration::try_from(settings.min_validity).ok(),
+/// Polling GetToken in place of a WatchToken stream.
+struct Polling {
+    /// When to try WatchToken again; `None`: only after a failure (the service has no
+    /// WatchToken, and will not have one until it is upgraded, which a failure goes with).
+    watch_again: Option<Instant>,
+    /// When the token it holds needs asking for again.
+    next_poll: Instant,
+}
+
+impl Follower {
+    /// One connection's worth of following: a WatchToken stream; or GetToken polling where the
+    /// service has no WatchToken, where it refuses one (RESOURCE_EXHAUSTED: every place taken),
+    /// or where streams keep failing (UNAVAILABLE past the attempts allowed) while GetToken may
+    /// still get through; polling tries WatchToken again from time to time. Returns the status
+    /// that ended it.
+    async fn session(&mut self, tx: &watch::Sender<State>) -> Status {
+        loop {
+            let watch_now = self
+                .polling
+                .as_ref()
+                .is_none_or(|p| p.watch_again.is_some_and(|at| Instant::now() >= at));
+            if watch_now {
+                match self.grpc.watch_token(self.watch_request()).await {
+                    Ok(response) => {
+                        if self.polling.take().is_some() {
+                            tracing::info!(account = self.account, "watching the token again");
+                        }
+                        return self.stream(tx, response.into_inner()).await;
+                    }
+                    Err(status) => {
+                        let code = status.code();
+                        if code == Code::Unavailable {
+                            self.unavailable_in_a_row += 1;
+                        }
+                        let watch_again = match code {
+                            Code::Unimplemented => None,
+                            Code::ResourceExhausted => Some(self.settings.watch_again_after),
+                            Code::Unavailable
+                                if self.unavailable_in_a_row
+                                    >= self.settings.unavailable_attempts =>
+                            {
+                                Some(self.settings.watch_again_after)
+                            }
+                            _ => return status,
+                        };
+                        self.poll_instead(&status, watch_again);
+                    }
+                }
+            }
+            if let Err(status) = self.poll(tx).await {
+                // GetToken fails too: nothing to do with watching; try that first next time.
+                if let Some(polling) = &mut self.polling {
+                    polling.watch_again = Some(Instant::now());
+                }
+                return status;
+            }
+        }
+    }
+
+    fn watch_request(&self) -> WatchTokenRequest {
+        WatchTokenRequest {
+            account: self.account.clone(),
+            min_validity: prost_types::Duration::try_from(self.settings.min_validity).ok(),
+        }
+    }
+
+    /// Switches to (or stays with) polling after WatchToken failed with `status`; tries
+    /// watching again after `watch_again` (never, without a failure, if `None`).
+    fn poll_instead(&mut self, status: &Status, watch_again: Option<Duration>) {
+        // Randomized so that the callers refused together do not come back together.
+        let watch_again =
+            watch_again.map(|d| Instant::now() + d.mul_f64(0.75 + 0.5 * rand::random::<f64>()));
+        match &mut self.polling {
+            Some(polling) => polling.watch_again = watch_again,
+            None => {
+                let account = &self.account;
+                match status.code() {
+                    Code::Unimplemented => tracing::info!(
+                        account,
+                        "the credential service has no WatchToken; polling GetToken"
+                    ),
+                    code => tracing::warn!(
+                        account,
+                        code = ?code,
+                        message = status.message(),
+                        "WatchToken refused; polling GetToken until a watch is possible again"
+                    ),
+                }
+                self.polling = Some(Polling {
+                    watch_again,
+                    next_poll: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Follows an open WatchToken stream until it ends; returns the status that ended it.
+    async fn stream(
+        &mut self,
+        tx: &watch::Sender<State>,
+        mut stream: tonic::Streaming<WatchTokenResponse>,
+    ) -> Status {
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    let Some(token) =
+                        token(message.access_token, message.token_type, message.expires_at)
+                    else {
+                        break Status::internal("the service sent a token without an expiry");
+                    };
+                    publish(tx, token);
+                    self.backoff.reset();
+                    self.unavailable_in_a_row = 0;
+                }
+                Ok(None) => {
+                    break Status::unavailable("the WatchToken stream ended without a status");
+                }
+                Err(status) => break status,
+            }
         };
-        let message = match grpc.get_token(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return status,
+        if ended.code() == Code::Unavailable {
+            self.unavailable_in_a_row += 1;
+        }
+        ended
+    }
+
+    /// GetToken when the token held is due, then waits until the next one is, or until it is
+    /// time to try watching again. The service refreshes once a token nears its margin, so
+    /// asking again each time three quarters of the token's useful life (beyond `min_validity`)
+    /// have passed finds the new one well before the old one stops covering `min_validity`.
+    async fn poll(&mut self, tx: &watch::Sender<State>) -> Result<(), Status> {
+        let Some(polling) = &self.polling else {
+            return Ok(());
         };
-        let Some(token) = token(message.access_token, message.token_type, message.expires_at)
-        else {
-            return Status::internal("the service sent a token without an expiry");
+        if Instant::now() >= polling.next_poll {
+            let request = GetTokenRequest {
+                account: self.account.clone(),
+                min_validity: prost_types::Duration::try_from(self.settings.min_validity).ok(),
+            };
+            let message = self.grpc.get_token(request).await?.into_inner();
+            let Some(token) = token(message.access_token, message.token_type, message.expires_at)
+            else {
+                return Err(Status::internal(
+                    "the service sent a token without an expiry",
+                ));
+            };
+            let expires_at = token.expires_at();
+            publish(tx, token);
+            self.backoff.reset();
+            let useful = expires_at
+                .duration_since((self.settings.clock)() + self.settings.min_validity)
+                .unwrap_or_default();
+            // Randomized so that callers that started together do not keep asking together.
+            let wait = useful.mul_f64(0.75 * (0.9 + 0.1 * rand::random::<f64>()));
+            if let Some(polling) = &mut self.polling {
+                polling.next_poll = Instant::now() + wait.max(Duration::from_secs(1));
+            }
+        }
+        let Some(polling) = &self.polling else {
+            return Ok(());
         };
-        let expires_at = token.expires_at();
-        publish(tx, token);
-        backoff.reset();
-        let useful = expires_at
-            .duration_since((settings.clock)() + settings.min_validity)
-            .unwrap_or_default();
-        // Randomized so that callers that started together do not keep asking together.
-        let wait = useful.mul_f64(0.75 * (0.9 + 0.1 * rand::random::<f64>()));
-        tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+        let until = match polling.watch_again {
+            Some(at) => at.min(polling.next_poll),
+            None => polling.next_poll,
+        };
+        tokio::time::sleep_until(until).await;
+        Ok(())
     }
 }
 
@@ -293,6 +409,8 @@ mod tests {
             min_validity: Duration::ZERO,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_millis(400),
+            unavailable_attempts: 3,
+            watch_again_after: Duration::from_secs(30),
             clock: Arc::new(SystemTime::now),
         };
         let mut backoff = Backoff::new(&settings);

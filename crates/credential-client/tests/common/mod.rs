@@ -261,9 +261,11 @@ pub fn secret(token: &Token) -> String {
 /// A credential service from before WatchToken, or (with `watch`) one whose streams never push
 /// after the first token: GetToken hands out `t-1`, `t-2`, … each living `lifetime`; `nobody`
 /// is NOT_FOUND; everything else is UNIMPLEMENTED. Counts calls, connections and closed streams.
+/// While `refuse_watch` holds a code, WatchToken fails with it (a full or failing service).
 #[derive(Clone, Default)]
 pub struct Legacy {
     pub watch: bool,
+    pub refuse_watch: Arc<std::sync::Mutex<Option<tonic::Code>>>,
     pub lifetime: Duration,
     pub get_token_calls: Arc<AtomicUsize>,
     pub watch_token_calls: Arc<AtomicUsize>,
@@ -338,6 +340,9 @@ impl CredentialService for Legacy {
         let n = self.watch_token_calls.fetch_add(1, Ordering::SeqCst) + 1;
         if !self.watch {
             return unimplemented();
+        }
+        if let Some(code) = *self.refuse_watch.lock().unwrap() {
+            return Err(Status::new(code, "refused by the test"));
         }
         let (access_token, expires_at) = self.token(n);
         let first = proto::WatchTokenResponse {

@@ -1,6 +1,7 @@
 //! [`Throttled`]: one bound's refusal log, a line at most every [`LOG_EVERY`] carrying how many
-//! refusals it stands for. Its own file, so that `conn` and `limits`, whose bounds both log
-//! through it, need not import each other.
+//! refusals it stands for, and its count in `credential_limit_hits_total`. Here, below every
+//! layer that bounds something (the listeners, the gRPC service's watch streams), so that each
+//! can log its refusals the same way.
 
 use std::{
     sync::{
@@ -10,14 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::metrics;
-
 /// How often, at most, one bound's refusals are logged (with the count since the last line).
-pub(super) const LOG_EVERY: Duration = Duration::from_secs(10);
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A log line per bound at most every [`LOG_EVERY`], carrying how many hits it stands for. Hits
-/// after the last line are logged by [`flush_refusal_logs`](super::limits::flush_refusal_logs), so a burst's tail is never lost.
-pub(super) struct Throttled {
+/// after the last line are logged by [`Throttled::flush`], which the server calls for every bound
+/// every [`LOG_EVERY`] and at shutdown, so a burst's tail is never lost.
+pub struct Throttled {
     what: &'static str,
     /// The bound's label in `credential_limit_hits_total`.
     limit: &'static str,
@@ -26,7 +26,7 @@ pub(super) struct Throttled {
 }
 
 impl Throttled {
-    pub(super) const fn new(limit: &'static str, what: &'static str) -> Self {
+    pub const fn new(limit: &'static str, what: &'static str) -> Self {
         Self {
             what,
             limit,
@@ -36,8 +36,8 @@ impl Throttled {
     }
 
     /// Counts one hit of the bound (metric and, now and then, a warning).
-    pub(super) fn hit(&self) {
-        metrics::record_limit_hit(self.limit);
+    pub fn hit(&self) {
+        super::record_limit_hit(self.limit);
         self.since_last.fetch_add(1, Ordering::Relaxed);
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|at| at.elapsed() < LOG_EVERY) {
@@ -47,7 +47,7 @@ impl Throttled {
     }
 
     /// Logs the hits not yet logged, if any.
-    pub(super) fn flush(&self) {
+    pub fn flush(&self) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         self.log(&mut last);
     }
