@@ -152,9 +152,15 @@ pub struct Settings {
     pub log_format: LogFormat,
 
     /// TOML file of the callers allowed in (token hashes or TLS names, roles, account globs);
-    /// re-read on SIGHUP. Without it every call is allowed and only loopback may be listened on.
+    /// re-read on SIGHUP and when its content changes. Without it every call is allowed and only
+    /// loopback may be listened on.
     #[arg(long, env = "CREDENTIAL_SERVICE_CALLERS_FILE")]
     pub callers_file: Option<PathBuf>,
+
+    /// How often the callers file is checked for new content, which is then taken up (SIGHUP
+    /// takes it up at once).
+    #[arg(long, env = "CREDENTIAL_SERVICE_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
 
     /// PEM certificate chain to serve gRPC over TLS (with --tls-key).
     #[arg(long, env = "CREDENTIAL_SERVICE_TLS_CERT", requires = "tls_key")]
@@ -496,6 +502,8 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// How the audit trail aggregates.
     pub audit: crate::audit::AuditConfig,
+    /// How often reloadable files are checked for new content.
+    pub reload_interval: Duration,
 }
 
 /// Where the browser callback listens and on which path.
@@ -560,6 +568,7 @@ impl ServiceConfig {
             metrics_listen: None,
             limits: Limits::DEFAULT,
             audit: crate::audit::AuditConfig::default(),
+            reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -596,6 +605,7 @@ impl Settings {
             tls_cert,
             tls_key,
             tls_client_ca,
+            reload_interval,
             keys,
             limits,
             audit_interval,
@@ -707,6 +717,12 @@ impl Settings {
                 ));
             }
         };
+        if reload_interval.is_zero() {
+            return Err(ConfigError(
+                "--reload-interval / CREDENTIAL_SERVICE_RELOAD_INTERVAL must be longer than zero"
+                    .into(),
+            ));
+        }
         let limits = limits.resolve()?;
         let store = store.resolve(&keys)?;
         if !callback_path.starts_with('/') || callback_path.contains(['?', '#']) {
@@ -742,6 +758,7 @@ impl Settings {
         config.broker.upstream_concurrency = upstream_concurrency;
         config.callers = callers;
         config.tls = tls;
+        config.reload_interval = reload_interval;
         config.encryption = keys.encryption();
         config.store = store;
         config.callback = callback_listen.map(|listen| CallbackConfig {

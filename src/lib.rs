@@ -28,6 +28,7 @@
 //! - [`account`]: [`account::AccountId`], obtainable only by parsing.
 //! - [`sealing`]: encryption at rest (XChaCha20-Poly1305), key files, key ids for rotation.
 //! - [`clock`]: wall-clock time with a test hook.
+//! - [`reload`]: values read from files and swapped whole when the files' content changes.
 //! - [`proto`]: generated code and the reflection descriptor set.
 
 pub mod account;
@@ -44,6 +45,7 @@ pub mod launch;
 pub mod metrics;
 pub mod oauth;
 pub mod proto;
+pub mod reload;
 pub mod sealing;
 pub mod server;
 pub mod service;

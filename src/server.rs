@@ -6,8 +6,9 @@
 //! - `limits`: bounds on calls in flight and on health Watch streams;
 //! - `throttled`: the refusal log lines of every bound, at most one per bound per ten seconds;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
-//! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
-//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP.
+//! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the reloader;
+//! - `reload`: the reloader: files re-read on SIGHUP and when their content changes;
+//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP ([`Hangups`]).
 //!
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
 //! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, the last store handle closes.
@@ -17,6 +18,7 @@ mod error;
 mod grpc;
 mod http;
 mod limits;
+mod reload;
 mod signals;
 mod throttled;
 mod upkeep;
@@ -25,7 +27,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
-pub use self::{error::ServeError, signals::shutdown_signal};
+pub use self::{
+    error::ServeError,
+    signals::{Hangups, shutdown_signal},
+};
 use self::{http::HttpListeners, upkeep::Upkeep};
 use crate::{
     broker::Broker,
@@ -225,9 +230,12 @@ pub async fn serve(
         store,
         broker,
     } = app;
+    // Before anything reports SERVING: a SIGHUP from then on re-reads files instead of ending
+    // the process.
+    let hangups = Hangups::install();
     announce(&listeners.grpc, &config, &broker)?;
     let http = HttpListeners::spawn(listeners.callback, listeners.metrics, &config, &broker);
-    let upkeep = Upkeep::spawn(&config, &store, clock, &broker);
+    let upkeep = Upkeep::spawn(&config, &store, clock, &broker, hangups);
     let shutdown = async {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight calls");

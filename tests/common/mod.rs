@@ -46,6 +46,8 @@ pub struct Options {
     /// Who may call; open (no callers file) by default.
     pub callers: Callers,
     pub tls: Option<TlsConfig>,
+    /// How often reloadable files are checked for new content.
+    pub reload_interval: Duration,
     /// Key files; by default one random key in [`Options::key_dir`], kept across restarts.
     pub encryption: EncryptionConfig,
     /// Holds the default key file (outside the data directory, as in production).
@@ -78,6 +80,7 @@ impl Default for Options {
             send_redirect_uri: false,
             callers: Callers::open(),
             tls: None,
+            reload_interval: Duration::from_secs(10),
             encryption: EncryptionConfig {
                 key_file: Some(key_file),
                 previous_key_files: Vec::new(),
@@ -441,6 +444,7 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
     config.broker = options.broker.clone();
     config.callers = options.callers.clone();
     config.tls = options.tls.clone();
+    config.reload_interval = options.reload_interval;
     config.encryption = options.encryption.clone();
     config.limits = options.limits;
     if store_kind() == StoreKind::Postgres {
