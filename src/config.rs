@@ -15,6 +15,7 @@ use crate::{
     broker::BrokerConfig,
     oauth::ProviderConfig,
     sealing::{self, EncryptionConfig},
+    tls::{ServerTls, TlsSettings},
 };
 
 /// Which EdgeTag deployment to talk to.
@@ -157,23 +158,13 @@ pub struct Settings {
     #[arg(long, env = "CREDENTIAL_SERVICE_CALLERS_FILE")]
     pub callers_file: Option<PathBuf>,
 
-    /// How often the callers file is checked for new content, which is then taken up (SIGHUP
-    /// takes it up at once).
+    #[command(flatten)]
+    pub tls: TlsSettings,
+
+    /// How often the callers file and the TLS files are checked for new content, which is then
+    /// taken up (SIGHUP takes it up at once).
     #[arg(long, env = "CREDENTIAL_SERVICE_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
-
-    /// PEM certificate chain to serve gRPC over TLS (with --tls-key).
-    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// PEM CA certificate(s) for client certificates (mutual TLS); a caller may then be named by
-    /// its certificate's subject alternative name (`tls_san` in the callers file).
-    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_CLIENT_CA", requires = "tls_cert")]
-    pub tls_client_ca: Option<PathBuf>,
 
     #[command(flatten)]
     pub keys: KeySettings,
@@ -463,23 +454,6 @@ impl KeySettings {
     }
 }
 
-/// The server's TLS material, read at start. `Debug` leaves out the key.
-#[derive(Clone)]
-pub struct TlsConfig {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    /// With it, clients may (not must) present certificates signed by this CA.
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("client_ca", &self.client_ca_pem.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
 /// Everything the server needs, checked.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -490,7 +464,7 @@ pub struct ServiceConfig {
     /// Who may call; [`Callers::open`] without a callers file.
     pub callers: Callers,
     /// `None`: plaintext gRPC.
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<ServerTls>,
     pub encryption: EncryptionConfig,
     /// Where state lives.
     pub store: StoreConfig,
@@ -602,9 +576,7 @@ impl Settings {
             metrics_listen,
             log_format: _, // read by the binary before anything else
             callers_file,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
+            tls,
             reload_interval,
             keys,
             limits,
@@ -693,30 +665,7 @@ impl Settings {
             }
             None => Callers::open(),
         };
-        let read = |path: &PathBuf, name: &str| {
-            std::fs::read(path).map_err(|e| {
-                ConfigError(format!("cannot read {name} file {}: {e}", path.display()))
-            })
-        };
-        let tls = match (&tls_cert, &tls_key) {
-            (Some(cert), Some(key)) => Some(TlsConfig {
-                cert_pem: read(cert, "--tls-cert / CREDENTIAL_SERVICE_TLS_CERT")?,
-                key_pem: {
-                    sealing::warn_if_open_to_others(key, "the TLS key file");
-                    read(key, "--tls-key / CREDENTIAL_SERVICE_TLS_KEY")?
-                },
-                client_ca_pem: tls_client_ca
-                    .as_ref()
-                    .map(|ca| read(ca, "--tls-client-ca / CREDENTIAL_SERVICE_TLS_CLIENT_CA"))
-                    .transpose()?,
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(ConfigError(
-                    "--tls-cert and --tls-key (CREDENTIAL_SERVICE_TLS_CERT, CREDENTIAL_SERVICE_TLS_KEY) go together".into(),
-                ));
-            }
-        };
+        let tls = tls.resolve().map_err(ConfigError)?;
         if reload_interval.is_zero() {
             return Err(ConfigError(
                 "--reload-interval / CREDENTIAL_SERVICE_RELOAD_INTERVAL must be longer than zero"

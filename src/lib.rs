@@ -17,6 +17,8 @@
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
 //! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out.
 //! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
+//! - [`tls`]: the server's certificate, key and client CA, checked together and swapped whole when
+//!   their files change; the certificate's expiry.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
 //! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh, the scheduler.
 //! - [`error`]: the domain error and its one mapping to gRPC status codes.
@@ -51,4 +53,5 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;

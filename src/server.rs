@@ -7,7 +7,8 @@
 //! - `throttled`: the refusal log lines of every bound, at most one per bound per ten seconds;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
 //! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the reloader;
-//! - `reload`: the reloader: files re-read on SIGHUP and when their content changes;
+//! - `reload`: the reloader: files re-read on SIGHUP and when their content changes, the
+//!   certificate's daily expiry check;
 //! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP ([`Hangups`]).
 //!
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
@@ -234,6 +235,9 @@ pub async fn serve(
     // the process.
     let hangups = Hangups::install();
     announce(&listeners.grpc, &config, &broker)?;
+    if let Some(tls) = &config.tls {
+        tls.check_expiry(std::time::SystemTime::now());
+    }
     let http = HttpListeners::spawn(listeners.callback, listeners.metrics, &config, &broker);
     let upkeep = Upkeep::spawn(&config, &store, clock, &broker, hangups);
     let shutdown = async {

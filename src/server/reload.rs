@@ -1,6 +1,7 @@
-//! The reloader: takes up new content of the files read at start (the callers file) on SIGHUP at
-//! once, and between SIGHUPs whenever their content changes (checked every `--reload-interval`,
-//! see [`crate::reload`]).
+//! The reloader: takes up new content of the files read at start (the callers file, the TLS
+//! certificate, key and client CA) on SIGHUP at once, and between SIGHUPs
+//! whenever their content changes (checked every `--reload-interval`, see [`crate::reload`]); and
+//! checks the served certificate's expiry once a day.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,27 +11,50 @@ use super::signals::Hangups;
 use crate::{
     config::ServiceConfig,
     reload::{Outcome, Poller, Reloadable, reload_now},
+    tls::ServerTls,
 };
+
+/// How often the served certificate's expiry is checked after the check at start.
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 /// The files the reloader watches.
 pub(super) fn reloadables(config: &ServiceConfig) -> Vec<Arc<dyn Reloadable>> {
-    config.callers.reloadable().into_iter().collect()
+    [
+        config.callers.reloadable(),
+        config.tls.as_ref().map(ServerTls::reloadable),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Runs for as long as the server does.
-pub(super) async fn run(mut hangups: Hangups, poller: Poller, interval: Duration) {
+pub(super) async fn run(
+    mut hangups: Hangups,
+    poller: Poller,
+    interval: Duration,
+    tls: Option<ServerTls>,
+) {
     let mut poller = Some(poller);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate; start has just read every file
+    let mut daily = tokio::time::interval(EXPIRY_CHECK_EVERY);
+    daily.tick().await; // start checked it
     loop {
         let hangup = tokio::select! {
             () = hangups.recv() => true,
             _ = tick.tick() => false,
+            _ = daily.tick() => {
+                if let Some(tls) = &tls {
+                    tls.check_expiry(std::time::SystemTime::now());
+                }
+                continue;
+            }
         };
         if poller.as_ref().is_some_and(Poller::is_empty) {
             if hangup {
-                tracing::info!("SIGHUP: nothing to re-read (no callers file)");
+                tracing::info!("SIGHUP: nothing to re-read (no callers file or TLS files)");
             }
             continue;
         }

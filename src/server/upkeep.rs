@@ -1,5 +1,5 @@
 //! Background work for as long as the server runs: the broker's refresh scheduler, the purge of
-//! expired pending authorizations, the reloader (SIGHUP, changed files),
+//! expired pending authorizations, the reloader (SIGHUP, changed files, the certificate's expiry),
 //! the audit's periodic flush of its counts and that of the refusal logs.
 
 use std::{sync::Arc, time::Duration};
@@ -27,7 +27,12 @@ impl Upkeep {
             tasks: [
                 tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl)),
                 tokio::spawn(broker.clone().run()),
-                tokio::spawn(reload::run(hangups, poller, config.reload_interval)),
+                tokio::spawn(reload::run(
+                    hangups,
+                    poller,
+                    config.reload_interval,
+                    config.tls.clone(),
+                )),
                 tokio::spawn(crate::audit::run_flusher(config.audit)),
                 tokio::spawn(super::limits::run_refusal_log_flusher()),
             ],

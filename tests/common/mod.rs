@@ -15,7 +15,7 @@ use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
-    config::{CallbackConfig, Limits, ServiceConfig, StoreConfig, TlsConfig, Upstream},
+    config::{CallbackConfig, Limits, ServiceConfig, StoreConfig, Upstream},
     proto::{
         AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
@@ -25,6 +25,7 @@ use credential_service::{
     sealing::{self, EncryptionConfig},
     server::{self, App, ServeError},
     store::{Faults, Faulty, PostgresConfig},
+    tls::ServerTls,
 };
 use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
 use tempfile::TempDir;
@@ -45,7 +46,7 @@ pub struct Options {
     pub send_redirect_uri: bool,
     /// Who may call; open (no callers file) by default.
     pub callers: Callers,
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<ServerTls>,
     /// How often reloadable files are checked for new content.
     pub reload_interval: Duration,
     /// Key files; by default one random key in [`Options::key_dir`], kept across restarts.
