@@ -13,7 +13,7 @@ use url::Url;
 use crate::{
     auth::Callers,
     broker::BrokerConfig,
-    oauth::ProviderConfig,
+    oauth::{ClientSecret, ProviderConfig},
     sealing::{self, EncryptionConfig},
     tls::{ServerTls, TlsSettings},
 };
@@ -83,8 +83,10 @@ pub struct Settings {
     #[arg(long, env = "EDGETAG_CLIENT_ID")]
     pub client_id: Option<String>,
 
-    /// File holding the OAuth app's client secret. Alternatively put the secret itself in
-    /// EDGETAG_CLIENT_SECRET (never on the command line, where `ps` shows it).
+    /// File holding the OAuth app's client secret; re-read on SIGHUP, when its content changes and
+    /// when EdgeTag rejects the secret in force. Alternatively put the secret itself in
+    /// EDGETAG_CLIENT_SECRET (never on the command line, where `ps` shows it), which cannot change
+    /// without a restart.
     #[arg(long, env = "EDGETAG_CLIENT_SECRET_FILE")]
     pub client_secret_file: Option<PathBuf>,
 
@@ -161,8 +163,8 @@ pub struct Settings {
     #[command(flatten)]
     pub tls: TlsSettings,
 
-    /// How often the callers file and the TLS files are checked for new content, which is then
-    /// taken up (SIGHUP takes it up at once).
+    /// How often the callers file, the TLS files and the client secret file are checked for new
+    /// content, which is then taken up (SIGHUP takes it up at once).
     #[arg(long, env = "CREDENTIAL_SERVICE_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 
@@ -500,7 +502,7 @@ pub struct Upstream {
     pub token_url: Url,
     pub revoke_url: Url,
     pub client_id: String,
-    pub client_secret: SecretString,
+    pub client_secret: ClientSecret,
     /// Must match a redirect URI registered for the OAuth app exactly.
     pub redirect_uri: Url,
 }
@@ -591,20 +593,17 @@ impl Settings {
             client_secret_env.filter(|s| !s.is_empty()),
         ) {
             (Some(path), _) => {
-                let raw = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!("cannot read the client secret file {} (--client-secret-file / EDGETAG_CLIENT_SECRET_FILE): {e}", path.display()))
-                })?;
                 sealing::warn_if_open_to_others(path, "the client secret file");
-                let secret = raw.trim();
-                if secret.is_empty() {
-                    return Err(ConfigError(format!(
-                        "the client secret file {} is empty",
-                        path.display()
-                    )));
-                }
-                SecretString::from(secret)
+                ClientSecret::from_file(path).map_err(ConfigError)?
             }
-            (None, Some(secret)) => SecretString::from(secret),
+            (None, Some(secret)) => {
+                tracing::warn!(
+                    "the client secret comes from EDGETAG_CLIENT_SECRET, which cannot change while the \
+                     service runs: after a roll at EdgeTag every refresh fails until a restart. \
+                     --client-secret-file / EDGETAG_CLIENT_SECRET_FILE is re-read instead"
+                );
+                ClientSecret::fixed(SecretString::from(secret))
+            }
             (None, None) => {
                 return Err(ConfigError(
                     "missing client secret: set --client-secret-file or EDGETAG_CLIENT_SECRET_FILE (or EDGETAG_CLIENT_SECRET)"
@@ -853,7 +852,7 @@ mod tests {
             c.provider.token_url.as_str(),
             "https://api-sandbox.edgetag.io/v1/oauth-app/client/token"
         );
-        assert_eq!(c.provider.client_secret.expose_secret(), "s3cret");
+        assert_eq!(c.provider.client_secret.current().expose_secret(), "s3cret");
         assert_eq!(c.broker.state_ttl, Duration::from_secs(600));
         assert_eq!(c.broker.refresh_margin, Duration::from_secs(300));
         assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
@@ -896,8 +895,8 @@ mod tests {
         // What the provider's Debug leaves out.
         let (r, b) = (&resolved.provider, &built.provider);
         assert_eq!(
-            r.client_secret.expose_secret(),
-            b.client_secret.expose_secret()
+            r.client_secret.current().expose_secret(),
+            b.client_secret.current().expose_secret()
         );
         assert_eq!(r.default_token_lifetime, b.default_token_lifetime);
         assert_eq!(r.send_redirect_uri, b.send_redirect_uri);
@@ -937,7 +936,10 @@ mod tests {
         let p = path.to_str().unwrap();
         args.extend(["--client-secret-file", p]);
         let c = settings(&args).resolve(Some("env-secret".into())).unwrap();
-        assert_eq!(c.provider.client_secret.expose_secret(), "file-secret");
+        assert_eq!(
+            c.provider.client_secret.current().expose_secret(),
+            "file-secret"
+        );
         assert!(!format!("{c:?}").contains("file-secret"));
     }
 

@@ -71,9 +71,8 @@ impl Launch {
         let mut client_secret = std::env::var("EDGETAG_CLIENT_SECRET").ok();
         let mut dev_env = None;
         if dev {
-            let env = dev::start(&mut settings).await?;
-            client_secret = Some(env.client_secret.clone());
-            dev_env = Some(env);
+            dev_env = Some(dev::start(&mut settings).await?);
+            client_secret = None; // dev::start put the fake's in a file
         }
         let config = settings.resolve(client_secret)?;
         let grpc = server::bind(config.listen, "--listen / CREDENTIAL_SERVICE_LISTEN").await?;

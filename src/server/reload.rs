@@ -1,5 +1,5 @@
 //! The reloader: takes up new content of the files read at start (the callers file, the TLS
-//! certificate, key and client CA) on SIGHUP at once, and between SIGHUPs
+//! certificate, key and client CA, the client secret file) on SIGHUP at once, and between SIGHUPs
 //! whenever their content changes (checked every `--reload-interval`, see [`crate::reload`]); and
 //! checks the served certificate's expiry once a day.
 
@@ -22,6 +22,7 @@ pub(super) fn reloadables(config: &ServiceConfig) -> Vec<Arc<dyn Reloadable>> {
     [
         config.callers.reloadable(),
         config.tls.as_ref().map(ServerTls::reloadable),
+        config.provider.client_secret.reloadable(),
     ]
     .into_iter()
     .flatten()
@@ -54,7 +55,9 @@ pub(super) async fn run(
         };
         if poller.as_ref().is_some_and(Poller::is_empty) {
             if hangup {
-                tracing::info!("SIGHUP: nothing to re-read (no callers file or TLS files)");
+                tracing::info!(
+                    "SIGHUP: nothing to re-read (no callers file, TLS files or client secret file)"
+                );
             }
             continue;
         }

@@ -16,6 +16,7 @@ use credential_service::{
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
     config::{CallbackConfig, Limits, ServiceConfig, StoreConfig, Upstream},
+    oauth::ClientSecret,
     proto::{
         AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
@@ -47,6 +48,8 @@ pub struct Options {
     /// Who may call; open (no callers file) by default.
     pub callers: Callers,
     pub tls: Option<ServerTls>,
+    /// The client secret, when not the fake's own as a fixed value (a file, to roll it).
+    pub client_secret: Option<ClientSecret>,
     /// How often reloadable files are checked for new content.
     pub reload_interval: Duration,
     /// Key files; by default one random key in [`Options::key_dir`], kept across restarts.
@@ -81,6 +84,7 @@ impl Default for Options {
             send_redirect_uri: false,
             callers: Callers::open(),
             tls: None,
+            client_secret: None,
             reload_interval: Duration::from_secs(10),
             encryption: EncryptionConfig {
                 key_file: Some(key_file),
@@ -445,6 +449,9 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
     config.broker = options.broker.clone();
     config.callers = options.callers.clone();
     config.tls = options.tls.clone();
+    if let Some(secret) = &options.client_secret {
+        config.provider.client_secret = secret.clone();
+    }
     config.reload_interval = options.reload_interval;
     config.encryption = options.encryption.clone();
     config.limits = options.limits;
