@@ -386,20 +386,6 @@ impl StoreSettings {
                 "--store postgres://… needs --encryption-key-file (CREDENTIAL_SERVICE_ENCRYPTION_KEY_FILE): every replica must seal with the same key".into(),
             ));
         }
-        let password = self
-            .store_password_file
-            .as_ref()
-            .map(|path| {
-                let raw = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!(
-                        "cannot read the store password file {} (--store-password-file / CREDENTIAL_SERVICE_STORE_PASSWORD_FILE): {e}",
-                        path.display()
-                    ))
-                })?;
-                sealing::warn_if_open_to_others(path, "the store password file");
-                Ok(SecretString::from(raw.trim_end_matches(['\n', '\r'])))
-            })
-            .transpose()?;
         let ca = self
             .store_ca_file
             .as_ref()
@@ -412,9 +398,16 @@ impl StoreSettings {
                 })
             })
             .transpose()?;
-        crate::store::PostgresConfig::parse(store, password, ca)
-            .map(|pg| StoreConfig::Postgres(Box::new(pg)))
-            .map_err(|e| ConfigError(format!("--store / CREDENTIAL_SERVICE_STORE: {e}")))
+        let pg = crate::store::PostgresConfig::parse(store, None, ca)
+            .map_err(|e| ConfigError(format!("--store / CREDENTIAL_SERVICE_STORE: {e}")))?;
+        let pg = match &self.store_password_file {
+            Some(path) => {
+                sealing::warn_if_open_to_others(path, "the store password file");
+                pg.with_password_file(path).map_err(ConfigError)?
+            }
+            None => pg,
+        };
+        Ok(StoreConfig::Postgres(Box::new(pg)))
     }
 }
 
