@@ -25,7 +25,7 @@ use credential_service::{
     oauth::ClientSecret,
     proto::{
         BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest, GetTokenRequest,
-        credential_service_client::CredentialServiceClient,
+        RefreshTokenRequest, credential_service_client::CredentialServiceClient,
     },
 };
 use fake_edgetag::{FakeConfig, FakeEdgeTag};
@@ -219,7 +219,7 @@ struct TlsPaths {
 /// One running service, its fake EdgeTag, its files.
 struct Service {
     /// Killed when dropped.
-    _child: Child,
+    child: Child,
     addr: SocketAddr,
     metrics: Option<String>,
     log: Log,
@@ -318,7 +318,7 @@ impl Service {
             false => None,
         };
         Self {
-            _child: child,
+            child,
             addr,
             metrics,
             log,
@@ -351,6 +351,11 @@ impl Service {
             ))
             .await
             .unwrap();
+    }
+
+    /// The process id, as an operator's `pgrep` finds it.
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap()
     }
 
     async fn metric(&self, name: &str) -> Option<f64> {
@@ -918,6 +923,158 @@ async fn a_certificate_near_its_expiry_is_warned_about_at_start() {
         (expires - in_ten_days).abs() < 120.0,
         "{expires} vs {in_ten_days}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The README's steps
+
+/// The fenced `sh` block after `<!-- tests/rotation.rs runs the next block: NAME -->` in
+/// README.md, so that the README and this test cannot drift apart.
+fn readme_block(name: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let marker = format!("<!-- tests/rotation.rs runs the next block: {name} -->");
+    let after = readme
+        .split(&marker)
+        .nth(1)
+        .unwrap_or_else(|| panic!("README.md has no {marker}"));
+    let block = after
+        .trim_start()
+        .strip_prefix("```sh\n")
+        .unwrap_or_else(|| {
+            panic!("a ```sh block follows {marker}");
+        });
+    block.split("\n```").next().unwrap().to_owned()
+}
+
+/// Runs the README's block `name` with bash, in `cwd`, with `DIR` and `PID` as the README
+/// defines them, and `env`.
+async fn run_readme_block(
+    name: &str,
+    service: &Service,
+    dir: &Path,
+    cwd: &Path,
+    env: &[(&str, &str)],
+) {
+    let script = readme_block(name);
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(cwd)
+        .env("DIR", dir)
+        .env("PID", service.pid().to_string())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "README block {name} failed:\n{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The README's rotation steps, run as written against the real binary under load: the renewed
+/// certificate, the client-CA rollover in its two steps, the rolled client secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_readme_rotation_steps_work_as_written() {
+    let (server_ca, old_ca, new_ca) = (Ca::new(), Ca::new(), Ca::new());
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().to_owned();
+    let paths = TlsPaths {
+        cert: files.join("tls.crt"),
+        key: files.join("tls.key"),
+        client_ca: Some(files.join("client-ca.crt")),
+    };
+    let first = server_ca.server(1);
+    std::fs::write(&paths.cert, &first.cert).unwrap();
+    std::fs::write(&paths.key, &first.key).unwrap();
+    std::fs::write(paths.client_ca.as_ref().unwrap(), &old_ca.pem).unwrap();
+    let service = Service::start(
+        dir,
+        Some(&paths),
+        &["old.internal.example.com", "new.internal.example.com"],
+        &[],
+    )
+    .await;
+    let channels = LoadChannels::open(service.addr, &server_ca.pem, None, 4).await;
+    service
+        .connect_account(channels.channels[0].clone(), "acme")
+        .await;
+    let load = Load::start(&channels.channels, "acme", Some(READER_TOKEN));
+    load.carries_on(200).await;
+
+    // What the operator has at hand: the renewed pair, both CAs.
+    let cwd = tempfile::tempdir().unwrap();
+    let renewed = server_ca.server(2);
+    std::fs::write(cwd.path().join("new.crt"), &renewed.cert).unwrap();
+    std::fs::write(cwd.path().join("new.key"), &renewed.key).unwrap();
+    std::fs::write(cwd.path().join("old-ca.crt"), &old_ca.pem).unwrap();
+    std::fs::write(cwd.path().join("new-ca.crt"), &new_ca.pem).unwrap();
+
+    run_readme_block("tls", &service, &files, cwd.path(), &[]).await;
+    service
+        .log
+        .wait_for(&["the TLS certificate reloaded", "serial 02"])
+        .await;
+    assert_eq!(served_serial(service.addr, &server_ca.pem).await, "02");
+    load.carries_on(100).await;
+
+    let old_client = old_ca.client("old.internal.example.com");
+    let new_client = new_ca.client("new.internal.example.com");
+    assert!(!accepted(service.addr, &server_ca.pem, &new_client, "acme").await);
+    run_readme_block("client-ca-both", &service, &files, cwd.path(), &[]).await;
+    until("a new-CA client is accepted", || {
+        accepted(service.addr, &server_ca.pem, &new_client, "acme")
+    })
+    .await;
+    assert!(accepted(service.addr, &server_ca.pem, &old_client, "acme").await);
+    run_readme_block("client-ca-new", &service, &files, cwd.path(), &[]).await;
+    until("an old-CA client is refused", || async {
+        !accepted(service.addr, &server_ca.pem, &old_client, "acme").await
+    })
+    .await;
+    load.carries_on(100).await;
+
+    let rolled = service.fake.roll_client_secret();
+    run_readme_block(
+        "client-secret",
+        &service,
+        &files,
+        cwd.path(),
+        &[("NEW_SECRET", &rolled)],
+    )
+    .await;
+    service
+        .log
+        .wait_for(&["the client secret file reloaded"])
+        .await;
+    let before = service.fake.stats();
+    CredentialServiceClient::new(channels.channels[0].clone())
+        .refresh_token(with_token(
+            RefreshTokenRequest {
+                account: "acme".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("a refresh with the new secret");
+    let after = service.fake.stats();
+    assert_eq!(after.refreshes_ok, before.refreshes_ok + 1);
+    assert_eq!(
+        after.token_requests,
+        before.token_requests + 1,
+        "no rejected try first"
+    );
+    let secret_mode = std::fs::metadata(files.join("client-secret")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&secret_mode.permissions()) & 0o777,
+        0o600
+    );
+    load.carries_on(100).await;
+    report("the README's steps", load.stop().await);
+    channels.assert_never_reconnected();
+    assert!(service.log.matching(&["not reloaded"]).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
