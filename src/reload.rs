@@ -125,8 +125,9 @@ impl<T: Send + Sync + 'static> FileBacked<T> {
     /// Re-reads the files. Content unchanged since the last load: `Ok(None)`, nothing parsed.
     /// Otherwise the new value, now in force; or why it cannot be used (the previous one stays).
     pub fn reload(&self) -> Result<Option<Arc<T>>, String> {
-        let (reads, fingerprint) = read_files(&self.files);
+        // Held while reading, so that two reloads cannot swap in what they read in reverse order.
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let (reads, fingerprint) = read_files(&self.files);
         if *loaded == fingerprint {
             return Ok(None);
         }
@@ -138,9 +139,9 @@ impl<T: Send + Sync + 'static> FileBacked<T> {
 
     /// Reloads even when the content is unchanged (SIGHUP: the operator asked).
     fn reload_always(&self) -> Result<Arc<T>, String> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let (reads, fingerprint) = read_files(&self.files);
         let value = Arc::new((self.parse)(&reads)?);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         self.current.store(value.clone());
         *loaded = fingerprint;
         Ok(value)

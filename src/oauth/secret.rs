@@ -65,7 +65,8 @@ impl ClientSecret {
             return None;
         };
         if let Err(reason) = file.reload() {
-            tracing::warn!(error = %reason, "the client secret file could not be re-read");
+            // The reloader reports a broken file once; every rejected request would repeat it.
+            tracing::debug!(error = %reason, "the client secret file could not be re-read");
         }
         let current = file.current();
         (!Arc::ptr_eq(&current, used)).then_some(current)
