@@ -7,16 +7,11 @@
 //! the [`Caller`] into the request's extensions. Handlers then check the account with
 //! [`Caller::authorize`] before looking it up, so a denial never reveals whether an account
 //! exists. Without a callers file every call is allowed (the service then listens on loopback
-//! only). The file is re-read on SIGHUP; a bad file keeps the old table.
+//! only). The file is re-read on SIGHUP and when its content changes ([`crate::reload`]); a bad
+//! file keeps the old table.
 
-use std::{
-    fmt,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{fmt, net::IpAddr, path::Path, sync::Arc};
 
-use arc_swap::ArcSwap;
 use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -27,7 +22,11 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use crate::{account::AccountId, audit};
+use crate::{
+    account::AccountId,
+    audit,
+    reload::{self, FileBacked, Reloadable},
+};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -144,19 +143,11 @@ pub fn caller(extensions: &http::Extensions) -> Result<&Arc<Caller>, Status> {
         .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
 }
 
-/// Why a callers file could not be used. Never quotes a token (the file holds only hashes).
+/// Why a callers file could not be used: the file and the reason. Never quotes a token (the file
+/// holds only hashes).
 #[derive(Debug, thiserror::Error)]
-pub enum CallersError {
-    #[error(
-        "cannot read the callers file {path} (--callers-file / CREDENTIAL_SERVICE_CALLERS_FILE): {source}"
-    )]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the callers file {path} is invalid: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-}
+#[error("{0}")]
+pub struct CallersError(String);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -252,28 +243,22 @@ impl Table {
         Ok(table)
     }
 
-    fn load(path: &Path) -> Result<Self, CallersError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CallersError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|reason| CallersError::Invalid {
-            path: path.to_owned(),
-            reason,
-        })
+    /// The callers file as read, parsed; errors name the file.
+    fn from_file(path: &Path, read: &reload::Read) -> Result<Self, String> {
+        let what = "the callers file (--callers-file / CREDENTIAL_SERVICE_CALLERS_FILE)";
+        let bytes = reload::content(read, what, path)?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| format!("the callers file {} is not UTF-8", path.display()))?;
+        Self::parse(text)
+            .map_err(|reason| format!("the callers file {} is invalid: {reason}", path.display()))
     }
-}
-
-struct Registry {
-    path: PathBuf,
-    table: ArcSwap<Table>,
 }
 
 /// Who may call: the callers file, reloadable, or open (no file: everyone is an admin of every
 /// account). Cheap to clone; clones share reloads.
 #[derive(Clone)]
 pub struct Callers {
-    registry: Option<Arc<Registry>>,
+    registry: Option<Arc<FileBacked<Table>>>,
     anonymous: Arc<Caller>,
 }
 
@@ -281,7 +266,7 @@ impl fmt::Debug for Callers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.registry {
             None => f.write_str("Callers(open)"),
-            Some(r) => write!(f, "Callers({})", r.path.display()),
+            Some(r) => write!(f, "Callers({})", r.files()[0].display()),
         }
     }
 }
@@ -297,12 +282,16 @@ impl Callers {
 
     /// Reads the callers file at `path`.
     pub fn load(path: &Path) -> Result<Self, CallersError> {
-        let table = Table::load(path)?;
+        let file = path.to_owned();
+        let registry = FileBacked::load(
+            "the callers file",
+            vec![path.to_owned()],
+            Box::new(move |reads| Table::from_file(&file, &reads[0])),
+            |table| format!("{} caller(s)", table.callers),
+        )
+        .map_err(CallersError)?;
         Ok(Self {
-            registry: Some(Arc::new(Registry {
-                path: path.to_owned(),
-                table: ArcSwap::from_pointee(table),
-            })),
+            registry: Some(Arc::new(registry)),
             anonymous: Arc::new(Caller::anonymous()),
         })
     }
@@ -313,25 +302,21 @@ impl Callers {
     }
 
     /// Re-reads the callers file and swaps it in atomically; on error the old table stays.
-    /// Returns how many callers the new file lists.
+    /// Returns how many callers the file in force lists.
     pub fn reload(&self) -> Result<usize, CallersError> {
         let Some(registry) = &self.registry else {
             return Ok(0);
         };
-        let table = Table::load(&registry.path)?;
-        let n = table.callers;
-        registry.table.store(Arc::new(table));
-        Ok(n)
+        registry.reload().map_err(CallersError)?;
+        Ok(registry.peek().callers)
     }
 
-    /// Reloads and logs the outcome; what the SIGHUP handler calls.
-    pub fn reload_and_log(&self) {
-        match self.reload() {
-            Ok(n) => tracing::info!(callers = n, "callers file reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "callers file not reloaded; the previous one stays in force")
-            }
-        }
+    /// The callers file for the server's reloader (SIGHUP, and when its content changes); `None`
+    /// when there is no file.
+    pub fn reloadable(&self) -> Option<Arc<dyn Reloadable>> {
+        self.registry
+            .clone()
+            .map(|registry| registry as Arc<dyn Reloadable>)
     }
 
     /// Who sent `req`: its bearer token if it has one, else its verified client certificate.
@@ -339,7 +324,7 @@ impl Callers {
         let Some(registry) = &self.registry else {
             return Ok(self.anonymous.clone());
         };
-        let table = registry.table.load();
+        let table = registry.peek();
         if let Some(value) = req.headers().get(http::header::AUTHORIZATION) {
             let token = bearer_token(value.as_bytes()).ok_or_else(|| {
                 Status::unauthenticated(
@@ -602,13 +587,10 @@ mod tests {
     }
 
     fn callers(text: &str) -> Callers {
-        Callers {
-            registry: Some(Arc::new(Registry {
-                path: "callers.toml".into(),
-                table: ArcSwap::from_pointee(Table::parse(text).unwrap()),
-            })),
-            anonymous: Arc::new(Caller::anonymous()),
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callers.toml");
+        std::fs::write(&path, text).unwrap();
+        Callers::load(&path).unwrap()
     }
 
     #[test]

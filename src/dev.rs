@@ -36,8 +36,6 @@ pub const DEV_CALLBACK_LISTEN: &str = "127.0.0.1:8976";
 pub struct DevEnvironment {
     pub fake: FakeEdgeTag,
     pub data_dir: TempDir,
-    /// The fake's client secret, handed to the service as if from EDGETAG_CLIENT_SECRET.
-    pub client_secret: String,
     /// The browser callback's listener, bound here because its address is the redirect URI;
     /// the binary hands it to [`crate::server::Service::start_with`].
     pub callback: Option<TcpListener>,
@@ -98,8 +96,12 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
         .prefix("credential-service-dev-")
         .tempdir()?;
 
+    // The fake's secret in a file of the temporary directory, as in production (and re-read like
+    // it), rather than in EDGETAG_CLIENT_SECRET, which the service warns about.
+    let secret_file = data_dir.path().join("client-secret");
+    write_private(&secret_file, client_secret.as_bytes())?;
     settings.client_id = Some(client_id);
-    settings.client_secret_file = None;
+    settings.client_secret_file = Some(secret_file);
     settings.redirect_uri = Some(redirect.clone());
     settings.authorize_url = Some(Url::parse(&fake.authorize_url()).expect("fake URL"));
     settings.token_url = Some(Url::parse(&fake.token_url()).expect("fake URL"));
@@ -114,10 +116,20 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
     Ok(DevEnvironment {
         fake,
         data_dir,
-        client_secret,
         callback: Some(callback),
         redirect_uri: redirect,
     })
+}
+
+/// Writes `bytes` to a new file only its owner may read.
+#[cfg(feature = "dev")]
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
 }
 
 /// The banner printed at start: what this mode is, and the exact commands to try the flow.

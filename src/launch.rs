@@ -86,12 +86,14 @@ impl Launch {
     /// The client secret may come from EDGETAG_CLIENT_SECRET, read here rather than by clap so that
     /// it never shows in `--help`.
     pub async fn build(mut settings: Settings, dev: bool) -> Result<Self, LaunchError> {
+        // From here on a SIGHUP (a config-management reload, an operator's `kill -HUP`) no longer
+        // ends the process, however long opening the store takes; the server then acts on it.
+        drop(server::Hangups::install());
         let mut client_secret = std::env::var("EDGETAG_CLIENT_SECRET").ok();
         let mut dev_env = None;
         if dev {
-            let env = dev::start(&mut settings).await?;
-            client_secret = Some(env.client_secret.clone());
-            dev_env = Some(env);
+            dev_env = Some(dev::start(&mut settings).await?);
+            client_secret = None; // dev::start put the fake's in a file
         }
         let config = settings.resolve(client_secret)?;
         open_files::raise_and_check(&config);

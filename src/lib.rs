@@ -19,6 +19,8 @@
 //!   for watch streams.
 //! - [`backup`]: the backup file (sealed records, checksummed), restore's checks, offline backups.
 //! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
+//! - [`tls`]: the server's certificate, key and client CA, checked together and swapped whole when
+//!   their files change; the certificate's expiry.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
 //! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh, the scheduler.
 //! - [`error`]: the domain error and its one mapping to gRPC status codes.
@@ -31,6 +33,7 @@
 //! - [`account`]: [`account::AccountId`], obtainable only by parsing.
 //! - [`sealing`]: encryption at rest (XChaCha20-Poly1305), key files, key ids for rotation.
 //! - [`clock`]: wall-clock time with a test hook.
+//! - [`reload`]: values read from files and swapped whole when the files' content changes.
 //! - [`proto`]: generated code and the reflection descriptor set.
 
 pub mod account;
@@ -48,9 +51,11 @@ pub mod launch;
 pub mod metrics;
 pub mod oauth;
 pub mod proto;
+pub mod reload;
 pub mod sealing;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;

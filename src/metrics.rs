@@ -13,8 +13,11 @@ mod throttled;
 pub use self::throttled::{LOG_EVERY, Throttled};
 
 use std::{
-    sync::{LazyLock, OnceLock},
-    time::{Duration, Instant},
+    sync::{
+        LazyLock, OnceLock,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use axum::{
@@ -24,8 +27,14 @@ use axum::{
     routing::get,
 };
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 use std::sync::atomic::AtomicU64;
@@ -244,6 +253,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
          from memory while they last, and refreshes and writes fail (always 1 on sled)",
         store_up.clone(),
     );
+    registry.register_collector(Box::new(TlsExpiry));
     Metrics {
         registry,
         rpc,
@@ -355,6 +365,42 @@ pub fn record_limit_hit(limit: &'static str) {
 /// Whether the shared store answers (see the `store_up` gauge).
 pub fn set_store_up(up: bool) {
     METRICS.store_up.set(i64::from(up));
+}
+
+/// The served TLS certificate's not-after in Unix seconds; [`NO_CERTIFICATE`] without TLS.
+static TLS_EXPIRY: AtomicI64 = AtomicI64::new(NO_CERTIFICATE);
+const NO_CERTIFICATE: i64 = i64::MIN;
+
+/// `credential_tls_certificate_expiry_timestamp_seconds`, present only once a certificate is
+/// served: without TLS there is no series, rather than a 0 an alert would take for an expiry.
+#[derive(Debug)]
+struct TlsExpiry;
+
+impl Collector for TlsExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let not_after = TLS_EXPIRY.load(Ordering::Relaxed);
+        if not_after == NO_CERTIFICATE {
+            return Ok(());
+        }
+        let gauge = ConstGauge::new(not_after);
+        let metric = encoder.encode_descriptor(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate the gRPC listener serves expires (its not-after), in Unix seconds; \
+             follows the certificate files as they are reloaded",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
+/// The certificate now served expires at `not_after`.
+pub fn set_tls_certificate_expiry(not_after: SystemTime) {
+    let secs = match not_after.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    };
+    TLS_EXPIRY.store(secs, Ordering::Relaxed);
 }
 
 /// Counts an open gRPC connection for as long as it lives.

@@ -5,7 +5,9 @@
 //! Implementation"): form POSTs with HTTP Basic client authentication, no `token_type` in
 //! responses, undocumented error bodies. Responses are parsed leniently but never
 //! echoed: an upstream body may hold a token, so errors carry only the status and a known OAuth error
-//! code.
+//! code. The client secret is re-read when EdgeTag rejects it (`secret`).
+
+mod secret;
 
 use std::{
     fmt,
@@ -19,6 +21,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::Url;
+
+pub use self::secret::ClientSecret;
 
 use crate::{
     clock::{from_unix_ms, to_unix_ms},
@@ -39,7 +43,8 @@ pub struct ProviderConfig {
     /// The revocation endpoint (`{API}/v1/oauth-app/client/revoke`).
     pub revoke_url: Url,
     pub client_id: String,
-    pub client_secret: SecretString,
+    /// Sent with every request; re-read from its file when EdgeTag rejects it.
+    pub client_secret: ClientSecret,
     /// Must match one of the redirect URIs registered for the OAuth app exactly.
     pub redirect_uri: Url,
     pub scope: String,
@@ -59,7 +64,7 @@ impl fmt::Debug for ProviderConfig {
             .field("token_url", &self.token_url.as_str())
             .field("revoke_url", &self.revoke_url.as_str())
             .field("client_id", &self.client_id)
-            .field("client_secret", &"<redacted>")
+            .field("client_secret", &self.client_secret)
             .field("redirect_uri", &self.redirect_uri.as_str())
             .field("scope", &self.scope)
             .field("request_timeout", &self.request_timeout)
@@ -457,21 +462,42 @@ impl ProviderClient {
     }
 
     /// One form POST with the client's Basic credentials; the answer's status, `Retry-After` and
-    /// (bounded) body, timed into the metrics under `operation`.
+    /// (bounded) body. When EdgeTag rejects the client secret and its file holds a newer one (a
+    /// roll at EdgeTag, then the new secret mounted), the request is sent once more with that one,
+    /// before anyone is told.
     async fn post_form(
         &self,
         operation: &'static str,
         url: &Url,
         form: &[(&str, &str)],
     ) -> Result<Answer, UpstreamError> {
+        let secret = self.config.client_secret.current();
+        let answer = self.send_form(operation, url, form, &secret).await?;
+        if answer.rejects_client()
+            && let Some(newer) = self.config.client_secret.after_rejection(&secret)
+        {
+            tracing::warn!(
+                operation,
+                "EdgeTag rejected the client secret; the client secret file holds a new one: asking again with it"
+            );
+            return self.send_form(operation, url, form, &newer).await;
+        }
+        Ok(answer)
+    }
+
+    /// One form POST with `secret`, timed into the metrics under `operation`.
+    async fn send_form(
+        &self,
+        operation: &'static str,
+        url: &Url,
+        form: &[(&str, &str)],
+        secret: &SecretString,
+    ) -> Result<Answer, UpstreamError> {
         let started = Instant::now();
         let response = self
             .http
             .post(url.clone())
-            .basic_auth(
-                &self.config.client_id,
-                Some(self.config.client_secret.expose_secret()),
-            )
+            .basic_auth(&self.config.client_id, Some(secret.expose_secret()))
             .header(header::ACCEPT, "application/json")
             .form(form)
             .send()
@@ -531,6 +557,12 @@ struct Answer {
 impl Answer {
     fn classify(&self) -> Result<TokenResponse, UpstreamError> {
         parse_token_response(self.status, self.retry_after.as_deref(), &self.body)
+    }
+
+    /// Whether EdgeTag refused this service's client credentials.
+    fn rejects_client(&self) -> bool {
+        !self.status.is_success()
+            && matches!(self.classify(), Err(UpstreamError::InvalidClient { .. }))
     }
 }
 

@@ -5,9 +5,11 @@
 //! - `error`: [`ServeError`], why serving could not start or stopped;
 //! - `limits`: bounds on calls in flight and on health Watch streams;
 //! - `http`: the optional HTTP listeners (browser callback, metrics);
-//! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the SIGHUP reload;
-//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP;
-//! - `rekey`: SIGHUP's reload of the encryption key files.
+//! - `upkeep`: the refresh scheduler, the purge of expired authorizations, the reloader;
+//! - `reload`: the reloader: files re-read on SIGHUP and when their content changes, the
+//!   certificate's daily expiry check;
+//! - `rekey`: SIGHUP's reload of the encryption key files;
+//! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP ([`Hangups`]).
 //!
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
 //! [`DRAIN_GRACE`]), HTTP listeners finish, upkeep ends, refreshes in flight finish, the last store handle closes.
@@ -18,6 +20,7 @@ mod grpc;
 mod http;
 mod limits;
 mod rekey;
+mod reload;
 mod signals;
 mod upkeep;
 
@@ -25,7 +28,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
-pub use self::{error::ServeError, signals::shutdown_signal};
+pub use self::{
+    error::ServeError,
+    signals::{Hangups, shutdown_signal},
+};
 use self::{http::HttpListeners, upkeep::Upkeep};
 use crate::{
     broker::Broker,
@@ -269,9 +275,15 @@ async fn serve(
         store,
         broker,
     } = app;
+    // Before anything reports SERVING: a SIGHUP from then on re-reads files instead of ending
+    // the process.
+    let hangups = Hangups::install();
     announce(&listeners, &config, &broker)?;
+    if let Some(tls) = &config.tls {
+        tls.check_expiry(std::time::SystemTime::now());
+    }
     let http = HttpListeners::spawn(listeners.callback, listeners.metrics, &config, &broker);
-    let upkeep = Upkeep::spawn(&config, &store, clock, &broker);
+    let upkeep = Upkeep::spawn(&config, &store, clock, &broker, hangups);
     let shutdown = async {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight calls");

@@ -439,8 +439,18 @@ async fn the_shipped_alerts_and_dashboard_name_only_exported_metrics_and_labels(
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // Over TLS, so that the certificate's expiry is exported too.
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, signing_key.serialize_pem()).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credential-service"))
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(&cert_file)
+        .arg("--tls-key")
+        .arg(&key_file)
         // Room for the test's one client: a second connection is refused, a limit hit.
         .args(["--max-connections", "1"])
         .arg("--data-dir")
@@ -492,9 +502,17 @@ async fn the_shipped_alerts_and_dashboard_name_only_exported_metrics_and_labels(
 
     // Traffic, so that every labelled family has a series: calls, an exchange and a refresh at
     // EdgeTag, a refused connection.
-    let mut client = CredentialServiceClient::connect(format!("http://{grpc}"))
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.pem()))
+        .domain_name("localhost");
+    let channel = tonic::transport::Channel::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut client = CredentialServiceClient::new(channel);
     let begun = client
         .begin_auth(BeginAuthRequest {
             account: "acme".into(),

@@ -62,7 +62,7 @@ pub fn command_with(
         .env_clear()
         .env(
             "EDGETAG_CLIENT_SECRET",
-            upstream.client_secret.expose_secret(),
+            upstream.client_secret.current().expose_secret(),
         )
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -673,7 +673,8 @@ pub(super) fn log_client_rejected(status: u16) {
     tracing::error!(
         http_status = status,
         "EdgeTag rejected this service's client credentials: check --client-id and the client secret \
-         (EDGETAG_CLIENT_ID, EDGETAG_CLIENT_SECRET_FILE / EDGETAG_CLIENT_SECRET)"
+         (EDGETAG_CLIENT_ID, EDGETAG_CLIENT_SECRET_FILE / EDGETAG_CLIENT_SECRET); after a roll at \
+         EdgeTag, put the new secret in the client secret file: it is taken up without a restart"
     );
 }
 

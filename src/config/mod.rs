@@ -22,8 +22,9 @@ pub use self::{
 use crate::{
     auth::Callers,
     broker::BrokerConfig,
-    oauth::ProviderConfig,
+    oauth::{ClientSecret, ProviderConfig},
     sealing::{self, EncryptionConfig},
+    tls::{ServerTls, TlsSettings},
 };
 
 /// Which EdgeTag deployment to talk to.
@@ -91,8 +92,10 @@ pub struct Settings {
     #[arg(long, env = "EDGETAG_CLIENT_ID")]
     pub client_id: Option<String>,
 
-    /// File holding the OAuth app's client secret. Alternatively put the secret itself in
-    /// EDGETAG_CLIENT_SECRET (never on the command line, where `ps` shows it).
+    /// File holding the OAuth app's client secret; re-read on SIGHUP, when its content changes and
+    /// when EdgeTag rejects the secret in force. Alternatively put the secret itself in
+    /// EDGETAG_CLIENT_SECRET (never on the command line, where `ps` shows it), which cannot change
+    /// without a restart.
     #[arg(long, env = "EDGETAG_CLIENT_SECRET_FILE")]
     pub client_secret_file: Option<PathBuf>,
 
@@ -181,22 +184,18 @@ pub struct Settings {
     pub log_format: LogFormat,
 
     /// TOML file of the callers allowed in (token hashes or TLS names, roles, account globs);
-    /// re-read on SIGHUP. Without it every call is allowed and only loopback may be listened on.
+    /// re-read on SIGHUP and when its content changes. Without it every call is allowed and only
+    /// loopback may be listened on.
     #[arg(long, env = "CREDENTIAL_SERVICE_CALLERS_FILE")]
     pub callers_file: Option<PathBuf>,
 
-    /// PEM certificate chain to serve gRPC over TLS (with --tls-key).
-    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsSettings,
 
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// PEM CA certificate(s) for client certificates (mutual TLS); a caller may then be named by
-    /// its certificate's subject alternative name (`tls_san` in the callers file).
-    #[arg(long, env = "CREDENTIAL_SERVICE_TLS_CLIENT_CA", requires = "tls_cert")]
-    pub tls_client_ca: Option<PathBuf>,
+    /// How often the callers file, the TLS files and the client secret file are checked for new
+    /// content, which is then taken up (SIGHUP takes it up at once).
+    #[arg(long, env = "CREDENTIAL_SERVICE_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
 
     #[command(flatten)]
     pub keys: KeySettings,
@@ -265,21 +264,6 @@ impl StoreSettings {
                 flag("encryption_key_file")
             )));
         }
-        let password = self
-            .store_password_file
-            .as_ref()
-            .map(|path| {
-                let raw = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!(
-                        "cannot read the store password file {} ({}): {e}",
-                        path.display(),
-                        flag("store_password_file")
-                    ))
-                })?;
-                sealing::warn_if_open_to_others(path, "the store password file");
-                Ok(SecretString::from(raw.trim_end_matches(['\n', '\r'])))
-            })
-            .transpose()?;
         let ca = self
             .store_ca_file
             .as_ref()
@@ -293,9 +277,16 @@ impl StoreSettings {
                 })
             })
             .transpose()?;
-        crate::store::PostgresConfig::parse(store, password, ca)
-            .map(|pg| StoreConfig::Postgres(Box::new(pg)))
-            .map_err(|e| ConfigError(format!("{}: {e}", flag("store"))))
+        let pg = crate::store::PostgresConfig::parse(store, None, ca)
+            .map_err(|e| ConfigError(format!("{}: {e}", flag("store"))))?;
+        let pg = match &self.store_password_file {
+            Some(path) => {
+                sealing::warn_if_open_to_others(path, "the store password file");
+                pg.with_password_file(path).map_err(ConfigError)?
+            }
+            None => pg,
+        };
+        Ok(StoreConfig::Postgres(Box::new(pg)))
     }
 }
 
@@ -337,23 +328,6 @@ impl KeySettings {
     }
 }
 
-/// The server's TLS material, read at start. `Debug` leaves out the key.
-#[derive(Clone)]
-pub struct TlsConfig {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    /// With it, clients may (not must) present certificates signed by this CA.
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("client_ca", &self.client_ca_pem.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
 /// Everything the server needs, checked.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -364,7 +338,7 @@ pub struct ServiceConfig {
     /// Who may call; [`Callers::open`] without a callers file.
     pub callers: Callers,
     /// `None`: plaintext gRPC.
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<ServerTls>,
     pub encryption: EncryptionConfig,
     /// Where state lives.
     pub store: StoreConfig,
@@ -378,6 +352,8 @@ pub struct ServiceConfig {
     pub http_limits: HttpLimits,
     /// How the audit trail aggregates.
     pub audit: crate::audit::AuditConfig,
+    /// How often reloadable files are checked for new content.
+    pub reload_interval: Duration,
 }
 
 /// Where the browser callback listens and on which path.
@@ -400,7 +376,7 @@ pub struct Upstream {
     pub token_url: Url,
     pub revoke_url: Url,
     pub client_id: String,
-    pub client_secret: SecretString,
+    pub client_secret: ClientSecret,
     /// Must match a redirect URI registered for the OAuth app exactly.
     pub redirect_uri: Url,
 }
@@ -443,6 +419,7 @@ impl ServiceConfig {
             limits: Limits::DEFAULT,
             http_limits: HttpLimits::DEFAULT,
             audit: crate::audit::AuditConfig::default(),
+            reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -479,9 +456,8 @@ impl Settings {
             metrics_listen,
             log_format: _, // read by the binary before anything else
             callers_file,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
+            tls,
+            reload_interval,
             keys,
             limits,
             http_limits,
@@ -496,24 +472,17 @@ impl Settings {
             client_secret_env.filter(|s| !s.is_empty()),
         ) {
             (Some(path), _) => {
-                let raw = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!(
-                        "cannot read the client secret file {} ({}): {e}",
-                        path.display(),
-                        flag("client_secret_file")
-                    ))
-                })?;
                 sealing::warn_if_open_to_others(path, "the client secret file");
-                let secret = raw.trim();
-                if secret.is_empty() {
-                    return Err(ConfigError(format!(
-                        "the client secret file {} is empty",
-                        path.display()
-                    )));
-                }
-                SecretString::from(secret)
+                ClientSecret::from_file(path).map_err(ConfigError)?
             }
-            (None, Some(secret)) => SecretString::from(secret),
+            (None, Some(secret)) => {
+                tracing::warn!(
+                    "the client secret comes from EDGETAG_CLIENT_SECRET, which cannot change while the \
+                     service runs: after a roll at EdgeTag every refresh fails until a restart. \
+                     --client-secret-file / EDGETAG_CLIENT_SECRET_FILE is re-read instead"
+                );
+                ClientSecret::fixed(SecretString::from(secret))
+            }
             (None, None) => {
                 return Err(ConfigError(format!(
                     "missing client secret: set {} (or EDGETAG_CLIENT_SECRET)",
@@ -617,36 +586,13 @@ impl Settings {
                 Callers::open()
             }
         };
-        let read = |path: &PathBuf, id: &str| {
-            std::fs::read(path).map_err(|e| {
-                ConfigError(format!(
-                    "cannot read {} file {}: {e}",
-                    flag(id),
-                    path.display()
-                ))
-            })
-        };
-        let tls = match (&tls_cert, &tls_key) {
-            (Some(cert), Some(key)) => Some(TlsConfig {
-                cert_pem: read(cert, "tls_cert")?,
-                key_pem: {
-                    sealing::warn_if_open_to_others(key, "the TLS key file");
-                    read(key, "tls_key")?
-                },
-                client_ca_pem: tls_client_ca
-                    .as_ref()
-                    .map(|ca| read(ca, "tls_client_ca"))
-                    .transpose()?,
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(ConfigError(format!(
-                    "{} and {} go together",
-                    flag("tls_cert"),
-                    flag("tls_key")
-                )));
-            }
-        };
+        let tls = tls.resolve().map_err(ConfigError)?;
+        if reload_interval.is_zero() {
+            return Err(ConfigError(format!(
+                "{} must be longer than zero",
+                flag("reload_interval")
+            )));
+        }
         let limits = limits.resolve()?;
         let http_limits = http_limits.resolve()?;
         let store = store.resolve(&keys)?;
@@ -687,6 +633,7 @@ impl Settings {
         config.broker.upstream_queue_timeout = upstream_queue_timeout;
         config.callers = callers;
         config.tls = tls;
+        config.reload_interval = reload_interval;
         config.encryption = keys.encryption();
         config.store = store;
         config.callback = callback_listen.map(|listen| CallbackConfig {

@@ -95,7 +95,7 @@ fn sandbox_is_the_default_and_production_switches_every_host() {
         c.provider.token_url.as_str(),
         "https://api-sandbox.edgetag.io/v1/oauth-app/client/token"
     );
-    assert_eq!(c.provider.client_secret.expose_secret(), "s3cret");
+    assert_eq!(c.provider.client_secret.current().expose_secret(), "s3cret");
     assert_eq!(c.broker.state_ttl, Duration::from_secs(600));
     assert_eq!(c.broker.refresh_margin, Duration::from_secs(300));
     assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
@@ -138,8 +138,8 @@ fn the_flags_defaults_are_the_builders() {
     // What the provider's Debug leaves out.
     let (r, b) = (&resolved.provider, &built.provider);
     assert_eq!(
-        r.client_secret.expose_secret(),
-        b.client_secret.expose_secret()
+        r.client_secret.current().expose_secret(),
+        b.client_secret.current().expose_secret()
     );
     assert_eq!(r.default_token_lifetime, b.default_token_lifetime);
     assert_eq!(r.send_redirect_uri, b.send_redirect_uri);
@@ -179,7 +179,10 @@ fn secret_file_is_read_and_trimmed_and_never_printed() {
     let p = path.to_str().unwrap();
     args.extend(["--client-secret-file", p]);
     let c = settings(&args).resolve(Some("env-secret".into())).unwrap();
-    assert_eq!(c.provider.client_secret.expose_secret(), "file-secret");
+    assert_eq!(
+        c.provider.client_secret.current().expose_secret(),
+        "file-secret"
+    );
     assert!(!format!("{c:?}").contains("file-secret"));
 }
 

@@ -12,25 +12,20 @@ use std::{
     time::Duration,
 };
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::{Instant, Sleep},
 };
-use tokio_rustls::{
-    TlsAcceptor,
-    rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier},
-    server::TlsStream,
-};
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use super::error::ServeError;
 use crate::{
-    config::{Limits, TlsConfig},
+    config::Limits,
     metrics::{self, ConnectionGuard, Throttled},
+    tls::ServerTls,
 };
 
 /// The HTTP/2 client preface (RFC 9113 §3.4): the handshake is done once it has arrived.
@@ -48,55 +43,20 @@ pub(super) static TIMED_OUT: Throttled = Throttled::new(
     "connection closed: no TLS handshake or HTTP/2 preface in time (--handshake-timeout / CREDENTIAL_SERVICE_HANDSHAKE_TIMEOUT)",
 );
 
-/// The rustls configuration tonic would build: the server's identity, ALPN `h2`, and with a
-/// client CA, optional client certificates that must verify when presented.
-pub(super) fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServeError> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| ServeError::Tls(format!("{what}: {e}"));
-    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("the certificate chain (--tls-cert) does not parse", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem)
-        .map_err(|e| bad("the private key (--tls-key) does not parse", &e))?;
-    let builder = ServerConfig::builder();
-    let builder = match &tls.client_ca_pem {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(ca) {
-                let cert =
-                    cert.map_err(|e| bad("the client CA (--tls-client-ca) does not parse", &e))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| bad("the client CA (--tls-client-ca) is unusable", &e))?;
-            }
-            // Optional: bearer-token callers need no certificate; a presented one must verify.
-            let verifier = WebPkiClientVerifier::builder(roots.into())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| bad("the client CA (--tls-client-ca) is unusable", &e))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| bad("the certificate and key do not make an identity", &e))?;
-    config.alpn_protocols.push(b"h2".to_vec());
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
 /// Plaintext connections from `listener`.
 pub(super) fn plain(listener: TcpListener, limits: &Limits) -> Incoming<TcpStream> {
     accept(listener, limits, |tcp| async move { Ok(tcp) })
 }
 
-/// TLS connections from `listener`, each handshake in a task of its own.
+/// TLS connections from `listener`, each handshake in a task of its own, with the certificate
+/// in force when it starts.
 pub(super) fn tls(
     listener: TcpListener,
     limits: &Limits,
-    acceptor: TlsAcceptor,
+    tls: ServerTls,
 ) -> Incoming<TlsStream<TcpStream>> {
     accept(listener, limits, move |tcp| {
-        let acceptor = acceptor.clone();
+        let acceptor = tls.acceptor();
         async move { acceptor.accept(tcp).await }
     })
 }

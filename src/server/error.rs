@@ -20,8 +20,6 @@ pub enum ServeError {
     HttpClient(#[from] reqwest::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("cannot set up TLS: {0}")]
-    Tls(String),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]

@@ -68,7 +68,7 @@ pub(super) async fn serve(
         watches_end.clone(),
     ))
     .max_decoding_message_size(max_request);
-    let tls = config.tls.as_ref().map(conn::tls_acceptor).transpose()?;
+    let tls = config.tls.clone();
 
     let (draining, mut drain_started) = watch::channel(false);
     let shutdown = async move {
@@ -96,8 +96,8 @@ pub(super) async fn serve(
         .add_service(api);
     let served = async {
         match tls {
-            Some(acceptor) => {
-                let incoming = conn::tls(listener, limits, acceptor);
+            Some(tls) => {
+                let incoming = conn::tls(listener, limits, tls);
                 router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await

@@ -1,6 +1,5 @@
-//! The process signals the server acts on: SIGTERM and ctrl-c end it, SIGHUP reloads the callers file.
-
-use crate::auth::Callers;
+//! The process signals the server acts on: SIGTERM and ctrl-c end it, SIGHUP makes it re-read its
+//! files (`reload`).
 
 /// Resolves on ctrl-c or SIGTERM.
 pub async fn shutdown_signal() {
@@ -24,20 +23,42 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Re-reads the callers file on each SIGHUP, for as long as the server runs.
-pub(super) async fn reload_on_sighup(callers: Callers) {
-    if callers.is_open() {
-        return;
-    }
+/// SIGHUPs, caught from the moment this is called: SIGHUP's default action ends a process, so
+/// the handler is in place before the service reports SERVING (and the binary installs it before
+/// it opens anything), never in a task that may not have run yet.
+pub struct Hangups {
     #[cfg(unix)]
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(mut hangups) => {
-            while hangups.recv().await.is_some() {
-                callers.reload_and_log();
-            }
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Installs the handler; from now on a SIGHUP no longer ends the process, whether or not
+    /// anyone awaits [`Hangups::recv`].
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            let signal = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            {
+                Ok(signal) => Some(signal),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; files will be re-read only when their content changes");
+                    None
+                }
+            };
+            Self { signal }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; the callers file will not be reloaded")
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// The next SIGHUP (never, where there are none).
+    pub(super) async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.signal
+            && signal.recv().await.is_some()
+        {
+            return;
         }
+        std::future::pending::<()>().await
     }
 }

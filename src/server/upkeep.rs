@@ -1,13 +1,13 @@
 //! Background work for as long as the server runs: the broker's refresh scheduler, the purge of
-//! expired pending authorizations, the callers-file and encryption-key reloads on SIGHUP, the
-//! audit's periodic flush of its counts and that of the refusal logs.
+//! expired pending authorizations, the reloader (SIGHUP, changed files, the certificate's expiry),
+//! the audit's periodic flush of its counts and that of the refusal logs.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::task::JoinHandle;
 
-use super::{rekey::reload_keys_on_sighup, signals::reload_on_sighup};
-use crate::{broker::Broker, clock::Clock, config::ServiceConfig, store::Store};
+use super::{rekey::reload_keys_on_sighup, reload, signals::Hangups};
+use crate::{broker::Broker, clock::Clock, config::ServiceConfig, reload::Poller, store::Store};
 
 /// The upkeep tasks; each holds a store handle until [`Upkeep::stop`] has waited for it.
 pub(super) struct Upkeep {
@@ -20,12 +20,19 @@ impl Upkeep {
         store: &Arc<dyn Store>,
         clock: Clock,
         broker: &Broker,
+        hangups: Hangups,
     ) -> Self {
+        let poller = Poller::new(reload::reloadables(config));
         Self {
             tasks: [
                 tokio::spawn(purge_pending(store.clone(), clock, config.broker.state_ttl)),
                 tokio::spawn(broker.clone().run()),
-                tokio::spawn(reload_on_sighup(config.callers.clone())),
+                tokio::spawn(reload::run(
+                    hangups,
+                    poller,
+                    config.reload_interval,
+                    config.tls.clone(),
+                )),
                 tokio::spawn(crate::audit::run_flusher(config.audit)),
                 tokio::spawn(super::limits::run_refusal_log_flusher()),
                 tokio::spawn(reload_keys_on_sighup(broker.clone())),

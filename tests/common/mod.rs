@@ -14,7 +14,8 @@ use credential_service::{
     auth::Callers,
     broker::{Broker, BrokerConfig, RefreshPolicy},
     clock::Clock,
-    config::{CallbackConfig, Limits, ServiceConfig, StoreConfig, TlsConfig, Upstream},
+    config::{CallbackConfig, Limits, ServiceConfig, StoreConfig, Upstream},
+    oauth::ClientSecret,
     proto::{
         AccountInfo, BeginAuthRequest, BeginAuthResponse, CompleteAuthRequest,
         CompleteAuthResponse, DescribeAccountRequest, GetTokenRequest, GetTokenResponse,
@@ -24,6 +25,7 @@ use credential_service::{
     sealing::{self, EncryptionConfig},
     server::{ServeError, Service, StartOptions},
     store::{Faults, Faulty, PostgresConfig},
+    tls::ServerTls,
 };
 use fake_edgetag::{FakeClock, FakeConfig, FakeEdgeTag};
 use tempfile::TempDir;
@@ -47,7 +49,11 @@ pub struct Options {
     pub send_redirect_uri: bool,
     /// Who may call; open (no callers file) by default.
     pub callers: Callers,
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<ServerTls>,
+    /// The client secret, when not the fake's own as a fixed value (a file, to roll it).
+    pub client_secret: Option<ClientSecret>,
+    /// How often reloadable files are checked for new content.
+    pub reload_interval: Duration,
     /// Key files; by default one random key in [`Options::key_dir`], kept across restarts.
     pub encryption: EncryptionConfig,
     /// Holds the default key file (outside the data directory, as in production).
@@ -81,6 +87,8 @@ impl Default for Options {
             send_redirect_uri: false,
             callers: Callers::open(),
             tls: None,
+            client_secret: None,
+            reload_interval: Duration::from_secs(10),
             encryption: EncryptionConfig {
                 key_file: Some(key_file),
                 previous_key_files: Vec::new(),
@@ -449,6 +457,10 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
     config.broker = options.broker.clone();
     config.callers = options.callers.clone();
     config.tls = options.tls.clone();
+    if let Some(secret) = &options.client_secret {
+        config.provider.client_secret = secret.clone();
+    }
+    config.reload_interval = options.reload_interval;
     config.encryption = options.encryption.clone();
     config.limits = options.limits;
     if store_kind() == StoreKind::Postgres {

@@ -30,6 +30,7 @@ mod readme_backups;
 mod recovery;
 mod refresh;
 mod replicas;
+mod rotation;
 mod security;
 mod upstream;
 mod watch;

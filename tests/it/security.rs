@@ -9,12 +9,12 @@ use std::{path::Path, process::Stdio, time::Duration};
 use common::{Bearer, Client, Options, StoreKind, TestApp, assert_status};
 use credential_service::{
     auth::Callers,
-    config::TlsConfig,
     proto::{
         BeginAuthRequest, GetTokenRequest, credential_service_client::CredentialServiceClient,
     },
     sealing::{self, EncryptionConfig},
     server::{ServeError, Service},
+    tls::{ServerTls, TlsFiles},
 };
 use futures::TryStreamExt;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
@@ -509,14 +509,18 @@ async fn tls_app(pki: &Pki) -> TestApp {
         &["localhost", "127.0.0.1"],
         ExtendedKeyUsagePurpose::ServerAuth,
     );
-    let (_dir, _path, callers) = callers_file(READER);
+    let (dir, _path, callers) = callers_file(READER);
+    let files = TlsFiles {
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+        client_ca: Some(dir.path().join("ca.pem")),
+    };
+    std::fs::write(&files.cert, cert).unwrap();
+    std::fs::write(&files.key, key).unwrap();
+    std::fs::write(files.client_ca.as_ref().unwrap(), &pki.ca_pem).unwrap();
     TestApp::spawn_with(Options {
         callers,
-        tls: Some(TlsConfig {
-            cert_pem: cert.into_bytes(),
-            key_pem: key.into_bytes(),
-            client_ca_pem: Some(pki.ca_pem.clone().into_bytes()),
-        }),
+        tls: Some(ServerTls::load(&files).unwrap()),
         ..Default::default()
     })
     .await

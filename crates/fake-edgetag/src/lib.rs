@@ -225,6 +225,7 @@ impl FakeEdgeTag {
         let addr = listener.local_addr()?;
         let (shutdown, _) = watch::channel(false);
         let inner = Arc::new(Inner {
+            client_secret: Mutex::new(config.client_secret.clone()),
             config,
             store: Mutex::default(),
             faults: Mutex::default(),
@@ -299,9 +300,19 @@ impl FakeEdgeTag {
         &self.inner.config.client_id
     }
 
-    /// The client secret the fake accepts.
-    pub fn client_secret(&self) -> &str {
-        &self.inner.config.client_secret
+    /// The client secret the fake accepts now ([`FakeConfig::client_secret`] until
+    /// [`FakeEdgeTag::roll_client_secret`]).
+    pub fn client_secret(&self) -> String {
+        lock(&self.inner.client_secret).clone()
+    }
+
+    /// Rolls the client secret as EdgeTag's "OAuth Apps" page does: a new random secret, returned
+    /// (EdgeTag shows it once), and the old one rejected (`invalid_client`) from now on. Grants and
+    /// tokens stay valid.
+    pub fn roll_client_secret(&self) -> String {
+        let secret = state::random_token("ets_");
+        *lock(&self.inner.client_secret) = secret.clone();
+        secret
     }
 
     /// Queues faults; each answers exactly one later token request, in order. Queued faults take

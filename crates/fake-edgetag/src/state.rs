@@ -17,6 +17,8 @@ use crate::{CODE_LIFETIME, FakeConfig, Fault, connections::Connections};
 
 pub(crate) struct Inner {
     pub(crate) config: FakeConfig,
+    /// The client secret accepted now: the configured one until a roll.
+    pub(crate) client_secret: Mutex<String>,
     pub(crate) store: Mutex<Store>,
     pub(crate) faults: Mutex<Faults>,
     pub(crate) token_delay_nanos: AtomicU64,

@@ -98,8 +98,14 @@ async fn token(
     fake: &FakeEdgeTag,
     fields: &[(&str, &str)],
 ) -> reqwest::Result<reqwest::Response> {
-    let auth = (fake.client_id(), fake.client_secret());
-    post_form(client, &fake.token_url(), Some(auth), fields).await
+    let secret = fake.client_secret();
+    post_form(
+        client,
+        &fake.token_url(),
+        Some((fake.client_id(), &secret)),
+        fields,
+    )
+    .await
 }
 
 async fn exchange(
@@ -267,6 +273,36 @@ async fn a_seeded_grant_refreshes_like_an_exchanged_one() {
     assert_eq!(fake.stats().refreshes_ok, 1);
 }
 
+/// EdgeTag's "roll secret": the old secret is refused from then on, the new one works, and the
+/// grants made before stay valid.
+#[tokio::test]
+async fn a_rolled_client_secret_replaces_the_old_one_and_grants_stay() {
+    let fake = start(FakeConfig::default()).await;
+    let client = client();
+    let grant = fake.seed_grant();
+    let old = fake.client_secret();
+    assert_eq!(old, FakeConfig::default().client_secret);
+    let new = fake.roll_client_secret();
+    assert_ne!(new, old);
+    assert_eq!(fake.client_secret(), new);
+    let fields = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", grant.as_str()),
+    ];
+    let with = |secret: String| {
+        let (client, fake, id) = (&client, &fake, fake.client_id().to_owned());
+        async move {
+            let response = post_form(client, &fake.token_url(), Some((&id, &secret)), &fields)
+                .await
+                .unwrap();
+            json_of(response).await
+        }
+    };
+    assert_eq!(with(old).await, (401, oauth_error_body("invalid_client")));
+    let (status, body) = with(new).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test]
 async fn refresh_rotation_replaces_the_refresh_token_when_enabled() {
     let fake = start(FakeConfig {
@@ -341,11 +377,12 @@ async fn client_authentication_is_required_and_checked() {
         ("code_verifier", verifier.as_str()),
     ];
     let id = fake.client_id().to_owned();
+    let secret = fake.client_secret();
     for auth in [
         None,
         Some((id.as_str(), "wrong-secret")),
         Some((id.as_str(), "")),
-        Some(("other-client", fake.client_secret())),
+        Some(("other-client", secret.as_str())),
     ] {
         let response = post_form(&client, &fake.token_url(), auth, &fields)
             .await
@@ -549,7 +586,8 @@ async fn revoking_an_access_token_revokes_the_whole_grant() {
     let (other_code, other_verifier) = authorize(&fake).await;
     let (_, other) = json_of(exchange(&client, &fake, &other_code, &other_verifier).await).await;
 
-    let auth = Some((fake.client_id(), fake.client_secret()));
+    let secret = fake.client_secret();
+    let auth = Some((fake.client_id(), secret.as_str()));
     let revoke = [("token", access), ("token_type_hint", "access_token")];
     let response = post_form(&client, &fake.revoke_url(), auth, &revoke)
         .await

@@ -191,7 +191,7 @@ impl Inner {
         let (id, secret) = basic_credentials(headers).ok_or(Refusal::InvalidClient)?;
         // Both comparisons run regardless of the first result, on fixed-size digests.
         let id_ok = digest_eq(id.as_bytes(), self.config.client_id.as_bytes());
-        let secret_ok = digest_eq(secret.as_bytes(), self.config.client_secret.as_bytes());
+        let secret_ok = digest_eq(secret.as_bytes(), lock(&self.client_secret).as_bytes());
         if !(id_ok & secret_ok) {
             return Err(Refusal::InvalidClient);
         }

@@ -1,18 +1,22 @@
 //! Where the database is and how to reach it: the store URL and its TLS mode
 //! ([`PostgresConfig::parse`]), each session's settings, the timeouts that bound every wait, and
-//! the [`Connector`] (plaintext or rustls) that builds the pool and the listener's connection.
+//! the [`Connector`] (plaintext or rustls, with the password of the moment) that builds the pool
+//! and the listener's connection.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, path::Path, sync::Arc, time::Duration};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use futures::{StreamExt, stream::BoxStream};
+use deadpool_postgres::{
+    ConfigConnectImpl, Connect, Manager, ManagerConfig, Pool, RecyclingMethod,
+};
+use futures::{StreamExt, future::BoxFuture, stream::BoxStream};
 use rustls_pki_types::pem::PemObject;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use tokio_postgres::{
     AsyncMessage, NoTls, Socket,
     tls::{MakeTlsConnect, TlsConnect},
 };
 
+use super::password::{Password, PasswordFile};
 use crate::store::StoreError;
 
 /// Connections per replica: refreshes hold one for their upstream call (at most the upstream cap
@@ -44,6 +48,7 @@ pub enum TlsMode {
 pub struct PostgresConfig {
     url: String,
     pg: tokio_postgres::Config,
+    password: Arc<Password>,
     tls: TlsMode,
     ca_pem: Option<Vec<u8>>,
     /// How long one refresh may hold an account's lock: the upstream timeout and retry budget,
@@ -55,6 +60,7 @@ impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresConfig")
             .field("url", &self.url)
+            .field("password", &self.password)
             .field("tls", &self.tls)
             .field("ca", &self.ca_pem.is_some())
             .field("lock_hold", &self.lock_hold)
@@ -117,23 +123,28 @@ impl PostgresConfig {
         let mut without_tls = parsed.clone();
         let rest = rest.finish();
         without_tls.set_query((!rest.is_empty()).then_some(&rest));
-        let mut pg: tokio_postgres::Config = without_tls
+        let pg: tokio_postgres::Config = without_tls
             .as_str()
             .parse()
             .map_err(|e| format!("the store URL is not a PostgreSQL URL: {e}"))?;
         if pg.get_user().is_none() {
             return Err("the store URL names no user (postgres://USER@HOST:PORT/DB)".into());
         }
-        if let Some(password) = password {
-            pg.password(password.expose_secret());
-        }
         Ok(Self {
             url: url.to_owned(),
             pg,
+            password: Arc::new(password.map_or(Password::None, Password::Given)),
             tls,
             ca_pem,
             lock_hold: Duration::from_secs(20),
         })
+    }
+
+    /// Logs in with the password in `path`, read again for every new connection (see
+    /// [`super::password`]); fails if it cannot be read now.
+    pub fn with_password_file(mut self, path: &Path) -> Result<Self, String> {
+        self.password = Arc::new(Password::File(PasswordFile::open(path)?));
+        Ok(self)
     }
 
     /// The URL as given (it carries no password), for logs.
@@ -164,9 +175,16 @@ impl PostgresConfig {
     }
 
     pub(super) fn connector(&self) -> Result<Connector, StoreError> {
+        Ok(Connector {
+            tls: self.tls_connector()?,
+            password: self.password.clone(),
+        })
+    }
+
+    fn tls_connector(&self) -> Result<Tls, StoreError> {
         use tokio_rustls::rustls::{ClientConfig, RootCertStore};
         if self.tls == TlsMode::Disable {
-            return Ok(Connector::Plain);
+            return Ok(Tls::Plain);
         }
         let builder = ClientConfig::builder();
         let config = match &self.ca_pem {
@@ -187,9 +205,9 @@ impl PostgresConfig {
                 .with_custom_certificate_verifier(Arc::new(unverified::Encrypted::new()))
                 .with_no_client_auth(),
         };
-        Ok(Connector::Tls(
-            tokio_postgres_rustls::MakeRustlsConnect::new(config),
-        ))
+        Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+            config,
+        )))
     }
 }
 
@@ -254,11 +272,18 @@ mod unverified {
     }
 }
 
-/// Plaintext or rustls: one value, so the pool and the listener are built the same way.
+/// Plaintext or rustls, and the password: one value, so the pool and the listener connect the
+/// same way.
 #[derive(Clone)]
-pub(super) enum Connector {
+pub(super) struct Connector {
+    tls: Tls,
+    password: Arc<Password>,
+}
+
+#[derive(Clone)]
+enum Tls {
     Plain,
-    Tls(tokio_postgres_rustls::MakeRustlsConnect),
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
 }
 
 pub(super) type Messages = BoxStream<'static, Result<AsyncMessage, tokio_postgres::Error>>;
@@ -268,10 +293,7 @@ impl Connector {
         let config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match self {
-            Self::Plain => Manager::from_config(pg, NoTls, config),
-            Self::Tls(tls) => Manager::from_config(pg, tls.clone(), config),
-        };
+        let manager = Manager::from_connect(pg, self.clone(), config);
         Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -287,10 +309,37 @@ impl Connector {
         &self,
         pg: &tokio_postgres::Config,
     ) -> Result<(tokio_postgres::Client, Messages), tokio_postgres::Error> {
-        match self {
-            Self::Plain => connect_with(pg, NoTls).await,
-            Self::Tls(tls) => connect_with(pg, tls.clone()).await,
+        let pg = self.with_password(pg);
+        match &self.tls {
+            Tls::Plain => connect_with(&pg, NoTls).await,
+            Tls::Rustls(tls) => connect_with(&pg, tls.clone()).await,
         }
+    }
+
+    /// `pg` with the password a connection made now logs in with.
+    fn with_password(&self, pg: &tokio_postgres::Config) -> tokio_postgres::Config {
+        let mut pg = pg.clone();
+        self.password.apply(&mut pg);
+        pg
+    }
+}
+
+/// How the pool makes a connection: with the password of the moment.
+impl Connect for Connector {
+    fn connect(
+        &self,
+        pg: &tokio_postgres::Config,
+    ) -> BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let pg = self.with_password(pg);
+        Box::pin(async move {
+            match &self.tls {
+                Tls::Plain => ConfigConnectImpl { tls: NoTls }.connect(&pg).await,
+                Tls::Rustls(tls) => ConfigConnectImpl { tls: tls.clone() }.connect(&pg).await,
+            }
+        })
     }
 }
 
@@ -323,7 +372,10 @@ mod tests {
         .unwrap();
         assert_eq!(ok.tls, TlsMode::Disable);
         assert_eq!(ok.pg.get_dbname(), Some("creds"));
-        assert_eq!(ok.pg.get_password(), Some(&b"pw"[..]));
+        assert_eq!(
+            ok.connector().unwrap().with_password(&ok.pg).get_password(),
+            Some(&b"pw"[..])
+        );
         assert!(!format!("{ok:?}").contains("pw\""), "{ok:?}");
 
         for (url, says) in [

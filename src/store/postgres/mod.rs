@@ -24,6 +24,7 @@
 //!
 //! One file per job:
 //! - `config`: the store URL, TLS, session settings and timeouts, the connector;
+//! - `password`: the password, read from its file again for every new connection;
 //! - `reach`: whether the database answers (the log line and `credential_store_up`);
 //! - `pool`: the [`Database`](self::pool::Database) every handle shares: pool, codec, error
 //!   mapping, the bound on every operation;
@@ -40,6 +41,7 @@ mod claim;
 mod config;
 mod migrate;
 mod notify;
+mod password;
 mod pool;
 mod reach;
 mod reseal;
