@@ -97,10 +97,13 @@ async fn refresh_token_forces_a_refresh_and_reports_each_outcome() {
 
     let expires_at = app.refresh("acme").await.unwrap();
     assert_eq!(app.fake.stats().refreshes_ok, before + 1);
-    assert_eq!(
-        expires_at.seconds,
-        connected.expires_at.unwrap().seconds + 60,
-        "a fresh two-hour token from the new request time"
+    // The test clock runs on from the real time, so the refresh's request time is 60 s plus the
+    // real time between the two requests later: compare whole instants, not their seconds.
+    let instant = |t: &prost_types::Timestamp| Duration::new(t.seconds as u64, t.nanos as u32);
+    let later = instant(&expires_at) - instant(connected.expires_at.as_ref().unwrap());
+    assert!(
+        later >= Duration::from_secs(60) && later < Duration::from_secs(65),
+        "a fresh two-hour token from the new request time: {later:?} later"
     );
     let info = app.describe("acme").await.unwrap();
     assert_eq!(info.status(), AccountStatus::Active);

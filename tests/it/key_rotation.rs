@@ -49,7 +49,7 @@ const LIFETIME: Duration = Duration::from_secs(3600);
 /// Bound on every wait for something that normally takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(20);
 /// The README's marker before the block this file runs.
-const MARKER: &str = "<!-- tests/key_rotation.rs runs the next block -->";
+const MARKER: &str = "<!-- tests/it/key_rotation.rs runs the next block -->";
 
 type Client = CredentialServiceClient<Channel>;
 
@@ -230,10 +230,11 @@ impl Service {
         get_token(&self.client, account).await.unwrap()
     }
 
-    /// Polls until this service serves `token` for `account`.
+    /// Polls until this service serves `token` for `account`. Until another replica's write
+    /// reaches it, it may not know the account yet (NOT_FOUND): that is "not yet" too.
     async fn until_serving(&self, account: &str, token: &str) {
         let started = Instant::now();
-        while self.token(account).await != token {
+        while get_token(&self.client, account).await.ok().as_deref() != Some(token) {
             assert!(
                 started.elapsed() < PATIENCE,
                 "{} never served the new token of {account}",

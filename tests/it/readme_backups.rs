@@ -22,7 +22,7 @@ use tokio::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_credential-service");
 const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
-const MARKER: &str = "<!-- tests/readme_backups.rs runs the next block as written -->";
+const MARKER: &str = "<!-- tests/it/readme_backups.rs runs the next block as written -->";
 const ACCOUNTS: [&str; 2] = ["acme", "globex"];
 
 /// The fenced `sh` blocks right after each [`MARKER`], in order.

@@ -937,12 +937,12 @@ async fn a_certificate_near_its_expiry_is_warned_about_at_start() {
 // ---------------------------------------------------------------------------------------------
 // The README's steps
 
-/// The fenced `sh` block after `<!-- tests/rotation.rs runs the next block: NAME -->` in
+/// The fenced `sh` block after `<!-- tests/it/rotation.rs runs the next block: NAME -->` in
 /// README.md, so that the README and this test cannot drift apart.
 fn readme_block(name: &str) -> String {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let marker = format!("<!-- tests/rotation.rs runs the next block: {name} -->");
+    let marker = format!("<!-- tests/it/rotation.rs runs the next block: {name} -->");
     let after = readme
         .split(&marker)
         .nth(1)
