@@ -31,6 +31,10 @@ use std::{
 
 use tonic::{Code, Status};
 
+mod file;
+
+pub use file::{FileConfig, Installed, install, refusing, reopen};
+
 use tracing::Level;
 
 use credential_client::code_name;
@@ -73,7 +77,21 @@ thread_local! {
 pub fn record(method: &str, caller: &str, account: &str, outcome: Code) {
     AUDITED.set(true);
     let outcome = code_name(outcome);
-    tracing::event!(target: "audit", Level::INFO, caller, method, account, outcome, "call");
+    let line = file::Line {
+        time: &file::timestamp(SystemTime::now()),
+        event: "call",
+        caller,
+        method,
+        account,
+        outcome,
+        count: None,
+        first: None,
+        last: None,
+        peer: None,
+    };
+    if !file::write_event(&line) {
+        tracing::event!(target: "audit", Level::INFO, caller, method, account, outcome, "call");
+    }
 }
 
 /// Counts one call into the next aggregated event; see the module docs. `peer` is for refusals.
@@ -131,15 +149,28 @@ pub fn outcome<T>(result: &Result<T, Status>) -> Code {
 /// The server runs it beside the gRPC service and calls [`flush`] once more after it stops.
 pub async fn run_flusher(config: AuditConfig) {
     MAX_KEYS.store(config.max_keys.max(1), Ordering::Relaxed);
-    let mut tick = tokio::time::interval(config.interval.max(Duration::from_millis(10)));
+    let interval = config.interval.max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate
+    // While `--audit-required` refuses calls, the file is tried again more often than that.
+    let mut retry = tokio::time::interval(interval.min(RETRY_EVERY));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        // Formatting thousands of events must not hold up a worker thread that serves calls.
-        let _ = tokio::task::spawn_blocking(flush).await;
+        tokio::select! {
+            _ = tick.tick() => {
+                // Formatting thousands of events must not hold up a worker thread that serves calls.
+                let _ = tokio::task::spawn_blocking(flush).await;
+            }
+            _ = retry.tick(), if refusing() => {
+                let _ = tokio::task::spawn_blocking(file::retry).await;
+            }
+        }
     }
 }
+
+/// How soon calls refused by `--audit-required` are served again once the file can be written.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Writes one event per key counted since the last flush, from every thread's table.
 pub fn flush() {
@@ -172,24 +203,16 @@ pub fn flush() {
         }
     }
     let mut folded = 0u64;
-    for (key, tally) in &merged {
-        let Some(event) = decode(key) else { continue };
-        if event.peer == OTHERS {
-            folded += tally.count;
+    if file::installed() {
+        folded = write_to_file(&merged);
+    } else {
+        for (key, tally) in &merged {
+            let Some(event) = decode(key) else { continue };
+            if event.peer == OTHERS {
+                folded += tally.count;
+            }
+            log_calls(&event, tally);
         }
-        tracing::event!(
-            target: "audit",
-            Level::INFO,
-            caller = event.caller,
-            method = event.method,
-            account = event.account,
-            outcome = event.outcome,
-            count = tally.count,
-            first = %humantime::format_rfc3339_millis(tally.first),
-            last = %humantime::format_rfc3339_millis(tally.last),
-            peer = %event.peer,
-            "calls"
-        );
     }
     if folded > 0 {
         tracing::warn!(
@@ -199,6 +222,55 @@ pub fn flush() {
             "more distinct refusals than --audit-max-keys in one interval; the rest are counted under (others)"
         );
     }
+}
+
+/// One aggregated event, into the logs.
+fn log_calls(event: &Event<'_>, tally: &Tally) {
+    tracing::event!(
+        target: "audit",
+        Level::INFO,
+        caller = event.caller,
+        method = event.method,
+        account = event.account,
+        outcome = event.outcome,
+        count = tally.count,
+        first = %humantime::format_rfc3339_millis(tally.first),
+        last = %humantime::format_rfc3339_millis(tally.last),
+        peer = %event.peer,
+        "calls"
+    );
+}
+
+/// Every aggregated event as one write to the audit file (then synced); returns the calls
+/// folded under `(others)`.
+fn write_to_file(merged: &BTreeMap<Box<[u8]>, Tally>) -> u64 {
+    let now = file::timestamp(SystemTime::now());
+    let mut buf = Vec::with_capacity(merged.len() * 256);
+    let mut folded = 0;
+    let mut lines = 0;
+    for (key, tally) in merged {
+        let Some(event) = decode(key) else { continue };
+        if event.peer == OTHERS {
+            folded += tally.count;
+        }
+        let (first, last) = (file::timestamp(tally.first), file::timestamp(tally.last));
+        file::Line {
+            time: &now,
+            event: "calls",
+            caller: event.caller,
+            method: event.method,
+            account: event.account,
+            outcome: event.outcome,
+            count: Some(tally.count),
+            first: Some(&first),
+            last: Some(&last),
+            peer: Some(&event.peer),
+        }
+        .append_to(&mut buf);
+        lines += 1;
+    }
+    file::write_batch(buf, lines);
+    folded
 }
 
 /// Marks the calls a future serves, so the call layer can audit what no handler did (calls tonic

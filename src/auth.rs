@@ -474,6 +474,13 @@ impl Callers {
         if need == Access::Open {
             return Ok(None);
         }
+        if audit::refusing() {
+            let status = Status::unavailable(
+                "the audit trail cannot be written and --audit-required is set; retry later",
+            );
+            audit::count(method, "", "", status.code(), peer(req));
+            return Err(status);
+        }
         let caller = self.authenticate(req).inspect_err(|status| {
             audit::count(method, "", "", status.code(), peer(req));
         })?;

@@ -110,6 +110,20 @@ async fn callback(
             ],
         );
     };
+    if crate::audit::refusing() {
+        refused(tonic::Code::Unavailable, peer);
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            false,
+            "Not connected yet: try again shortly",
+            &[
+                "The service cannot write its audit trail right now, and refuses to connect \
+                 accounts until it can. Reload this page in a minute; the approval stays valid \
+                 until its code expires."
+                    .to_owned(),
+            ],
+        );
+    }
     match broker.complete(code, state).await {
         Ok((account, tokens)) => {
             crate::audit::record("CompleteAuth", CALLER, account.as_str(), tonic::Code::Ok);

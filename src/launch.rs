@@ -56,7 +56,8 @@ impl LaunchError {
             | Self::Dev(_)
             | Self::Keys(_)
             | Self::KeysNotGiven { .. }
-            | Self::Usage(_) => 2,
+            | Self::Usage(_)
+            | Self::Serve(ServeError::AuditFile { .. }) => 2,
             Self::Serve(_) | Self::Store(_) | Self::Backup(_) => 1,
         }
     }

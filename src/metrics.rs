@@ -171,6 +171,8 @@ struct Metrics {
     limit_hits: Family<LimitLabels, Counter>,
     connections: Gauge,
     store_up: Gauge,
+    audit_lost: Counter,
+    audit_writable: Gauge,
 }
 
 /// Latency buckets from 100µs (a GetToken from memory) to 10s (the default upstream timeout).
@@ -199,6 +201,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let connections = Gauge::default();
     let store_up = Gauge::default();
     store_up.set(1);
+    let audit_lost = Counter::default();
+    let audit_writable = Gauge::default();
+    audit_writable.set(1);
     registry.register(
         "rpc_duration_seconds",
         "gRPC calls by service, method and status code, with their latency (the _count is the number of calls)",
@@ -253,6 +258,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
          from memory while they last, and refreshes and writes fail (always 1 on sled)",
         store_up.clone(),
     );
+    registry.register(
+        "audit_events_lost",
+        "Audit lines that could not be written to --audit-file (without --audit-required: the calls were served)",
+        audit_lost.clone(),
+    );
+    registry.register(
+        "audit_file_writable",
+        "0 while --audit-file cannot be written (with --audit-required, audited calls are then refused), else 1",
+        audit_writable.clone(),
+    );
     registry.register_collector(Box::new(TlsExpiry));
     Metrics {
         registry,
@@ -266,6 +281,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         limit_hits,
         connections,
         store_up,
+        audit_lost,
+        audit_writable,
     }
 });
 
@@ -360,6 +377,16 @@ pub fn record_limit_hit(limit: &'static str) {
         .limit_hits
         .get_or_create(&LimitLabels { limit })
         .inc();
+}
+
+/// Counts audit lines that never reached `--audit-file`.
+pub fn record_audit_lost(lines: u64) {
+    METRICS.audit_lost.inc_by(lines);
+}
+
+/// Whether `--audit-file` can be written (see the `audit_file_writable` gauge).
+pub fn set_audit_writable(writable: bool) {
+    METRICS.audit_writable.set(i64::from(writable));
 }
 
 /// Whether the shared store answers (see the `store_up` gauge).

@@ -191,6 +191,7 @@ pub struct StartOptions {
 pub struct Service {
     app: App,
     listeners: Listeners,
+    audit_file: Option<crate::audit::Installed>,
 }
 
 impl Service {
@@ -216,6 +217,18 @@ impl Service {
             Some(addr) => Some(bind(addr, "metrics_listen").await?),
             None => None,
         };
+        // Before the store: a path that cannot be written stops the start with nothing opened.
+        let audit_file = match &config.audit_file {
+            Some(file) => {
+                Some(
+                    crate::audit::install(file).map_err(|source| ServeError::AuditFile {
+                        path: file.path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
         let wrap = options
             .wrap_store
             .unwrap_or_else(|| Box::new(|store| store));
@@ -227,6 +240,7 @@ impl Service {
                 callback,
                 metrics,
             },
+            audit_file,
         })
     }
 
@@ -253,7 +267,9 @@ impl Service {
     /// Serves until `shutdown` resolves, then finishes in-flight calls, flushes the store and
     /// returns once every task holding the store has ended, so the data directory is free again.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
-        serve(self.app, self.listeners, shutdown).await
+        let served = serve(self.app, self.listeners, shutdown).await;
+        drop(self.audit_file); // after the last flush has written to it
+        served
     }
 }
 

@@ -209,6 +209,20 @@ pub struct Settings {
     #[arg(long, env = "CREDENTIAL_SERVICE_AUDIT_MAX_KEYS", default_value_t = crate::audit::DEFAULT_MAX_KEYS)]
     pub audit_max_keys: usize,
 
+    /// Write the audit trail to this file as JSON lines (created 0600, reopened on SIGHUP)
+    /// instead of into the logs.
+    #[arg(long, env = "CREDENTIAL_SERVICE_AUDIT_FILE", value_name = "PATH")]
+    pub audit_file: Option<PathBuf>,
+
+    /// While the audit file cannot be written, refuse every call that would be audited with
+    /// UNAVAILABLE (without it, the lost events are counted and the service keeps serving).
+    #[arg(
+        long,
+        env = "CREDENTIAL_SERVICE_AUDIT_REQUIRED",
+        requires = "audit_file"
+    )]
+    pub audit_required: bool,
+
     #[command(flatten)]
     pub limits: LimitSettings,
 
@@ -352,6 +366,8 @@ pub struct ServiceConfig {
     pub http_limits: HttpLimits,
     /// How the audit trail aggregates.
     pub audit: crate::audit::AuditConfig,
+    /// Where the audit trail is written, when not into the logs.
+    pub audit_file: Option<crate::audit::FileConfig>,
     /// How often reloadable files are checked for new content.
     pub reload_interval: Duration,
 }
@@ -419,6 +435,7 @@ impl ServiceConfig {
             limits: Limits::DEFAULT,
             http_limits: HttpLimits::DEFAULT,
             audit: crate::audit::AuditConfig::default(),
+            audit_file: None,
             reload_interval: Duration::from_secs(10),
         }
     }
@@ -463,6 +480,8 @@ impl Settings {
             http_limits,
             audit_interval,
             audit_max_keys,
+            audit_file,
+            audit_required,
         } = self;
         let client_id = client_id
             .filter(|s| !s.trim().is_empty())
@@ -647,6 +666,10 @@ impl Settings {
             interval: audit_interval,
             max_keys: audit_max_keys,
         };
+        config.audit_file = audit_file.map(|path| crate::audit::FileConfig {
+            path,
+            required: audit_required,
+        });
         Ok(config)
     }
 }

@@ -22,6 +22,11 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot open the audit file {path} (--audit-file): {source}")]
+    AuditFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: String,

@@ -1,7 +1,7 @@
 //! The reloader: takes up new content of the files read at start (the callers file, the TLS
 //! certificate, key and client CA, the client secret file) on SIGHUP at once, and between SIGHUPs
 //! whenever their content changes (checked every `--reload-interval`, see [`crate::reload`]); and
-//! checks the served certificate's expiry once a day.
+//! checks the served certificate's expiry once a day. SIGHUP also reopens the audit file.
 
 use std::{sync::Arc, time::Duration};
 
@@ -53,6 +53,10 @@ pub(super) async fn run(
                 continue;
             }
         };
+        if hangup {
+            // Log rotation: the audit file is opened again at its path.
+            let _ = tokio::task::spawn_blocking(crate::audit::reopen).await;
+        }
         if poller.as_ref().is_some_and(Poller::is_empty) {
             if hangup {
                 tracing::info!(

@@ -8,10 +8,13 @@
 //! counts must be exact), and `tests/metrics.rs` asserts exact counts in the service's metric
 //! registry, which is process-wide like Prometheus clients' default registry.
 
+#[path = "../common/binary.rs"]
+mod binary;
 #[path = "../common/mod.rs"]
 mod common;
 
 mod admin;
+mod audit_file;
 mod backup;
 mod callback;
 mod crash;
