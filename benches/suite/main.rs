@@ -17,6 +17,7 @@ mod backup;
 mod durable;
 mod fixture;
 mod floor;
+mod h2load;
 mod load;
 mod postgres;
 mod report;
@@ -84,6 +85,10 @@ struct Cli {
     /// pays (cache misses). Not the target's floor.
     #[arg(long)]
     lookup_floor: bool,
+    /// Production rows write the audit trail to a file (`--audit-file`, in the data directory)
+    /// instead of through the log formatter.
+    #[arg(long)]
+    audit_file: bool,
     /// Length of the soak section (run only when named: `-- soak`).
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
@@ -104,6 +109,8 @@ pub struct Env {
     pub bare_floor: bool,
     /// The floor answers each account with its own token, found by name.
     pub lookup_floor: bool,
+    /// Production rows audit to a file of their own.
+    pub audit_file: bool,
 }
 
 fn main() {
@@ -130,10 +137,12 @@ fn main() {
         "postgres",
         "watch",
         "soak",
+        "h2load",
     ];
-    // `soak` is long and runs only when named; `recovery` is part of `storm`, or alone.
+    // `soak` is long and `h2load` needs h2load installed: each runs only when named; `recovery` is part of `storm`, or alone.
     let named = |s: &str| cli.sections.iter().any(|w| w == s);
-    let wanted = |s: &str| s != "soak" && (cli.sections.is_empty() || named(s));
+    let wanted =
+        |s: &str| !["soak", "h2load"].contains(&s) && (cli.sections.is_empty() || named(s));
     for s in &cli.sections {
         assert!(
             all.contains(&s.as_str()),
@@ -153,6 +162,7 @@ fn main() {
         data_root: cli.data_root.clone(),
         only: cli.only.clone(),
         bare_floor: cli.bare_floor,
+        audit_file: cli.audit_file,
         lookup_floor: cli.lookup_floor,
     };
     let counts: &[usize] = if !cli.accounts.is_empty() {
@@ -243,6 +253,36 @@ fn main() {
             let w = watchers::run(&env, if q { 1_000 } else { 10_000 }, 1_000).await;
             println!("{}", report::watchers(&w));
         }
+        if named("h2load") {
+            let mut rows = Vec::new();
+            let counts: &[usize] = if cli.accounts.is_empty() {
+                &[1]
+            } else {
+                &cli.accounts
+            };
+            for &n in counts {
+                let dir = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-h2-");
+                let names = fixture::account_names(n);
+                fixture::seed(dir.path(), &names, &Clock::system(), |_| {
+                    fixture::random_token("etr_")
+                })
+                .await;
+                let auth = fixture::caller_auth(dir.path());
+                let row = |s: &str| cli.settings.is_empty() || cli.settings.iter().any(|w| w == s);
+                for (label, auth, production) in [
+                    ("no", None, false),
+                    ("yes", Some(&auth), false),
+                    ("production", Some(&auth), true),
+                ] {
+                    if row(label) {
+                        rows.push(
+                            h2load::run(&env, dir.path(), names.clone(), auth, production).await,
+                        );
+                    }
+                }
+            }
+            println!("{}", report::h2load(&rows));
+        }
         if named("soak") {
             let spec = soak::SoakSpec::new(Duration::from_secs(cli.soak_seconds));
             let soak = soak::run(&env, spec).await;
@@ -269,6 +309,9 @@ fn cli_line(cli: &Cli) -> String {
     }
     if cli.bare_floor {
         line.push_str(" --bare-floor");
+    }
+    if cli.audit_file {
+        line.push_str(" --audit-file");
     }
     if cli.lookup_floor {
         line.push_str(" --lookup-floor");

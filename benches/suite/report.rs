@@ -688,3 +688,25 @@ pub fn watchers(w: &Watchers) -> String {
     ));
     out
 }
+
+pub fn h2load(rows: &[crate::h2load::H2Row]) -> String {
+    use crate::h2load::TARGETS;
+    let mut out = String::from(
+        "### GetToken driven by h2load (4 connections × 32 streams, from another process)\n\n\
+         Medians over the rounds; ratios are per round (same round, alternating order), then the median.\n\n\
+         | auth | accounts | target | req/s | server CPU µs/req | throughput vs bare floor | CPU vs bare floor | \
+         throughput vs floor | CPU vs floor |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for row in rows {
+        for (i, target) in TARGETS.iter().enumerate() {
+            let (rps, cpu) = row.medians(i);
+            let (t0, c0) = row.ratios(i, 0);
+            let (t1, c1) = row.ratios(i, 1);
+            out += &format!(
+                "| {} | {} | {target} | {rps:.0} | {cpu:.1} | {t0:.3} | {c0:.3} | {t1:.3} | {c1:.3} |\n",
+                row.settings, row.accounts
+            );
+        }
+    }
+    out
+}

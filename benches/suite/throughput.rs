@@ -108,6 +108,12 @@ pub async fn compare_on(
     config.store = store;
     if production {
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        if env.audit_file {
+            config.audit_file = Some(credential_service::audit::FileConfig {
+                path: data_dir.join("audit.jsonl"),
+                required: false,
+            });
+        }
     }
     let service = RunningServer::service(server_rt, config, Clock::system()).await;
     let bare = env.bare_floor;
