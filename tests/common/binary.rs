@@ -101,8 +101,9 @@ pub struct Binary {
 }
 
 impl Binary {
-    /// Starts the binary with its files in `dir` and `args` added, `adjust` applied to the
-    /// command last (limits, environment); returns once it serves.
+    /// Starts the binary with its files in `dir` (a `callers.toml` there is kept, else one with
+    /// [`write_callers`]'s admin and reader) and `args` added, `adjust` applied to the command
+    /// last (limits, environment); returns once it serves.
     pub async fn start_with(
         dir: TempDir,
         args: &[&str],
@@ -117,17 +118,9 @@ impl Binary {
         let secret = dir.path().join("client-secret");
         std::fs::write(&secret, fake.client_secret()).unwrap();
         let callers = dir.path().join("callers.toml");
-        let hash = |token: &str| hex::encode(Sha256::digest(token.as_bytes()));
-        std::fs::write(
-            &callers,
-            format!(
-                "[[caller]]\nname = \"admin\"\ntoken_sha256 = \"{}\"\nrole = \"admin\"\naccounts = [\"*\"]\n\n\
-                 [[caller]]\nname = \"reader\"\ntoken_sha256 = \"{}\"\nrole = \"reader\"\naccounts = [\"*\"]\n",
-                hash(ADMIN_TOKEN),
-                hash(READER_TOKEN)
-            ),
-        )
-        .unwrap();
+        if !callers.exists() {
+            write_callers(&callers, &[]);
+        }
         let key = dir.path().join("encryption.key");
         if !key.exists() {
             credential_service::sealing::create_key_file(&key).unwrap();
@@ -191,9 +184,9 @@ impl Binary {
             .unwrap()
     }
 
-    /// Connects `account` (BeginAuth, approval, CompleteAuth) as the admin.
-    pub async fn connect_account(&self, account: &str) {
-        let mut client = CredentialServiceClient::new(self.channel().await);
+    /// Connects `account` (BeginAuth, approval, CompleteAuth) as the admin over `channel`.
+    pub async fn connect_account(&self, channel: Channel, account: &str) {
+        let mut client = CredentialServiceClient::new(channel);
         let begun = client
             .begin_auth(with_token(
                 BeginAuthRequest {
@@ -255,14 +248,31 @@ impl Binary {
             .unwrap()
     }
 
-    /// A sample of `/metrics` (needs `--metrics-listen`), by the series' full text before the value.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
+    /// The first sample of metric `name` on `/metrics` (needs `--metrics-listen`).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
         let url = format!("http://{}/metrics", self.metrics.as_ref().unwrap());
         let text = reqwest::get(url).await.unwrap().text().await.unwrap();
         text.lines()
-            .find(|l| l.rsplit_once(' ').is_some_and(|(name, _)| name == series))
+            .find(|l| l.split([' ', '{']).next() == Some(name))
             .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
     }
+}
+
+/// A callers file with the admin and reader tokens, and a reader per `tls_san` in `sans`.
+pub fn write_callers(path: &std::path::Path, sans: &[&str]) {
+    let hash = |token: &str| hex::encode(Sha256::digest(token.as_bytes()));
+    let mut toml = format!(
+        "[[caller]]\nname = \"admin\"\ntoken_sha256 = \"{}\"\nrole = \"admin\"\naccounts = [\"*\"]\n\n\
+         [[caller]]\nname = \"reader\"\ntoken_sha256 = \"{}\"\nrole = \"reader\"\naccounts = [\"*\"]\n\n",
+        hash(ADMIN_TOKEN),
+        hash(READER_TOKEN)
+    );
+    for san in sans {
+        toml += &format!(
+            "[[caller]]\nname = \"{san}\"\ntls_san = \"{san}\"\nrole = \"reader\"\naccounts = [\"*\"]\n\n"
+        );
+    }
+    std::fs::write(path, toml).unwrap();
 }
 
 pub fn with_token<T>(message: T, token: &str) -> Request<T> {

@@ -80,7 +80,9 @@ async fn the_trail_is_json_lines_in_its_own_file_and_counts_stay_exact_across_a_
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the audit file is its owner's only");
 
-    service.connect_account("acme").await;
+    service
+        .connect_account(service.channel().await, "acme")
+        .await;
     let channel = service.channel().await;
     let token = Binary::get_token(&channel, "acme")
         .await
@@ -173,7 +175,9 @@ async fn required_refuses_until_writable_and_loses_nothing(how: Breakage) {
     let path = audit_path(dir.path());
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let service = start(&path, &["--audit-required"], Some(FILE_SIZE_LIMIT)).await;
-    service.connect_account("acme").await;
+    service
+        .connect_account(service.channel().await, "acme")
+        .await;
     let channel = service.channel().await;
     read_tokens(&channel, 20).await;
     until("20 reads written", || async { token_reads(&path) == 20 }).await;
@@ -242,7 +246,9 @@ async fn not_required_serves_and_counts_the_loss(how: Breakage) {
     let path = audit_path(dir.path());
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let service = start(&path, &[], Some(FILE_SIZE_LIMIT)).await;
-    service.connect_account("acme").await;
+    service
+        .connect_account(service.channel().await, "acme")
+        .await;
     let channel = service.channel().await;
     read_tokens(&channel, 5).await;
     until("5 reads written", || async { token_reads(&path) == 5 }).await;

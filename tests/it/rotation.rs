@@ -5,7 +5,10 @@
 //! carrying the load count their connections, so "open connections carry on" is checked, not
 //! assumed.
 
-use crate::common;
+use crate::{
+    binary::{ADMIN_TOKEN, BIN, Binary, Log, READER_TOKEN, until, with_token, write_callers},
+    common,
+};
 
 use std::{
     net::SocketAddr,
@@ -20,15 +23,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use common::{Options, TestApp, assert_status};
+use common::{Options, REDIRECT_URI, TestApp, assert_status};
 use credential_service::{
     oauth::ClientSecret,
     proto::{
-        BeginAuthRequest, CompleteAuthRequest, DescribeAccountRequest, GetTokenRequest,
-        RefreshTokenRequest, credential_service_client::CredentialServiceClient,
+        BeginAuthRequest, DescribeAccountRequest, GetTokenRequest, RefreshTokenRequest,
+        credential_service_client::CredentialServiceClient,
     },
 };
-use fake_edgetag::{FakeConfig, FakeEdgeTag};
+use fake_edgetag::FakeConfig;
 use hyper_util::rt::TokioIo;
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -38,13 +41,7 @@ use rustls_pki_types::{CertificateDer, pem::PemObject};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    net::TcpStream,
-    process::{Child, Command},
-    sync::watch,
-    task::JoinHandle,
-};
+use tokio::{net::TcpStream, process::Command, task::JoinHandle};
 use tokio_rustls::{
     TlsConnector,
     rustls::{ClientConfig, RootCertStore, pki_types::ServerName},
@@ -56,15 +53,10 @@ use tonic::{
 };
 use x509_cert::der::Decode;
 
-const BIN: &str = env!("CARGO_BIN_EXE_credential-service");
-const REDIRECT_URI: &str = "https://ops.example.com/oauth/callback";
-const ADMIN_TOKEN: &str = "rotation-admin-token";
-const READER_TOKEN: &str = "rotation-reader-token";
 /// How often the service under test looks at its files.
 const RELOAD_INTERVAL: &str = "100ms";
 /// Long enough for several looks at the files: to see that something does *not* happen again.
 const SEVERAL_POLLS: Duration = Duration::from_millis(600);
-const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
@@ -161,61 +153,6 @@ fn replace(path: &Path, content: &str) {
 // ---------------------------------------------------------------------------------------------
 // The service under test: the real binary in front of the fake EdgeTag
 
-/// Every line the service writes to stderr, kept, with a watch that ticks on each new one.
-#[derive(Clone)]
-struct Log {
-    lines: Arc<Mutex<Vec<String>>>,
-    added: watch::Sender<usize>,
-}
-
-impl Log {
-    fn follow(child: &mut Child) -> Self {
-        let log = Self {
-            lines: Arc::default(),
-            added: watch::channel(0).0,
-        };
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let following = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                following.lines.lock().unwrap().push(line);
-                following.added.send_modify(|n| *n += 1);
-            }
-        });
-        log
-    }
-
-    fn matching(&self, needles: &[&str]) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .cloned()
-            .collect()
-    }
-
-    /// The first line holding every needle, once it is there.
-    async fn wait_for(&self, needles: &[&str]) -> String {
-        let mut added = self.added.subscribe();
-        let found = tokio::time::timeout(DEADLINE, async {
-            loop {
-                if let Some(line) = self.matching(needles).into_iter().next() {
-                    return line;
-                }
-                added.changed().await.expect("the log is followed");
-            }
-        })
-        .await;
-        found.unwrap_or_else(|_| {
-            panic!(
-                "no line with {needles:?} in\n{}",
-                self.lines.lock().unwrap().join("\n")
-            )
-        })
-    }
-}
-
 /// Where the service's TLS files are.
 struct TlsPaths {
     cert: PathBuf,
@@ -223,175 +160,24 @@ struct TlsPaths {
     client_ca: Option<PathBuf>,
 }
 
-/// One running service, its fake EdgeTag, its files.
-struct Service {
-    /// Killed when dropped.
-    child: Child,
-    addr: SocketAddr,
-    metrics: Option<String>,
-    log: Log,
-    fake: FakeEdgeTag,
-    /// Its files, removed when dropped.
-    _dir: TempDir,
-}
-
-/// A callers file with the admin and reader tokens, and `tls_san` readers.
-fn write_callers(path: &Path, sans: &[&str]) {
-    let hash = |token: &str| hex::encode(Sha256::digest(token.as_bytes()));
-    let mut toml = format!(
-        "[[caller]]\nname = \"admin\"\ntoken_sha256 = \"{}\"\nrole = \"admin\"\naccounts = [\"*\"]\n\n\
-         [[caller]]\nname = \"reader\"\ntoken_sha256 = \"{}\"\nrole = \"reader\"\naccounts = [\"*\"]\n\n",
-        hash(ADMIN_TOKEN),
-        hash(READER_TOKEN)
-    );
-    for san in sans {
-        toml += &format!(
-            "[[caller]]\nname = \"{san}\"\ntls_san = \"{san}\"\nrole = \"reader\"\naccounts = [\"*\"]\n\n"
-        );
-    }
-    std::fs::write(path, toml).unwrap();
-}
-
-impl Service {
-    /// Starts the binary with a client secret file, a callers file naming `sans`, `tls` and
-    /// `args`; returns once it serves.
-    async fn start(dir: TempDir, tls: Option<&TlsPaths>, sans: &[&str], args: &[&str]) -> Self {
-        let fake = FakeEdgeTag::start(FakeConfig {
-            redirect_uris: vec![REDIRECT_URI.to_owned()],
-            ..FakeConfig::default()
-        })
-        .await
-        .unwrap();
-        let secret = dir.path().join("client-secret");
-        std::fs::write(&secret, fake.client_secret()).unwrap();
-        let callers = dir.path().join("callers.toml");
-        write_callers(&callers, sans);
-        let key = dir.path().join("encryption.key");
-        if !key.exists() {
-            credential_service::sealing::create_key_file(&key).unwrap();
-        }
-        let mut command = Command::new(BIN);
-        command
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--reload-interval",
-                RELOAD_INTERVAL,
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--encryption-key-file")
-            .arg(&key)
-            .arg("--client-secret-file")
-            .arg(&secret)
-            .arg("--callers-file")
-            .arg(&callers)
-            .args([
-                "--client-id",
-                fake.client_id(),
-                "--redirect-uri",
-                REDIRECT_URI,
-            ])
-            .args(["--authorize-url", &fake.authorize_url()])
-            .args(["--token-url", &fake.token_url()])
-            .args(["--revoke-url", &fake.revoke_url()])
-            .args(args);
-        if let Some(tls) = tls {
-            command.arg("--tls-cert").arg(&tls.cert);
-            command.arg("--tls-key").arg(&tls.key);
-            if let Some(ca) = &tls.client_ca {
-                command.arg("--tls-client-ca").arg(ca);
-            }
-        }
-        let mut child = command
-            .env_clear()
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let log = Log::follow(&mut child);
-        let addr_in = |line: &str| {
-            line.split(" addr=")
-                .nth(1)
-                .map(|a| a.split_whitespace().next().unwrap().to_owned())
-        };
-        let serving = log.wait_for(&["credential-service serving"]).await;
-        let addr = addr_in(&serving).unwrap().parse().unwrap();
-        let metrics = match args.contains(&"--metrics-listen") {
-            true => addr_in(&log.wait_for(&["metrics serving"]).await),
-            false => None,
-        };
-        Self {
-            child,
-            addr,
-            metrics,
-            log,
-            fake,
-            _dir: dir,
+/// Starts the binary with the callers file of [`write_callers`] naming `sans`, `tls` and `args`,
+/// looking at its files every [`RELOAD_INTERVAL`]; returns once it serves.
+async fn start(dir: TempDir, tls: Option<&TlsPaths>, sans: &[&str], args: &[&str]) -> Binary {
+    write_callers(&dir.path().join("callers.toml"), sans);
+    let mut all: Vec<String> = vec!["--reload-interval".into(), RELOAD_INTERVAL.into()];
+    if let Some(tls) = tls {
+        all.push("--tls-cert".into());
+        all.push(tls.cert.display().to_string());
+        all.push("--tls-key".into());
+        all.push(tls.key.display().to_string());
+        if let Some(ca) = &tls.client_ca {
+            all.push("--tls-client-ca".into());
+            all.push(ca.display().to_string());
         }
     }
-
-    /// Connects `account` (BeginAuth, approval, CompleteAuth) as the admin over `channel`.
-    async fn connect_account(&self, channel: Channel, account: &str) {
-        let mut client = CredentialServiceClient::new(channel);
-        let begun = client
-            .begin_auth(with_token(
-                BeginAuthRequest {
-                    account: account.into(),
-                },
-                ADMIN_TOKEN,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let redirect = self.fake.approve(&begun.authorize_url).await.unwrap();
-        client
-            .complete_auth(with_token(
-                CompleteAuthRequest {
-                    code: redirect.code,
-                    state: redirect.state,
-                },
-                ADMIN_TOKEN,
-            ))
-            .await
-            .unwrap();
-    }
-
-    /// The process id, as an operator's `pgrep` finds it.
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap()
-    }
-
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let url = format!("http://{}/metrics", self.metrics.as_ref().unwrap());
-        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-        text.lines()
-            .find(|l| l.split([' ', '{']).next() == Some(name))
-            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-    }
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
-/// Polls `check` until it holds, for at most [`DEADLINE`].
-async fn until<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let started = tokio::time::Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "{what} did not happen in time"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    all.extend(args.iter().map(|a| a.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    Binary::start_with(dir, &all, |_| {}).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,7 +411,7 @@ fn report(rotation: &str, (ok, failed, first): (u64, u64, Vec<String>)) {
 
 /// A service over TLS with the certificate `pair` (issued by `ca`) in `dir`, an account
 /// connected, and `n` load channels with the reader token.
-async fn tls_service(ca: &Ca, pair: &Pair, extra: &[&str]) -> (Service, TlsPaths, LoadChannels) {
+async fn tls_service(ca: &Ca, pair: &Pair, extra: &[&str]) -> (Binary, TlsPaths, LoadChannels) {
     let dir = tempfile::tempdir().unwrap();
     let paths = TlsPaths {
         cert: dir.path().join("tls.crt"),
@@ -634,7 +420,7 @@ async fn tls_service(ca: &Ca, pair: &Pair, extra: &[&str]) -> (Service, TlsPaths
     };
     std::fs::write(&paths.cert, &pair.cert).unwrap();
     std::fs::write(&paths.key, &pair.key).unwrap();
-    let service = Service::start(dir, Some(&paths), &[], extra).await;
+    let service = start(dir, Some(&paths), &[], extra).await;
     let load = LoadChannels::open(service.addr, &ca.pem, None, 4).await;
     service
         .connect_account(load.channels[0].clone(), "acme")
@@ -707,7 +493,7 @@ async fn a_client_ca_rollover_accepts_the_new_ca_once_the_bundle_holds_both() {
     std::fs::write(&paths.key, &pair.key).unwrap();
     let bundle = paths.client_ca.as_ref().unwrap();
     std::fs::write(bundle, &old_ca.pem).unwrap();
-    let service = Service::start(
+    let service = start(
         dir,
         Some(&paths),
         &["old.internal.example.com", "new.internal.example.com"],
@@ -801,7 +587,7 @@ async fn a_kubernetes_secret_update_swaps_the_certificate_through_the_data_symli
         key: mount.join("tls.key"),
         client_ca: None,
     };
-    let service = Service::start(dir, Some(&paths), &[], &[]).await;
+    let service = start(dir, Some(&paths), &[], &[]).await;
     let channels = LoadChannels::open(service.addr, &ca.pem, None, 4).await;
     service
         .connect_account(channels.channels[0].clone(), "acme")
@@ -960,7 +746,7 @@ fn readme_block(name: &str) -> String {
 /// defines them, and `env`.
 async fn run_readme_block(
     name: &str,
-    service: &Service,
+    service: &Binary,
     dir: &Path,
     cwd: &Path,
     env: &[(&str, &str)],
@@ -999,7 +785,7 @@ async fn the_readme_rotation_steps_work_as_written() {
     std::fs::write(&paths.cert, &first.cert).unwrap();
     std::fs::write(&paths.key, &first.key).unwrap();
     std::fs::write(paths.client_ca.as_ref().unwrap(), &old_ca.pem).unwrap();
-    let service = Service::start(
+    let service = start(
         dir,
         Some(&paths),
         &["old.internal.example.com", "new.internal.example.com"],
@@ -1358,7 +1144,7 @@ async fn a_new_store_password_is_used_by_the_connections_made_after_it() {
         db.name()
     );
     let password_arg = password.to_str().unwrap().to_owned();
-    let service = Service::start(
+    let service = start(
         dir,
         None,
         &[],
