@@ -30,6 +30,8 @@ pub struct H2Row {
     pub accounts: usize,
     /// bare floor, floor on the service's settings, service: (req/s, CPU µs/req) per round.
     pub rounds: Vec<[(f64, f64); 3]>,
+    /// h2load's own CPU per request, over every measured run.
+    pub client_cpu_us: f64,
 }
 
 pub const TARGETS: [&str; 3] = ["bare floor", "floor", "service"];
@@ -147,7 +149,9 @@ pub async fn run(
         },
         accounts: accounts.len(),
         rounds: Vec::new(),
+        client_cpu_us: 0.0,
     };
+    let (mut client_cpu, mut client_requests) = (0.0, 0u64);
     for round in 0..env.rounds {
         let mut results = [(0.0, 0.0); 3];
         let order: Vec<usize> = if round % 2 == 0 {
@@ -185,6 +189,7 @@ pub async fn run(
                 .unwrap()
                 .expect("h2load runs (apt-get install nghttp2-client)");
             let cpu0 = thread_cpu(SERVER_THREADS);
+            let children0 = children_cpu();
             let out = tokio::task::spawn_blocking({
                 let mut cmd = h2load(REQUESTS);
                 move || cmd.output()
@@ -193,6 +198,8 @@ pub async fn run(
             .unwrap()
             .expect("h2load runs");
             let cpu = thread_cpu(SERVER_THREADS).saturating_sub(cpu0);
+            client_cpu += children_cpu() - children0;
+            client_requests += REQUESTS;
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             let parsed =
                 parse(&text).unwrap_or_else(|| panic!("h2load's output is as expected:\n{text}"));
@@ -224,11 +231,24 @@ pub async fn run(
         );
         row.rounds.push(results);
     }
+    row.client_cpu_us = client_cpu * 1e6 / client_requests.max(1) as f64;
     for f in floors {
         f.stop().await;
     }
     service.stop().await;
     row
+}
+
+/// User and system CPU seconds of the waited-for children (h2load runs) so far.
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage writes into the struct it is given and nothing else.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 struct Parsed {

@@ -708,5 +708,12 @@ pub fn h2load(rows: &[crate::h2load::H2Row]) -> String {
             );
         }
     }
+    for row in rows {
+        out += &format!(
+            "\nh2load's own CPU ({} accounts, auth {}): {:.1} µs per request.",
+            row.accounts, row.settings, row.client_cpu_us
+        );
+    }
+    out.push('\n');
     out
 }
