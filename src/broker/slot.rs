@@ -56,6 +56,8 @@ pub(super) struct Slot {
     account: AccountId,
     /// Names of changed accounts for WatchAccounts watchers (see [`super::events`]).
     announce: tokio::sync::broadcast::Sender<AccountId>,
+    /// Asking EdgeTag which team the grant reaches (see [`super::team`]).
+    pub(super) team: super::team::TeamLookup,
 }
 
 impl Slot {
@@ -180,6 +182,7 @@ impl Inner {
             changed: tokio::sync::watch::Sender::new(()),
             account: account.clone(),
             announce: self.account_changes.clone(),
+            team: Default::default(),
         })
     }
 

@@ -32,5 +32,6 @@ mod refresh;
 mod replicas;
 mod rotation;
 mod security;
+mod team;
 mod upstream;
 mod watch;
