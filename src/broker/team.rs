@@ -6,22 +6,24 @@
 //! the account is served with an empty team id, and the scheduler asks again after the refresh
 //! policy's back-off (said in the log once per run of failures), taking a background place, so
 //! lookups share the background refreshes' cap. A known team is asked again a day after it was
-//! learned, not on every refresh; a failing re-check keeps the team known.
+//! learned, not on every refresh; a failing re-check keeps the team known. A grant whose team is
+//! unknown waits a short grace after it was issued, so that on a shared store the replica that
+//! connected it asks, not every replica at once.
 //!
-//! One lookup per account at a time in this process ([`TeamLookup`]); on a shared store two
+//! One lookup per account at a time in this process (the slot's [`TeamLookup`]); on a shared store two
 //! replicas may both ask, and the version fence lets one write win (the other reloads it).
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use secrecy::ExposeSecret;
 
-use super::{Broker, policy, slot::Slot};
+use super::{
+    Broker, policy,
+    slot::{Slot, TeamLookup},
+};
 use crate::{
     account::AccountId,
     clock::to_unix_ms,
@@ -33,17 +35,6 @@ use crate::{
 /// How long a learned team is taken as it is before EdgeTag is asked again.
 pub const TEAM_RECHECK: Duration = Duration::from_secs(24 * 3600);
 
-/// One account's team lookups in this process: one at a time, and the back-off after failures.
-#[derive(Debug, Default)]
-pub(super) struct TeamLookup {
-    running: AtomicBool,
-    failures: AtomicU32,
-    /// No lookup before this (Unix ms).
-    retry_at_ms: AtomicI64,
-    /// The current run of failures has been logged.
-    failure_logged: AtomicBool,
-}
-
 /// The running lookup of one account; dropping it lets the next one start.
 pub(super) struct Running(Arc<Slot>);
 
@@ -53,13 +44,19 @@ impl Drop for Running {
     }
 }
 
+/// Whole milliseconds, saturating.
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl TeamLookup {
-    /// Whether the team of `record` should be asked for at `now_ms`.
-    fn due(&self, record: &AccountRecord, now_ms: i64) -> bool {
-        let recheck_ms = i64::try_from(TEAM_RECHECK.as_millis()).unwrap_or(i64::MAX);
+    /// Whether the team of `record` should be asked for at `now_ms`. A grant whose team is not
+    /// known is left alone for `grace` after it was issued: the process that connected it asks
+    /// then, and on a shared store the other replicas would only ask a second time.
+    fn due(&self, record: &AccountRecord, now_ms: i64, grace: Duration) -> bool {
         let base = match &record.teams {
-            None => i64::MIN,
-            Some(teams) => to_unix_ms(teams.learned_at).saturating_add(recheck_ms),
+            None => to_unix_ms(record.tokens.issued_at).saturating_add(ms(grace)),
+            Some(teams) => to_unix_ms(teams.learned_at).saturating_add(ms(TEAM_RECHECK)),
         };
         record.status == AccountStatus::Active
             && base <= now_ms
@@ -104,11 +101,13 @@ impl Broker {
     /// in a background place; returns how many it started (they finish on their own).
     pub async fn learn_teams_due(&self) -> usize {
         let inner = &self.inner;
+        // Time enough for a code exchange and the lookup after it.
+        let grace = inner.provider.config().request_timeout * 3;
         let now_ms = to_unix_ms(inner.clock.now());
         let due: Vec<(AccountId, Arc<Slot>)> = inner
             .accounts
             .iter()
-            .filter(|e| e.value().team.due(&e.value().record.load(), now_ms))
+            .filter(|e| e.value().team.due(&e.value().record.load(), now_ms, grace))
             .map(|e| (e.key().clone(), e.value().clone()))
             .collect();
         let mut started = 0;
@@ -117,7 +116,8 @@ impl Broker {
                 break;
             };
             let now_ms = to_unix_ms(inner.clock.now());
-            if slot.removed.load(Ordering::Acquire) || !slot.team.due(&slot.record.load(), now_ms) {
+            let due = slot.team.due(&slot.record.load(), now_ms, grace);
+            if slot.removed.load(Ordering::Acquire) || !due {
                 continue;
             }
             let Some(running) = claim(&slot) else {
@@ -264,4 +264,51 @@ enum Failure {
     Upstream(UpstreamError),
     #[error("storing it failed: {0}")]
     Store(StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{clock::from_unix_ms, store::contract::record};
+
+    /// An unknown team is due after the grace (the connecting process asks first), a known one a
+    /// day after it was learned; never while a lookup runs or a failed one backs off.
+    #[test]
+    fn when_a_team_is_due() {
+        let grace = Duration::from_secs(6);
+        let mut unknown = record("at", Some("rt"));
+        unknown.status = AccountStatus::Active;
+        unknown.teams = None;
+        let issued = to_unix_ms(unknown.tokens.issued_at);
+        let lookup = TeamLookup::default();
+        assert!(!lookup.due(&unknown, issued + 5_999, grace));
+        assert!(lookup.due(&unknown, issued + 6_000, grace));
+
+        let known = AccountRecord {
+            teams: Some(Arc::new(Teams {
+                team_id: "t".into(),
+                teams: Vec::new(),
+                learned_at: from_unix_ms(issued + 10_000),
+            })),
+            ..unknown.clone()
+        };
+        let day = ms(TEAM_RECHECK);
+        assert!(!lookup.due(&known, issued + 10_000 + day - 1, grace));
+        assert!(lookup.due(&known, issued + 10_000 + day, grace));
+
+        lookup.retry_at_ms.store(issued + 20_000, Ordering::Release);
+        assert!(!lookup.due(&unknown, issued + 19_999, grace));
+        assert!(lookup.due(&unknown, issued + 20_000, grace));
+        lookup.running.store(true, Ordering::Release);
+        assert!(!lookup.due(&unknown, issued + 20_000, grace));
+        let reauth = AccountRecord {
+            status: AccountStatus::NeedsReauth,
+            ..unknown
+        };
+        lookup.running.store(false, Ordering::Release);
+        assert!(
+            !lookup.due(&reauth, issued + 20_000, grace),
+            "its token is dead"
+        );
+    }
 }

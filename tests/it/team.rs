@@ -155,8 +155,10 @@ async fn a_connected_account_serves_its_team_and_the_layer_sends_it() {
 
 #[tokio::test]
 async fn a_team_edgetag_did_not_give_at_connection_is_learned_later_and_pushed() {
-    // The scheduler scans every 50 ms; a failed lookup waits 100 ms, doubling up to 400 ms.
+    // The scheduler scans every 50 ms; a failed lookup waits 100 ms, doubling up to 400 ms; other
+    // replicas' grace for a new grant is three request timeouts (1.5 s).
     let app = TestApp::spawn_with(Options {
+        request_timeout: Duration::from_millis(500),
         broker: BrokerConfig {
             refresh: RefreshPolicy {
                 scan_interval: Duration::from_millis(50),
