@@ -14,7 +14,8 @@
 //!
 //! A [`Client`] holds one gRPC channel; every [`TokenSource`] made from it shares that channel,
 //! so a service with 50 accounts opens one connection, not 50. [`AuthorizationLayer`] puts the
-//! token on outgoing HTTP requests.
+//! token on outgoing HTTP requests, with the account's EdgeTag team as `Team-Id`
+//! ([`Token::team_id`]), which EdgeTag's API wants beside it.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +29,7 @@
 //! let acme = client.token_source("acme");
 //! let token = acme.token().await?; // from memory once the first token has arrived
 //! let header = format!("{} {}", token.token_type(), token.access_token().expose_secret());
+//! let team = token.team_id(); // for `Team-Id`; None until the service has learned it
 //! # Ok(()) }
 //! ```
 
@@ -504,5 +506,24 @@ mod tests {
             .call(tonic::Request::new(()))
             .unwrap();
         assert!(request.metadata().get("authorization").is_none());
+    }
+
+    /// The team rides along without changing the token; an empty one means not known; a token
+    /// with another team is another token; `Debug` shows the team, never the token.
+    #[test]
+    fn a_token_carries_its_team() {
+        let at = SystemTime::UNIX_EPOCH;
+        let bare = Token::new("at-secret".into(), "Bearer".into(), at);
+        assert_eq!(bare.team_id(), None);
+        assert_eq!(bare.clone().with_team_id("").team_id(), None);
+        let team = bare.clone().with_team_id("t-1");
+        assert_eq!(team.team_id(), Some("t-1"));
+        assert_eq!(team.access_token().expose_secret(), "at-secret");
+        assert_ne!(team, bare);
+        let shown = format!("{team:?}");
+        assert!(
+            shown.contains("t-1") && !shown.contains("at-secret"),
+            "{shown}"
+        );
     }
 }
