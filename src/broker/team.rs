@@ -98,9 +98,12 @@ impl Broker {
     }
 
     /// Starts a lookup for every account whose team is due (unknown, or learned a day ago), each
-    /// in a background place; returns how many it started (they finish on their own).
+    /// in a background place; returns how many it started (they finish on their own). Waits for
+    /// places for at most one scan interval, so that a wave of lookups (the first start after an
+    /// upgrade, say) never holds back the next scan's refreshes: the rest wait for later scans.
     pub async fn learn_teams_due(&self) -> usize {
         let inner = &self.inner;
+        let stop_waiting = tokio::time::Instant::now() + inner.config.refresh.scan_interval;
         // Time enough for a code exchange and the lookup after it.
         let grace = inner.provider.config().request_timeout * 3;
         let now_ms = to_unix_ms(inner.clock.now());
@@ -112,7 +115,8 @@ impl Broker {
             .collect();
         let mut started = 0;
         for (account, slot) in due {
-            let Ok(permit) = inner.background.clone().acquire_owned().await else {
+            let place = inner.background.clone().acquire_owned();
+            let Ok(Ok(permit)) = tokio::time::timeout_at(stop_waiting, place).await else {
                 break;
             };
             let now_ms = to_unix_ms(inner.clock.now());
