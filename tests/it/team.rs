@@ -205,19 +205,27 @@ async fn a_team_edgetag_did_not_give_at_connection_is_learned_later_and_pushed()
     assert_eq!(snapshot.kind(), AccountEventKind::Snapshot);
     assert_eq!(snapshot.info.unwrap().team_id, "");
 
-    // The scheduler keeps asking, with back-off; an answer without teamId teaches it nothing.
-    let asked = app.fake.user_me_requests();
-    until("two more lookups", async || {
-        (app.fake.user_me_requests() >= asked + 2).then_some(())
-    })
-    .await;
-    app.fake.set_user_me_fault(Some(UserMeFault::WithoutTeamId));
-    let asked = app.fake.user_me_requests();
-    until("two lookups answered without teamId", async || {
-        (app.fake.user_me_requests() >= asked + 2).then_some(())
-    })
-    .await;
-    assert_eq!(app.get_token("acme").await.unwrap().team_id, "");
+    // The scheduler keeps asking, with back-off; a 401 or an answer without teamId teaches it
+    // nothing either.
+    for (fault, what) in [
+        (
+            UserMeFault::Status(503),
+            "two more lookups while EdgeTag is down",
+        ),
+        (UserMeFault::Status(401), "two lookups answered 401"),
+        (
+            UserMeFault::WithoutTeamId,
+            "two lookups answered without teamId",
+        ),
+    ] {
+        app.fake.set_user_me_fault(Some(fault));
+        let asked = app.fake.user_me_requests();
+        until(what, async || {
+            (app.fake.user_me_requests() >= asked + 2).then_some(())
+        })
+        .await;
+        assert_eq!(app.get_token("acme").await.unwrap().team_id, "");
+    }
 
     // EdgeTag answers again: nobody acts, the team appears everywhere.
     app.fake.set_teams(FAKE_TEAM_ID, two_teams());
