@@ -106,6 +106,7 @@ pub async fn start(settings: &mut Settings) -> Result<DevEnvironment, DevError> 
     settings.authorize_url = Some(Url::parse(&fake.authorize_url()).expect("fake URL"));
     settings.token_url = Some(Url::parse(&fake.token_url()).expect("fake URL"));
     settings.revoke_url = Some(Url::parse(&fake.revoke_url()).expect("fake URL"));
+    settings.user_info_url = Some(Url::parse(&fake.user_me_url()).expect("fake URL"));
     // The data and its key in the temporary directory. The key is made here and passed as
     // --encryption-key-file, so the service does not warn about it as it would about a key it
     // created beside a production data directory.

@@ -8,6 +8,7 @@
 //! code. The client secret is re-read when EdgeTag rejects it (`secret`).
 
 mod secret;
+mod user_info;
 
 use std::{
     fmt,
@@ -22,7 +23,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-pub use self::secret::ClientSecret;
+pub use self::{
+    secret::ClientSecret,
+    user_info::{UserInfo, parse_user_info},
+};
 
 use crate::{
     clock::{from_unix_ms, to_unix_ms},
@@ -42,6 +46,8 @@ pub struct ProviderConfig {
     pub token_url: Url,
     /// The revocation endpoint (`{API}/v1/oauth-app/client/revoke`).
     pub revoke_url: Url,
+    /// Which teams a grant reaches (`{API}/v1/user/me`), asked with the access token.
+    pub user_info_url: Url,
     pub client_id: String,
     /// Sent with every request; re-read from its file when EdgeTag rejects it.
     pub client_secret: ClientSecret,
@@ -63,6 +69,7 @@ impl fmt::Debug for ProviderConfig {
             .field("authorize_url", &self.authorize_url.as_str())
             .field("token_url", &self.token_url.as_str())
             .field("revoke_url", &self.revoke_url.as_str())
+            .field("user_info_url", &self.user_info_url.as_str())
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret)
             .field("redirect_uri", &self.redirect_uri.as_str())
@@ -587,6 +594,7 @@ pub(crate) fn unreachable_provider() -> ProviderClient {
         authorize_url: url("authorize"),
         token_url: url("token"),
         revoke_url: url("revoke"),
+        user_info_url: url("user/me"),
         client_id: "client".into(),
         client_secret: "secret".into(),
         redirect_uri: url("callback"),

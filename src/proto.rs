@@ -46,7 +46,8 @@ mod tests {
             GetTokenResponse {
                 access_token: "at-secret".into(),
                 token_type: "Bearer".into(),
-                expires_at: None
+                expires_at: None,
+                team_id: "team-1".into(),
             },
             CompleteAuthRequest {
                 code: "code-secret".into(),

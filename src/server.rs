@@ -358,6 +358,7 @@ fn announce(
         authorize_url = %config.provider.authorize_url,
         token_url = %config.provider.token_url,
         revoke_url = %config.provider.revoke_url,
+        user_info_url = %config.provider.user_info_url,
         "credential-service serving"
     );
     Ok(())

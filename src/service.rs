@@ -31,7 +31,7 @@ use crate::{
         credential_service_server::CredentialService,
     },
     store::RawAccount,
-    tokens::{AccountRecord, AccountStatus, RefreshOutcome, TokenSet},
+    tokens::{AccountRecord, AccountStatus, RefreshOutcome},
 };
 
 pub use self::watchers::{CALLER_WATCHERS_REFUSED, WATCHERS_REFUSED, WatchBounds, WatchKind};
@@ -87,11 +87,13 @@ impl Drop for WatchEnd {
 /// The stream a WatchToken call answers with.
 pub type TokenStream = Pin<Box<dyn Stream<Item = Result<WatchTokenResponse, Status>> + Send>>;
 
-fn token_message(tokens: &TokenSet) -> WatchTokenResponse {
+fn token_message(record: &AccountRecord) -> WatchTokenResponse {
+    let tokens = &record.tokens;
     WatchTokenResponse {
         access_token: tokens.access_token.expose_secret().to_owned(),
         token_type: tokens.token_type.clone(),
         expires_at: Some(to_timestamp(tokens.expires_at)),
+        team_id: record.team_id().to_owned(),
     }
 }
 
@@ -174,6 +176,7 @@ pub fn account_event(event: &broker::AccountEvent) -> proto::AccountEvent {
         K::Recovered => proto::AccountEventKind::Recovered,
         K::NeedsReauth => proto::AccountEventKind::NeedsReauth,
         K::Removed => proto::AccountEventKind::Removed,
+        K::TeamChanged => proto::AccountEventKind::TeamChanged,
     };
     let (failure_code, failure_message) = match &event.failure {
         Some(f) => (f.code as i32, f.message.clone()),
@@ -267,6 +270,16 @@ pub fn account_info(account: &AccountId, record: &AccountRecord, refreshing: boo
         last_refresh_at: record.last_refresh.map(|r| to_timestamp(r.at)),
         last_refresh_outcome: outcome.into(),
         refreshing,
+        team_id: record.team_id().to_owned(),
+        teams: record.teams.as_ref().map_or_else(Vec::new, |t| {
+            t.teams
+                .iter()
+                .map(|team| proto::Team {
+                    id: team.id.clone(),
+                    name: team.name.clone(),
+                })
+                .collect()
+        }),
     }
 }
 
@@ -355,11 +368,13 @@ impl CredentialService for CredentialApi {
         let result = async {
             caller.authorize(&account)?;
             let min_validity = parse_min_validity(raw.min_validity)?;
-            let tokens = self.broker.get_token(&account, min_validity).await?;
+            let record = self.broker.get_token(&account, min_validity).await?;
+            let tokens = &record.tokens;
             Ok(Response::new(GetTokenResponse {
                 access_token: tokens.access_token.expose_secret().to_owned(),
                 token_type: tokens.token_type.clone(),
                 expires_at: Some(to_timestamp(tokens.expires_at)),
+                team_id: record.team_id().to_owned(),
             }))
         }
         .await;

@@ -81,12 +81,34 @@ pub struct LastRefresh {
     pub outcome: RefreshOutcome,
 }
 
+/// One EdgeTag team a grant reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Team {
+    pub id: String,
+    /// Empty when EdgeTag gave none.
+    pub name: String,
+}
+
+/// The EdgeTag team a grant reaches, as `GET /v1/user/me` said: callers need its id beside the
+/// token (`Team-Id`) on every EdgeTag API call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Teams {
+    /// The team API calls go to.
+    pub team_id: String,
+    /// Every team the grant reaches, as listed.
+    pub teams: Vec<Team>,
+    /// When EdgeTag last said so: it is asked again a day later, not on every refresh.
+    pub learned_at: SystemTime,
+}
+
 /// Everything stored for one account.
 #[derive(Debug, Clone)]
 pub struct AccountRecord {
     pub tokens: Arc<TokenSet>,
     pub status: AccountStatus,
     pub last_refresh: Option<LastRefresh>,
+    /// `None` until EdgeTag's `/v1/user/me` answered for this grant.
+    pub teams: Option<Arc<Teams>>,
 }
 
 impl AccountRecord {
@@ -99,13 +121,19 @@ impl AccountRecord {
                 .is_some_and(|r| r.outcome == RefreshOutcome::Failed)
     }
 
-    /// A freshly connected account.
+    /// A freshly connected account (its team not known yet).
     pub fn connected(tokens: TokenSet) -> Self {
         Self {
             tokens: Arc::new(tokens),
             status: AccountStatus::Active,
             last_refresh: None,
+            teams: None,
         }
+    }
+
+    /// The team callers send as `Team-Id`; empty while not known.
+    pub fn team_id(&self) -> &str {
+        self.teams.as_ref().map_or("", |t| t.team_id.as_str())
     }
 }
 

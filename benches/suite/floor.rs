@@ -90,6 +90,8 @@ impl FloorService {
             access_token: crate::fixture::random_token("eta_"),
             token_type: "Bearer".into(),
             expires_at: Some(prost_types::Timestamp::from(expires)),
+            // The service answers with the account's team too.
+            team_id: fake_edgetag::FAKE_TEAM_ID.into(),
         };
         let answers = match lookup {
             None => Answers::Constant(answer()),

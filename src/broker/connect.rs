@@ -134,6 +134,8 @@ impl Broker {
                 NotInstalled::Exists => Error::Internal("an account replaced was refused"),
             })?;
         tracing::info!(account = %pending.account, "account connected");
+        // After the grant is stored: a failure here loses nothing, the scheduler asks again.
+        self.learn_team_after_connect(&pending.account).await;
         Ok((pending.account, record.tokens.clone()))
     }
 }

@@ -4,7 +4,7 @@
 //! announces the account's name on a bounded broadcast channel. A watcher keeps, per account in
 //! its scope, the state it last reported, and on each announcement compares the account's current
 //! state with it: the difference is the event (connected, refreshed, refresh failing, recovered,
-//! needs re-authorization, removed), or nothing. So
+//! needs re-authorization, removed, and, when nothing else changed, team changed), or nothing. So
 //! - each transition is reported once: a failed retry with the same cause changes nothing a
 //!   watcher compares, so it sends nothing (no flapping), and recovery is the first success after
 //!   a failing state;
@@ -73,6 +73,8 @@ pub enum AccountEventKind {
     NeedsReauth,
     /// It was removed.
     Removed,
+    /// The EdgeTag team its grant reaches became known, or changed (and nothing else did).
+    TeamChanged,
 }
 
 /// The part of an account's state whose change is a transition.
@@ -271,7 +273,9 @@ fn transition(seen: &Seen, record: &AccountRecord, phase: Phase) -> Option<Accou
             .last_refresh
             .is_some_and(|r| r.outcome == RefreshOutcome::Succeeded);
     let was_failing = matches!(seen.phase, Phase::Failing(_));
-    match phase {
+    let team_changed =
+        !super::team::same_teams(seen.record.teams.as_deref(), record.teams.as_deref());
+    let kind = match phase {
         Phase::NeedsReauth => {
             (seen.phase != Phase::NeedsReauth).then_some(AccountEventKind::NeedsReauth)
         }
@@ -281,7 +285,9 @@ fn transition(seen: &Seen, record: &AccountRecord, phase: Phase) -> Option<Accou
         Phase::Healthy => None,
         // Once per cause: a retry failing the same way is no news.
         Phase::Failing(_) => (seen.phase != phase).then_some(AccountEventKind::RefreshFailing),
-    }
+    };
+    // Another transition's event carries the new team in its record.
+    kind.or(team_changed.then_some(AccountEventKind::TeamChanged))
 }
 
 /// Whether two token sets are the same grant's same token (a record republished unchanged, or

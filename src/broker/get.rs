@@ -8,17 +8,18 @@ use crate::{
     account::AccountId,
     error::Error,
     metrics,
-    tokens::{AccountRecord, AccountStatus, TokenSet},
+    tokens::{AccountRecord, AccountStatus},
 };
 
 impl Broker {
-    /// A token for `account` valid for at least `min_validity` (and, unless the provider is down,
-    /// beyond the refresh margin). Answered from memory unless a refresh is due.
+    /// The record whose token is valid for at least `min_validity` (and, unless the provider is
+    /// down, beyond the refresh margin), with the account's team. Answered from memory unless a
+    /// refresh is due.
     pub async fn get_token(
         &self,
         account: &AccountId,
         min_validity: Duration,
-    ) -> Result<Arc<TokenSet>, Error> {
+    ) -> Result<Arc<AccountRecord>, Error> {
         let slot = self.slot(account)?;
         let record = slot.record.load();
         // A need no fresh token meets is refused (in the slow path) whatever the current token's
@@ -27,7 +28,7 @@ impl Broker {
             && self.inner.fresh_enough(&record.tokens, min_validity)
             && (min_validity.is_zero() || min_validity <= self.inner.longest_need(&record.tokens))
         {
-            return Ok(Arc::clone(&record.tokens));
+            return Ok(arc_swap::Guard::into_inner(record));
         }
         // What was judged too old is what the refresh must replace; a record published since
         // then is taken as the answer instead of refreshing again.
@@ -42,7 +43,7 @@ impl Broker {
         slot: &Arc<Slot>,
         min_validity: Duration,
         mut seen: Arc<AccountRecord>,
-    ) -> Result<Arc<TokenSet>, Error> {
+    ) -> Result<Arc<AccountRecord>, Error> {
         let inner = &self.inner;
         if seen.status == AccountStatus::NeedsReauth {
             return Err(Error::NeedsReauth(account.clone()));
@@ -78,7 +79,7 @@ impl Broker {
             };
             match waited {
                 Ok(record) if inner.fresh_enough(&record.tokens, min_validity) => {
-                    return Ok(record.tokens.clone());
+                    return Ok(record);
                 }
                 Ok(record) => seen = record,
                 Err(failure) => {
@@ -98,7 +99,7 @@ impl Broker {
         slot: &Slot,
         min_validity: Duration,
         why: Option<RefreshFailure>,
-    ) -> Result<Arc<TokenSet>, Error> {
+    ) -> Result<Arc<AccountRecord>, Error> {
         if why == Some(RefreshFailure::Removed) {
             return Err(Error::UnknownAccount(account.clone()));
         }
@@ -108,7 +109,7 @@ impl Broker {
         }
         if covers(slot, self.inner.clock.now(), min_validity) {
             tracing::debug!(account = %account, why = ?why, "no refresh now; serving the current token");
-            return Ok(current.tokens.clone());
+            return Ok(arc_swap::Guard::into_inner(current));
         }
         Err(match why {
             Some(failure) => failure.into_error(account),

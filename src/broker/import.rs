@@ -109,6 +109,7 @@ impl Broker {
                         at: now,
                         outcome: RefreshOutcome::Failed,
                     }),
+                    teams: None,
                 };
                 // Never over a connected account, even when replacing: a dead grant would
                 // replace a live one.

@@ -31,7 +31,8 @@
 //! - [`follow`](self::follow): reloading what other processes changed in a shared store;
 //! - [`unopened`](self::unopened): records sealed with a key this process does not hold yet;
 //! - [`reseal`](self::reseal): taking up new key files, and re-sealing every record with the current key;
-//! - [`events`](self::events): WatchAccounts, each account's transitions for operators.
+//! - [`events`](self::events): WatchAccounts, each account's transitions for operators;
+//! - [`team`](self::team): the EdgeTag team each grant reaches, learned at connection and daily.
 
 mod admin;
 mod connect;
@@ -47,6 +48,7 @@ mod refresh;
 mod reseal;
 mod scheduler;
 mod slot;
+mod team;
 mod unopened;
 mod watch;
 
@@ -70,6 +72,7 @@ pub use self::{
     events::{AccountEvent, AccountEventKind, Failing},
     import::{Grant, Imported},
     outcome::RefreshFailure,
+    team::TEAM_RECHECK,
 };
 
 /// Timing and limits of the broker.

@@ -103,6 +103,7 @@ mod tests {
             }),
             status,
             last_refresh: None,
+            teams: None,
         };
         assert!(refreshable(&record(AccountStatus::Active, Some("rt"))));
         assert!(!refreshable(&record(AccountStatus::Active, None)));

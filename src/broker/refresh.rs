@@ -530,6 +530,7 @@ impl<'a> Refresh<'a> {
                         at: attempted_at,
                         outcome: RefreshOutcome::Failed,
                     }),
+                    teams: current.teams.clone(),
                 });
                 let version = claim.commit(&record).await.map_err(store_failure)?;
                 inner.publish(slot, record, version);
@@ -611,6 +612,8 @@ impl<'a> Refresh<'a> {
                 at: requested_at,
                 outcome: RefreshOutcome::Succeeded,
             }),
+            // The same grant: its team stays (asked again daily, not on every refresh).
+            teams: current.teams.clone(),
         });
         let version = persist_or_hold_back(inner, account, slot, Some(claim), &record).await?;
         *slot.health() = Health::default();

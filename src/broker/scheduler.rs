@@ -31,6 +31,7 @@ impl Broker {
                 () = self.inner.wake_scheduler.notified() => {}
             }
             self.refresh_due().await;
+            self.learn_teams_due().await;
         }
     }
 

@@ -14,7 +14,7 @@
 use std::{
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -56,6 +56,20 @@ pub(super) struct Slot {
     account: AccountId,
     /// Names of changed accounts for WatchAccounts watchers (see [`super::events`]).
     announce: tokio::sync::broadcast::Sender<AccountId>,
+    /// Asking EdgeTag which team the grant reaches (see [`super::team`]).
+    pub(super) team: TeamLookup,
+}
+
+/// One account's team lookups in this process (see [`super::team`]): one at a time, and the
+/// back-off after failures.
+#[derive(Debug, Default)]
+pub(super) struct TeamLookup {
+    pub(super) running: AtomicBool,
+    pub(super) failures: AtomicU32,
+    /// No lookup before this (Unix ms).
+    pub(super) retry_at_ms: AtomicI64,
+    /// The current run of failures has been logged.
+    pub(super) failure_logged: AtomicBool,
 }
 
 impl Slot {
@@ -180,6 +194,7 @@ impl Inner {
             changed: tokio::sync::watch::Sender::new(()),
             account: account.clone(),
             announce: self.account_changes.clone(),
+            team: Default::default(),
         })
     }
 

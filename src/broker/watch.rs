@@ -16,7 +16,7 @@ use super::{Broker, slot::Slot};
 use crate::{
     account::AccountId,
     error::Error,
-    tokens::{AccountStatus, TokenSet},
+    tokens::{AccountRecord, AccountStatus},
 };
 
 /// Where a watch stands between two messages.
@@ -27,7 +27,7 @@ enum Watching {
     Following {
         slot: Arc<Slot>,
         changed: watch::Receiver<()>,
-        last: Arc<TokenSet>,
+        last: Arc<AccountRecord>,
     },
     /// The stream ended (after an error message).
     Done,
@@ -35,14 +35,15 @@ enum Watching {
 
 impl Broker {
     /// The tokens of `account` as they are published: first what [`Broker::get_token`] answers
-    /// (refreshing first if it would), then each new token. Ends after one error: the account
+    /// (refreshing first if it would), then each new token, and the same token again when only
+    /// the account's team changed. Ends after one error: the account
     /// was removed, needs re-authorization, or its token no longer covers `min_validity` and no
     /// refresh could renew it.
     pub fn watch_token(
         &self,
         account: AccountId,
         min_validity: Duration,
-    ) -> impl Stream<Item = Result<Arc<TokenSet>, Error>> + Send + 'static {
+    ) -> impl Stream<Item = Result<Arc<AccountRecord>, Error>> + Send + 'static {
         let broker = self.clone();
         futures::stream::unfold(Watching::Start, move |state| {
             let broker = broker.clone();
@@ -59,7 +60,7 @@ impl Broker {
         account: &AccountId,
         min_validity: Duration,
         state: Watching,
-    ) -> Option<(Result<Arc<TokenSet>, Error>, Watching)> {
+    ) -> Option<(Result<Arc<AccountRecord>, Error>, Watching)> {
         match state {
             Watching::Done => None,
             Watching::Start => {
@@ -104,19 +105,20 @@ impl Broker {
         }
     }
 
-    /// Waits until the slot publishes a token other than `last`, or ends the watch.
+    /// Waits until the slot publishes a token (or a team) other than `last`'s, or ends the watch.
     async fn next_token(
         &self,
         account: &AccountId,
         min_validity: Duration,
         slot: &Slot,
         changed: &mut watch::Receiver<()>,
-        last: &Arc<TokenSet>,
-    ) -> Result<Arc<TokenSet>, Error> {
+        last: &Arc<AccountRecord>,
+    ) -> Result<Arc<AccountRecord>, Error> {
         let clock = &self.inner.clock;
         loop {
             // Also wake when `last` stops covering the need, in case no refresh ever reports.
             let covered_for = last
+                .tokens
                 .remaining(clock.now())
                 .saturating_sub(min_validity)
                 .max(Duration::from_millis(1));
@@ -135,15 +137,15 @@ impl Broker {
             if record.status == AccountStatus::NeedsReauth {
                 return Err(Error::NeedsReauth(account.clone()));
             }
-            if !Arc::ptr_eq(&record.tokens, last) {
-                return Ok(record.tokens.clone());
+            if !Arc::ptr_eq(&record.tokens, &last.tokens) || record.team_id() != last.team_id() {
+                return Ok(record);
             }
-            let remaining = last.remaining(clock.now());
+            let remaining = last.tokens.remaining(clock.now());
             if remaining <= min_validity || remaining.is_zero() {
                 // The current token no longer does: what GetToken would do now decides.
-                let tokens = self.get_token(account, min_validity).await?;
-                if !Arc::ptr_eq(&tokens, last) {
-                    return Ok(tokens);
+                let record = self.get_token(account, min_validity).await?;
+                if !Arc::ptr_eq(&record.tokens, &last.tokens) {
+                    return Ok(record);
                 }
             }
         }

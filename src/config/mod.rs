@@ -88,6 +88,11 @@ pub struct Settings {
     #[arg(long, env = "EDGETAG_REVOKE_URL")]
     pub revoke_url: Option<Url>,
 
+    /// Full URL of the endpoint that names a grant's EdgeTag team, asked once an account is
+    /// connected and then daily [default: {API host}/v1/user/me].
+    #[arg(long, env = "EDGETAG_USER_INFO_URL")]
+    pub user_info_url: Option<Url>,
+
     /// The OAuth app's client id (required).
     #[arg(long, env = "EDGETAG_CLIENT_ID")]
     pub client_id: Option<String>,
@@ -232,6 +237,8 @@ pub struct Settings {
 
 /// EdgeTag's revocation path, on its API host.
 const REVOKE_PATH: &str = "/v1/oauth-app/client/revoke";
+/// EdgeTag's "who am I" path (the grant's teams), on its API host.
+const USER_INFO_PATH: &str = "/v1/user/me";
 
 /// Where state lives: sled in `--data-dir` (the default), or a PostgreSQL database that several
 /// replicas share. Shared by the server and `rotate-keys`.
@@ -410,6 +417,8 @@ impl ServiceConfig {
             client_secret,
             redirect_uri,
         } = upstream;
+        // EdgeTag answers `/v1/user/me` on the API host that serves its token endpoint.
+        let user_info_url = on_origin_of(&token_url, USER_INFO_PATH);
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir,
@@ -417,6 +426,7 @@ impl ServiceConfig {
                 authorize_url,
                 token_url,
                 revoke_url,
+                user_info_url,
                 client_id,
                 client_secret,
                 redirect_uri,
@@ -454,6 +464,7 @@ impl Settings {
             authorize_url,
             token_url,
             revoke_url,
+            user_info_url,
             client_id,
             client_secret_file,
             redirect_uri,
@@ -524,14 +535,20 @@ impl Settings {
         // a revoke URL (a stand-in EdgeTag, a proxy) takes the revoke path on its own origin, so that
         // RemoveAccount never sends these client credentials to the preset's host instead.
         let revoke_url = revoke_url.unwrap_or_else(|| match &token_url {
-            Some(token) => preset(&token.origin().ascii_serialization(), REVOKE_PATH),
+            Some(token) => on_origin_of(token, REVOKE_PATH),
             None => preset(api, REVOKE_PATH),
+        });
+        // The same rule: a grant's access token goes to no host but the one it came from.
+        let user_info_url = user_info_url.unwrap_or_else(|| match &token_url {
+            Some(token) => on_origin_of(token, USER_INFO_PATH),
+            None => preset(api, USER_INFO_PATH),
         });
         let authorize_url = authorize_url.unwrap_or_else(|| preset(ui, "/oauth/app/login"));
         let token_url = token_url.unwrap_or_else(|| preset(api, "/v1/oauth-app/client/token"));
         require_https(&authorize_url, "authorize_url")?;
         require_https(&token_url, "token_url")?;
         require_https(&revoke_url, "revoke_url")?;
+        require_https(&user_info_url, "user_info_url")?;
 
         for (value, id) in [
             (state_ttl, "state_ttl"),
@@ -638,6 +655,7 @@ impl Settings {
             redirect_uri,
         };
         let mut config = ServiceConfig::new(upstream, data_dir);
+        config.provider.user_info_url = user_info_url;
         config.listen = listen;
         config.provider.scope = scope;
         config.provider.request_timeout = upstream_timeout;
@@ -672,6 +690,15 @@ impl Settings {
         });
         Ok(config)
     }
+}
+
+/// `path` on the scheme, host and port of `url`.
+fn on_origin_of(url: &Url, path: &str) -> Url {
+    let mut on_origin = url.clone();
+    on_origin.set_path(path);
+    on_origin.set_query(None);
+    on_origin.set_fragment(None);
+    on_origin
 }
 
 /// Credentials travel to these URLs, so plain HTTP is allowed only to this machine.

@@ -76,6 +76,11 @@ fn a_token_url_without_a_revoke_url_revokes_on_its_own_host() {
         c.provider.revoke_url.as_str(),
         "https://edgetag.internal:8443/v1/oauth-app/client/revoke"
     );
+    assert_eq!(
+        c.provider.user_info_url.as_str(),
+        "https://edgetag.internal:8443/v1/user/me",
+        "the access token goes to the token URL's host too"
+    );
     args.extend(["--revoke-url", "https://other.internal/revoke"]);
     let c = settings(&args).resolve(Some("s".into())).unwrap();
     assert_eq!(
@@ -114,6 +119,10 @@ fn sandbox_is_the_default_and_production_switches_every_host() {
     assert_eq!(
         c.provider.revoke_url.as_str(),
         "https://api.edgetag.io/v1/oauth-app/client/revoke"
+    );
+    assert_eq!(
+        c.provider.user_info_url.as_str(),
+        "https://api.edgetag.io/v1/user/me"
     );
     assert_eq!(c.broker.state_ttl, Duration::from_secs(90));
 }

@@ -16,7 +16,10 @@ use crate::{
     account::AccountId,
     clock::{from_unix_ms, to_unix_ms},
     sealing::{Keyring, LiveKeyring, UnsealError},
-    tokens::{AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, TokenSet},
+    tokens::{
+        AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, Team, Teams,
+        TokenSet,
+    },
 };
 
 /// The format of the messages below; a record of another format is refused, never guessed at.
@@ -263,6 +266,23 @@ struct AccountRecordPb {
     /// read as version 1.
     #[prost(uint64, tag = "10")]
     version: u64,
+    /// The EdgeTag team the grant reaches; empty while not known (and in records written before
+    /// teams were kept, which read as "not known": no new format number needed).
+    #[prost(string, tag = "11")]
+    team_id: String,
+    #[prost(message, repeated, tag = "12")]
+    teams: Vec<TeamPb>,
+    /// When `/v1/user/me` last answered (Unix ms); 0 with `team_id` empty.
+    #[prost(int64, tag = "13")]
+    teams_learned_at_ms: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TeamPb {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, tag = "2")]
+    name: String,
 }
 
 impl fmt::Debug for AccountRecordPb {
@@ -305,6 +325,20 @@ fn encode_account(record: &AccountRecord, version: Version) -> Vec<u8> {
         last_refresh_outcome,
         last_refresh_at_ms,
         version,
+        team_id: record.team_id().to_owned(),
+        teams: record.teams.as_ref().map_or_else(Vec::new, |t| {
+            t.teams
+                .iter()
+                .map(|team| TeamPb {
+                    id: team.id.clone(),
+                    name: team.name.clone(),
+                })
+                .collect()
+        }),
+        teams_learned_at_ms: record
+            .teams
+            .as_ref()
+            .map_or(0, |t| to_unix_ms(t.learned_at)),
     }
     .encode_to_vec()
 }
@@ -347,6 +381,20 @@ fn decode_account(bytes: &[u8]) -> Result<Versioned, StoreError> {
             }),
             status,
             last_refresh,
+            teams: (!r.team_id.is_empty()).then(|| {
+                Arc::new(Teams {
+                    team_id: r.team_id,
+                    teams: r
+                        .teams
+                        .into_iter()
+                        .map(|t| Team {
+                            id: t.id,
+                            name: t.name,
+                        })
+                        .collect(),
+                    learned_at: from_unix_ms(r.teams_learned_at_ms),
+                })
+            }),
         },
     })
 }
@@ -378,6 +426,76 @@ mod tests {
         );
         // Under another account's key the same bytes do not open.
         assert!(codec.open_account(b"globex", &sealed).is_err());
+    }
+
+    /// Records sealed before teams were kept (fields 1–10 only) open, with the team unknown; a
+    /// record with a team keeps it through sealing.
+    #[test]
+    fn records_without_a_team_open_and_teams_round_trip() {
+        #[derive(Clone, PartialEq, Message)]
+        struct RecordBeforeTeams {
+            #[prost(uint32, tag = "1")]
+            format: u32,
+            #[prost(string, tag = "2")]
+            access_token: String,
+            #[prost(string, tag = "3")]
+            refresh_token: String,
+            #[prost(string, tag = "4")]
+            token_type: String,
+            #[prost(int64, tag = "5")]
+            issued_at_ms: i64,
+            #[prost(int64, tag = "6")]
+            expires_at_ms: i64,
+            #[prost(uint32, tag = "7")]
+            status: u32,
+            #[prost(uint32, tag = "8")]
+            last_refresh_outcome: u32,
+            #[prost(int64, tag = "9")]
+            last_refresh_at_ms: i64,
+            #[prost(uint64, tag = "10")]
+            version: u64,
+        }
+        let codec = Codec::new(Keyring::ephemeral());
+        let old = RecordBeforeTeams {
+            format: RECORD_FORMAT,
+            access_token: "at-old".into(),
+            refresh_token: "rt-old".into(),
+            token_type: "Bearer".into(),
+            issued_at_ms: 1_000,
+            expires_at_ms: 7_201_000,
+            status: 0,
+            last_refresh_outcome: 1,
+            last_refresh_at_ms: 2_000,
+            version: 3,
+        };
+        let sealed = codec
+            .keys
+            .get()
+            .seal(ACCOUNTS, b"acme", &old.encode_to_vec());
+        let (_, opened) = codec.open_account(b"acme", &sealed).unwrap();
+        assert_eq!(opened.version, 3);
+        assert!(opened.record.teams.is_none());
+        assert_eq!(opened.record.team_id(), "");
+        assert_eq!(opened.record.tokens.access_token.expose_secret(), "at-old");
+
+        let mut record = opened.record;
+        record.teams = Some(Arc::new(Teams {
+            team_id: "t-2".into(),
+            teams: vec![
+                Team {
+                    id: "t-1".into(),
+                    name: "Acme EU".into(),
+                },
+                Team {
+                    id: "t-2".into(),
+                    name: String::new(),
+                },
+            ],
+            learned_at: from_unix_ms(5_000),
+        }));
+        let sealed = codec.seal_account(&AccountId::parse("acme").unwrap(), &record, 4);
+        let (_, opened) = codec.open_account(b"acme", &sealed).unwrap();
+        assert_eq!(opened.record.teams, record.teams);
     }
 
     #[test]

@@ -12,7 +12,10 @@ use crate::{
     account::AccountId,
     clock::from_unix_ms,
     sealing::Keyring,
-    tokens::{AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, TokenSet},
+    tokens::{
+        AccountRecord, AccountStatus, LastRefresh, PendingAuth, RefreshOutcome, Team, Teams,
+        TokenSet,
+    },
 };
 
 /// Opens one backend's storage, again and again (the same data each time), with the keys given.
@@ -93,6 +96,20 @@ pub(crate) fn record(access: &str, refresh: Option<&str>) -> AccountRecord {
             at: from_unix_ms(5_000),
             outcome: RefreshOutcome::Failed,
         }),
+        teams: Some(Arc::new(Teams {
+            team_id: "team-2".into(),
+            teams: vec![
+                Team {
+                    id: "team-1".into(),
+                    name: "Acme EU".into(),
+                },
+                Team {
+                    id: "team-2".into(),
+                    name: String::new(),
+                },
+            ],
+            learned_at: from_unix_ms(6_000),
+        })),
     }
 }
 
@@ -138,6 +155,7 @@ pub(crate) async fn accounts_survive_reopening(b: &dyn Backend) {
     assert_eq!(rec.tokens.expires_at, from_unix_ms(7_201_000));
     assert_eq!(rec.status, AccountStatus::NeedsReauth);
     assert_eq!(rec.last_refresh, record("", None).last_refresh);
+    assert_eq!(rec.teams, record("", None).teams);
     assert!(loaded[1].1.record.tokens.refresh_token.is_none());
     let one = store.load_account(&id("acme")).await.unwrap().unwrap();
     assert_eq!((one.version, access(&one.record)), (1, "at-1"));
@@ -522,6 +540,10 @@ pub(crate) async fn an_export_restores_as_stored_with_its_versions(b: &dyn Backe
     assert_eq!(store.export_accounts().await.unwrap(), exported);
     let loaded = store.load_account(&acme).await.unwrap().unwrap();
     assert_eq!((loaded.version, access(&loaded.record)), (3, "at-acme"));
+    assert_eq!(
+        loaded.record.teams, active.teams,
+        "the team survives a restore"
+    );
     assert!(
         store.take_pending("s").await.unwrap().is_some(),
         "pending states stay"

@@ -63,6 +63,9 @@ pub struct Options {
     pub token: Option<String>,
     /// Replaces the fake's revocation URL (e.g. with a closed port, to make EdgeTag unreachable).
     pub revoke_url: Option<Url>,
+    /// Replaces the fake's `/v1/user/me` (e.g. with a closed port: a replica that never learns a
+    /// team itself).
+    pub user_info_url: Option<Url>,
     /// Serve the browser callback on a port of its own; it becomes the redirect URI.
     pub callback: bool,
     /// Serve `/metrics` on a port of its own.
@@ -96,6 +99,7 @@ impl Default for Options {
             key_dir,
             token: None,
             revoke_url: None,
+            user_info_url: None,
             callback: false,
             metrics: false,
             limits: Limits::DEFAULT,
@@ -454,6 +458,9 @@ pub fn service_config(fake: &FakeEdgeTag, data_dir: PathBuf, options: &Options) 
     config.listen = LOOPBACK_ANY_PORT;
     config.provider.request_timeout = options.request_timeout;
     config.provider.send_redirect_uri = options.send_redirect_uri;
+    if let Some(url) = &options.user_info_url {
+        config.provider.user_info_url = url.clone();
+    }
     config.broker = options.broker.clone();
     config.callers = options.callers.clone();
     config.tls = options.tls.clone();

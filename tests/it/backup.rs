@@ -354,6 +354,14 @@ async fn disaster_drill_backup_under_load_kill_9_restore_into_a_fresh_directory(
             listed,
             "every version as in the backup"
         );
+        // The EdgeTag team learned at connection is in the sealed records the backup carried.
+        for (account, stored) in store.load_accounts().await.unwrap() {
+            assert_eq!(
+                stored.record.team_id(),
+                fake_edgetag::FAKE_TEAM_ID,
+                "{account}"
+            );
+        }
     }
     let mut node = start(&fake, &On::Sled(&fresh), &key, dir.path()).await;
     every_account_serves(&fake, &mut node.client).await;

@@ -35,5 +35,6 @@ mod refresh;
 mod replicas;
 mod rotation;
 mod security;
+mod team;
 mod upstream;
 mod watch;

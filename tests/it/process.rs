@@ -510,6 +510,7 @@ async fn the_serving_line_names_every_edgetag_url_and_revoke_follows_the_token_h
         "authorize_url=https://app-sandbox.edgetag.io/oauth/app/login",
         "token_url=https://edgetag.internal:8443/v1/oauth-app/client/token",
         "revoke_url=https://edgetag.internal:8443/v1/oauth-app/client/revoke",
+        "user_info_url=https://edgetag.internal:8443/v1/user/me",
     ] {
         assert!(line.contains(url), "{url} missing from: {line}");
     }

@@ -126,6 +126,7 @@ async fn the_readme_grpcurl_session_works_as_written() {
         "Connected account acme",                          // curl -sL: the callback page
         "\"accessToken\": \"",                             // GetToken
         "\"tokenType\": \"Bearer\"",
+        "\"teamId\": \"team-fake\"", // GetToken, with the EdgeTag team
         "\"status\": \"ACCOUNT_STATUS_ACTIVE\"", // ListAccounts
     ] {
         assert!(stdout.contains(expected), "no {expected:?} in\n{stdout}");
@@ -133,6 +134,12 @@ async fn the_readme_grpcurl_session_works_as_written() {
     // Two GetToken answers and the watch's first message; the watch stayed open until grpcurl's
     // own deadline ended it.
     assert_eq!(stdout.matches("\"accessToken\"").count(), 3, "{stdout}");
+    // The team with each of those, and in ListAccounts' and the events' account state.
+    assert_eq!(
+        stdout.matches("\"teamId\": \"team-fake\"").count(),
+        5,
+        "{stdout}"
+    );
     assert!(stderr.contains("DeadlineExceeded"), "{stderr}");
     // The events stream began with the snapshot of acme, and stayed open like the watch.
     let snapshot = stdout

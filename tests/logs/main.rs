@@ -10,3 +10,4 @@ mod audit;
 mod capture;
 mod import;
 mod secrets;
+mod team;

@@ -402,7 +402,8 @@ async fn complete(
     Ok(())
 }
 
-/// `credctl token`: GetToken; the token alone on stdout.
+/// `credctl token`: GetToken; the token alone on stdout (for `$(credctl token ACCOUNT)`), the
+/// EdgeTag team (the `Team-Id` header's value) on stderr.
 async fn token(
     client: &mut Client,
     json: bool,
@@ -422,10 +423,11 @@ async fn token(
         let expires = r.expires_at.map(format_time).unwrap_or_default();
         print_json(
             out,
-            json!({"access_token": r.access_token, "token_type": r.token_type, "expires_at": expires}),
+            json!({"access_token": r.access_token, "token_type": r.token_type, "expires_at": expires, "team_id": r.team_id}),
         )?;
     } else {
         writeln!(out, "{}", r.access_token)?;
+        eprintln!("team_id: {}", team_or_unknown(&r.team_id));
     }
     Ok(())
 }
@@ -454,15 +456,25 @@ async fn watch(
             (true, true) => writeln!(
                 out,
                 "{}",
-                json!({"expires_at": expires, "token_type": r.token_type, "access_token": r.access_token})
+                json!({"expires_at": expires, "team_id": r.team_id, "token_type": r.token_type, "access_token": r.access_token})
             )?,
-            (true, false) => writeln!(out, "{}", json!({"expires_at": expires}))?,
+            (true, false) => writeln!(
+                out,
+                "{}",
+                json!({"expires_at": expires, "team_id": r.team_id})
+            )?,
             (false, true) => writeln!(
                 out,
-                "expires_at={expires} token_type={} access_token={}",
-                r.token_type, r.access_token
+                "expires_at={expires} team_id={} token_type={} access_token={}",
+                team_or_dash(&r.team_id),
+                r.token_type,
+                r.access_token
             )?,
-            (false, false) => writeln!(out, "expires_at={expires}")?,
+            (false, false) => writeln!(
+                out,
+                "expires_at={expires} team_id={}",
+                team_or_dash(&r.team_id)
+            )?,
         }
         out.flush()?; // one line per push, as it comes
     }
@@ -522,13 +534,23 @@ async fn describe(
             ("last_refresh_at", "last refresh"),
             ("last_refresh_outcome", "last refresh outcome"),
             ("refreshing", "refreshing now"),
+            ("team_id", "team"),
         ] {
             let value = match &j[key] {
+                Value::String(s) if s.is_empty() => "-".to_owned(),
                 Value::String(s) => s.clone(),
                 Value::Null => "-".to_owned(),
                 other => other.to_string(),
             };
             writeln!(out, "{label:<22}{value}")?;
+        }
+        for team in &info.teams {
+            let name = if team.name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", team.name)
+            };
+            writeln!(out, "{:<22}{}{name}", "reaches team", team.id)?;
         }
     }
     Ok(())
@@ -684,6 +706,7 @@ fn event_kind_name(kind: AccountEventKind) -> &'static str {
         AccountEventKind::Recovered => "recovered",
         AccountEventKind::NeedsReauth => "needs_reauth",
         AccountEventKind::Removed => "removed",
+        AccountEventKind::TeamChanged => "team_changed",
         AccountEventKind::Unspecified => "unspecified",
     }
 }
@@ -713,6 +736,7 @@ fn event_line(event: &AccountEvent) -> String {
         if let Some(at) = info.access_token_expires_at {
             line.push_str(&format!(" expires={}", format_time(at)));
         }
+        line.push_str(&format!(" team={}", team_or_dash(&info.team_id)));
     }
     if event.failure_code != 0 {
         line.push_str(&format!(
@@ -732,7 +756,23 @@ fn info_json(info: &AccountInfo) -> Value {
         "last_refresh_at": info.last_refresh_at.map(format_time),
         "last_refresh_outcome": outcome_name(info.last_refresh_outcome()),
         "refreshing": info.refreshing,
+        "team_id": info.team_id,
+        "teams": info.teams.iter().map(|t| json!({"id": t.id, "name": t.name})).collect::<Vec<_>>(),
     })
+}
+
+/// The team id, or `-` while the service does not know it.
+fn team_or_dash(team_id: &str) -> &str {
+    if team_id.is_empty() { "-" } else { team_id }
+}
+
+/// The team id, or what an empty one means.
+fn team_or_unknown(team_id: &str) -> &str {
+    if team_id.is_empty() {
+        "(not known yet)"
+    } else {
+        team_id
+    }
 }
 
 fn print_json(out: &mut impl Write, value: Value) -> std::io::Result<()> {
@@ -750,10 +790,16 @@ fn print_table(out: &mut impl Write, accounts: &[AccountInfo]) -> std::io::Resul
         .max()
         .unwrap_or(0)
         .max("ACCOUNT".len());
+    let team_width = accounts
+        .iter()
+        .map(|a| a.team_id.len())
+        .max()
+        .unwrap_or(0)
+        .max("TEAM".len());
     writeln!(
         out,
-        "{:<width$}  {:<17}  {:<20}  LAST REFRESH",
-        "ACCOUNT", "STATUS", "TOKEN EXPIRES"
+        "{:<width$}  {:<17}  {:<20}  {:<team_width$}  LAST REFRESH",
+        "ACCOUNT", "STATUS", "TOKEN EXPIRES", "TEAM"
     )?;
     for a in accounts {
         let last = match (a.last_refresh_at, outcome_name(a.last_refresh_outcome())) {
@@ -763,12 +809,13 @@ fn print_table(out: &mut impl Write, accounts: &[AccountInfo]) -> std::io::Resul
         let refreshing = if a.refreshing { " (refreshing)" } else { "" };
         writeln!(
             out,
-            "{:<width$}  {:<17}  {:<20}  {last}{refreshing}",
+            "{:<width$}  {:<17}  {:<20}  {:<team_width$}  {last}{refreshing}",
             a.account,
             status_name(a.status()),
             a.access_token_expires_at
                 .map(format_time)
                 .unwrap_or_default(),
+            team_or_dash(&a.team_id),
         )?;
     }
     Ok(())

@@ -91,13 +91,16 @@ async fn an_operator_connects_inspects_refreshes_and_removes_an_account() {
     let piped = child.wait_with_output().await.unwrap();
     assert!(ok(&piped).starts_with("Connected account acme"));
 
-    let token = ok(&run(&["token", "acme"]).await);
+    let plain = run(&["token", "acme"]).await;
     assert_eq!(
-        token.trim(),
-        app.get_token("acme").await.unwrap().access_token
+        ok(&plain).trim(),
+        app.get_token("acme").await.unwrap().access_token,
+        "the token alone on stdout"
     );
+    assert_eq!(stderr(&plain), "team_id: team-fake\n");
     let token = json(&run(&["--json", "token", "acme", "--min-validity", "30m"]).await);
     assert_eq!(token["token_type"], "Bearer");
+    assert_eq!(token["team_id"], fake_edgetag::FAKE_TEAM_ID);
     assert!(
         app.fake
             .access_token_is_valid(token["access_token"].as_str().unwrap())
@@ -106,8 +109,14 @@ async fn an_operator_connects_inspects_refreshes_and_removes_an_account() {
     let table = ok(&run(&["list"]).await);
     let row = table.lines().nth(1).unwrap();
     assert!(row.starts_with("acme") && row.contains("active"), "{table}");
+    assert!(
+        table.lines().next().unwrap().contains("TEAM") && row.contains(" team-fake "),
+        "{table}"
+    );
     let info = json(&run(&["describe", "acme", "--json"]).await);
     assert_eq!(info["status"], "active");
+    assert_eq!(info["team_id"], "team-fake");
+    assert_eq!(info["teams"][0]["id"], "team-fake");
     assert_eq!(info["last_refresh_outcome"], Value::Null);
 
     let refreshes = app.fake.stats().refreshes_ok;
@@ -115,7 +124,9 @@ async fn an_operator_connects_inspects_refreshes_and_removes_an_account() {
     assert_eq!(app.fake.stats().refreshes_ok, refreshes + 1);
     let described = ok(&run(&["describe", "acme"]).await);
     assert!(
-        described.contains("last refresh outcome  succeeded"),
+        described.contains("last refresh outcome  succeeded")
+            && described.contains("\nteam                  team-fake\n")
+            && described.contains("\nreaches team          team-fake"),
         "{described}"
     );
     let listed = json(&run(&["list", "--json"]).await);
@@ -253,7 +264,10 @@ async fn watch_prints_one_line_per_pushed_token_and_the_token_only_when_asked() 
         )
         .to_string();
         let quiet_line = line(&mut quiet_lines).await;
-        assert_eq!(quiet_line, format!("expires_at={expires}"));
+        assert_eq!(
+            quiet_line,
+            format!("expires_at={expires} team_id=team-fake")
+        );
         assert!(!quiet_line.contains(&token.access_token));
         let shown: Value = serde_json::from_str(&line(&mut shown_lines).await).unwrap();
         assert_eq!(shown["access_token"], token.access_token.as_str());
@@ -294,11 +308,12 @@ async fn events_prints_one_line_per_account_event_and_json_lines_with_json() {
     let first = expires(app.describe("acme").await.unwrap());
     assert_eq!(
         line(&mut human_lines).await,
-        format!("snapshot acme status=active expires={first}")
+        format!("snapshot acme status=active expires={first} team=team-fake")
     );
     let snapshot: Value = serde_json::from_str(&line(&mut json_lines).await).unwrap();
     assert_eq!(snapshot["event"], "snapshot");
     assert_eq!(snapshot["info"]["access_token_expires_at"], first.as_str());
+    assert_eq!(snapshot["info"]["team_id"], "team-fake");
 
     // A failing refresh comes with the code callers will get; the token never appears.
     app.fake

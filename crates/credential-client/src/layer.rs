@@ -7,8 +7,13 @@ use tower::{BoxError, Layer, Service};
 
 use crate::TokenSource;
 
+/// The header EdgeTag's API reads the team from.
+pub const TEAM_ID_HEADER: &str = "team-id";
+
 /// Sets `Authorization: <token_type> <access_token>` on every request, from a [`TokenSource`]
-/// (from memory, so it adds no round trip). Wrap the HTTP client that calls EdgeTag's API.
+/// (from memory, so it adds no round trip), and `Team-Id: <team id>` once the service knows the
+/// account's EdgeTag team (EdgeTag's API wants both). Wrap the HTTP client that calls EdgeTag's
+/// API.
 ///
 /// A request for which there is no token fails with the source's [`Error`](crate::Error) (boxed)
 /// and is not sent.
@@ -64,9 +69,12 @@ where
         let source = self.source.clone();
         Box::pin(async move {
             let token = source.token().await?;
-            request
-                .headers_mut()
-                .insert(http::header::AUTHORIZATION, token.authorization()?);
+            let headers = request.headers_mut();
+            headers.insert(http::header::AUTHORIZATION, token.authorization()?);
+            // While the team is not known, a `Team-Id` the caller set itself goes as it is.
+            if let Some(team_id) = token.team_id() {
+                headers.insert(TEAM_ID_HEADER, http::HeaderValue::from_str(team_id)?);
+            }
             inner.call(request).await.map_err(Into::into)
         })
     }

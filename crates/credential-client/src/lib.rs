@@ -14,7 +14,8 @@
 //!
 //! A [`Client`] holds one gRPC channel; every [`TokenSource`] made from it shares that channel,
 //! so a service with 50 accounts opens one connection, not 50. [`AuthorizationLayer`] puts the
-//! token on outgoing HTTP requests.
+//! token on outgoing HTTP requests, with the account's EdgeTag team as `Team-Id`
+//! ([`Token::team_id`]), which EdgeTag's API wants beside it.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +29,7 @@
 //! let acme = client.token_source("acme");
 //! let token = acme.token().await?; // from memory once the first token has arrived
 //! let header = format!("{} {}", token.token_type(), token.access_token().expose_secret());
+//! let team = token.team_id(); // for `Team-Id`; None until the service has learned it
 //! # Ok(()) }
 //! ```
 
@@ -43,7 +45,7 @@ use std::{
 };
 
 pub use codes::code_name;
-pub use layer::{Authorization, AuthorizationLayer};
+pub use layer::{Authorization, AuthorizationLayer, TEAM_ID_HEADER};
 pub use secrecy::{ExposeSecret, SecretString};
 pub use source::TokenSource;
 pub use tonic::{
@@ -63,10 +65,13 @@ use crate::proto::credential_service_client::CredentialServiceClient;
 #[derive(Clone)]
 pub struct Token(Arc<TokenInner>);
 
+#[derive(Clone)]
 struct TokenInner {
     access_token: SecretString,
     token_type: String,
     expires_at: SystemTime,
+    /// Empty while the service does not know it.
+    team_id: String,
 }
 
 impl Token {
@@ -76,7 +81,24 @@ impl Token {
             access_token,
             token_type,
             expires_at,
+            team_id: String::new(),
         }))
+    }
+
+    /// The same token, for the EdgeTag team `team_id` (empty: not known).
+    pub fn with_team_id(self, team_id: impl Into<String>) -> Self {
+        let inner = Arc::unwrap_or_clone(self.0);
+        Self(Arc::new(TokenInner {
+            team_id: team_id.into(),
+            ..inner
+        }))
+    }
+
+    /// The EdgeTag team the account's grant reaches: EdgeTag's API wants it as `Team-Id` beside
+    /// `Authorization` ([`AuthorizationLayer`] sends both). `None` while the service has not
+    /// learned it yet (it pushes the token again once it has).
+    pub fn team_id(&self) -> Option<&str> {
+        Some(self.0.team_id.as_str()).filter(|id| !id.is_empty())
     }
 
     /// The access token; send it as `Authorization: <token_type> <access_token>`.
@@ -113,12 +135,14 @@ impl Token {
     }
 }
 
-/// The same token: the same access token and type. The expiry is left out, as the service may
-/// report the same token's expiry with a different precision after a restart.
+/// The same token: the same access token, type and team (a token whose team became known is
+/// worth sending again). The expiry is left out, as the service may report the same token's
+/// expiry with a different precision after a restart.
 impl PartialEq for Token {
     fn eq(&self, other: &Self) -> bool {
         self.access_token().expose_secret() == other.access_token().expose_secret()
             && self.token_type() == other.token_type()
+            && self.team_id() == other.team_id()
     }
 }
 
@@ -130,6 +154,7 @@ impl fmt::Debug for Token {
             .field("access_token", &"<redacted>")
             .field("token_type", &self.token_type())
             .field("expires_at", &self.expires_at())
+            .field("team_id", &self.team_id())
             .finish()
     }
 }
@@ -481,5 +506,24 @@ mod tests {
             .call(tonic::Request::new(()))
             .unwrap();
         assert!(request.metadata().get("authorization").is_none());
+    }
+
+    /// The team rides along without changing the token; an empty one means not known; a token
+    /// with another team is another token; `Debug` shows the team, never the token.
+    #[test]
+    fn a_token_carries_its_team() {
+        let at = SystemTime::UNIX_EPOCH;
+        let bare = Token::new("at-secret".into(), "Bearer".into(), at);
+        assert_eq!(bare.team_id(), None);
+        assert_eq!(bare.clone().with_team_id("").team_id(), None);
+        let team = bare.clone().with_team_id("t-1");
+        assert_eq!(team.team_id(), Some("t-1"));
+        assert_eq!(team.access_token().expose_secret(), "at-secret");
+        assert_ne!(team, bare);
+        let shown = format!("{team:?}");
+        assert!(
+            shown.contains("t-1") && !shown.contains("at-secret"),
+            "{shown}"
+        );
     }
 }

@@ -286,9 +286,12 @@ impl Follower {
         let ended = loop {
             match stream.message().await {
                 Ok(Some(message)) => {
-                    let Some(token) =
-                        token(message.access_token, message.token_type, message.expires_at)
-                    else {
+                    let Some(token) = token(
+                        message.access_token,
+                        message.token_type,
+                        message.expires_at,
+                        message.team_id,
+                    ) else {
                         break Status::internal("the service sent a token without an expiry");
                     };
                     publish(tx, token);
@@ -321,8 +324,12 @@ impl Follower {
                 min_validity: prost_types::Duration::try_from(self.settings.min_validity).ok(),
             };
             let message = self.grpc.get_token(request).await?.into_inner();
-            let Some(token) = token(message.access_token, message.token_type, message.expires_at)
-            else {
+            let Some(token) = token(
+                message.access_token,
+                message.token_type,
+                message.expires_at,
+                message.team_id,
+            ) else {
                 return Err(Status::internal(
                     "the service sent a token without an expiry",
                 ));
@@ -355,13 +362,10 @@ fn token(
     access_token: String,
     token_type: String,
     expires_at: Option<prost_types::Timestamp>,
+    team_id: String,
 ) -> Option<Token> {
     let expires_at = SystemTime::try_from(expires_at?).ok()?;
-    Some(Token::new(
-        SecretString::from(access_token),
-        token_type,
-        expires_at,
-    ))
+    Some(Token::new(SecretString::from(access_token), token_type, expires_at).with_team_id(team_id))
 }
 
 fn publish(tx: &watch::Sender<State>, token: Token) {

@@ -10,7 +10,9 @@ use std::{
 };
 
 use common::{Legacy, Service, client, lost, secret, until};
-use credential_client::{AuthorizationLayer, Client, Code, Error, Token, TokenSource};
+use credential_client::{
+    AuthorizationLayer, Client, Code, Error, TEAM_ID_HEADER, Token, TokenSource,
+};
 use tower::{Layer, ServiceExt, service_fn};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -264,17 +266,25 @@ async fn the_layer_authorizes_requests_and_sends_none_without_a_token() {
     let addr = legacy.serve().await;
     let client = Client::builder(format!("http://{addr}")).build().unwrap();
     let echo = service_fn(|request: http::Request<()>| async move {
-        Ok::<_, std::convert::Infallible>(request.headers()[http::header::AUTHORIZATION].clone())
+        Ok::<_, std::convert::Infallible>(request.headers().clone())
     });
 
     let authorized = AuthorizationLayer::new(client.token_source("acme")).layer(echo);
-    let header = authorized
+    let headers = authorized
         .clone()
         .oneshot(http::Request::new(()))
         .await
         .unwrap();
+    let header = &headers[http::header::AUTHORIZATION];
     assert_eq!(header, "Bearer t-1");
     assert!(header.is_sensitive());
+    // This service knows no team: no Team-Id is made up, and one the caller set goes as it is.
+    assert!(!headers.contains_key(TEAM_ID_HEADER));
+    let mut own = http::Request::new(());
+    own.headers_mut()
+        .insert(TEAM_ID_HEADER, http::HeaderValue::from_static("t-own"));
+    let headers = authorized.clone().oneshot(own).await.unwrap();
+    assert_eq!(headers[TEAM_ID_HEADER], "t-own");
 
     let unknown = AuthorizationLayer::new(client.token_source("nobody")).layer(echo);
     let error = unknown.oneshot(http::Request::new(())).await.unwrap_err();

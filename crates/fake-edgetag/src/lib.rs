@@ -17,7 +17,8 @@
 //! - `GET  /oauth/app/login`: authorize; auto-approves (no login UI) and redirects with a code.
 //! - `POST /v1/oauth-app/client/token`: `authorization_code` and `refresh_token` grants.
 //! - `POST /v1/oauth-app/client/revoke`: RFC 7009 revocation of a whole grant.
-//! - `GET  /v1/user/me`: answers 200 for a live access token, 401 otherwise.
+//! - `GET  /v1/user/me`: answers 200 with `teamId` and `teams` for a live access token, 401
+//!   otherwise; [`FakeEdgeTag::set_teams`] and [`FakeEdgeTag::set_user_me_fault`] change that.
 //!
 //! # Layout
 //! - `lib.rs`: the public surface: [`FakeEdgeTag`], [`FakeConfig`], [`Fault`], [`FakeStats`].
@@ -172,6 +173,24 @@ pub enum Fault {
     ExpiresInAsString,
 }
 
+/// A misbehaviour of `/v1/user/me`, injected by tests ([`FakeEdgeTag::set_user_me_fault`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserMeFault {
+    /// That status, whatever the token, with a JSON body that echoes the presented access token
+    /// (as a careless proxy might): a client that logs bodies leaks it.
+    Status(u16),
+    /// 200 for a live token, but the body has no `teamId` (only `teams`).
+    WithoutTeamId,
+}
+
+/// One team `/v1/user/me` lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeTeam {
+    pub id: String,
+    /// Left out of the answer when `None`, as EdgeTag's docs show no names.
+    pub name: Option<String>,
+}
+
 /// Counters, read with [`FakeEdgeTag::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FakeStats {
@@ -233,6 +252,7 @@ impl FakeEdgeTag {
             counters: Counters::default(),
             connections: Arc::default(),
             shutdown,
+            user_me: Mutex::default(),
         });
         let router = Router::new()
             .route(AUTHORIZE_PATH, get(authorize_handler))
@@ -325,6 +345,24 @@ impl FakeEdgeTag {
     /// with `None`.
     pub fn set_persistent_fault(&self, fault: Option<Fault>) {
         lock(&self.inner.faults).persistent = fault;
+    }
+
+    /// Makes `/v1/user/me` misbehave until cleared with `None`.
+    pub fn set_user_me_fault(&self, fault: Option<UserMeFault>) {
+        lock(&self.inner.user_me).fault = fault;
+    }
+
+    /// What `/v1/user/me` answers from now on: `teamId` and the `teams` list (by default
+    /// [`FAKE_TEAM_ID`] alone, without a name).
+    pub fn set_teams(&self, team_id: &str, teams: Vec<FakeTeam>) {
+        let mut user_me = lock(&self.inner.user_me);
+        user_me.team_id = team_id.to_owned();
+        user_me.teams = teams;
+    }
+
+    /// Requests `/v1/user/me` received, answered or faulted.
+    pub fn user_me_requests(&self) -> u64 {
+        lock(&self.inner.user_me).requests
     }
 
     /// Drops every queued fault that has not fired yet.

@@ -102,6 +102,7 @@ async fn main() -> ExitCode {
     println!("authorize URL: {}", fake.authorize_url());
     println!("token URL:     {}", fake.token_url());
     println!("revoke URL:    {}", fake.revoke_url());
+    println!("user info URL: {}", fake.user_me_url());
     println!("client id:     {}", fake.client_id());
     if uses_default_secret {
         println!("client secret: {} (the default)", fake.client_secret());

@@ -13,7 +13,9 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
 use tokio::sync::watch;
 
-use crate::{CODE_LIFETIME, FakeConfig, Fault, connections::Connections};
+use crate::{
+    CODE_LIFETIME, FAKE_TEAM_ID, FakeConfig, FakeTeam, Fault, UserMeFault, connections::Connections,
+};
 
 pub(crate) struct Inner {
     pub(crate) config: FakeConfig,
@@ -26,6 +28,30 @@ pub(crate) struct Inner {
     pub(crate) connections: Arc<Connections>,
     /// Flips to `true` when the fake is dropped; releases [`Fault::Hang`] handlers.
     pub(crate) shutdown: watch::Sender<bool>,
+    /// How `/v1/user/me` answers.
+    pub(crate) user_me: Mutex<UserMe>,
+}
+
+/// What `/v1/user/me` says, and whether it fails.
+pub(crate) struct UserMe {
+    pub(crate) fault: Option<UserMeFault>,
+    pub(crate) team_id: String,
+    pub(crate) teams: Vec<FakeTeam>,
+    pub(crate) requests: u64,
+}
+
+impl Default for UserMe {
+    fn default() -> Self {
+        Self {
+            fault: None,
+            team_id: FAKE_TEAM_ID.to_owned(),
+            teams: vec![FakeTeam {
+                id: FAKE_TEAM_ID.to_owned(),
+                name: None,
+            }],
+            requests: 0,
+        }
+    }
 }
 
 #[derive(Default)]

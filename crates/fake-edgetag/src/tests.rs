@@ -18,8 +18,8 @@ use tokio::{
 use url::Url;
 
 use crate::{
-    AUTHORIZE_PATH, CODE_LIFETIME, FakeClock, FakeConfig, FakeEdgeTag, FakeStats, Fault,
-    TOKEN_PATH, pkce::s256_challenge, state::random_base64url,
+    AUTHORIZE_PATH, CODE_LIFETIME, FakeClock, FakeConfig, FakeEdgeTag, FakeStats, FakeTeam, Fault,
+    TOKEN_PATH, UserMeFault, pkce::s256_challenge, state::random_base64url,
 };
 
 const REDIRECT_URI: &str = "http://127.0.0.1:9/callback?keep=1";
@@ -259,6 +259,72 @@ async fn happy_path_authorize_token_refresh_user_me() {
             peak_token_concurrency: 1,
         }
     );
+}
+
+/// `/v1/user/me` lists several teams with names, leaves `teamId` out, or fails (echoing the
+/// token, as a careless proxy would) when told to, and counts every request.
+#[tokio::test]
+async fn user_me_gives_several_teams_and_fails_when_told() {
+    let fake = start(FakeConfig::default()).await;
+    let client = client();
+    let (verifier, challenge) = pkce();
+    let location = client
+        .get(authorize_url(&fake, &challenge, &[]))
+        .send()
+        .await
+        .unwrap();
+    let location = Url::parse(location.headers()[header::LOCATION].to_str().unwrap()).unwrap();
+    let query: HashMap<_, _> = location.query_pairs().into_owned().collect();
+    let (_, body) = json_of(exchange(&client, &fake, &query["code"], &verifier).await).await;
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    let me = async || {
+        json_of(
+            client
+                .get(fake.user_me_url())
+                .bearer_auth(&access)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    };
+
+    fake.set_teams(
+        "t-2",
+        vec![
+            FakeTeam {
+                id: "t-1".into(),
+                name: Some("Acme EU".into()),
+            },
+            FakeTeam {
+                id: "t-2".into(),
+                name: None,
+            },
+        ],
+    );
+    assert_eq!(
+        me().await,
+        (
+            200,
+            json!({"teamId": "t-2", "teams": [{"id": "t-1", "name": "Acme EU"}, {"id": "t-2"}]})
+        )
+    );
+    fake.set_user_me_fault(Some(UserMeFault::WithoutTeamId));
+    let (status, body) = me().await;
+    assert_eq!(status, 200);
+    assert!(
+        body.get("teamId").is_none() && body["teams"].is_array(),
+        "{body}"
+    );
+    fake.set_user_me_fault(Some(UserMeFault::Status(503)));
+    let (status, body) = me().await;
+    assert_eq!(
+        (status, body["token"].as_str()),
+        (503, Some(access.as_str()))
+    );
+    fake.set_user_me_fault(None);
+    assert_eq!(me().await.0, 200);
+    assert_eq!(fake.user_me_requests(), 4);
 }
 
 #[tokio::test]

@@ -330,6 +330,7 @@ impl CredentialService for Legacy {
             access_token,
             token_type: "Bearer".into(),
             expires_at: Some(expires_at),
+            team_id: String::new(), // a service that knows no team (yet, or from before teams)
         }))
     }
 
@@ -349,6 +350,7 @@ impl CredentialService for Legacy {
             access_token,
             token_type: "Bearer".into(),
             expires_at: Some(expires_at),
+            team_id: String::new(),
         };
         let guard = CountOnDrop(self.streams_closed.clone());
         let stream = futures::stream::once(async move { Ok(first) }).chain(
