@@ -7,6 +7,7 @@
 mod flags;
 mod http_limits;
 mod limits;
+mod otel;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -18,6 +19,7 @@ pub use self::{
     flags::flag,
     http_limits::{HttpLimitSettings, HttpLimits},
     limits::{LimitSettings, Limits},
+    otel::{OtelConfig, OtelSettings, SamplerName},
 };
 use crate::{
     auth::Callers,
@@ -214,6 +216,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub http_limits: HttpLimitSettings,
+
+    #[command(flatten)]
+    pub otel: OtelSettings,
 }
 
 /// EdgeTag's revocation path, on its API host.
@@ -354,6 +359,9 @@ pub struct ServiceConfig {
     pub audit: crate::audit::AuditConfig,
     /// How often reloadable files are checked for new content.
     pub reload_interval: Duration,
+    /// A span per call, continuing the caller's trace: on when OTLP export is (`--otel-endpoint`),
+    /// else no call pays for trace context.
+    pub traces: bool,
 }
 
 /// Where the browser callback listens and on which path.
@@ -420,6 +428,7 @@ impl ServiceConfig {
             http_limits: HttpLimits::DEFAULT,
             audit: crate::audit::AuditConfig::default(),
             reload_interval: Duration::from_secs(10),
+            traces: false,
         }
     }
 }
@@ -463,6 +472,7 @@ impl Settings {
             http_limits,
             audit_interval,
             audit_max_keys,
+            otel,
         } = self;
         let client_id = client_id
             .filter(|s| !s.trim().is_empty())
@@ -634,6 +644,7 @@ impl Settings {
         config.callers = callers;
         config.tls = tls;
         config.reload_interval = reload_interval;
+        config.traces = otel.resolve()?.is_some();
         config.encryption = keys.encryption();
         config.store = store;
         config.callback = callback_listen.map(|listen| CallbackConfig {

@@ -32,5 +32,6 @@ mod refresh;
 mod replicas;
 mod rotation;
 mod security;
+mod traces;
 mod upstream;
 mod watch;
