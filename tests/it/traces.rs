@@ -168,7 +168,7 @@ fn span_id(span: u64) -> Vec<u8> {
 type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// The binary pointed at `fake` and at the collector, every span sampled, batches sent every
-/// 50 ms; returns it and its gRPC client.
+/// 50 ms, logs at WARN (but for the serving line); returns it and its gRPC client.
 async fn start_service(
     fake: &FakeEdgeTag,
     dir: &std::path::Path,
@@ -187,7 +187,8 @@ async fn start_service(
         .env("EDGETAG_CLIENT_SECRET", fake.client_secret())
         .env("OTEL_TRACES_SAMPLER", "always_on")
         .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        .env("RUST_LOG", "info")
+        // Quiet logs, but for the line with the address: the spans are exported all the same.
+        .env("RUST_LOG", "warn,credential_service::server=info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
