@@ -260,7 +260,7 @@ fn main() {
             let w = watchers::run(&env, if q { 1_000 } else { 10_000 }, 1_000).await;
             println!("{}", report::watchers(&w));
         }
-        if let Some((collector, _)) = &collector {
+        if let Some((collector, otel)) = &collector {
             let names = fixture::account_names(1);
             let dirs = [
                 fixture::temp_dir(env.data_root.as_deref(), "cs-bench-off-"),
@@ -274,7 +274,7 @@ fn main() {
             }
             let auth = fixture::caller_auth(dirs[0].path());
             let dirs = [dirs[0].path(), dirs[1].path()];
-            let traced = traces::compare(&env, dirs, names, &auth, collector).await;
+            let traced = traces::compare(&env, dirs, names, &auth, collector, otel.calls).await;
             println!("{}", report::traces(&traced));
         }
         if named("soak") {

@@ -12,7 +12,11 @@ use std::{
     },
 };
 
-use credential_service::{broker::BrokerConfig, clock::Clock, config::OtelConfig};
+use credential_service::{
+    broker::BrokerConfig,
+    clock::Clock,
+    config::{CallSampling, OtelConfig},
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
@@ -74,6 +78,10 @@ impl Collector {
             endpoint: format!("http://{addr}").parse().expect("a URL"),
             service_name: "credential-service-bench".into(),
             sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.01))),
+            calls: CallSampling {
+                follow_parent: true,
+                ratio: 0.01,
+            },
         };
         (collector, config)
     }
@@ -107,6 +115,7 @@ pub async fn compare(
     accounts: Arc<[String]>,
     auth: &CallerAuth,
     collector: &Collector,
+    calls: CallSampling,
 ) -> Traced {
     let server_rt = env.runtimes.server.handle();
     let start = |dir: &Path, traces: bool| {
@@ -117,7 +126,7 @@ pub async fn compare(
             Some(auth),
         );
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-        config.traces = traces;
+        config.traces = traces.then_some(calls);
         RunningServer::service(server_rt, config, Clock::system())
     };
     let services = [start(dirs[0], false).await, start(dirs[1], true).await];

@@ -19,7 +19,7 @@ pub use self::{
     flags::flag,
     http_limits::{HttpLimitSettings, HttpLimits},
     limits::{LimitSettings, Limits},
-    otel::{OtelConfig, OtelSettings, SamplerName},
+    otel::{CallSampling, OtelConfig, OtelSettings, SamplerName},
 };
 use crate::{
     auth::Callers,
@@ -359,9 +359,9 @@ pub struct ServiceConfig {
     pub audit: crate::audit::AuditConfig,
     /// How often reloadable files are checked for new content.
     pub reload_interval: Duration,
-    /// A span per call, continuing the caller's trace: on when OTLP export is (`--otel-endpoint`),
-    /// else no call pays for trace context.
-    pub traces: bool,
+    /// A span per sampled call, continuing the caller's trace: when OTLP export is on
+    /// (`--otel-endpoint`); `None`, no call pays for trace context.
+    pub traces: Option<CallSampling>,
 }
 
 /// Where the browser callback listens and on which path.
@@ -428,7 +428,7 @@ impl ServiceConfig {
             http_limits: HttpLimits::DEFAULT,
             audit: crate::audit::AuditConfig::default(),
             reload_interval: Duration::from_secs(10),
-            traces: false,
+            traces: None,
         }
     }
 }
@@ -644,7 +644,7 @@ impl Settings {
         config.callers = callers;
         config.tls = tls;
         config.reload_interval = reload_interval;
-        config.traces = otel.resolve()?.is_some();
+        config.traces = otel.resolve()?.map(|otel| otel.calls);
         config.encryption = keys.encryption();
         config.store = store;
         config.callback = callback_listen.map(|listen| CallbackConfig {

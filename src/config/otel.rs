@@ -53,6 +53,30 @@ pub struct OtelConfig {
     pub endpoint: Url,
     pub service_name: String,
     pub sampler: Sampler,
+    /// The same sampler, as each call's span applies it before the span is made.
+    pub calls: CallSampling,
+}
+
+/// Which calls get a span, decided from the caller's `traceparent` before any span is made, so
+/// that a call left out costs no span at all (the SDK's sampler would decide only once one was
+/// made): the configured sampler, applied to a call's span.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CallSampling {
+    /// A caller's sampled flag decides (the `parentbased_*` samplers).
+    pub follow_parent: bool,
+    /// The share of the other calls that start a trace.
+    pub ratio: f64,
+}
+
+impl CallSampling {
+    /// Whether a call is traced, given the caller's span context (`None` without one) and a
+    /// uniform draw from [0, 1).
+    pub fn sampled(&self, caller_sampled: Option<bool>, draw: f64) -> bool {
+        match caller_sampled {
+            Some(sampled) if self.follow_parent => sampled,
+            _ => draw < self.ratio,
+        }
+    }
 }
 
 impl OtelSettings {
@@ -83,18 +107,24 @@ impl OtelSettings {
                 })?,
         };
         let parent = |root| Sampler::ParentBased(Box::new(root));
-        let sampler = match self.otel_traces_sampler {
-            SamplerName::AlwaysOn => Sampler::AlwaysOn,
-            SamplerName::AlwaysOff => Sampler::AlwaysOff,
-            SamplerName::TraceIdRatio => Sampler::TraceIdRatioBased(ratio),
-            SamplerName::ParentBasedAlwaysOn => parent(Sampler::AlwaysOn),
-            SamplerName::ParentBasedAlwaysOff => parent(Sampler::AlwaysOff),
-            SamplerName::ParentBasedTraceIdRatio => parent(Sampler::TraceIdRatioBased(ratio)),
+        let (sampler, follow_parent, ratio) = match self.otel_traces_sampler {
+            SamplerName::AlwaysOn => (Sampler::AlwaysOn, false, 1.0),
+            SamplerName::AlwaysOff => (Sampler::AlwaysOff, false, 0.0),
+            SamplerName::TraceIdRatio => (Sampler::TraceIdRatioBased(ratio), false, ratio),
+            SamplerName::ParentBasedAlwaysOn => (parent(Sampler::AlwaysOn), true, 1.0),
+            SamplerName::ParentBasedAlwaysOff => (parent(Sampler::AlwaysOff), true, 0.0),
+            SamplerName::ParentBasedTraceIdRatio => {
+                (parent(Sampler::TraceIdRatioBased(ratio)), true, ratio)
+            }
         };
         Ok(Some(OtelConfig {
             endpoint,
             service_name: self.otel_service_name.clone(),
             sampler,
+            calls: CallSampling {
+                follow_parent,
+                ratio,
+            },
         }))
     }
 }
@@ -147,6 +177,13 @@ mod tests {
             )
         );
         assert_eq!(config.service_name, "credential-service");
+        let calls = config.calls;
+        assert!(
+            calls.sampled(Some(true), 0.99),
+            "a sampled caller is followed"
+        );
+        assert!(!calls.sampled(Some(false), 0.0), "so is an unsampled one");
+        assert!(calls.sampled(None, 0.009) && !calls.sampled(None, 0.01));
     }
 
     #[test]

@@ -85,10 +85,11 @@ pub(super) async fn serve(
         tokio::time::sleep(DRAIN_GRACE).await;
     };
     let server = super::http2_server(limits);
-    let server = if config.traces {
-        server.trace_fn(super::trace::call_span)
-    } else {
-        server
+    let server = match config.traces {
+        Some(sampling) => {
+            server.trace_fn(move |request| super::trace::call_span(sampling, request))
+        }
+        None => server,
     };
     let router = server
         .layer(CallLayer::new(

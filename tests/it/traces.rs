@@ -1,7 +1,7 @@
 //! OpenTelemetry traces from the real binary, received by an OTLP collector started here (the
 //! collector's TraceService from the published protos, served by tonic on loopback): a span per
-//! call continuing the caller's `traceparent` (sent by the client crate from the caller's current
-//! context), a refresh's children, a single-flight waiter's link, no secret in any attribute, and
+//! sampled call continuing the caller's `traceparent` (sent by the client crate from the caller's
+//! current context), none for an unsampled caller, a refresh's children, a single-flight waiter's link, no secret in any attribute, and
 //! no trace context sent to EdgeTag.
 
 use std::{
@@ -148,10 +148,14 @@ impl Collector {
 
 /// A caller's own span, as a remote parent: the client sends it as `traceparent`.
 fn caller_span(trace: u128, span: u64) -> Context {
+    caller_span_with(trace, span, TraceFlags::SAMPLED)
+}
+
+fn caller_span_with(trace: u128, span: u64, flags: TraceFlags) -> Context {
     Context::new().with_remote_span_context(SpanContext::new(
         TraceId::from(trace),
         SpanId::from(span),
-        TraceFlags::SAMPLED,
+        flags,
         true,
         TraceState::default(),
     ))
@@ -167,7 +171,7 @@ fn span_id(span: u64) -> Vec<u8> {
 
 type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
-/// The binary pointed at `fake` and at the collector, every span sampled, batches sent every
+/// The binary pointed at `fake` and at the collector, every new trace sampled, batches sent every
 /// 50 ms, logs at WARN (but for the serving line); returns it and its gRPC client.
 async fn start_service(
     fake: &FakeEdgeTag,
@@ -185,7 +189,8 @@ async fn start_service(
         .args(["--otel-endpoint", collector])
         .env_clear()
         .env("EDGETAG_CLIENT_SECRET", fake.client_secret())
-        .env("OTEL_TRACES_SAMPLER", "always_on")
+        // The default sampler: every new trace, and callers' sampled flags followed.
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
         .env("OTEL_BSP_SCHEDULE_DELAY", "50")
         // Quiet logs, but for the line with the address: the spans are exported all the same.
         .env("RUST_LOG", "warn,credential_service::server=info")
@@ -290,6 +295,21 @@ async fn calls_refreshes_and_waiters_are_traced_without_secrets_or_context_to_ed
         .into_inner()
         .access_token;
 
+    // A caller that does not sample its trace: the service makes no span for its call.
+    let unsampled_trace = 0x3333_0000_0000_0000_0000_0000_0000_0003u128;
+    client
+        .get_token(GetTokenRequest {
+            account: "acme".into(),
+            min_validity: None,
+        })
+        .with_context(caller_span_with(
+            unsampled_trace,
+            0xc3,
+            TraceFlags::default(),
+        ))
+        .await
+        .unwrap();
+
     // An operator's refresh, held at EdgeTag long enough for a second caller to join it.
     let (starter_trace, starter_span) = (0xaaaa_0000_0000_0000_0000_0000_0000_0001u128, 0xa1u64);
     let (waiter_trace, waiter_span) = (0xbbbb_0000_0000_0000_0000_0000_0000_0002u128, 0xb2u64);
@@ -363,6 +383,12 @@ async fn calls_refreshes_and_waiters_are_traced_without_secrets_or_context_to_ed
         .expect("the read's span is in the caller's trace");
     assert_eq!(read.parent_span_id, span_id(read_span));
     assert_eq!(read.kind, 2, "SPAN_KIND_SERVER");
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.trace_id == trace_id(unsampled_trace)),
+        "an unsampled caller's call is not traced"
+    );
 
     // The refresh: in the starter's trace, under its call, with claim, EdgeTag request and
     // commit as its children.
