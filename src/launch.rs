@@ -19,6 +19,7 @@ use crate::{
     sealing::KeyError,
     server::{self, ServeError, Service, StartOptions},
     store::{PostgresStore, SledStore, Store, StoreError},
+    telemetry::OtelError,
 };
 
 /// Why the binary stops with an error; [`LaunchError::exit_code`] tells scripts which kind.
@@ -28,6 +29,9 @@ pub enum LaunchError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Dev(#[from] DevError),
+    /// Trace export cannot be set up as configured.
+    #[error(transparent)]
+    Telemetry(#[from] OtelError),
     /// The key files given to `rotate-keys` (the server's own key errors come as [`ServeError`]).
     #[error(transparent)]
     Keys(#[from] KeyError),
@@ -54,6 +58,7 @@ impl LaunchError {
         match self {
             Self::Config(_)
             | Self::Dev(_)
+            | Self::Telemetry(_)
             | Self::Keys(_)
             | Self::KeysNotGiven { .. }
             | Self::Usage(_)

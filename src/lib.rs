@@ -12,7 +12,7 @@
 //!   upkeep, shutdown.
 //! - [`dev`]: `--dev` mode (cargo feature `dev`, on by default): the fake EdgeTag (crate
 //!   `fake-edgetag`), temporary data, a banner with the commands to try.
-//! - [`telemetry`]: log set-up.
+//! - [`telemetry`]: log set-up, and OpenTelemetry trace export when an OTLP endpoint is set.
 //! - [`config`]: clap settings with environment variables, EdgeTag presets.
 //! - [`callback`]: the browser's landing page after EdgeTag's approval; completes the flow.
 //! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out; the places
@@ -35,6 +35,7 @@
 //! - [`clock`]: wall-clock time with a test hook.
 //! - [`reload`]: values read from files and swapped whole when the files' content changes.
 //! - [`proto`]: generated code and the reflection descriptor set.
+//! - [`traces`]: whether traces are on, and links between spans (a waiter to the refresh it joined).
 
 pub mod account;
 pub mod audit;
@@ -59,3 +60,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;
+pub mod traces;

@@ -9,6 +9,7 @@
 //! - `reload`: the reloader: files re-read on SIGHUP and when their content changes, the
 //!   certificate's daily expiry check;
 //! - `rekey`: SIGHUP's reload of the encryption key files;
+//! - `trace`: with traces on, a span per call continuing the caller's trace;
 //! - `signals`: SIGTERM / ctrl-c ([`shutdown_signal`]) and SIGHUP ([`Hangups`]).
 //!
 //! Shutdown order: stop accepting, health NOT_SERVING, open calls drain (bounded by
@@ -22,6 +23,7 @@ mod limits;
 mod rekey;
 mod reload;
 mod signals;
+mod trace;
 mod upkeep;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};

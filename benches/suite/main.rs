@@ -9,6 +9,8 @@
 //! - [`durable`]: CompleteAuth and refresh latency against a bare sled insert + flush.
 //! - [`postgres`]: the same rows on a private PostgreSQL cluster, a three-replica storm, start-up.
 //! - [`watchers`]: idle WatchToken streams on the real binary, and one refresh fanned out.
+//! - [`traces`]: GetToken with OpenTelemetry traces off and on (1% sampled), alternating (only
+//!   when named: `-- traces`).
 //! - [`soak`]: ten minutes of refreshes, churn and reads, watching memory, descriptors and disk
 //!   (only when named: `-- soak`, shortened with `--soak-seconds`).
 //! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
@@ -25,6 +27,7 @@ mod scale;
 mod soak;
 mod storm;
 mod throughput;
+mod traces;
 mod watchers;
 
 use std::{path::PathBuf, time::Duration};
@@ -37,8 +40,8 @@ use crate::{fixture::Runtimes, load::LoadSpec};
 #[derive(Parser)]
 #[command(about = "credential-service performance suite (issue 6)")]
 struct Cli {
-    /// Sections to run (throughput, storm, scale, durable, postgres, watch; recovery alone; soak only when named);
-    /// all but soak when none is named.
+    /// Sections to run (throughput, storm, scale, durable, postgres, watch; recovery alone; soak
+    /// and traces only when named); all but soak and traces when none is named.
     sections: Vec<String>,
     /// A short smoke run: fewer accounts, one short round, fewer operations.
     #[arg(long)]
@@ -127,7 +130,6 @@ fn main() {
     ));
     let log = std::fs::File::create(&log_path).expect("a log file in the temporary directory");
     eprintln!("the service's log goes to {}", log_path.display());
-    telemetry::init_to(LogFormat::Text, std::sync::Mutex::new(log), false);
     let all = [
         "throughput",
         "storm",
@@ -138,11 +140,13 @@ fn main() {
         "watch",
         "soak",
         "h2load",
+        "traces",
     ];
     // `soak` is long and `h2load` needs h2load installed: each runs only when named; `recovery` is part of `storm`, or alone.
     let named = |s: &str| cli.sections.iter().any(|w| w == s);
-    let wanted =
-        |s: &str| !["soak", "h2load"].contains(&s) && (cli.sections.is_empty() || named(s));
+    let wanted = |s: &str| {
+        !["soak", "h2load", "traces"].contains(&s) && (cli.sections.is_empty() || named(s))
+    };
     for s in &cli.sections {
         assert!(
             all.contains(&s.as_str()),
@@ -164,6 +168,19 @@ fn main() {
         bare_floor: cli.bare_floor,
         audit_file: cli.audit_file,
         lookup_floor: cli.lookup_floor,
+    };
+    // With `traces`, the subscriber exports spans, as the binary's does with an endpoint set; the
+    // exporter is made on the server runtime, where the binary's would run.
+    let collector = named("traces").then(|| traces::Collector::start(&env.runtimes.fake));
+    let telemetry = {
+        let _server = env.runtimes.server.enter();
+        telemetry::init_to(
+            LogFormat::Text,
+            std::sync::Mutex::new(log),
+            false,
+            collector.as_ref().map(|(_, config)| config),
+        )
+        .expect("the subscriber is installed")
     };
     let counts: &[usize] = if !cli.accounts.is_empty() {
         &cli.accounts
@@ -283,6 +300,23 @@ fn main() {
             }
             println!("{}", report::h2load(&rows));
         }
+        if let Some((collector, otel)) = &collector {
+            let names = fixture::account_names(1);
+            let dirs = [
+                fixture::temp_dir(env.data_root.as_deref(), "cs-bench-off-"),
+                fixture::temp_dir(env.data_root.as_deref(), "cs-bench-on-"),
+            ];
+            for dir in &dirs {
+                fixture::seed(dir.path(), &names, &Clock::system(), |_| {
+                    fixture::random_token("etr_")
+                })
+                .await;
+            }
+            let auth = fixture::caller_auth(dirs[0].path());
+            let dirs = [dirs[0].path(), dirs[1].path()];
+            let traced = traces::compare(&env, dirs, names, &auth, collector, otel.calls).await;
+            println!("{}", report::traces(&traced));
+        }
         if named("soak") {
             let spec = soak::SoakSpec::new(Duration::from_secs(cli.soak_seconds));
             let soak = soak::run(&env, spec).await;
@@ -290,6 +324,7 @@ fn main() {
         }
     });
     println!("{}", report::load_after());
+    telemetry.shutdown();
 }
 
 fn cli_line(cli: &Cli) -> String {

@@ -10,6 +10,7 @@ use crate::{
     soak::{Sample, Soak},
     storm::{Recovery, Storm, Wake},
     throughput::{self, Comparison},
+    traces::{self, Traced},
     watchers::Watchers,
 };
 
@@ -716,4 +717,64 @@ pub fn h2load(rows: &[crate::h2load::H2Row]) -> String {
     }
     out.push('\n');
     out
+}
+
+pub fn traces(t: &Traced) -> String {
+    let mut rows = Vec::new();
+    for (name, r, per_round) in [
+        (
+            "off",
+            &t.off,
+            t.rounds.iter().map(|r| r.0).collect::<Vec<_>>(),
+        ),
+        (
+            "on, 1% sampled",
+            &t.on,
+            t.rounds.iter().map(|r| r.1).collect(),
+        ),
+    ] {
+        let spread = per_round
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        rows.push(vec![
+            t.accounts.to_string(),
+            name.into(),
+            format!("{:.0}", r.rps()),
+            spread,
+            fmt_us(r.p50_us()),
+            fmt_us(r.p99_us()),
+            format!("{:.1}", r.server_us_per_req()),
+            r.errors.to_string(),
+        ]);
+    }
+    format!(
+        "## GetToken: traces off versus on\n\n\
+         Production settings; two services in this process on the same runtime, one with traces \
+         off, one exporting over OTLP (`parentbased_traceidratio`, 0.01: callers send no \
+         `traceparent` here, so 1% of calls start a sampled trace) to a collector on another \
+         runtime, which received {} spans. Target: on ≥ {:.2}× off. Server CPU is the server \
+         runtime's threads only (the exporter's batch thread is not counted).\n\n{}\n\
+         throughput on/off: **{:.3}** ({}); p99 on/off: {:.3}; server CPU on/off: {:.2}\n",
+        t.exported,
+        traces::MIN_RATIO,
+        table(
+            &[
+                "accounts",
+                "traces",
+                "req/s",
+                "req/s per round",
+                "p50",
+                "p99",
+                "server CPU µs/req",
+                "errors",
+            ],
+            &rows
+        ),
+        t.ratio(),
+        verdict(t.ratio() >= traces::MIN_RATIO),
+        t.on.p99_us() / t.off.p99_us(),
+        t.on.server_us_per_req() / t.off.server_us_per_req(),
+    )
 }

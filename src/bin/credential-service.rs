@@ -100,7 +100,10 @@ async fn main() -> ExitCode {
         dev,
         command,
     } = Cli::parse();
-    telemetry::init(settings.log_format);
+    let telemetry = match telemetry::init(settings.log_format, &settings.otel) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return launch::exit(Err(e.into())),
+    };
     let outcome = match command {
         Some(Command::RotateKeys {
             data_dir,
@@ -141,6 +144,7 @@ async fn main() -> ExitCode {
         }
         None => serve(settings, dev).await,
     };
+    telemetry.shutdown();
     launch::exit(outcome)
 }
 

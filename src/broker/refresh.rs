@@ -20,6 +20,7 @@ use std::{
 use futures::FutureExt;
 use secrecy::SecretString;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::{
     Inner, RefreshEventKind,
@@ -34,6 +35,7 @@ use crate::{
     oauth::{TokenResponse, UpstreamError},
     store::{Backoff, Claim, ClaimMode, RefreshClaim, StoreError, Version},
     tokens::{AccountRecord, AccountStatus, LastRefresh, RefreshOutcome, TokenSet},
+    traces::{self, LinkTarget},
 };
 
 /// Who wants a refresh: callers are limited to one started refresh per account per
@@ -72,6 +74,8 @@ impl Inner {
         if let Some(running) = &*inflight {
             if trigger != Trigger::Background {
                 running.waited.notify_one();
+                // The caller's span shows which refresh it waited for.
+                running.span.link_current();
             }
             return Some(running.result.clone());
         }
@@ -82,17 +86,23 @@ impl Inner {
         }
         let id = NEXT_REFRESH_ID.fetch_add(1, Ordering::Relaxed);
         let waited = Arc::new(Notify::new());
-        let task = self.refreshes.spawn(refresh_task(
-            self.clone(),
-            RefreshOf {
-                account: account.clone(),
-                slot: slot.clone(),
-                seen,
-                id,
-                trigger,
-                waited: waited.clone(),
-            },
-        ));
+        // A child of the span of whoever started it (the caller's call, when one did).
+        let span = tracing::info_span!("refresh", account = %account);
+        let link = LinkTarget::of(&span);
+        let task = self.refreshes.spawn(
+            refresh_task(
+                self.clone(),
+                RefreshOf {
+                    account: account.clone(),
+                    slot: slot.clone(),
+                    seen,
+                    id,
+                    trigger,
+                    waited: waited.clone(),
+                },
+            )
+            .instrument(span),
+        );
         let result = async move { task.await.unwrap_or(Err(RefreshFailure::Panicked)) }
             .boxed()
             .shared();
@@ -100,6 +110,7 @@ impl Inner {
             id,
             result: result.clone(),
             waited,
+            span: link,
         });
         Some(result)
     }
@@ -272,11 +283,12 @@ async fn persist_or_hold_back(
     record: &Arc<AccountRecord>,
 ) -> Result<Version, RefreshFailure> {
     let written = match claim {
-        Some(claim) => claim.commit(record).await,
+        Some(claim) => claim.commit(record).instrument(commit_span(account)).await,
         None => {
             inner
                 .store
                 .put_account(account, record, slot.expected())
+                .instrument(commit_span(account))
                 .await
         }
     };
@@ -299,6 +311,15 @@ async fn persist_or_hold_back(
         }
         why
     })
+}
+
+/// The span of a refresh's write to the store, when traces are on.
+fn commit_span(account: &AccountId) -> tracing::Span {
+    if traces::enabled() {
+        tracing::info_span!("commit", account = %account)
+    } else {
+        tracing::Span::none()
+    }
 }
 
 /// Clears the slot's in-flight marker when the refresh task ends, however it ends (panics included),
@@ -329,8 +350,8 @@ struct RefreshOf {
 }
 
 /// One refresh, start to end: the held-back set first if there is one; else [`Refresh::claim`]
-/// the account, [`Refresh::ask_edgetag`], and [`Refresh::persist_and_publish`] its answer.
-#[tracing::instrument(name = "refresh", skip_all, fields(account = %of.account))]
+/// the account, [`Refresh::ask_edgetag`], and [`Refresh::persist_and_publish`] its answer. Runs
+/// in the `refresh` span (see [`Inner::start_refresh`]).
 async fn refresh_task(inner: Arc<Inner>, of: RefreshOf) -> RefreshResult {
     let RefreshOf {
         account,
@@ -428,6 +449,19 @@ impl<'a> Refresh<'a> {
     /// refresh's answer when there is nothing to ask EdgeTag: a newer record stored elsewhere, the
     /// account gone, another process refreshing it or backing it off, or the store failing.
     async fn claim(
+        &self,
+        trigger: Trigger,
+    ) -> Result<(Place<'a>, Box<dyn RefreshClaim>), RefreshResult> {
+        let span = if traces::enabled() {
+            tracing::info_span!("claim", account = %self.account)
+        } else {
+            tracing::Span::none()
+        };
+        self.claim_in_span(trigger).instrument(span).await
+    }
+
+    /// [`Refresh::claim`], in its span.
+    async fn claim_in_span(
         &self,
         trigger: Trigger,
     ) -> Result<(Place<'a>, Box<dyn RefreshClaim>), RefreshResult> {
@@ -532,7 +566,11 @@ impl<'a> Refresh<'a> {
                     }),
                     teams: current.teams.clone(),
                 });
-                let version = claim.commit(&record).await.map_err(store_failure)?;
+                let version = claim
+                    .commit(&record)
+                    .instrument(commit_span(account))
+                    .await
+                    .map_err(store_failure)?;
                 inner.publish(slot, record, version);
                 tracing::warn!(
                     "EdgeTag rejected the refresh token; the account needs re-authorization (BeginAuth)"

@@ -120,6 +120,8 @@ pub(super) struct Inflight {
     /// Told when a caller joins a refresh-ahead: its request then queues as one someone waits
     /// for (see `places`).
     pub(super) waited: Arc<tokio::sync::Notify>,
+    /// The refresh's span, for the callers that join it to link to.
+    pub(super) span: crate::traces::LinkTarget,
 }
 
 impl Slot {

@@ -7,6 +7,7 @@
 mod flags;
 mod http_limits;
 mod limits;
+mod otel;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -18,6 +19,7 @@ pub use self::{
     flags::flag,
     http_limits::{HttpLimitSettings, HttpLimits},
     limits::{LimitSettings, Limits},
+    otel::{CallSampling, OtelConfig, OtelSettings, SamplerName},
 };
 use crate::{
     auth::Callers,
@@ -233,6 +235,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub http_limits: HttpLimitSettings,
+
+    #[command(flatten)]
+    pub otel: OtelSettings,
 }
 
 /// EdgeTag's revocation path, on its API host.
@@ -377,6 +382,9 @@ pub struct ServiceConfig {
     pub audit_file: Option<crate::audit::FileConfig>,
     /// How often reloadable files are checked for new content.
     pub reload_interval: Duration,
+    /// A span per sampled call, continuing the caller's trace: when OTLP export is on
+    /// (`--otel-endpoint`); `None`, no call pays for trace context.
+    pub traces: Option<CallSampling>,
 }
 
 /// Where the browser callback listens and on which path.
@@ -447,6 +455,7 @@ impl ServiceConfig {
             audit: crate::audit::AuditConfig::default(),
             audit_file: None,
             reload_interval: Duration::from_secs(10),
+            traces: None,
         }
     }
 }
@@ -493,6 +502,7 @@ impl Settings {
             audit_max_keys,
             audit_file,
             audit_required,
+            otel,
         } = self;
         let client_id = client_id
             .filter(|s| !s.trim().is_empty())
@@ -671,6 +681,7 @@ impl Settings {
         config.callers = callers;
         config.tls = tls;
         config.reload_interval = reload_interval;
+        config.traces = otel.resolve()?.map(|otel| otel.calls);
         config.encryption = keys.encryption();
         config.store = store;
         config.callback = callback_listen.map(|listen| CallbackConfig {

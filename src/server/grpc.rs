@@ -84,7 +84,14 @@ pub(super) async fn serve(
         let _ = drain_started.wait_for(|started| *started).await;
         tokio::time::sleep(DRAIN_GRACE).await;
     };
-    let router = super::http2_server(limits)
+    let server = super::http2_server(limits);
+    let server = match config.traces {
+        Some(sampling) => {
+            server.trace_fn(move |request| super::trace::call_span(sampling, request))
+        }
+        None => server,
+    };
+    let router = server
         .layer(CallLayer::new(
             limits.max_calls_in_flight,
             limits.max_open_calls_in_flight,

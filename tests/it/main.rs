@@ -36,5 +36,6 @@ mod replicas;
 mod rotation;
 mod security;
 mod team;
+mod traces;
 mod upstream;
 mod watch;

@@ -35,6 +35,8 @@
 
 mod codes;
 mod layer;
+#[cfg(feature = "otel")]
+mod otel;
 pub mod proto;
 mod source;
 
@@ -229,7 +231,8 @@ type ClockFn = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 /// Adds `authorization: Bearer ...` (the caller's token from the service's callers file) to every
 /// call when a token is configured, marked sensitive so that no `Debug` output shows it. For any
-/// client of the service: [`Client`], `credctl` and the service's tests.
+/// client of the service: [`Client`], `credctl` and the service's tests. With the `otel` feature,
+/// also the caller's current trace context (`traceparent`), so the service's spans join its trace.
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
@@ -257,6 +260,8 @@ impl Interceptor for Bearer {
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
+        #[cfg(feature = "otel")]
+        otel::inject(request.metadata_mut());
         Ok(request)
     }
 }

@@ -209,6 +209,9 @@ pub struct FakeStats {
     pub refresh_token_reuses: u64,
     /// Most token requests in flight at the same moment since start or [`FakeEdgeTag::reset_peak`].
     pub peak_token_concurrency: u64,
+    /// Requests to the API host (token, revoke, user) that carried W3C trace context
+    /// (`traceparent`, `tracestate`): EdgeTag is a third party, and should see none.
+    pub trace_context_requests: u64,
 }
 
 /// The outcome of an approved authorization: where the browser is sent, and what it carries.
@@ -398,6 +401,7 @@ impl FakeEdgeTag {
             revokes: c.revokes.load(Ordering::Relaxed),
             refresh_token_reuses: c.refresh_token_reuses.load(Ordering::Relaxed),
             peak_token_concurrency: c.token_peak.load(Ordering::SeqCst),
+            trace_context_requests: c.trace_context.load(Ordering::Relaxed),
         }
     }
 

@@ -67,6 +67,18 @@ pub(crate) struct Counters {
     pub(crate) token_peak: AtomicU64,
     /// Nanoseconds token requests spent in the handler, summed.
     pub(crate) token_nanos: AtomicU64,
+    /// Requests to the API host carrying W3C trace context (`traceparent` or `tracestate`).
+    pub(crate) trace_context: AtomicU64,
+}
+
+impl Counters {
+    /// Counts the request if it carries trace context, which a caller should never send to a
+    /// third party.
+    pub(crate) fn note_trace_context(&self, headers: &axum::http::HeaderMap) {
+        if headers.contains_key("traceparent") || headers.contains_key("tracestate") {
+            self.trace_context.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Default)]

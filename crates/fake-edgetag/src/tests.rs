@@ -257,6 +257,7 @@ async fn happy_path_authorize_token_refresh_user_me() {
             revokes: 0,
             refresh_token_reuses: 0,
             peak_token_concurrency: 1,
+            trace_context_requests: 0,
         }
     );
 }

@@ -38,6 +38,7 @@ pub(crate) async fn token_handler(
     body: Bytes,
 ) -> Response {
     fake.counters.token_requests.fetch_add(1, Ordering::Relaxed);
+    fake.counters.note_trace_context(&headers);
     let _in_flight = InFlight::enter(&fake.counters);
     // Claim the fault on arrival so "the Nth request gets the Nth fault" holds under concurrency.
     let (fault, held) = {
@@ -137,6 +138,7 @@ pub(crate) async fn revoke_handler(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    fake.counters.note_trace_context(&headers);
     fake.revoke(&headers, &body)
 }
 

@@ -20,6 +20,7 @@ pub(crate) async fn user_me_handler(
     State(fake): State<Arc<Inner>>,
     headers: HeaderMap,
 ) -> Response {
+    fake.counters.note_trace_context(&headers);
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
