@@ -78,19 +78,42 @@ pub fn record(method: &str, caller: &str, account: &str, outcome: Code) {
 
 /// Counts one call into the next aggregated event; see the module docs. `peer` is for refusals.
 pub fn count(method: &str, caller: &str, account: &str, outcome: Code, peer: Option<IpAddr>) {
+    count_with_reason(method, caller, account, "", outcome, peer);
+}
+
+/// Counts one refused call with why it was refused (`reason`: a fixed phrase such as "expired",
+/// never input), and the caller when known (a good signature on an expired token).
+pub fn count_refusal(
+    method: &str,
+    caller: &str,
+    reason: &'static str,
+    outcome: Code,
+    peer: Option<IpAddr>,
+) {
+    count_with_reason(method, caller, "", reason, outcome, peer);
+}
+
+fn count_with_reason(
+    method: &str,
+    caller: &str,
+    account: &str,
+    reason: &str,
+    outcome: Code,
+    peer: Option<IpAddr>,
+) {
     AUDITED.set(true);
     let now = coarse_now();
     SHARD.with(|shard| {
         let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
         let Local { map, key } = &mut *local;
-        encode(key, outcome, peer, method, caller, account);
+        encode(key, outcome, peer, [method, caller, account, reason]);
         if let Some(tally) = map.get_mut(key.as_slice()) {
             tally.add(now);
             return;
         }
         if outcome != Code::Ok && map.len() >= MAX_KEYS.load(Ordering::Relaxed) {
             // Refusals can carry anything a client sends: fold them rather than grow.
-            encode(key, outcome, None, method, caller, OTHERS);
+            encode(key, outcome, None, [method, caller, OTHERS, reason]);
             key[1] = PEER_OTHERS;
             if let Some(tally) = map.get_mut(key.as_slice()) {
                 tally.add(now);
@@ -177,19 +200,41 @@ pub fn flush() {
         if event.peer == OTHERS {
             folded += tally.count;
         }
-        tracing::event!(
-            target: "audit",
-            Level::INFO,
-            caller = event.caller,
-            method = event.method,
-            account = event.account,
-            outcome = event.outcome,
-            count = tally.count,
-            first = %humantime::format_rfc3339_millis(tally.first),
-            last = %humantime::format_rfc3339_millis(tally.last),
-            peer = %event.peer,
-            "calls"
+        let (first, last) = (
+            humantime::format_rfc3339_millis(tally.first),
+            humantime::format_rfc3339_millis(tally.last),
         );
+        // Only refusals with a reason (a JWT's, say) carry the field.
+        if event.reason.is_empty() {
+            tracing::event!(
+                target: "audit",
+                Level::INFO,
+                caller = event.caller,
+                method = event.method,
+                account = event.account,
+                outcome = event.outcome,
+                count = tally.count,
+                first = %first,
+                last = %last,
+                peer = %event.peer,
+                "calls"
+            );
+        } else {
+            tracing::event!(
+                target: "audit",
+                Level::INFO,
+                caller = event.caller,
+                method = event.method,
+                account = event.account,
+                outcome = event.outcome,
+                count = tally.count,
+                first = %first,
+                last = %last,
+                peer = %event.peer,
+                reason = event.reason,
+                "calls"
+            );
+        }
     }
     if folded > 0 {
         tracing::warn!(
@@ -272,16 +317,9 @@ const PEER_V4: u8 = 4;
 const PEER_V6: u8 = 6;
 const PEER_OTHERS: u8 = 0xff;
 
-/// The key: outcome, peer (tag and octets), then method, caller and account, each
+/// The key: outcome, peer (tag and octets), then method, caller, account and reason, each
 /// length-prefixed, so any text round-trips.
-fn encode(
-    key: &mut Vec<u8>,
-    outcome: Code,
-    peer: Option<IpAddr>,
-    method: &str,
-    caller: &str,
-    account: &str,
-) {
+fn encode(key: &mut Vec<u8>, outcome: Code, peer: Option<IpAddr>, texts: [&str; 4]) {
     key.clear();
     key.push(outcome as i32 as u8);
     match peer {
@@ -295,7 +333,7 @@ fn encode(
             key.extend_from_slice(&ip.octets());
         }
     }
-    for text in [method, caller, account] {
+    for text in texts {
         let bytes = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
         key.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
         key.extend_from_slice(bytes);
@@ -308,6 +346,7 @@ struct Event<'a> {
     method: &'a str,
     caller: &'a str,
     account: &'a str,
+    reason: &'a str,
 }
 
 fn decode(key: &[u8]) -> Option<Event<'_>> {
@@ -340,6 +379,7 @@ fn decode(key: &[u8]) -> Option<Event<'_>> {
         method: text()?,
         caller: text()?,
         account: text()?,
+        reason: text()?,
     })
 }
 
@@ -411,11 +451,10 @@ mod tests {
                 &mut key,
                 Code::PermissionDenied,
                 peer,
-                "GetToken",
-                caller,
-                account,
+                ["GetToken", caller, account, "expired"],
             );
             let event = decode(&key).unwrap();
+            assert_eq!(event.reason, "expired");
             assert_eq!(event.outcome, "PERMISSION_DENIED");
             assert_eq!(event.method, "GetToken");
             assert_eq!(event.caller, caller);
