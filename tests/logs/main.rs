@@ -8,5 +8,6 @@ mod common;
 
 mod audit;
 mod capture;
+mod identity;
 mod import;
 mod secrets;
