@@ -18,7 +18,6 @@ mod spiffe;
 
 use std::{collections::HashMap, fmt, net::IpAddr, path::Path, sync::Arc};
 
-pub use jwks::FetchTiming;
 pub use jwt::{MAX_BEARER_BYTES, Refusal};
 
 use rustls_pki_types::ServerName;
@@ -36,7 +35,7 @@ use crate::{
     audit,
     reload::{self, FileBacked, Reloadable},
 };
-use jwks::Registry;
+use jwks::{FetchTiming, Registry};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -398,11 +397,7 @@ impl Callers {
 
     /// Reads the callers file at `path`.
     pub fn load(path: &Path) -> Result<Self, CallersError> {
-        Self::load_with(path, FetchTiming::default())
-    }
-
-    /// Reads the callers file at `path`; its issuers' keys are fetched as `timing` says.
-    pub fn load_with(path: &Path, timing: FetchTiming) -> Result<Self, CallersError> {
+        let timing = FetchTiming::default();
         let file = path.to_owned();
         let keys = Arc::new(Registry::default());
         let sources = keys.clone();

@@ -27,13 +27,13 @@ use url::Url;
 
 /// When key sets are fetched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FetchTiming {
+pub(super) struct FetchTiming {
     /// Fetches triggered by unknown key ids are at least this far apart, per issuer.
-    pub min_interval: Duration,
+    pub(super) min_interval: Duration,
     /// How often a key set is fetched again after a good fetch.
-    pub refresh_every: Duration,
+    pub(super) refresh_every: Duration,
     /// The longest a fetch may take, connection included.
-    pub timeout: Duration,
+    pub(super) timeout: Duration,
 }
 
 impl Default for FetchTiming {

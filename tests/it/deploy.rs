@@ -693,6 +693,10 @@ fn identity_example_agrees_with_the_service() {
     assert_eq!(deployment["metadata"]["namespace"], namespace);
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], account);
+    assert!(
+        pod["securityContext"]["runAsUser"].as_u64().is_some(),
+        "one runAsUser makes the projected token 0600"
+    );
     assert_eq!(kind(&docs, "ServiceAccount")["metadata"]["name"], account);
     assert_eq!(
         deployment["spec"]["template"]["metadata"]["labels"]["credential-service/client"], "true",
