@@ -20,6 +20,7 @@ use credential_service::{
     proto::GetTokenRequest,
     tls::{ServerTls, TlsFiles},
 };
+use futures::StreamExt as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
@@ -137,6 +138,8 @@ struct JwksServer {
     keys: Arc<Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
+    /// When set, fetches without `authorization: Bearer <this>` get 401.
+    needs_bearer: Arc<Mutex<Option<String>>>,
 }
 
 impl JwksServer {
@@ -166,20 +169,29 @@ impl JwksServer {
             keys: Arc::new(Mutex::new(keys.iter().map(|k| k.jwk.clone()).collect())),
             fetches: Arc::default(),
             down: Arc::default(),
+            needs_bearer: Arc::default(),
         };
-        let (served, fetches, down) = (
+        let (served, fetches, down, needs_bearer) = (
             server.keys.clone(),
             server.fetches.clone(),
             server.down.clone(),
+            server.needs_bearer.clone(),
         );
         let app = axum::Router::new().route(
             "/openid/v1/jwks",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let (served, fetches, down) = (served.clone(), fetches.clone(), down.clone());
+                let needed = needs_bearer.lock().unwrap().clone();
                 async move {
                     fetches.fetch_add(1, Ordering::SeqCst);
                     if down.load(Ordering::SeqCst) {
                         return Err(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    if let Some(token) = needed {
+                        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
+                        if sent != Some(format!("Bearer {token}").as_str()) {
+                            return Err(axum::http::StatusCode::UNAUTHORIZED);
+                        }
                     }
                     let keys = served.lock().unwrap().clone();
                     Ok((
@@ -271,10 +283,14 @@ async fn world_with(keys: &[&SigningKey], before_start: impl FnOnce(&JwksServer)
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.crt");
     std::fs::write(&ca, &jwks.ca_pem).unwrap();
+    // The service's own token, sent with every fetch (a server may ask for it: `needs_bearer`).
+    let token = dir.path().join("token");
+    std::fs::write(&token, "service-own-token-4a1f\n").unwrap();
     let source = format!(
-        "jwks_uri = \"{}\"\nca_file = \"{}\"",
+        "jwks_uri = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"",
         jwks.url,
-        ca.display()
+        ca.display(),
+        token.display()
     );
     let callers = load(dir.path(), &callers_toml(&source));
     let app = TestApp::spawn_with(Options {
@@ -532,8 +548,21 @@ async fn a_flood_of_unknown_key_ids_fetches_the_key_set_once() {
     let made_up: Vec<String> = (0..300)
         .map(|i| sign(&ec_key(&format!("made-up-{i}")), &claims()))
         .collect();
-    let calls = made_up.iter().map(|token| call(&w.app, token));
-    for result in futures::future::join_all(calls).await {
+    // Over one connection, 32 at a time (300 connections at once would test the listener's
+    // bounds, not this rule).
+    let client = w.app.client_with_token(None);
+    let calls = made_up.iter().map(|token| {
+        let mut client = client.clone();
+        let mut request = tonic::Request::new(GetTokenRequest {
+            account: "acme-1".into(),
+            min_validity: None,
+        });
+        let bearer = format!("Bearer {token}").parse().unwrap();
+        request.metadata_mut().insert("authorization", bearer);
+        async move { client.get_token(request).await }
+    });
+    let mut results = futures::stream::iter(calls).buffer_unordered(32);
+    while let Some(result) = results.next().await {
         codes.push(result.unwrap_err().code());
     }
     // The first asks for a fetch (UNAVAILABLE: retry), every other is refused outright.
@@ -542,7 +571,8 @@ async fn a_flood_of_unknown_key_ids_fetches_the_key_set_once() {
     assert!(
         codes
             .iter()
-            .all(|c| matches!(c, Code::Unavailable | Code::Unauthenticated))
+            .all(|c| matches!(c, Code::Unavailable | Code::Unauthenticated)),
+        "{codes:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while w.jwks.fetches() < before + 1 {
@@ -616,6 +646,24 @@ async fn start_up_does_not_wait_for_the_issuer_and_cached_keys_outlive_an_outage
     let mut fresh = claims();
     fresh["jti"] = json!("another token");
     assert!(call(&w.app, &sign(&ed, &fresh)).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_service_reads_a_jwks_uri_that_needs_its_own_token() {
+    let ed = ed_key("ed-1");
+    let w = world_with(&[&ed], |jwks| {
+        *jwks.needs_bearer.lock().unwrap() = Some("service-own-token-4a1f".into());
+    })
+    .await;
+    until_accepted(&w.app, &sign(&ed, &claims()), Duration::from_secs(10)).await;
+    // Without the token the same server refuses, so the keys came with it.
+    let ca = reqwest::Certificate::from_pem(w.jwks.ca_pem.as_bytes()).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let status = http.get(&w.jwks.url).send().await.unwrap().status();
+    assert_eq!(status, 401);
 }
 
 #[tokio::test]
