@@ -108,6 +108,8 @@ pub(super) struct KeySource {
     current: ArcSwap<KeySet>,
     /// When a token with an unknown key id last asked for a fetch.
     last_asked: Mutex<Option<Instant>>,
+    /// A fetch was asked for and has not completed yet.
+    asked: AtomicBool,
     wake: Arc<Notify>,
     /// Whether its fetcher task runs.
     fetching: AtomicBool,
@@ -175,6 +177,7 @@ impl KeySource {
             timing,
             current: ArcSwap::from_pointee(KeySet::default()),
             last_asked: Mutex::new(None),
+            asked: AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
             fetching: AtomicBool::new(false),
         });
@@ -197,13 +200,15 @@ impl KeySource {
     }
 
     /// A token named a key id the set lacks: asks for a fetch, unless one was asked for within
-    /// `min_interval`. Returns whether it asked.
+    /// `min_interval`. Returns whether a fetch is coming (asked now, or asked before and not
+    /// done yet): the key may yet arrive, so the caller is told to retry.
     pub(super) fn ask_for_fetch(&self) -> bool {
         let mut last = self.last_asked.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|at| at.elapsed() < self.timing.min_interval) {
-            return false;
+            return self.asked.load(Ordering::Acquire);
         }
         *last = Some(Instant::now());
+        self.asked.store(true, Ordering::Release);
         self.wake.notify_one();
         true
     }
@@ -402,7 +407,10 @@ async fn fetch_loop(source: Weak<KeySource>, wake: Arc<Notify>) {
     let mut failures = 0u32;
     loop {
         let Some(this) = source.upgrade() else { return };
-        let pause = match this.fetch().await {
+        // An ask that arrives during this fetch is served by the next one.
+        let serves_ask = this.asked.load(Ordering::Acquire);
+        let fetched = this.fetch().await;
+        let pause = match fetched {
             Ok(keys) => {
                 failures = 0;
                 this.install(keys);
@@ -423,6 +431,9 @@ async fn fetch_loop(source: Weak<KeySource>, wake: Arc<Notify>) {
                     .min(this.timing.refresh_every)
             }
         };
+        if serves_ask {
+            this.asked.store(false, Ordering::Release);
+        }
         drop(this);
         tokio::select! {
             () = tokio::time::sleep(pause) => {}

@@ -287,7 +287,7 @@ pub(super) fn verify<'a>(
     let kid = header.kid.ok_or(refuse(Refusal::UnknownKey))?;
     let Some(key) = keys.keys.get(&kid) else {
         // Not loaded yet: the fetcher is at it already. Loaded: perhaps a new key, so one fetch
-        // per interval, however many tokens ask.
+        // per interval, however many tokens ask; until it is done they are told to retry.
         return Err(refuse(if !keys.loaded || issuer.keys.ask_for_fetch() {
             Refusal::KeysNotReady
         } else {
