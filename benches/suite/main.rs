@@ -9,6 +9,7 @@
 //! - [`durable`]: CompleteAuth and refresh latency against a bare sled insert + flush.
 //! - [`postgres`]: the same rows on a private PostgreSQL cluster, a three-replica storm, start-up.
 //! - [`watchers`]: idle WatchToken streams on the real binary, and one refresh fanned out.
+//! - [`identity`]: GetToken with a JWT caller against a static-token caller, in alternation.
 //! - [`soak`]: ten minutes of refreshes, churn and reads, watching memory, descriptors and disk
 //!   (only when named: `-- soak`, shortened with `--soak-seconds`).
 //! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
@@ -17,6 +18,7 @@ mod backup;
 mod durable;
 mod fixture;
 mod floor;
+mod identity;
 mod load;
 mod postgres;
 mod report;
@@ -36,7 +38,7 @@ use crate::{fixture::Runtimes, load::LoadSpec};
 #[derive(Parser)]
 #[command(about = "credential-service performance suite (issue 6)")]
 struct Cli {
-    /// Sections to run (throughput, storm, scale, durable, postgres, watch; recovery alone; soak only when named);
+    /// Sections to run (throughput, storm, scale, durable, postgres, watch, identity; recovery alone; soak only when named);
     /// all but soak when none is named.
     sections: Vec<String>,
     /// A short smoke run: fewer accounts, one short round, fewer operations.
@@ -129,6 +131,7 @@ fn main() {
         "recovery",
         "postgres",
         "watch",
+        "identity",
         "soak",
     ];
     // `soak` is long and runs only when named; `recovery` is part of `storm`, or alone.
@@ -242,6 +245,16 @@ fn main() {
         if wanted("watch") {
             let w = watchers::run(&env, if q { 1_000 } else { 10_000 }, 1_000).await;
             println!("{}", report::watchers(&w));
+        }
+        if wanted("identity") {
+            let dir = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-identity-");
+            let names = fixture::account_names(if q { 100 } else { 1_000 });
+            fixture::seed(dir.path(), &names, &Clock::system(), |_| {
+                fixture::random_token("etr_")
+            })
+            .await;
+            let result = identity::run(&env, dir.path(), names).await;
+            println!("{}", identity::report(&result));
         }
         if named("soak") {
             let spec = soak::SoakSpec::new(Duration::from_secs(cli.soak_seconds));
