@@ -83,7 +83,7 @@ impl Issuer {
                 .map_err(|e| format!("issuer {name}: jwks_uri {uri:?} is not a URL: {e}"))?;
             match url.scheme() {
                 "https" => Ok(url),
-                "http" if crate::config::is_loopback(&url) => Ok(url),
+                "http" if is_loopback(&url) => Ok(url),
                 _ => Err(format!(
                     "issuer {name}: jwks_uri must be an https:// URL (plain http only to loopback)"
                 )),
@@ -116,6 +116,17 @@ impl Issuer {
             audiences: entry.audiences,
             keys: keys.source(name, spec, timing)?,
         })
+    }
+}
+
+/// Whether `url` points at this machine. The same rule as the provider URLs' (`config`), which
+/// this module may not import (`config` builds on `auth`).
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
     }
 }
 
