@@ -269,7 +269,9 @@ accounts = ["acme-*"]
 struct World {
     app: TestApp,
     jwks: JwksServer,
-    _dir: TempDir,
+    dir: TempDir,
+    /// The callers file's `jwks_uri`, `ca_file` and `token_file` lines.
+    source: String,
 }
 
 /// A server whose issuer's keys come from a [`JwksServer`] serving `keys`; `acme-1` connected.
@@ -303,7 +305,8 @@ async fn world_with(keys: &[&SigningKey], before_start: impl FnOnce(&JwksServer)
     World {
         app,
         jwks,
-        _dir: dir,
+        dir,
+        source,
     }
 }
 
@@ -649,6 +652,41 @@ async fn start_up_does_not_wait_for_the_issuer_and_cached_keys_outlive_an_outage
     let mut fresh = claims();
     fresh["jti"] = json!("another token");
     assert!(call(&w.app, &sign(&ed, &fresh)).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_reload_takes_up_new_jwt_callers_and_keeps_the_issuer_s_keys() {
+    let ec = ec_key("ec-1");
+    let w = world(&[&ec]).await;
+    let billing = sign(&ec, &claims());
+    until_accepted(&w.app, &billing, Duration::from_secs(10)).await;
+    let mut worker_claims = claims();
+    worker_claims["sub"] = json!("system:serviceaccount:billing:worker");
+    let worker = sign(&ec, &worker_claims);
+    assert_status(
+        call(&w.app, &worker).await,
+        Code::Unauthenticated,
+        "unknown subject",
+    );
+
+    let fetches = w.jwks.fetches();
+    let more = format!(
+        "{}\n[[caller]]\nname = \"billing-worker\"\n\
+         jwt = {{ issuer = \"cluster\", subject = \"system:serviceaccount:billing:worker\" }}\n\
+         role = \"reader\"\naccounts = [\"acme-1\"]\n",
+        callers_toml(&w.source)
+    );
+    std::fs::write(w.dir.path().join("callers.toml"), more).unwrap();
+    assert_eq!(w.app.options.callers.reload().unwrap(), 4);
+    // The new caller is in, the old one still; the unchanged issuer kept its keys: no fetch.
+    assert!(call(&w.app, &worker).await.is_ok());
+    assert!(call(&w.app, &billing).await.is_ok());
+    assert_eq!(w.jwks.fetches(), fetches);
+
+    // A broken file keeps the one in force.
+    std::fs::write(w.dir.path().join("callers.toml"), "[[issuer]]\nname = 1\n").unwrap();
+    assert!(w.app.options.callers.reload().is_err());
+    assert!(call(&w.app, &worker).await.is_ok());
 }
 
 #[tokio::test]
