@@ -88,6 +88,7 @@ pub fn record(method: &str, caller: &str, account: &str, outcome: Code) {
         first: None,
         last: None,
         peer: None,
+        reason: None,
     };
     if !file::write_event(&line) {
         tracing::event!(target: "audit", Level::INFO, caller, method, account, outcome, "call");
@@ -96,19 +97,42 @@ pub fn record(method: &str, caller: &str, account: &str, outcome: Code) {
 
 /// Counts one call into the next aggregated event; see the module docs. `peer` is for refusals.
 pub fn count(method: &str, caller: &str, account: &str, outcome: Code, peer: Option<IpAddr>) {
+    count_with_reason(method, caller, account, "", outcome, peer);
+}
+
+/// Counts one refused call with why it was refused (`reason`: a fixed phrase such as "expired",
+/// never input), and the caller when known (a good signature on an expired token).
+pub fn count_refusal(
+    method: &str,
+    caller: &str,
+    reason: &'static str,
+    outcome: Code,
+    peer: Option<IpAddr>,
+) {
+    count_with_reason(method, caller, "", reason, outcome, peer);
+}
+
+fn count_with_reason(
+    method: &str,
+    caller: &str,
+    account: &str,
+    reason: &str,
+    outcome: Code,
+    peer: Option<IpAddr>,
+) {
     AUDITED.set(true);
     let now = coarse_now();
     SHARD.with(|shard| {
         let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
         let Local { map, key } = &mut *local;
-        encode(key, outcome, peer, method, caller, account);
+        encode(key, outcome, peer, [method, caller, account, reason]);
         if let Some(tally) = map.get_mut(key.as_slice()) {
             tally.add(now);
             return;
         }
         if outcome != Code::Ok && map.len() >= MAX_KEYS.load(Ordering::Relaxed) {
             // Refusals can carry anything a client sends: fold them rather than grow.
-            encode(key, outcome, None, method, caller, OTHERS);
+            encode(key, outcome, None, [method, caller, OTHERS, reason]);
             key[1] = PEER_OTHERS;
             if let Some(tally) = map.get_mut(key.as_slice()) {
                 tally.add(now);
@@ -224,21 +248,43 @@ pub fn flush() {
     }
 }
 
-/// One aggregated event, into the logs.
+/// One aggregated event, into the logs. Only refusals with a reason (a JWT's, say) carry the
+/// field.
 fn log_calls(event: &Event<'_>, tally: &Tally) {
-    tracing::event!(
-        target: "audit",
-        Level::INFO,
-        caller = event.caller,
-        method = event.method,
-        account = event.account,
-        outcome = event.outcome,
-        count = tally.count,
-        first = %humantime::format_rfc3339_millis(tally.first),
-        last = %humantime::format_rfc3339_millis(tally.last),
-        peer = %event.peer,
-        "calls"
+    let (first, last) = (
+        humantime::format_rfc3339_millis(tally.first),
+        humantime::format_rfc3339_millis(tally.last),
     );
+    if event.reason.is_empty() {
+        tracing::event!(
+            target: "audit",
+            Level::INFO,
+            caller = event.caller,
+            method = event.method,
+            account = event.account,
+            outcome = event.outcome,
+            count = tally.count,
+            first = %first,
+            last = %last,
+            peer = %event.peer,
+            "calls"
+        );
+    } else {
+        tracing::event!(
+            target: "audit",
+            Level::INFO,
+            caller = event.caller,
+            method = event.method,
+            account = event.account,
+            outcome = event.outcome,
+            count = tally.count,
+            first = %first,
+            last = %last,
+            peer = %event.peer,
+            reason = event.reason,
+            "calls"
+        );
+    }
 }
 
 /// Every aggregated event as one write to the audit file (then synced); returns the calls
@@ -265,6 +311,7 @@ fn write_to_file(merged: &BTreeMap<Box<[u8]>, Tally>) -> u64 {
             first: Some(&first),
             last: Some(&last),
             peer: Some(&event.peer),
+            reason: (!event.reason.is_empty()).then_some(event.reason),
         }
         .append_to(&mut buf);
         lines += 1;
@@ -344,16 +391,9 @@ const PEER_V4: u8 = 4;
 const PEER_V6: u8 = 6;
 const PEER_OTHERS: u8 = 0xff;
 
-/// The key: outcome, peer (tag and octets), then method, caller and account, each
+/// The key: outcome, peer (tag and octets), then method, caller, account and reason, each
 /// length-prefixed, so any text round-trips.
-fn encode(
-    key: &mut Vec<u8>,
-    outcome: Code,
-    peer: Option<IpAddr>,
-    method: &str,
-    caller: &str,
-    account: &str,
-) {
+fn encode(key: &mut Vec<u8>, outcome: Code, peer: Option<IpAddr>, texts: [&str; 4]) {
     key.clear();
     key.push(outcome as i32 as u8);
     match peer {
@@ -367,7 +407,7 @@ fn encode(
             key.extend_from_slice(&ip.octets());
         }
     }
-    for text in [method, caller, account] {
+    for text in texts {
         let bytes = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
         key.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
         key.extend_from_slice(bytes);
@@ -380,6 +420,7 @@ struct Event<'a> {
     method: &'a str,
     caller: &'a str,
     account: &'a str,
+    reason: &'a str,
 }
 
 fn decode(key: &[u8]) -> Option<Event<'_>> {
@@ -412,6 +453,7 @@ fn decode(key: &[u8]) -> Option<Event<'_>> {
         method: text()?,
         caller: text()?,
         account: text()?,
+        reason: text()?,
     })
 }
 
@@ -483,11 +525,10 @@ mod tests {
                 &mut key,
                 Code::PermissionDenied,
                 peer,
-                "GetToken",
-                caller,
-                account,
+                ["GetToken", caller, account, "expired"],
             );
             let event = decode(&key).unwrap();
+            assert_eq!(event.reason, "expired");
             assert_eq!(event.outcome, "PERMISSION_DENIED");
             assert_eq!(event.method, "GetToken");
             assert_eq!(event.caller, caller);

@@ -1,6 +1,8 @@
-//! Who may call what. A callers file (TOML) names each caller, the SHA-256 of its bearer token
-//! and/or the subject alternative name of its client certificate (mTLS), its role and the account
-//! globs it may use. [`Callers::check`] runs before every gRPC call reaches its service (the
+//! Who may call what. A callers file (TOML) names each caller, how it proves who it is (the
+//! SHA-256 of a static bearer token, the subject alternative name or SPIFFE ID of its client
+//! certificate (mTLS), or the issuer and subject of the JWTs it presents, checked against the
+//! `[[issuer]]`s of the file: [`jwt`], [`jwks`], [`spiffe`]), its role and the account globs it
+//! may use. [`Callers::check`] runs before every gRPC call reaches its service (the
 //! server's call layer calls it): it lets health and reflection through, authenticates everyone
 //! else, checks the role against the method (GetToken: reader or admin; every other
 //! `credential.v1` method: admin, so new admin RPCs are admin-only without further work) and puts
@@ -10,7 +12,13 @@
 //! only). The file is re-read on SIGHUP and when its content changes ([`crate::reload`]); a bad
 //! file keeps the old table.
 
-use std::{fmt, net::IpAddr, path::Path, sync::Arc};
+mod jwks;
+mod jwt;
+mod spiffe;
+
+use std::{collections::HashMap, fmt, net::IpAddr, path::Path, sync::Arc};
+
+pub use jwt::{MAX_BEARER_BYTES, Refusal};
 
 use rustls_pki_types::ServerName;
 use serde::Deserialize;
@@ -27,6 +35,7 @@ use crate::{
     audit,
     reload::{self, FileBacked, Reloadable},
 };
+use jwks::{FetchTiming, Registry};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -153,7 +162,17 @@ pub struct CallersError(String);
 #[serde(deny_unknown_fields)]
 struct CallersFile {
     #[serde(default)]
+    issuer: Vec<jwt::IssuerEntry>,
+    #[serde(default)]
     caller: Vec<CallerEntry>,
+}
+
+/// A caller's `jwt = { issuer, subject }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwtEntry {
+    issuer: String,
+    subject: String,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +181,8 @@ struct CallerEntry {
     name: String,
     token_sha256: Option<String>,
     tls_san: Option<String>,
+    tls_spiffe_id: Option<String>,
+    jwt: Option<JwtEntry>,
     role: Role,
     accounts: Vec<String>,
 }
@@ -172,14 +193,44 @@ struct Table {
     callers: usize,
     by_token: Vec<([u8; 32], Arc<Caller>)>,
     by_san: Vec<(ServerName<'static>, Arc<Caller>)>,
+    by_spiffe: Vec<(String, Arc<Caller>)>,
+    issuers: Vec<jwt::Issuer>,
+    /// JWT callers by `"{issuer name}\n{subject}"`.
+    by_subject: HashMap<String, Arc<Caller>>,
+    /// JWTs verified under this file.
+    remembered: jwt::Remembered,
+}
+
+/// The key of [`Table::by_subject`].
+fn subject_key(issuer: &str, subject: &str) -> String {
+    format!("{issuer}\n{subject}")
 }
 
 impl Table {
+    #[cfg(test)]
     fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_with(text, &Registry::default(), FetchTiming::default())
+    }
+
+    /// Parses a callers file; its issuers' key sources come from `keys` when unchanged.
+    fn parse_with(text: &str, keys: &Registry, timing: FetchTiming) -> Result<Self, String> {
         let file: CallersFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
         let mut table = Table::default();
         let mut names = std::collections::HashSet::new();
         table.callers = file.caller.len();
+        for entry in file.issuer {
+            let issuer = jwt::Issuer::parse(entry, keys, timing)?;
+            if table.issuers.iter().any(|i| i.name == issuer.name) {
+                return Err(format!("issuer {} is listed twice", issuer.name));
+            }
+            if table.issuers.iter().any(|i| i.iss == issuer.iss) {
+                return Err(format!(
+                    "issuers {} and another have the same `issuer`",
+                    issuer.name
+                ));
+            }
+            table.issuers.push(issuer);
+        }
         for entry in file.caller {
             let name = entry.name.trim();
             if name.is_empty() {
@@ -209,10 +260,42 @@ impl Table {
                     .any(|p| matches!(p, AccountGlob::Prefix(prefix) if prefix.is_empty())),
                 accounts,
             });
-            if entry.token_sha256.is_none() && entry.tls_san.is_none() {
+            if entry.token_sha256.is_none()
+                && entry.tls_san.is_none()
+                && entry.tls_spiffe_id.is_none()
+                && entry.jwt.is_none()
+            {
                 return Err(format!(
-                    "caller {name} needs token_sha256 or tls_san (or both)"
+                    "caller {name} needs token_sha256, tls_san, tls_spiffe_id or jwt (one or more)"
                 ));
+            }
+            if let Some(jwt) = &entry.jwt {
+                if !table.issuers.iter().any(|i| *i.name == *jwt.issuer) {
+                    return Err(format!(
+                        "caller {name}: jwt.issuer {:?} names no [[issuer]]",
+                        jwt.issuer
+                    ));
+                }
+                if jwt.subject.is_empty() {
+                    return Err(format!("caller {name}: jwt.subject is empty"));
+                }
+                let key = subject_key(&jwt.issuer, &jwt.subject);
+                if table.by_subject.insert(key, caller.clone()).is_some() {
+                    return Err(format!(
+                        "caller {name} shares its jwt issuer and subject with another caller"
+                    ));
+                }
+            }
+            if let Some(id) = &entry.tls_spiffe_id {
+                let id = spiffe::parse(id.trim()).map_err(|why| {
+                    format!("caller {name}: tls_spiffe_id {id:?} is not a SPIFFE ID: it {why}")
+                })?;
+                if table.by_spiffe.iter().any(|(known, _)| known == id) {
+                    return Err(format!(
+                        "caller {name} shares its tls_spiffe_id with another caller"
+                    ));
+                }
+                table.by_spiffe.push((id.to_owned(), caller.clone()));
             }
             if let Some(hex_hash) = &entry.token_sha256 {
                 let mut hash = [0u8; 32];
@@ -243,14 +326,43 @@ impl Table {
         Ok(table)
     }
 
+    /// The key sources of this file's issuers.
+    fn key_sources(&self) -> Vec<Arc<jwks::KeySource>> {
+        self.issuers.iter().map(|i| i.keys.clone()).collect()
+    }
+
     /// The callers file as read, parsed; errors name the file.
-    fn from_file(path: &Path, read: &reload::Read) -> Result<Self, String> {
+    fn from_file(
+        path: &Path,
+        read: &reload::Read,
+        keys: &Registry,
+        timing: FetchTiming,
+    ) -> Result<Self, String> {
         let what = "the callers file (--callers-file / CREDENTIAL_SERVICE_CALLERS_FILE)";
         let bytes = reload::content(read, what, path)?;
         let text = std::str::from_utf8(bytes)
             .map_err(|_| format!("the callers file {} is not UTF-8", path.display()))?;
-        Self::parse(text)
+        Self::parse_with(text, keys, timing)
             .map_err(|reason| format!("the callers file {} is invalid: {reason}", path.display()))
+    }
+}
+
+/// Why a call was not let in: what the caller is told, and for the audit the reason and, when
+/// known, the caller.
+#[derive(Debug)]
+struct Refused {
+    status: Status,
+    reason: &'static str,
+    caller: Option<Arc<Caller>>,
+}
+
+impl From<Status> for Refused {
+    fn from(status: Status) -> Self {
+        Self {
+            status,
+            reason: "",
+            caller: None,
+        }
     }
 }
 
@@ -259,6 +371,8 @@ impl Table {
 #[derive(Clone)]
 pub struct Callers {
     registry: Option<Arc<FileBacked<Table>>>,
+    /// The key sources of the file's issuers, for their fetchers.
+    keys: Arc<Registry>,
     anonymous: Arc<Caller>,
 }
 
@@ -276,24 +390,40 @@ impl Callers {
     pub fn open() -> Self {
         Self {
             registry: None,
+            keys: Arc::default(),
             anonymous: Arc::new(Caller::anonymous()),
         }
     }
 
     /// Reads the callers file at `path`.
     pub fn load(path: &Path) -> Result<Self, CallersError> {
+        let timing = FetchTiming::default();
         let file = path.to_owned();
+        let keys = Arc::new(Registry::default());
+        let sources = keys.clone();
         let registry = FileBacked::load(
             "the callers file",
             vec![path.to_owned()],
-            Box::new(move |reads| Table::from_file(&file, &reads[0])),
+            Box::new(move |reads| {
+                let table = Table::from_file(&file, &reads[0], &sources, timing)?;
+                // Parsed whole: the fetchers follow this file's issuers from now on.
+                sources.replace(table.key_sources());
+                Ok(table)
+            }),
             |table| format!("{} caller(s)", table.callers),
         )
         .map_err(CallersError)?;
         Ok(Self {
             registry: Some(Arc::new(registry)),
+            keys,
             anonymous: Arc::new(Caller::anonymous()),
         })
+    }
+
+    /// Fetches the signing keys of the callers file's JWT issuers, following reloads, for as long
+    /// as it runs (the server runs it while it serves; calls never wait for a fetch).
+    pub async fn fetch_issuer_keys(self) {
+        jwks::run_fetchers(self.keys).await;
     }
 
     /// Whether there is no callers file (every call allowed).
@@ -320,7 +450,7 @@ impl Callers {
     }
 
     /// Who sent `req`: its bearer token if it has one, else its verified client certificate.
-    fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Arc<Caller>, Status> {
+    fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Arc<Caller>, Refused> {
         let Some(registry) = &self.registry else {
             return Ok(self.anonymous.clone());
         };
@@ -331,6 +461,9 @@ impl Callers {
                     "malformed authorization header; send `authorization: Bearer <token>`",
                 )
             })?;
+            if token.len() > MAX_BEARER_BYTES {
+                return Err(refused(Refusal::TooLong, None));
+            }
             let digest: [u8; 32] = Sha256::digest(token).into();
             // Every entry is compared, in constant time, whatever matches.
             let mut found = None;
@@ -339,11 +472,23 @@ impl Callers {
                     found = Some(caller);
                 }
             }
-            return found
-                .cloned()
-                .ok_or_else(|| Status::unauthenticated("unknown bearer token"));
+            if let Some(caller) = found {
+                return Ok(caller.clone());
+            }
+            // A JWT (three dot-separated parts) from one of the file's issuers.
+            if !table.issuers.is_empty() && token.contains(&b'.') {
+                if let Some(caller) = table.remembered.get(&digest) {
+                    return Ok(caller);
+                }
+                let find = |issuer: &str, subject: &str| {
+                    table.by_subject.get(&subject_key(issuer, subject))
+                };
+                return jwt::verify(token, digest, &table.issuers, find, &table.remembered)
+                    .map_err(|(refusal, caller)| refused(refusal, caller));
+            }
+            return Err(Status::unauthenticated("unknown bearer token").into());
         }
-        if !table.by_san.is_empty()
+        if (!table.by_san.is_empty() || !table.by_spiffe.is_empty())
             && let Some(certs) = req
                 .extensions()
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -356,11 +501,22 @@ impl Callers {
             if cert.valid_dns_names().any(|name| name.contains('*')) {
                 return Err(Status::unauthenticated(
                     "client certificates with a wildcard name are not accepted",
-                ));
+                )
+                .into());
+            }
+            // A SPIFFE ID matches exactly, never as a prefix.
+            let mut named: Option<&Arc<Caller>> = None;
+            if !table.by_spiffe.is_empty()
+                && let Some(id) = spiffe::of_certificate(leaf.as_ref())
+            {
+                named = table
+                    .by_spiffe
+                    .iter()
+                    .find(|(known, _)| *known == id)
+                    .map(|(_, caller)| caller);
             }
             // A certificate whose names belong to two callers would otherwise be whichever the
             // file lists first: it names neither.
-            let mut named: Option<&Arc<Caller>> = None;
             for (san, caller) in &table.by_san {
                 if !san_matches(&cert, san) {
                     continue;
@@ -370,7 +526,8 @@ impl Callers {
                         return Err(Status::unauthenticated(
                             "the client certificate names more than one caller in the callers \
                              file, so it names none: issue one certificate per caller",
-                        ));
+                        )
+                        .into());
                     }
                     _ => named = Some(caller),
                 }
@@ -379,11 +536,21 @@ impl Callers {
                 Status::unauthenticated(
                     "the client certificate names no caller in the callers file",
                 )
+                .into()
             });
         }
         Err(Status::unauthenticated(
             "no credentials: send `authorization: Bearer <token>` (or a client certificate listed in the callers file)",
-        ))
+        )
+        .into())
+    }
+}
+
+fn refused(refusal: Refusal, caller: Option<Arc<Caller>>) -> Refused {
+    Refused {
+        status: refusal.status(),
+        reason: refusal.reason(),
+        caller,
     }
 }
 
@@ -481,8 +648,11 @@ impl Callers {
             audit::count(method, "", "", status.code(), peer(req));
             return Err(status);
         }
-        let caller = self.authenticate(req).inspect_err(|status| {
-            audit::count(method, "", "", status.code(), peer(req));
+        let caller = self.authenticate(req).map_err(|refused| {
+            let name = refused.caller.as_ref().map_or("", |c| c.name());
+            let code = refused.status.code();
+            audit::count_refusal(method, name, refused.reason, code, peer(req));
+            refused.status
         })?;
         if need == Access::Admin && caller.role != Role::Admin {
             let status = Status::permission_denied(format!(
@@ -629,7 +799,7 @@ mod tests {
             Some("test"),
         ] {
             let e = callers.authenticate(&request("/x", auth)).unwrap_err();
-            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{auth:?}");
+            assert_eq!(e.status.code(), tonic::Code::Unauthenticated, "{auth:?}");
         }
     }
 
@@ -669,7 +839,7 @@ mod tests {
         for (text, needle) in [
             (
                 "[[caller]]\nname = \"a\"\nrole = \"reader\"\naccounts = [\"*\"]",
-                "token_sha256 or tls_san",
+                "token_sha256, tls_san, tls_spiffe_id or jwt",
             ),
             (
                 "[[caller]]\nname = \"a\"\ntoken_sha256 = \"my-real-token\"\nrole = \"reader\"\naccounts = [\"*\"]",
@@ -695,6 +865,28 @@ mod tests {
                 "[[caller]]\nname = \"a\"\ntls_san = \"a.example\"\nrole = \"reader\"\naccounts = [\"*\"]\n\
                  [[caller]]\nname = \"b\"\ntls_san = \"a.example\"\nrole = \"admin\"\naccounts = [\"*\"]",
                 "shares its tls_san",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\njwt = { issuer = \"k8s\", subject = \"s\" }\nrole = \"reader\"\naccounts = [\"*\"]",
+                "names no [[issuer]]",
+            ),
+            (
+                "[[caller]]\nname = \"a\"\ntls_spiffe_id = \"spiffe://Td/x\"\nrole = \"reader\"\naccounts = [\"*\"]",
+                "not a SPIFFE ID",
+            ),
+            (
+                "[[issuer]]\nname = \"k8s\"\nissuer = \"https://k8s\"\njwks_uri = \"https://k8s/jwks\"\naudiences = []",
+                "audiences",
+            ),
+            (
+                "[[issuer]]\nname = \"k8s\"\nissuer = \"https://k8s\"\njwks_uri = \"http://k8s/jwks\"\naudiences = [\"cs\"]",
+                "plain http only to loopback",
+            ),
+            (
+                "[[issuer]]\nname = \"k8s\"\nissuer = \"https://k8s\"\njwks_uri = \"https://k8s/jwks\"\naudiences = [\"cs\"]\n\
+                 [[caller]]\nname = \"a\"\njwt = { issuer = \"k8s\", subject = \"s\" }\nrole = \"reader\"\naccounts = [\"*\"]\n\
+                 [[caller]]\nname = \"b\"\njwt = { issuer = \"k8s\", subject = \"s\" }\nrole = \"admin\"\naccounts = [\"*\"]",
+                "shares its jwt issuer and subject",
             ),
         ] {
             let e = Table::parse(text)

@@ -18,7 +18,8 @@
 //! - [`service`]: the gRPC `CredentialService`: requests in, domain calls, statuses out; the places
 //!   for watch streams.
 //! - [`backup`]: the backup file (sealed records, checksummed), restore's checks, offline backups.
-//! - [`auth`]: callers file, the tower layer that authenticates callers and checks roles, account globs.
+//! - [`auth`]: callers file (static tokens, client certificates, SPIFFE IDs, JWTs checked against
+//!   their issuers' keys), the caller check before every call, roles, account globs.
 //! - [`tls`]: the server's certificate, key and client CA, checked together and swapped whole when
 //!   their files change; the certificate's expiry.
 //! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.

@@ -11,6 +11,9 @@
 //! - [`watchers`]: idle WatchToken streams on the real binary, and one refresh fanned out.
 //! - [`traces`]: GetToken with OpenTelemetry traces off and on (1% sampled), alternating (only
 //!   when named: `-- traces`).
+//! - [`identity`]: GetToken with a JWT caller against a static-token caller, in alternation.
+//! - [`h2load`]: GetToken driven by h2load from another process against the bare floor, the
+//!   floor and the service (only when named: `-- h2load`).
 //! - [`soak`]: ten minutes of refreshes, churn and reads, watching memory, descriptors and disk
 //!   (only when named: `-- soak`, shortened with `--soak-seconds`).
 //! - [`load`], [`floor`], [`fixture`]: the load generator, the floor server, set-up.
@@ -20,6 +23,7 @@ mod durable;
 mod fixture;
 mod floor;
 mod h2load;
+mod identity;
 mod load;
 mod postgres;
 mod report;
@@ -40,8 +44,8 @@ use crate::{fixture::Runtimes, load::LoadSpec};
 #[derive(Parser)]
 #[command(about = "credential-service performance suite (issue 6)")]
 struct Cli {
-    /// Sections to run (throughput, storm, scale, durable, postgres, watch; recovery alone; soak
-    /// and traces only when named); all but soak and traces when none is named.
+    /// Sections to run (throughput, storm, scale, durable, postgres, watch, identity; recovery
+    /// alone; soak, traces and h2load only when named); all but those three when none is named.
     sections: Vec<String>,
     /// A short smoke run: fewer accounts, one short round, fewer operations.
     #[arg(long)]
@@ -138,11 +142,13 @@ fn main() {
         "recovery",
         "postgres",
         "watch",
+        "identity",
         "soak",
         "h2load",
         "traces",
     ];
-    // `soak` is long and `h2load` needs h2load installed: each runs only when named; `recovery` is part of `storm`, or alone.
+    // `soak` is long, `h2load` needs h2load installed and `traces` a collector: each runs only
+    // when named; `recovery` is part of `storm`, or alone.
     let named = |s: &str| cli.sections.iter().any(|w| w == s);
     let wanted = |s: &str| {
         !["soak", "h2load", "traces"].contains(&s) && (cli.sections.is_empty() || named(s))
@@ -316,6 +322,16 @@ fn main() {
             let dirs = [dirs[0].path(), dirs[1].path()];
             let traced = traces::compare(&env, dirs, names, &auth, collector, otel.calls).await;
             println!("{}", report::traces(&traced));
+        }
+        if wanted("identity") {
+            let dir = fixture::temp_dir(env.data_root.as_deref(), "cs-bench-identity-");
+            let names = fixture::account_names(if q { 100 } else { 1_000 });
+            fixture::seed(dir.path(), &names, &Clock::system(), |_| {
+                fixture::random_token("etr_")
+            })
+            .await;
+            let result = identity::run(&env, dir.path(), names).await;
+            println!("{}", identity::report(&result));
         }
         if named("soak") {
             let spec = soak::SoakSpec::new(Duration::from_secs(cli.soak_seconds));

@@ -319,7 +319,7 @@ impl Sink {
     }
 }
 
-/// One audit line. Single events have no `count`, `first`, `last` or `peer`.
+/// One audit line. Single events have no `count`, `first`, `last`, `peer` or `reason`.
 #[derive(Serialize)]
 pub(super) struct Line<'a> {
     pub time: &'a str,
@@ -336,6 +336,9 @@ pub(super) struct Line<'a> {
     pub last: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<&'a str>,
+    /// Why a refusal was refused, when the check says (a JWT's "expired", say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
 }
 
 impl Line<'_> {

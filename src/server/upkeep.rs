@@ -1,6 +1,7 @@
 //! Background work for as long as the server runs: the broker's refresh scheduler, the purge of
 //! expired pending authorizations, the reloader (SIGHUP, changed files, the certificate's expiry),
-//! the audit's periodic flush of its counts and that of the refusal logs.
+//! the audit's periodic flush of its counts and that of the refusal logs, the fetching of the
+//! callers file's JWT issuer keys.
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,7 +12,7 @@ use crate::{broker::Broker, clock::Clock, config::ServiceConfig, reload::Poller,
 
 /// The upkeep tasks; each holds a store handle until [`Upkeep::stop`] has waited for it.
 pub(super) struct Upkeep {
-    tasks: [JoinHandle<()>; 6],
+    tasks: [JoinHandle<()>; 7],
 }
 
 impl Upkeep {
@@ -36,6 +37,7 @@ impl Upkeep {
                 tokio::spawn(crate::audit::run_flusher(config.audit)),
                 tokio::spawn(super::limits::run_refusal_log_flusher()),
                 tokio::spawn(reload_keys_on_sighup(broker.clone())),
+                tokio::spawn(config.callers.clone().fetch_issuer_keys()),
             ],
         }
     }

@@ -641,3 +641,122 @@ fn replicated_manifest_sets_only_variables_the_service_reads() {
         assert_known(name);
     }
 }
+
+/// The identity example (issue 27): the callers file loads; the caller pod's projected token has
+/// the issuer's audience and lands where its CREDCTL_TOKEN_FILE says; the service's patch mounts
+/// the CA and token where the `[[issuer]]` reads them, into the service's own container.
+#[test]
+fn identity_example_agrees_with_the_service() {
+    let callers = read("deploy/kubernetes/callers-identity.toml");
+    let file: toml::Value = toml::from_str(&callers).unwrap();
+    let issuer = &file["issuer"][0];
+    let audiences: Vec<&str> = issuer["audiences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let (ca_file, token_file) = (
+        issuer["ca_file"].as_str().unwrap(),
+        issuer["token_file"].as_str().unwrap(),
+    );
+    let jwt = file["caller"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|c| c.get("jwt"))
+        .expect("a jwt caller");
+    let (namespace, account) = jwt["subject"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|s| s.split_once(':'))
+        .expect("a service-account subject");
+
+    // The service loads it, once its CA file exists.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = rcgen::CertificateParams::new(vec!["kubernetes.default.svc".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem();
+    std::fs::write(&ca, pem).unwrap();
+    let path = dir.path().join("callers.toml");
+    std::fs::write(&path, callers.replace(ca_file, ca.to_str().unwrap())).unwrap();
+    credential_service::auth::Callers::load(&path).expect("the example callers file loads");
+
+    // The caller pod.
+    let docs = manifests("deploy/kubernetes/identity.yaml");
+    let deployment = kind(&docs, "Deployment");
+    assert_eq!(deployment["metadata"]["namespace"], namespace);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], account);
+    assert!(
+        pod["securityContext"]["runAsUser"].as_u64().is_some(),
+        "one runAsUser makes the projected token 0600"
+    );
+    assert_eq!(kind(&docs, "ServiceAccount")["metadata"]["name"], account);
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"]["credential-service/client"], "true",
+        "let in by the service's NetworkPolicy"
+    );
+    let volume = &pod["volumes"][0];
+    let projected = &volume["projected"]["sources"][0]["serviceAccountToken"];
+    assert!(audiences.contains(&str_of(&projected["audience"])));
+    assert_eq!(projected["expirationSeconds"], 3600);
+    let c = &pod["containers"][0];
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the token volume is mounted");
+    let token_path = format!(
+        "{}/{}",
+        str_of(&mount["mountPath"]),
+        str_of(&projected["path"])
+    );
+    let env = env_of(c);
+    assert!(
+        env.contains(&("CREDCTL_TOKEN_FILE", Some(token_path.as_str()))),
+        "{env:?}"
+    );
+    let credctl = credctl::Cli::command();
+    for (name, _) in &env {
+        assert!(
+            credctl
+                .get_arguments()
+                .any(|a| a.get_env().is_some_and(|e| e == *name)),
+            "credctl reads no {name}"
+        );
+    }
+
+    // The service's patch: its container, the CA and its own token where the issuer reads them.
+    let patch: Value =
+        serde_yaml_ng::from_str(&read("deploy/kubernetes/identity-service-patch.yaml")).unwrap();
+    let service = manifests("deploy/kubernetes/credential-service.yaml");
+    let set = kind(&service, "StatefulSet");
+    let patched = &patch["spec"]["template"]["spec"];
+    assert_eq!(
+        patched["containers"][0]["name"],
+        set["spec"]["template"]["spec"]["containers"][0]["name"]
+    );
+    let mount = &patched["containers"][0]["volumeMounts"][0];
+    let volume = &patched["volumes"][0];
+    assert_eq!(mount["name"], volume["name"]);
+    let dir = str_of(&mount["mountPath"]);
+    let sources = volume["projected"]["sources"].as_sequence().unwrap();
+    let token = sources
+        .iter()
+        .find_map(|s| s.get("serviceAccountToken"))
+        .unwrap();
+    assert_eq!(format!("{dir}/{}", str_of(&token["path"])), token_file);
+    let ca = sources.iter().find_map(|s| s.get("configMap")).unwrap();
+    assert_eq!(ca["name"], "kube-root-ca.crt");
+    assert_eq!(
+        format!("{dir}/{}", str_of(&ca["items"][0]["path"])),
+        ca_file
+    );
+}

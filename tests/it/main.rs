@@ -23,6 +23,7 @@ mod events;
 mod flow;
 mod hardening;
 mod hardening2;
+mod identity;
 mod inputs;
 mod key_rotation;
 mod layers;

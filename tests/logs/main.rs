@@ -8,6 +8,7 @@ mod common;
 
 mod audit;
 mod capture;
+mod identity;
 mod import;
 mod secrets;
 mod team;

@@ -39,9 +39,11 @@ mod layer;
 mod otel;
 pub mod proto;
 mod source;
+mod token_file;
 
 use std::{
     fmt,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -50,6 +52,7 @@ pub use codes::code_name;
 pub use layer::{Authorization, AuthorizationLayer, TEAM_ID_HEADER};
 pub use secrecy::{ExposeSecret, SecretString};
 pub use source::TokenSource;
+pub use token_file::TokenFileError;
 pub use tonic::{
     Code,
     transport::{Channel, ClientTlsConfig},
@@ -219,6 +222,9 @@ pub enum ConfigError {
     /// The bearer token holds characters an HTTP header cannot carry.
     #[error("the bearer token holds characters an HTTP header cannot carry")]
     BearerToken,
+    /// The bearer token file cannot be read, or holds no usable token.
+    #[error(transparent)]
+    BearerTokenFile(#[from] TokenFileError),
 }
 
 /// The generated gRPC client with the caller's [`Bearer`] token on every call.
@@ -229,12 +235,19 @@ type Grpc = GrpcClient;
 /// The wall clock a source judges expiry by.
 type ClockFn = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-/// Adds `authorization: Bearer ...` (the caller's token from the service's callers file) to every
-/// call when a token is configured, marked sensitive so that no `Debug` output shows it. For any
-/// client of the service: [`Client`], `credctl` and the service's tests. With the `otel` feature,
-/// also the caller's current trace context (`traceparent`), so the service's spans join its trace.
+/// Adds `authorization: Bearer ...` (the caller's token from the service's callers file, or a
+/// JWT from a file such as a projected service-account token) to every call when a token is
+/// configured, marked sensitive so that no `Debug` output shows it. For any client of the
+/// service: [`Client`], `credctl` and the service's tests. With the `otel` feature, also the
+/// caller's current trace context (`traceparent`), so the service's spans join its trace.
 #[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
+pub struct Bearer(BearerFrom);
+
+#[derive(Clone)]
+enum BearerFrom {
+    Fixed(Option<MetadataValue<Ascii>>),
+    File(Arc<token_file::TokenFile>),
+}
 
 impl Bearer {
     /// Fails when the token holds characters a header cannot carry; the error shows none of them.
@@ -246,7 +259,14 @@ impl Bearer {
                 Ok(value)
             })
             .transpose()?;
-        Ok(Self(header))
+        Ok(Self(BearerFrom::Fixed(header)))
+    }
+
+    /// The token on the first line of `path`, read again whenever the file changes (see
+    /// [`ClientBuilder::bearer_token_file`]). Fails if the file cannot be read now.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenFileError> {
+        let file = token_file::TokenFile::open(path.as_ref())?;
+        Ok(Self(BearerFrom::File(Arc::new(file))))
     }
 }
 
@@ -255,10 +275,15 @@ impl Interceptor for Bearer {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
+        let value = match &self.0 {
+            BearerFrom::Fixed(value) => value.clone(),
+            BearerFrom::File(file) => Some(
+                file.header()
+                    .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?,
+            ),
+        };
+        if let Some(value) = value {
+            request.metadata_mut().insert("authorization", value);
         }
         #[cfg(feature = "otel")]
         otel::inject(request.metadata_mut());
@@ -372,6 +397,7 @@ enum Target {
 pub struct ClientBuilder {
     target: Target,
     bearer_token: Option<SecretString>,
+    bearer_token_file: Option<PathBuf>,
     tls: Option<ClientTlsConfig>,
     settings: Settings,
 }
@@ -383,6 +409,7 @@ impl fmt::Debug for ClientBuilder {
                 "bearer_token",
                 &self.bearer_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("bearer_token_file", &self.bearer_token_file)
             .field("min_validity", &self.settings.min_validity)
             .finish_non_exhaustive()
     }
@@ -393,6 +420,7 @@ impl ClientBuilder {
         Self {
             target,
             bearer_token: None,
+            bearer_token_file: None,
             tls: None,
             settings: Settings {
                 min_validity: Duration::ZERO,
@@ -409,6 +437,17 @@ impl ClientBuilder {
     /// file). Without one, calls carry no credentials, which only an open service accepts.
     pub fn bearer_token(mut self, token: impl Into<SecretString>) -> Self {
         self.bearer_token = Some(token.into());
+        self.bearer_token_file = None;
+        self
+    }
+
+    /// Sends the token on the first line of `path` instead, read again whenever the file changes
+    /// (checked on each call with one `stat`): for a Kubernetes projected service-account token
+    /// (`/var/run/secrets/tokens/credential-service`), which the kubelet rewrites before it
+    /// expires. If the file cannot be read later, the last token read is sent.
+    pub fn bearer_token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.bearer_token_file = Some(path.into());
+        self.bearer_token = None;
         self
     }
 
@@ -479,8 +518,11 @@ impl ClientBuilder {
                     .connect_lazy()
             }
         };
-        let bearer = Bearer::new(self.bearer_token.as_ref().map(|t| t.expose_secret()))
-            .map_err(|_| ConfigError::BearerToken)?;
+        let bearer = match &self.bearer_token_file {
+            Some(path) => Bearer::from_file(path)?,
+            None => Bearer::new(self.bearer_token.as_ref().map(|t| t.expose_secret()))
+                .map_err(|_| ConfigError::BearerToken)?,
+        };
         Ok(Client {
             grpc: CredentialServiceClient::with_interceptor(channel, bearer),
             settings: self.settings,

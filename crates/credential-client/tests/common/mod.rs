@@ -271,6 +271,8 @@ pub struct Legacy {
     pub watch_token_calls: Arc<AtomicUsize>,
     pub streams_closed: Arc<AtomicUsize>,
     pub connections: Arc<AtomicUsize>,
+    /// The `authorization` header of each GetToken call, in order (`-` when there was none).
+    pub authorizations: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Legacy {
@@ -321,6 +323,11 @@ impl CredentialService for Legacy {
         &self,
         request: Request<GetTokenRequest>,
     ) -> Result<Response<proto::GetTokenResponse>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map_or("-".to_owned(), |v| v.to_str().unwrap_or("?").to_owned());
+        self.authorizations.lock().unwrap().push(authorization);
         if request.get_ref().account == "nobody" {
             return Err(Status::not_found("account nobody is not connected"));
         }
