@@ -206,6 +206,8 @@ struct Inner {
     background: Arc<Semaphore>,
     /// Wakes the scheduler before its next tick (after EdgeTag recovered, say).
     wake_scheduler: Notify,
+    /// Failed team lookups are warned about at most once a minute over all accounts.
+    team_warnings: team::Warnings,
     #[cfg(any(test, feature = "testing"))]
     events: broadcast::Sender<RefreshEvent>,
     /// Names of accounts that changed, for WatchAccounts (see [`events`]); bounded: a watcher
@@ -248,6 +250,7 @@ impl Broker {
             operator_upstream: Semaphore::new(cap),
             background: Arc::new(Semaphore::new(cap)),
             wake_scheduler: Notify::new(),
+            team_warnings: team::Warnings::default(),
             #[cfg(any(test, feature = "testing"))]
             events: broadcast::channel(16 * 1024).0,
             account_changes: broadcast::channel(events::BACKLOG).0,

@@ -4,7 +4,8 @@
 //! The team is kept in the account's sealed record, so every replica serves what one learned. A
 //! lookup runs after the grant is stored, so a failing `/v1/user/me` costs CompleteAuth nothing:
 //! the account is served with an empty team id, and the scheduler asks again after the refresh
-//! policy's back-off (said in the log once per run of failures), taking a background place, so
+//! policy's back-off (said in the log once per run of failures, and at most once a minute over
+//! all accounts), taking a background place, so
 //! lookups share the background refreshes' cap. A known team is asked again a day after it was
 //! learned, not on every refresh; a failing re-check keeps the team known. A grant whose team is
 //! unknown waits a short grace after it was issued, so that on a shared store the replica that
@@ -34,6 +35,32 @@ use crate::{
 
 /// How long a learned team is taken as it is before EdgeTag is asked again.
 pub const TEAM_RECHECK: Duration = Duration::from_secs(24 * 3600);
+
+/// How often failed lookups are warned about at most (EdgeTag down with 100,000 accounts must
+/// not write 100,000 warnings).
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The broker's failed-lookup warnings: the first of each minute is written, naming its account
+/// and how many accounts' lookups started failing since the last one.
+#[derive(Default)]
+pub(super) struct Warnings {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl Warnings {
+    /// Counts one account whose lookups started failing; `Some(count)` when a line is due now.
+    fn due(&self) -> Option<u64> {
+        let since = self.since.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return None;
+        }
+        *last = Some(std::time::Instant::now());
+        self.since.fetch_sub(since, Ordering::AcqRel);
+        Some(since)
+    }
+}
 
 /// The running lookup of one account; dropping it lets the next one start.
 pub(super) struct Running(Arc<Slot>);
@@ -241,11 +268,16 @@ impl Broker {
             tracing::debug!(error = %failure, failures, "team lookup failed again");
             return;
         }
+        let Some(accounts) = self.inner.team_warnings.due() else {
+            tracing::debug!(error = %failure, "team lookup failed; warned about within the minute");
+            return;
+        };
         let known = slot.record.load().teams.is_some();
         tracing::warn!(
             account = %account,
             error = %failure,
             retry_in = ?wait,
+            accounts_failing_since_last_warning = accounts,
             "could not learn the account's EdgeTag team from /v1/user/me; {}",
             if known {
                 "the team learned before is still served; asking again with back-off"
@@ -274,6 +306,24 @@ enum Failure {
 mod tests {
     use super::*;
     use crate::{clock::from_unix_ms, store::contract::record};
+
+    /// However many accounts' lookups start failing, one line a minute: the first says one
+    /// account, the next (a minute on) how many failed since.
+    #[test]
+    fn failed_lookups_are_warned_about_once_a_minute_over_all_accounts() {
+        let warnings = Warnings::default();
+        assert_eq!(warnings.due(), Some(1));
+        for _ in 0..99_999 {
+            assert_eq!(warnings.due(), None);
+        }
+        *warnings.last.lock().unwrap() = Some(std::time::Instant::now() - WARN_EVERY);
+        assert_eq!(
+            warnings.due(),
+            Some(100_000),
+            "the 99,999 since, and this one"
+        );
+        assert_eq!(warnings.due(), None);
+    }
 
     /// An unknown team is due after the grace (the connecting process asks first), a known one a
     /// day after it was learned; never while a lookup runs or a failed one backs off.
