@@ -249,42 +249,22 @@ pub fn flush() {
 }
 
 /// One aggregated event, into the logs. Only refusals with a reason (a JWT's, say) carry the
-/// field.
+/// field: an absent `Option` records nothing.
 fn log_calls(event: &Event<'_>, tally: &Tally) {
-    let (first, last) = (
-        humantime::format_rfc3339_millis(tally.first),
-        humantime::format_rfc3339_millis(tally.last),
+    tracing::event!(
+        target: "audit",
+        Level::INFO,
+        caller = event.caller,
+        method = event.method,
+        account = event.account,
+        outcome = event.outcome,
+        count = tally.count,
+        first = %humantime::format_rfc3339_millis(tally.first),
+        last = %humantime::format_rfc3339_millis(tally.last),
+        peer = %event.peer,
+        reason = (!event.reason.is_empty()).then_some(event.reason),
+        "calls"
     );
-    if event.reason.is_empty() {
-        tracing::event!(
-            target: "audit",
-            Level::INFO,
-            caller = event.caller,
-            method = event.method,
-            account = event.account,
-            outcome = event.outcome,
-            count = tally.count,
-            first = %first,
-            last = %last,
-            peer = %event.peer,
-            "calls"
-        );
-    } else {
-        tracing::event!(
-            target: "audit",
-            Level::INFO,
-            caller = event.caller,
-            method = event.method,
-            account = event.account,
-            outcome = event.outcome,
-            count = tally.count,
-            first = %first,
-            last = %last,
-            peer = %event.peer,
-            reason = event.reason,
-            "calls"
-        );
-    }
 }
 
 /// Every aggregated event as one write to the audit file (then synced); returns the calls
