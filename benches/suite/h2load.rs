@@ -39,10 +39,6 @@ pub const TARGETS: [&str; 3] = ["bare floor", "floor", "service"];
 impl H2Row {
     /// The median over rounds of `target`'s ratio to `base` in throughput and in CPU per request.
     pub fn ratios(&self, target: usize, base: usize) -> (f64, f64) {
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let rps = self
             .rounds
             .iter()
@@ -58,15 +54,17 @@ impl H2Row {
 
     /// The median of `target`'s req/s and CPU µs/req.
     pub fn medians(&self, target: usize) -> (f64, f64) {
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         (
             median(self.rounds.iter().map(|r| r[target].0).collect()),
             median(self.rounds.iter().map(|r| r[target].1).collect()),
         )
     }
+}
+
+/// The middle value (the upper one of an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Runs `rounds` alternating rounds for one configuration.

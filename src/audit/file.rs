@@ -75,8 +75,9 @@ impl Drop for Installed {
 /// this process already writes one.
 pub fn install(config: &FileConfig) -> io::Result<Installed> {
     let file = open(&config.path)?;
-    let identity = identity(&file.metadata()?);
-    if file.metadata()?.mode() & 0o077 != 0 {
+    let meta = file.metadata()?;
+    let identity = identity(&meta);
+    if meta.mode() & 0o077 != 0 {
         tracing::warn!(
             path = %config.path.display(),
             "the audit file is readable by others than its owner; it names callers and accounts"
