@@ -32,6 +32,17 @@ impl AccountId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether both are the same allocation, not merely the same name: the broker keeps one per
+    /// account, which lets the audit count reads by address instead of comparing names.
+    pub fn same_allocation(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// The address of the name, for hashing alongside [`Self::same_allocation`].
+    pub fn address(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
 }
 
 impl fmt::Display for AccountId {

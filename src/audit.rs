@@ -12,6 +12,9 @@
 //!   `last` time. Counting touches only the calling thread's own table (its mutex is contended
 //!   only by the flush, once an interval), so no lock is shared between calls. [`flush`] at
 //!   shutdown writes what is left, so the `count`s always add up to the number of calls.
+//!   Served token reads take a shorter way in ([`count_read`]): keyed by the addresses of names the
+//!   broker and the callers table keep alive, so that a read of one of 100,000 accounts neither
+//!   builds nor compares nor allocates a key.
 //!
 //! Refused calls carry the peer's IP address (the caller is then unknown or untrusted); so that
 //! an attacker cannot grow the table without bound, refusals beyond `--audit-max-keys` distinct
@@ -29,7 +32,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use hashbrown::HashTable;
 use tonic::{Code, Status};
+
+use crate::account::AccountId;
 
 mod file;
 
@@ -124,7 +130,7 @@ fn count_with_reason(
     let now = coarse_now();
     SHARD.with(|shard| {
         let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
-        let Local { map, key } = &mut *local;
+        let Local { map, key, .. } = &mut *local;
         encode(key, outcome, peer, [method, caller, account, reason]);
         if let Some(tally) = map.get_mut(key.as_slice()) {
             tally.add(now);
@@ -141,6 +147,61 @@ fn count_with_reason(
         }
         map.insert(key.as_slice().into(), Tally::new(now));
     });
+}
+
+/// Counts one served token read, like [`count`] but keyed by address: `caller` must be the name a
+/// [`crate::auth::Caller`] keeps and `account` the broker's own [`AccountId`] (two allocations of
+/// one name are counted apart and merged when written, so any other is correct, only slower).
+pub fn count_read(method: &'static str, caller: &Arc<str>, account: &AccountId, outcome: Code) {
+    AUDITED.set(true);
+    let now = coarse_now();
+    let hash = read_hash(method, caller, account, outcome);
+    SHARD.with(|shard| {
+        let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let found = local.reads.find_mut(hash, |r| {
+            std::ptr::eq(r.method, method)
+                && Arc::ptr_eq(&r.caller, caller)
+                && r.account.same_allocation(account)
+                && r.outcome == outcome
+        });
+        if let Some(read) = found {
+            read.tally.add(now);
+            return;
+        }
+        local.reads.insert_unique(
+            hash,
+            Read {
+                method,
+                caller: caller.clone(),
+                account: account.clone(),
+                outcome,
+                tally: Tally::new(now),
+            },
+            |r| read_hash(r.method, &r.caller, &r.account, r.outcome),
+        );
+    });
+}
+
+/// One thread's count of served reads of one key (see [`count_read`]). The names it holds keep
+/// their addresses from being reused for other names while it is counted.
+struct Read {
+    method: &'static str,
+    caller: Arc<str>,
+    account: AccountId,
+    outcome: Code,
+    tally: Tally,
+}
+
+fn read_hash(method: &'static str, caller: &Arc<str>, account: &AccountId, outcome: Code) -> u64 {
+    use std::hash::BuildHasher;
+    static STATE: std::sync::LazyLock<foldhash::fast::FixedState> =
+        std::sync::LazyLock::new(|| foldhash::fast::FixedState::with_seed(rand::random()));
+    STATE.hash_one((
+        method.as_ptr() as usize,
+        caller.as_ptr() as usize,
+        account.address(),
+        outcome as i32,
+    ))
 }
 
 /// The wall-clock time for `first` and `last`. Linux's coarse clock (a few milliseconds of
@@ -205,25 +266,38 @@ pub fn flush() {
         let mut shards = SHARDS.lock().unwrap_or_else(|e| e.into_inner());
         // A thread that ended leaves its table here; drop it once it is drained.
         shards.retain(|s| {
-            Arc::strong_count(s) > 1 || !s.lock().unwrap_or_else(|e| e.into_inner()).map.is_empty()
+            let local = s.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::strong_count(s) > 1 || !local.map.is_empty() || !local.reads.is_empty()
         });
         shards.clone()
     };
     let mut merged: BTreeMap<Box<[u8]>, Tally> = BTreeMap::new();
+    let mut add = |key: Box<[u8]>, tally: Tally| {
+        merged
+            .entry(key)
+            .and_modify(|t| t.merge(&tally))
+            .or_insert(tally);
+    };
     for shard in shards {
-        let taken = {
+        let (taken, reads) = {
             let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
-            let capacity = local.map.capacity();
-            std::mem::replace(
-                &mut local.map,
-                HashMap::with_capacity_and_hasher(capacity, Default::default()),
+            let (capacity, reads) = (local.map.capacity(), local.reads.capacity());
+            (
+                std::mem::replace(
+                    &mut local.map,
+                    HashMap::with_capacity_and_hasher(capacity, Default::default()),
+                ),
+                std::mem::replace(&mut local.reads, HashTable::with_capacity(reads)),
             )
         };
         for (key, tally) in taken {
-            merged
-                .entry(key)
-                .and_modify(|t| t.merge(&tally))
-                .or_insert(tally);
+            add(key, tally);
+        }
+        let mut key = Vec::new();
+        for read in reads {
+            let texts = [read.method, &*read.caller, read.account.as_str(), ""];
+            encode(&mut key, read.outcome, None, texts);
+            add(key.as_slice().into(), read.tally);
         }
     }
     let mut folded = 0u64;
@@ -354,6 +428,7 @@ impl Tally {
 struct Local {
     map: HashMap<Box<[u8]>, Tally, foldhash::fast::RandomState>,
     key: Vec<u8>,
+    reads: HashTable<Read>,
 }
 
 static SHARDS: Mutex<Vec<Arc<Mutex<Local>>>> = Mutex::new(Vec::new());
@@ -456,20 +531,29 @@ mod tests {
         }
     }
 
+    /// One test, because a flush drains every thread's counts: two tests flushing at once would
+    /// take each other's.
     #[test]
-    fn json_logs_carry_the_count_as_a_number_and_counts_are_exact_across_threads() {
+    fn counts_are_exact_across_threads_and_one_key_is_one_event_whichever_way_it_was_counted() {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .with_writer(move || writer.clone())
             .finish();
+        let caller: Arc<str> = Arc::from("json-test");
+        let account = AccountId::parse("acme").unwrap();
         tracing::subscriber::with_default(subscriber, || {
             let threads: Vec<_> = (0..4)
-                .map(|_| {
-                    std::thread::spawn(|| {
+                .map(|i| {
+                    let (caller, account) = (caller.clone(), account.clone());
+                    std::thread::spawn(move || {
                         for _ in 0..250 {
-                            count("GetToken", "json-test", "acme", Code::Ok, None);
+                            if i % 2 == 0 {
+                                count("GetToken", "json-test", "acme", Code::Ok, None);
+                            } else {
+                                count_read("GetToken", &caller, &account, Code::Ok);
+                            }
                         }
                     })
                 })
@@ -477,20 +561,36 @@ mod tests {
             for t in threads {
                 t.join().unwrap();
             }
+            // Another allocation of the same names, and another outcome: counted apart, the
+            // first merged into the same event when written, the second its own.
+            let other_caller: Arc<str> = Arc::from("json-test");
+            let other_account = AccountId::parse("acme").unwrap();
+            for _ in 0..7 {
+                count_read("GetToken", &other_caller, &other_account, Code::Ok);
+            }
+            count_read("GetToken", &caller, &account, Code::Unavailable);
             flush();
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let total: u64 = text
+        let events: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|v| v["fields"]["caller"] == "json-test")
-            .map(|v| {
-                v["fields"]["count"]
-                    .as_u64()
-                    .expect("count is a JSON number")
-            })
-            .sum();
-        assert_eq!(total, 1000, "{text}");
+            .collect();
+        let count_of = |outcome: &str| -> Vec<u64> {
+            events
+                .iter()
+                .filter(|v| v["fields"]["outcome"] == outcome)
+                .map(|v| {
+                    assert_eq!(v["fields"]["account"], "acme", "{text}");
+                    v["fields"]["count"]
+                        .as_u64()
+                        .expect("count is a JSON number")
+                })
+                .collect()
+        };
+        assert_eq!(count_of("OK"), [1007], "{text}");
+        assert_eq!(count_of("UNAVAILABLE"), [1], "{text}");
     }
 
     #[test]

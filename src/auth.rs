@@ -49,7 +49,8 @@ pub enum Role {
 
 /// An authenticated caller, found in each authenticated request's extensions as `Arc<Caller>`.
 pub struct Caller {
-    name: Box<str>,
+    /// Shared, so that the audit can key a caller's counted reads by the name's address.
+    name: Arc<str>,
     role: Role,
     accounts: Vec<AccountGlob>,
     /// One of the globs is `*`: no matching needed on the hot path.
@@ -97,6 +98,11 @@ impl AccountGlob {
 impl Caller {
     /// The caller's name from the callers file (`anonymous` without one): for logs and audit.
     pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name as kept for this caller's lifetime: [`crate::audit::count_read`] keys by it.
+    pub fn shared_name(&self) -> &Arc<str> {
         &self.name
     }
 

@@ -368,25 +368,34 @@ impl CredentialService for CredentialApi {
         let result = async {
             caller.authorize(&account)?;
             let min_validity = parse_min_validity(raw.min_validity)?;
-            let record = self.broker.get_token(&account, min_validity).await?;
-            let tokens = &record.tokens;
-            Ok(Response::new(GetTokenResponse {
+            let served = self.broker.serve_token(&account, min_validity).await?;
+            let tokens = &served.record.tokens;
+            let response = Response::new(GetTokenResponse {
                 access_token: tokens.access_token.expose_secret().to_owned(),
                 token_type: tokens.token_type.clone(),
                 expires_at: Some(to_timestamp(tokens.expires_at)),
-                team_id: record.team_id().to_owned(),
-            }))
+                team_id: served.record.team_id().to_owned(),
+            });
+            Ok::<_, Status>((response, served.account))
         }
         .await;
         // Token reads are counted, not logged one by one (see crate::audit).
-        audit::count(
-            "GetToken",
-            caller.name(),
-            account.as_str(),
-            audit::outcome(&result),
-            None,
-        );
-        result
+        match result {
+            Ok((response, account)) => {
+                audit::count_read("GetToken", caller.shared_name(), &account, Code::Ok);
+                Ok(response)
+            }
+            Err(status) => {
+                audit::count(
+                    "GetToken",
+                    caller.name(),
+                    account.as_str(),
+                    status.code(),
+                    None,
+                );
+                Err(status)
+            }
+        }
     }
 
     type WatchTokenStream = TokenStream;

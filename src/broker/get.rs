@@ -11,6 +11,13 @@ use crate::{
     tokens::{AccountRecord, AccountStatus},
 };
 
+/// A served token read: the record, and the account's name as the broker keeps it, one allocation
+/// per account for as long as it exists (the audit counts reads by its address).
+pub struct Served {
+    pub record: Arc<AccountRecord>,
+    pub account: AccountId,
+}
+
 impl Broker {
     /// The record whose token is valid for at least `min_validity` (and, unless the provider is
     /// down, beyond the refresh margin), with the account's team. Answered from memory unless a
@@ -20,21 +27,35 @@ impl Broker {
         account: &AccountId,
         min_validity: Duration,
     ) -> Result<Arc<AccountRecord>, Error> {
+        Ok(self.serve_token(account, min_validity).await?.record)
+    }
+
+    /// [`Self::get_token`], with the broker's own name of the account.
+    pub async fn serve_token(
+        &self,
+        account: &AccountId,
+        min_validity: Duration,
+    ) -> Result<Served, Error> {
         let slot = self.slot(account)?;
         let record = slot.record.load();
         // A need no fresh token meets is refused (in the slow path) whatever the current token's
         // age, so one request always gets one answer; the common call without a need skips it.
-        if record.status == AccountStatus::Active
+        let record = if record.status == AccountStatus::Active
             && self.inner.fresh_enough(&record.tokens, min_validity)
             && (min_validity.is_zero() || min_validity <= self.inner.longest_need(&record.tokens))
         {
-            return Ok(arc_swap::Guard::into_inner(record));
-        }
-        // What was judged too old is what the refresh must replace; a record published since
-        // then is taken as the answer instead of refreshing again.
-        let seen = arc_swap::Guard::into_inner(record);
-        self.get_token_slow(account, &slot, min_validity, seen)
-            .await
+            arc_swap::Guard::into_inner(record)
+        } else {
+            // What was judged too old is what the refresh must replace; a record published since
+            // then is taken as the answer instead of refreshing again.
+            let seen = arc_swap::Guard::into_inner(record);
+            self.get_token_slow(account, &slot, min_validity, seen)
+                .await?
+        };
+        Ok(Served {
+            record,
+            account: slot.account.clone(),
+        })
     }
 
     async fn get_token_slow(

@@ -70,6 +70,7 @@ use crate::{
 pub use self::{
     admin::Removal,
     events::{AccountEvent, AccountEventKind, Failing},
+    get::Served,
     import::{Grant, Imported},
     outcome::RefreshFailure,
     team::TEAM_RECHECK,

@@ -53,7 +53,7 @@ pub(super) struct Slot {
     /// carries no value, so watchers that lag look once at the newest state.
     pub(super) changed: tokio::sync::watch::Sender<()>,
     /// The account's name, announced to WatchAccounts watchers on each change.
-    account: AccountId,
+    pub(super) account: AccountId,
     /// Names of changed accounts for WatchAccounts watchers (see [`super::events`]).
     announce: tokio::sync::broadcast::Sender<AccountId>,
     /// Asking EdgeTag which team the grant reaches (see [`super::team`]).
