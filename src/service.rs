@@ -376,13 +376,13 @@ impl CredentialService for CredentialApi {
                 expires_at: Some(to_timestamp(tokens.expires_at)),
                 team_id: served.record.team_id().to_owned(),
             });
-            Ok::<_, Status>((response, served.account))
+            Ok::<_, Status>((response, served))
         }
         .await;
         // Token reads are counted, not logged one by one (see crate::audit).
         match result {
-            Ok((response, account)) => {
-                audit::count_read("GetToken", caller.shared_name(), &account, Code::Ok);
+            Ok((response, served)) => {
+                audit::count_read("GetToken", caller.shared_name(), served.account(), Code::Ok);
                 Ok(response)
             }
             Err(status) => {

@@ -15,7 +15,14 @@ use crate::{
 /// per account for as long as it exists (the audit counts reads by its address).
 pub struct Served {
     pub record: Arc<AccountRecord>,
-    pub account: AccountId,
+    slot: Arc<Slot>,
+}
+
+impl Served {
+    /// The broker's own name of the account (not the caller's copy).
+    pub fn account(&self) -> &AccountId {
+        &self.slot.account
+    }
 }
 
 impl Broker {
@@ -52,10 +59,7 @@ impl Broker {
             self.get_token_slow(account, &slot, min_validity, seen)
                 .await?
         };
-        Ok(Served {
-            record,
-            account: slot.account.clone(),
-        })
+        Ok(Served { record, slot })
     }
 
     async fn get_token_slow(

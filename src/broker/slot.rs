@@ -64,6 +64,9 @@ pub(super) struct Slot {
 /// back-off after failures.
 #[derive(Debug, Default)]
 pub(super) struct TeamLookup {
+    /// When the served record's team is due (Unix ms), set when a record is published, so that
+    /// the scheduler's scan reads one number instead of the record (see [`super::team`]).
+    pub(super) due_ms: AtomicI64,
     pub(super) running: AtomicBool,
     pub(super) failures: AtomicU32,
     /// No lookup before this (Unix ms).
@@ -184,6 +187,9 @@ impl Inner {
         version: Version,
     ) -> Arc<Slot> {
         let due = self.due_ms(&record);
+        let team = TeamLookup::default();
+        team.due_ms
+            .store(self.team_due_ms(&record), Ordering::Release);
         Arc::new(Slot {
             record: ArcSwap::from_pointee(record),
             version: AtomicU64::new(version),
@@ -196,7 +202,7 @@ impl Inner {
             changed: tokio::sync::watch::Sender::new(()),
             account: account.clone(),
             announce: self.account_changes.clone(),
-            team: Default::default(),
+            team,
         })
     }
 
@@ -205,6 +211,9 @@ impl Inner {
     pub(super) fn publish(&self, slot: &Slot, record: Arc<AccountRecord>, version: Version) {
         slot.version.store(version, Ordering::Release);
         slot.due_ms.store(self.due_ms(&record), Ordering::Release);
+        slot.team
+            .due_ms
+            .store(self.team_due_ms(&record), Ordering::Release);
         slot.record.store(record);
         slot.touch();
     }
