@@ -12,7 +12,7 @@
 //!   `last` time. Counting touches only the calling thread's own table (its mutex is contended
 //!   only by the flush, once an interval), so no lock is shared between calls. [`flush`] at
 //!   shutdown writes what is left, so the `count`s always add up to the number of calls.
-//!   Served token reads take a shorter way in ([`count_read`]): keyed by the addresses of names the
+//!   Served token reads take a shorter way in ([`count_token_read`]): keyed by the addresses of names the
 //!   broker and the callers table keep alive, so that a read of one of 100,000 accounts neither
 //!   builds nor compares nor allocates a key.
 //!
@@ -149,59 +149,126 @@ fn count_with_reason(
     });
 }
 
-/// Counts one served token read, like [`count`] but keyed by address: `caller` must be the name a
-/// [`crate::auth::Caller`] keeps and `account` the broker's own [`AccountId`] (two allocations of
-/// one name are counted apart and merged when written, so any other is correct, only slower).
-pub fn count_read(method: &'static str, caller: &Arc<str>, account: &AccountId, outcome: Code) {
+/// Counts one GetToken answered with a token, like [`count`] but keyed by address: `caller` must
+/// be the name a [`crate::auth::Caller`] keeps and `account` the broker's own [`AccountId`] (two
+/// allocations of one name are counted apart and merged when written, so any other is correct,
+/// only slower).
+pub fn count_token_read(caller: &Arc<str>, account: &AccountId) {
     AUDITED.set(true);
     let now = coarse_now();
-    let hash = read_hash(method, caller, account, outcome);
+    let (caller_at, account_at) = (caller.as_ptr() as usize, account.address());
+    let hash = read_hash(caller_at, account_at);
     SHARD.with(|shard| {
         let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
-        let found = local.reads.find_mut(hash, |r| {
-            std::ptr::eq(r.method, method)
-                && Arc::ptr_eq(&r.caller, caller)
-                && r.account.same_allocation(account)
-                && r.outcome == outcome
-        });
-        if let Some(read) = found {
-            read.tally.add(now);
+        let Local { reads, names, .. } = &mut *local;
+        let now_ms = to_unix_ms(now);
+        if let Some(read) = reads.find_mut(hash, |r| r.key == (caller_at, account_at)) {
+            read.count += 1;
+            read.last_ms = read.last_ms.max(now_ms);
             return;
         }
-        local.reads.insert_unique(
-            hash,
-            Read {
-                method,
-                caller: caller.clone(),
-                account: account.clone(),
-                outcome,
-                tally: Tally::new(now),
-            },
-            |r| read_hash(r.method, &r.caller, &r.account, r.outcome),
-        );
+        names.push(ReadNames {
+            caller: caller.clone(),
+            account: account.clone(),
+            first: now,
+        });
+        let read = Read {
+            key: (caller_at, account_at),
+            count: 1,
+            last_ms: now_ms,
+            names: u32::try_from(names.len() - 1).unwrap_or(u32::MAX),
+        };
+        reads.insert_unique(hash, read, |r| read_hash(r.key.0, r.key.1));
     });
 }
 
-/// One thread's count of served reads of one key (see [`count_read`]). The names it holds keep
-/// their addresses from being reused for other names while it is counted.
-struct Read {
-    method: &'static str,
+/// Token reads of one account by its usual caller, counted in the account's own memory, which
+/// the read has just touched: a count in a table of 100,000 accounts would be a cache miss per read.
+/// Reads by any other caller in the same interval go to the thread's table
+/// ([`count_token_read`]); the flush merges both, so one key is still one event.
+#[derive(Default)]
+pub struct AccountReads(Mutex<Option<Resident>>);
+
+/// The counted reads of the caller that read an account first in this interval.
+struct Resident {
     caller: Arc<str>,
-    account: AccountId,
-    outcome: Code,
-    tally: Tally,
+    count: u64,
+    first_ms: u64,
+    last_ms: u64,
 }
 
-fn read_hash(method: &'static str, caller: &Arc<str>, account: &AccountId, outcome: Code) -> u64 {
+/// What the audit needs of an account to count its reads in place.
+pub trait ReadCounted: Send + Sync + 'static {
+    fn reads(&self) -> &AccountReads;
+    /// The account's name, as for [`count_token_read`].
+    fn account(&self) -> &AccountId;
+}
+
+/// The accounts with resident counts since the last flush, each once.
+static RESIDENTS: Mutex<Vec<Arc<dyn ReadCounted>>> = Mutex::new(Vec::new());
+
+/// Counts one GetToken answered with a token for `counted`'s account: in the account when `caller`
+/// is its resident reader (or it has none yet this interval), else as [`count_token_read`].
+pub fn count_token_read_in<C: ReadCounted>(caller: &Arc<str>, counted: &Arc<C>) {
+    AUDITED.set(true);
+    let now_ms = to_unix_ms(coarse_now());
+    let mut resident = counted.reads().0.lock().unwrap_or_else(|e| e.into_inner());
+    match &mut *resident {
+        Some(r) if Arc::ptr_eq(&r.caller, caller) => {
+            r.count += 1;
+            r.last_ms = r.last_ms.max(now_ms);
+        }
+        Some(_) => {
+            drop(resident);
+            count_token_read(caller, counted.account());
+        }
+        None => {
+            *resident = Some(Resident {
+                caller: caller.clone(),
+                count: 1,
+                first_ms: now_ms,
+                last_ms: now_ms,
+            });
+            // Under the account's lock, so the flush that takes this count finds it listed.
+            let listed: Arc<dyn ReadCounted> = counted.clone();
+            RESIDENTS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(listed);
+        }
+    }
+}
+
+/// One thread's count of one caller's token reads of one account (see [`count_token_read`]):
+/// what every read touches, small so that 100,000 accounts' counts stay in the cache.
+struct Read {
+    /// The addresses of the caller's and the account's names.
+    key: (usize, usize),
+    count: u64,
+    /// Unix milliseconds: half a `SystemTime`.
+    last_ms: u64,
+    /// Where in [`Local::names`] the names are.
+    names: u32,
+}
+
+/// What a [`Read`] is written with, touched only when it is first counted and when written. The
+/// names it holds keep their addresses from being reused for other names while they are a key.
+struct ReadNames {
+    caller: Arc<str>,
+    account: AccountId,
+    first: SystemTime,
+}
+
+fn to_unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn read_hash(caller_at: usize, account_at: usize) -> u64 {
     use std::hash::BuildHasher;
     static STATE: std::sync::LazyLock<foldhash::fast::FixedState> =
         std::sync::LazyLock::new(|| foldhash::fast::FixedState::with_seed(rand::random()));
-    STATE.hash_one((
-        method.as_ptr() as usize,
-        caller.as_ptr() as usize,
-        account.address(),
-        outcome as i32,
-    ))
+    STATE.hash_one((caller_at, account_at))
 }
 
 /// The wall-clock time for `first` and `last`. Linux's coarse clock (a few milliseconds of
@@ -279,7 +346,7 @@ pub fn flush() {
             .or_insert(tally);
     };
     for shard in shards {
-        let (taken, reads) = {
+        let (taken, reads, names) = {
             let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
             let (capacity, reads) = (local.map.capacity(), local.reads.capacity());
             (
@@ -288,6 +355,7 @@ pub fn flush() {
                     HashMap::with_capacity_and_hasher(capacity, Default::default()),
                 ),
                 std::mem::replace(&mut local.reads, HashTable::with_capacity(reads)),
+                std::mem::replace(&mut local.names, Vec::with_capacity(reads)),
             )
         };
         for (key, tally) in taken {
@@ -295,10 +363,40 @@ pub fn flush() {
         }
         let mut key = Vec::new();
         for read in reads {
-            let texts = [read.method, &*read.caller, read.account.as_str(), ""];
-            encode(&mut key, read.outcome, None, texts);
-            add(key.as_slice().into(), read.tally);
+            let Some(names) = names.get(read.names as usize) else {
+                continue; // more than 4 billion keys in one interval: not reachable
+            };
+            let texts = ["GetToken", &*names.caller, names.account.as_str(), ""];
+            encode(&mut key, Code::Ok, None, texts);
+            let tally = Tally {
+                count: read.count,
+                first: names.first,
+                last: SystemTime::UNIX_EPOCH + Duration::from_millis(read.last_ms),
+            };
+            add(key.as_slice().into(), tally);
         }
+    }
+    // Listed accounts are taken after the threads' tables: a read counted in a table after that
+    // is in the next flush either way.
+    let residents = std::mem::take(&mut *RESIDENTS.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut key = Vec::new();
+    for counted in residents {
+        let taken = counted
+            .reads()
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(r) = taken else { continue };
+        let texts = ["GetToken", &*r.caller, counted.account().as_str(), ""];
+        encode(&mut key, Code::Ok, None, texts);
+        let at = |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let tally = Tally {
+            count: r.count,
+            first: at(r.first_ms),
+            last: at(r.last_ms),
+        };
+        add(key.as_slice().into(), tally);
     }
     let mut folded = 0u64;
     if file::installed() {
@@ -429,6 +527,7 @@ struct Local {
     map: HashMap<Box<[u8]>, Tally, foldhash::fast::RandomState>,
     key: Vec<u8>,
     reads: HashTable<Read>,
+    names: Vec<ReadNames>,
 }
 
 static SHARDS: Mutex<Vec<Arc<Mutex<Local>>>> = Mutex::new(Vec::new());
@@ -531,66 +630,116 @@ mod tests {
         }
     }
 
+    struct Account {
+        reads: AccountReads,
+        name: AccountId,
+    }
+
+    impl ReadCounted for Account {
+        fn reads(&self) -> &AccountReads {
+            &self.reads
+        }
+        fn account(&self) -> &AccountId {
+            &self.name
+        }
+    }
+
     /// One test, because a flush drains every thread's counts: two tests flushing at once would
     /// take each other's.
     #[test]
-    fn counts_are_exact_across_threads_and_one_key_is_one_event_whichever_way_it_was_counted() {
+    fn counts_stay_exact_across_threads_and_flushes_and_one_key_is_one_event_per_flush() {
         let buffer = Buffer::default();
         let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || writer.clone())
-            .finish();
-        let caller: Arc<str> = Arc::from("json-test");
-        let account = AccountId::parse("acme").unwrap();
-        tracing::subscriber::with_default(subscriber, || {
-            let threads: Vec<_> = (0..4)
-                .map(|i| {
-                    let (caller, account) = (caller.clone(), account.clone());
-                    std::thread::spawn(move || {
-                        for _ in 0..250 {
-                            if i % 2 == 0 {
-                                count("GetToken", "json-test", "acme", Code::Ok, None);
-                            } else {
-                                count_read("GetToken", &caller, &account, Code::Ok);
-                            }
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .json()
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        let (resident, visitor): (Arc<str>, Arc<str>) =
+            (Arc::from("json-test"), Arc::from("json-visitor"));
+        let account = Arc::new(Account {
+            reads: AccountReads::default(),
+            name: AccountId::parse("acme").unwrap(),
+        });
+        let counting = AtomicUsize::new(4);
+        std::thread::scope(|scope| {
+            for i in 0..4 {
+                let (resident, visitor, account) = (&resident, &visitor, &account);
+                let counting = &counting;
+                scope.spawn(move || {
+                    for n in 0..2_000 {
+                        match (i + n) % 4 {
+                            // Whoever comes first in an interval counts in place, the other in
+                            // the thread's table.
+                            0 => count_token_read_in(resident, account),
+                            1 => count_token_read_in(visitor, account),
+                            2 => count_token_read(resident, &account.name),
+                            _ => count("GetToken", "json-test", "acme", Code::Ok, None),
                         }
-                    })
+                    }
+                    counting.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            // Flushes while they count: no call is lost or counted twice across them.
+            let dispatch = dispatch.clone();
+            let counting = &counting;
+            scope.spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    while counting.load(Ordering::Acquire) > 0 {
+                        flush();
+                    }
                 })
-                .collect();
-            for t in threads {
-                t.join().unwrap();
-            }
-            // Another allocation of the same names, and another outcome: counted apart, the
-            // first merged into the same event when written, the second its own.
-            let other_caller: Arc<str> = Arc::from("json-test");
-            let other_account = AccountId::parse("acme").unwrap();
+            });
+        });
+        // What the flusher left (it may have stopped before the last counts).
+        tracing::dispatcher::with_default(&dispatch, flush);
+        let before = buffer.0.lock().unwrap().len();
+        tracing::dispatcher::with_default(&dispatch, || {
+            // Other allocations of the same names, and another outcome: counted apart, merged
+            // into the same events when written; the outcome its own event.
+            let (other_caller, other_account): (Arc<str>, _) =
+                (Arc::from("json-test"), AccountId::parse("acme").unwrap());
             for _ in 0..7 {
-                count_read("GetToken", &other_caller, &other_account, Code::Ok);
+                count_token_read(&other_caller, &other_account);
             }
-            count_read("GetToken", &caller, &account, Code::Unavailable);
+            count_token_read_in(&resident, &account);
+            count("GetToken", "json-test", "acme", Code::Ok, None);
+            count("GetToken", "json-test", "acme", Code::Unavailable, None);
             flush();
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         let events: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["fields"]["caller"] == "json-test")
+            .filter(|v| v["fields"]["account"] == "acme")
             .collect();
-        let count_of = |outcome: &str| -> Vec<u64> {
+        let counts = |caller: &str, outcome: &str| -> Vec<u64> {
             events
                 .iter()
-                .filter(|v| v["fields"]["outcome"] == outcome)
+                .filter(|v| v["fields"]["caller"] == caller && v["fields"]["outcome"] == outcome)
                 .map(|v| {
-                    assert_eq!(v["fields"]["account"], "acme", "{text}");
                     v["fields"]["count"]
                         .as_u64()
                         .expect("count is a JSON number")
                 })
                 .collect()
         };
-        assert_eq!(count_of("OK"), [1007], "{text}");
-        assert_eq!(count_of("UNAVAILABLE"), [1], "{text}");
+        let resident_ok = counts("json-test", "OK");
+        assert_eq!(resident_ok.iter().sum::<u64>(), 6_000 + 9, "{text}");
+        assert_eq!(
+            counts("json-visitor", "OK").iter().sum::<u64>(),
+            2_000,
+            "{text}"
+        );
+        assert_eq!(counts("json-test", "UNAVAILABLE"), [1], "{text}");
+        // The last flush wrote what three ways of counting one key had counted as one event.
+        let last: Vec<&str> = text[before..]
+            .lines()
+            .filter(|l| l.contains("\"json-test\"") && l.contains("\"OK\""))
+            .collect();
+        assert_eq!(last.len(), 1, "{text}");
+        assert!(last[0].contains("\"count\":9"), "{text}");
     }
 
     #[test]

@@ -22,8 +22,9 @@
 //!   their issuers' keys), the caller check before every call, roles, account globs.
 //! - [`tls`]: the server's certificate, key and client CA, checked together and swapped whole when
 //!   their files change; the certificate's expiry.
-//! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome.
 //! - [`broker`]: accounts in memory, pending authorizations, single-flight refresh, the scheduler.
+//! - [`audit`]: one structured `audit` event per call: caller, method, account, outcome; token
+//!   reads counted in each account's own memory (the broker holds the counters).
 //! - [`error`]: the domain error and its one mapping to gRPC status codes.
 //! - [`oauth`]: PKCE, the authorize URL, the token endpoint; turns its answers into token sets.
 //! - [`store`]: durable state: pending states and account records, durable before a write returns.

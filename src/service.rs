@@ -382,7 +382,7 @@ impl CredentialService for CredentialApi {
         // Token reads are counted, not logged one by one (see crate::audit).
         match result {
             Ok((response, served)) => {
-                audit::count_read("GetToken", caller.shared_name(), served.account(), Code::Ok);
+                audit::count_token_read_in(caller.shared_name(), served.counted());
                 Ok(response)
             }
             Err(status) => {

@@ -19,9 +19,9 @@ pub struct Served {
 }
 
 impl Served {
-    /// The broker's own name of the account (not the caller's copy).
-    pub fn account(&self) -> &AccountId {
-        &self.slot.account
+    /// Where the audit counts this read (see [`crate::audit::count_token_read_in`]).
+    pub fn counted(&self) -> &Arc<impl crate::audit::ReadCounted + use<>> {
+        &self.slot
     }
 }
 

@@ -35,6 +35,8 @@ use crate::{
 pub(super) struct Slot {
     /// What is stored now. Replaced only after the store has accepted the replacement.
     pub(super) record: ArcSwap<AccountRecord>,
+    /// The audit's count of this account's token reads (see [`crate::audit::AccountReads`]).
+    reads: crate::audit::AccountReads,
     /// The stored version of `record`, which the next write must name.
     pub(super) version: AtomicU64,
     /// When the scheduler should refresh (Unix ms); `i64::MAX` when it never should.
@@ -73,6 +75,16 @@ pub(super) struct TeamLookup {
     pub(super) retry_at_ms: AtomicI64,
     /// The current run of failures has been logged.
     pub(super) failure_logged: AtomicBool,
+}
+
+impl crate::audit::ReadCounted for Slot {
+    fn reads(&self) -> &crate::audit::AccountReads {
+        &self.reads
+    }
+
+    fn account(&self) -> &AccountId {
+        &self.account
+    }
 }
 
 impl Slot {
@@ -203,6 +215,7 @@ impl Inner {
             account: account.clone(),
             announce: self.account_changes.clone(),
             team,
+            reads: Default::default(),
         })
     }
 
