@@ -12,9 +12,11 @@
 //!   `last` time. Counting touches only the calling thread's own table (its mutex is contended
 //!   only by the flush, once an interval), so no lock is shared between calls. [`flush`] at
 //!   shutdown writes what is left, so the `count`s always add up to the number of calls.
-//!   Served token reads take a shorter way in ([`count_token_read`]): keyed by the addresses of names the
-//!   broker and the callers table keep alive, so that a read of one of 100,000 accounts neither
-//!   builds nor compares nor allocates a key.
+//!   Served token reads take a shorter way in, so that a read of one of 100,000 accounts neither
+//!   builds, compares nor allocates a key, nor misses the cache on a table of every account:
+//!   [`count_token_read_in`] counts the account's usual caller in the account's own memory
+//!   ([`AccountReads`], held by the broker), and [`count_token_read`] any other caller in the
+//!   thread's table, keyed by the addresses of names the broker and the callers table keep alive.
 //!
 //! Refused calls carry the peer's IP address (the caller is then unknown or untrusted); so that
 //! an attacker cannot grow the table without bound, refusals beyond `--audit-max-keys` distinct
