@@ -500,13 +500,24 @@ impl ProviderClient {
         form: &[(&str, &str)],
         secret: &SecretString,
     ) -> Result<Answer, UpstreamError> {
-        let started = Instant::now();
-        let response = self
+        let request = self
             .http
             .post(url.clone())
             .basic_auth(&self.config.client_id, Some(secret.expose_secret()))
+            .form(form);
+        self.send(operation, request).await
+    }
+
+    /// Sends `request` (method, URL and credentials set) asking for JSON, timed into the metrics
+    /// under `operation`, and reads the answer within the size limit.
+    async fn send(
+        &self,
+        operation: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Answer, UpstreamError> {
+        let started = Instant::now();
+        let response = request
             .header(header::ACCEPT, "application/json")
-            .form(form)
             .send()
             .await;
         observe(operation, started, &response);

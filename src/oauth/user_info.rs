@@ -6,16 +6,13 @@
 //! parsed leniently and never echoed: neither the token nor the body reaches a log or an error,
 //! only the status.
 
-use std::{
-    collections::HashSet,
-    time::{Instant, SystemTime},
-};
+use std::{collections::HashSet, time::SystemTime};
 
-use reqwest::{StatusCode, header};
+use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{ProviderClient, UpstreamError, observe, parse_retry_after, read_limited};
+use super::{ProviderClient, UpstreamError, parse_retry_after};
 use crate::tokens::{Team, Teams};
 
 /// Team ids become a header value at every caller: longer ones are not ids.
@@ -49,27 +46,12 @@ impl ProviderClient {
     // A failure is the caller's to judge (the team lookup warns, throttled): DEBUG here.
     #[tracing::instrument(name = "upstream.user_info", skip_all, err(level = "debug", Display))]
     pub async fn user_info(&self, access_token: &SecretString) -> Result<UserInfo, UpstreamError> {
-        let started = Instant::now();
-        let response = self
+        let request = self
             .http
             .get(self.config.user_info_url.clone())
-            .bearer_auth(access_token.expose_secret())
-            .header(header::ACCEPT, "application/json")
-            .send()
-            .await;
-        observe("user_info", started, &response);
-        let response = response.map_err(|e| self.classify_transport(&e))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = read_limited(response)
-            .await
-            .map_err(|e| self.classify_transport(&e))?;
-        tracing::debug!(status = status.as_u16(), "EdgeTag answered /v1/user/me");
-        parse_user_info(status, retry_after.as_deref(), &body)
+            .bearer_auth(access_token.expose_secret());
+        let answer = self.send("user_info", request).await?;
+        parse_user_info(answer.status, answer.retry_after.as_deref(), &answer.body)
     }
 }
 
