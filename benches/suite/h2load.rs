@@ -10,15 +10,16 @@
 
 use std::{path::Path, process::Command, sync::Arc};
 
-use credential_service::{broker::BrokerConfig, clock::Clock, proto::GetTokenRequest};
+use credential_service::{clock::Clock, proto::GetTokenRequest};
 use prost::Message;
 use tonic::metadata::AsciiMetadataValue;
 
 use crate::{
     Env,
-    fixture::{self, CallerAuth, RunningServer, SERVER_THREADS},
+    fixture::{CallerAuth, RunningServer, SERVER_THREADS},
     floor,
     load::{self, thread_cpu},
+    throughput,
 };
 
 /// Requests per h2load run (after one unmeasured run of a tenth of that).
@@ -76,21 +77,7 @@ pub async fn run(
     production: bool,
 ) -> H2Row {
     let server_rt = env.runtimes.server.handle();
-    let mut config = fixture::service_config(
-        data_dir,
-        fixture::unreachable_upstream(),
-        BrokerConfig::default(),
-        auth,
-    );
-    if production {
-        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-        if env.audit_file {
-            config.audit_file = Some(credential_service::audit::FileConfig {
-                path: data_dir.join("audit.jsonl"),
-                required: false,
-            });
-        }
-    }
+    let config = throughput::row_config(env, data_dir, auth, production);
     let service = RunningServer::service(server_rt, config, Clock::system()).await;
     let mut floors = Vec::new();
     for bare in [true, false] {

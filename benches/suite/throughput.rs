@@ -3,7 +3,11 @@
 
 use std::{path::Path, sync::Arc};
 
-use credential_service::{broker::BrokerConfig, clock::Clock, config::StoreConfig};
+use credential_service::{
+    broker::BrokerConfig,
+    clock::Clock,
+    config::{ServiceConfig, StoreConfig},
+};
 use tonic::metadata::AsciiMetadataValue;
 
 use crate::{
@@ -89,6 +93,32 @@ pub async fn compare(
     compare_on(env, data_dir, accounts, auth, production, StoreConfig::Sled).await
 }
 
+/// The service's settings for a GetToken row: production rows add `/metrics` and, with
+/// `--audit-file`, the audit file in `data_dir`.
+pub fn row_config(
+    env: &Env,
+    data_dir: &Path,
+    auth: Option<&CallerAuth>,
+    production: bool,
+) -> ServiceConfig {
+    let mut config = fixture::service_config(
+        data_dir,
+        fixture::unreachable_upstream(),
+        BrokerConfig::default(),
+        auth,
+    );
+    if production {
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        if env.audit_file {
+            config.audit_file = Some(credential_service::audit::FileConfig {
+                path: data_dir.join("audit.jsonl"),
+                required: false,
+            });
+        }
+    }
+    config
+}
+
 /// [`compare`] with the service on `store` (its key still in `data_dir`).
 pub async fn compare_on(
     env: &Env,
@@ -99,22 +129,8 @@ pub async fn compare_on(
     store: StoreConfig,
 ) -> Comparison {
     let server_rt = env.runtimes.server.handle();
-    let mut config = fixture::service_config(
-        data_dir,
-        fixture::unreachable_upstream(),
-        BrokerConfig::default(),
-        auth,
-    );
+    let mut config = row_config(env, data_dir, auth, production);
     config.store = store;
-    if production {
-        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-        if env.audit_file {
-            config.audit_file = Some(credential_service::audit::FileConfig {
-                path: data_dir.join("audit.jsonl"),
-                required: false,
-            });
-        }
-    }
     let service = RunningServer::service(server_rt, config, Clock::system()).await;
     let bare = env.bare_floor;
     let lookup = env.lookup_floor.then(|| accounts.clone());
