@@ -37,7 +37,7 @@ use std::{
 use hashbrown::HashTable;
 use tonic::{Code, Status};
 
-use crate::account::AccountId;
+use crate::{account::AccountId, clock};
 
 mod file;
 
@@ -129,7 +129,7 @@ fn count_with_reason(
     peer: Option<IpAddr>,
 ) {
     AUDITED.set(true);
-    let now = coarse_now();
+    let now = clock::coarse_now();
     SHARD.with(|shard| {
         let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
         let Local { map, key, .. } = &mut *local;
@@ -157,7 +157,7 @@ fn count_with_reason(
 /// only slower).
 pub fn count_token_read(caller: &Arc<str>, account: &AccountId) {
     AUDITED.set(true);
-    let now = coarse_now();
+    let now = clock::coarse_now();
     let (caller_at, account_at) = (caller.as_ptr() as usize, account.address());
     let hash = read_hash(caller_at, account_at);
     SHARD.with(|shard| {
@@ -213,7 +213,7 @@ static RESIDENTS: Mutex<Vec<Arc<dyn ReadCounted>>> = Mutex::new(Vec::new());
 /// is its resident reader (or it has none yet this interval), else as [`count_token_read`].
 pub fn count_token_read_in<C: ReadCounted>(caller: &Arc<str>, counted: &Arc<C>) {
     AUDITED.set(true);
-    let now_ms = to_unix_ms(coarse_now());
+    let now_ms = to_unix_ms(clock::coarse_now());
     let mut resident = counted.reads().0.lock().unwrap_or_else(|e| e.into_inner());
     match &mut *resident {
         Some(r) if Arc::ptr_eq(&r.caller, caller) => {
@@ -271,24 +271,6 @@ fn read_hash(caller_at: usize, account_at: usize) -> u64 {
     static STATE: std::sync::LazyLock<foldhash::fast::FixedState> =
         std::sync::LazyLock::new(|| foldhash::fast::FixedState::with_seed(rand::random()));
     STATE.hash_one((caller_at, account_at))
-}
-
-/// The wall-clock time for `first` and `last`. Linux's coarse clock (a few milliseconds of
-/// resolution, enough for events aggregated over seconds) costs a fraction of a precise read, and
-/// every token read pays it.
-#[cfg(target_os = "linux")]
-fn coarse_now() -> SystemTime {
-    let now = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
-    let (secs, nanos) = (u64::try_from(now.tv_sec), u32::try_from(now.tv_nsec));
-    match (secs, nanos) {
-        (Ok(secs), Ok(nanos)) => SystemTime::UNIX_EPOCH + Duration::new(secs, nanos),
-        _ => SystemTime::now(),
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn coarse_now() -> SystemTime {
-    SystemTime::now()
 }
 
 /// The outcome of a handler's result.

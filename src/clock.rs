@@ -35,11 +35,34 @@ impl Clock {
         SystemTime::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
     }
 
+    /// [`Self::now`] from the kernel's coarse clock (see [`coarse_now`]): for the token read's
+    /// "is it fresh enough?", whose margins are seconds and which every read asks.
+    pub fn now_coarse(&self) -> SystemTime {
+        coarse_now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+    }
+
     /// Moves this clock (and every clone of it) forward.
     pub fn advance(&self, by: Duration) {
         let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
         self.offset_ms.fetch_add(ms, Ordering::Relaxed);
     }
+}
+
+/// The wall-clock time from Linux's coarse clock: up to a scheduler tick (1–10 ms) behind, and a
+/// fraction of a precise read's cost; for what every call asks and needs only to the second.
+#[cfg(target_os = "linux")]
+pub fn coarse_now() -> SystemTime {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    let (secs, nanos) = (u64::try_from(now.tv_sec), u32::try_from(now.tv_nsec));
+    match (secs, nanos) {
+        (Ok(secs), Ok(nanos)) => SystemTime::UNIX_EPOCH + Duration::new(secs, nanos),
+        _ => SystemTime::now(),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn coarse_now() -> SystemTime {
+    SystemTime::now()
 }
 
 /// Milliseconds since the Unix epoch, the representation used on disk and on the wire.

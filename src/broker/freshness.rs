@@ -51,10 +51,12 @@ impl Inner {
         policy::max_min_validity(tokens.lifetime(), self.margin(tokens))
     }
 
-    /// Whether `tokens` can be handed out without refreshing first.
+    /// Whether `tokens` can be handed out without refreshing first. Asked on every read, so on
+    /// the coarse clock: a token judged a few milliseconds younger than it is changes nothing
+    /// against margins of seconds, and a refresh that must happen still does.
     pub(super) fn fresh_enough(&self, tokens: &TokenSet, min_validity: Duration) -> bool {
         policy::fresh_enough(
-            tokens.remaining(self.clock.now()),
+            tokens.remaining(self.clock.now_coarse()),
             min_validity,
             self.margin(tokens),
         )
