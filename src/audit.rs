@@ -322,13 +322,10 @@ pub fn flush() {
         });
         shards.clone()
     };
+    // Calls counted by key (refusals, failures: few), and served token reads (one per account and
+    // caller read in the interval: 100,000 and more), merged apart.
     let mut merged: BTreeMap<Box<[u8]>, Tally> = BTreeMap::new();
-    let mut add = |key: Box<[u8]>, tally: Tally| {
-        merged
-            .entry(key)
-            .and_modify(|t| t.merge(&tally))
-            .or_insert(tally);
-    };
+    let mut served = ServedReads::default();
     for shard in shards {
         let (taken, reads, names) = {
             let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -343,27 +340,32 @@ pub fn flush() {
             )
         };
         for (key, tally) in taken {
-            add(key, tally);
+            // A served read counted by key (not the broker's way, but one key is one event).
+            if let Some((caller, account)) = served_read(&key) {
+                served.add(caller, account, tally);
+                continue;
+            }
+            merged
+                .entry(key)
+                .and_modify(|t| t.merge(&tally))
+                .or_insert(tally);
         }
-        let mut key = Vec::new();
+        let mut names: Vec<Option<ReadNames>> = names.into_iter().map(Some).collect();
         for read in reads {
-            let Some(names) = names.get(read.names as usize) else {
+            let Some(names) = names.get_mut(read.names as usize).and_then(Option::take) else {
                 continue; // more than 4 billion keys in one interval: not reachable
             };
-            let texts = ["GetToken", &*names.caller, names.account.as_str(), ""];
-            encode(&mut key, Code::Ok, None, texts);
             let tally = Tally {
                 count: read.count,
                 first: names.first,
                 last: SystemTime::UNIX_EPOCH + Duration::from_millis(read.last_ms),
             };
-            add(key.as_slice().into(), tally);
+            served.add(names.caller, names.account, tally);
         }
     }
     // Listed accounts are taken after the threads' tables: a read counted in a table after that
     // is in the next flush either way.
     let residents = std::mem::take(&mut *RESIDENTS.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut key = Vec::new();
     for counted in residents {
         let taken = counted
             .reads()
@@ -372,22 +374,28 @@ pub fn flush() {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         let Some(r) = taken else { continue };
-        let texts = ["GetToken", &*r.caller, counted.account().as_str(), ""];
-        encode(&mut key, Code::Ok, None, texts);
         let at = |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
         let tally = Tally {
             count: r.count,
             first: at(r.first_ms),
             last: at(r.last_ms),
         };
-        add(key.as_slice().into(), tally);
+        served.add(r.caller, counted.account().clone(), tally);
     }
+    let events = merged
+        .iter()
+        .filter_map(|(key, tally)| Some((decode(key)?, tally)))
+        .chain(
+            served
+                .entries
+                .iter()
+                .map(|read| (read.event(), &read.tally)),
+        );
     let mut folded = 0u64;
     if file::installed() {
-        folded = write_to_file(&merged);
+        folded = write_to_file(events);
     } else {
-        for (key, tally) in &merged {
-            let Some(event) = decode(key) else { continue };
+        for (event, tally) in events {
             if event.peer == OTHERS {
                 folded += tally.count;
             }
@@ -401,6 +409,72 @@ pub fn flush() {
             max_keys = MAX_KEYS.load(Ordering::Relaxed),
             "more distinct refusals than --audit-max-keys in one interval; the rest are counted under (others)"
         );
+    }
+}
+
+/// The caller and account of a key that counted a served token read, if it did.
+fn served_read(key: &[u8]) -> Option<(Arc<str>, AccountId)> {
+    if key.first() != Some(&(Code::Ok as i32 as u8)) || key.get(1) != Some(&PEER_NONE) {
+        return None;
+    }
+    let event = decode(key)?;
+    if event.method != "GetToken" || !event.reason.is_empty() {
+        return None;
+    }
+    let account = AccountId::parse(event.account).ok()?;
+    Some((Arc::from(event.caller), account))
+}
+
+/// A flush's served token reads, one per caller and account name. Merged by name, not by the
+/// addresses they were counted under: a reloaded callers file or an account removed and added
+/// again gives one name two allocations, and one key must still be one event.
+#[derive(Default)]
+struct ServedReads {
+    entries: Vec<ServedRead>,
+    index: HashTable<usize>,
+    state: foldhash::fast::RandomState,
+}
+
+struct ServedRead {
+    caller: Arc<str>,
+    account: AccountId,
+    tally: Tally,
+}
+
+impl ServedRead {
+    fn event(&self) -> Event<'_> {
+        Event {
+            outcome: code_name(Code::Ok),
+            peer: String::new(),
+            method: "GetToken",
+            caller: &self.caller,
+            account: self.account.as_str(),
+            reason: "",
+        }
+    }
+}
+
+impl ServedReads {
+    fn add(&mut self, caller: Arc<str>, account: AccountId, tally: Tally) {
+        use std::hash::BuildHasher;
+        let hash_of =
+            |caller: &str, account: &AccountId| self.state.hash_one((caller, account.as_str()));
+        let hash = hash_of(&caller, &account);
+        let entries = &mut self.entries;
+        let same = |&i: &usize| *entries[i].caller == *caller && entries[i].account == account;
+        if let Some(&i) = self.index.find(hash, same) {
+            entries[i].tally.merge(&tally);
+            return;
+        }
+        entries.push(ServedRead {
+            caller,
+            account,
+            tally,
+        });
+        let at = entries.len() - 1;
+        self.index.insert_unique(hash, at, |&i| {
+            hash_of(&entries[i].caller, &entries[i].account)
+        });
     }
 }
 
@@ -425,17 +499,18 @@ fn log_calls(event: &Event<'_>, tally: &Tally) {
 
 /// Every aggregated event as one write to the audit file (then synced); returns the calls
 /// folded under `(others)`.
-fn write_to_file(merged: &BTreeMap<Box<[u8]>, Tally>) -> u64 {
+fn write_to_file<'a>(events: impl Iterator<Item = (Event<'a>, &'a Tally)>) -> u64 {
     let now = file::timestamp(SystemTime::now());
-    let mut buf = Vec::with_capacity(merged.len() * 256);
+    let mut buf = Vec::new();
+    let (mut first, mut last) = (String::new(), String::new());
     let mut folded = 0;
     let mut lines = 0;
-    for (key, tally) in merged {
-        let Some(event) = decode(key) else { continue };
+    for (event, tally) in events {
         if event.peer == OTHERS {
             folded += tally.count;
         }
-        let (first, last) = (file::timestamp(tally.first), file::timestamp(tally.last));
+        file::timestamp_into(&mut first, tally.first);
+        file::timestamp_into(&mut last, tally.last);
         file::Line {
             time: &now,
             event: "calls",

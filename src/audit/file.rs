@@ -352,5 +352,15 @@ impl Line<'_> {
 
 /// RFC 3339 with milliseconds, as the log lines write times.
 pub(super) fn timestamp(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at).to_string()
+    let mut text = String::new();
+    timestamp_into(&mut text, at);
+    text
+}
+
+/// [`timestamp`] into a buffer a flush reuses for each of its lines.
+pub(super) fn timestamp_into(text: &mut String, at: SystemTime) {
+    use std::fmt::Write;
+    text.clear();
+    // Writing into a String cannot fail.
+    let _ = write!(text, "{}", humantime::format_rfc3339_millis(at));
 }
