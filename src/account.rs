@@ -15,18 +15,50 @@ pub struct AccountId(Arc<str>);
 #[error("invalid account name: {ACCOUNT_RULE}")]
 pub struct InvalidAccount;
 
-impl AccountId {
+/// A parsed account name borrowed from the request: finding an account to read its token needs
+/// no allocation of its own; [`AccountName::to_id`] makes one where a name must be kept.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AccountName<'a>(&'a str);
+
+impl<'a> AccountName<'a> {
     /// Accepts 1–128 characters of `[A-Za-z0-9._:@-]`.
-    pub fn parse(s: &str) -> Result<Self, InvalidAccount> {
+    pub fn parse(s: &'a str) -> Result<Self, InvalidAccount> {
         let ok = (1..=128).contains(&s.len())
             && s.bytes().all(|b| {
                 b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'@')
             });
-        if ok {
-            Ok(Self(Arc::from(s)))
-        } else {
-            Err(InvalidAccount)
-        }
+        if ok { Ok(Self(s)) } else { Err(InvalidAccount) }
+    }
+
+    pub fn as_str(self) -> &'a str {
+        self.0
+    }
+
+    pub fn to_id(self) -> AccountId {
+        AccountId(Arc::from(self.0))
+    }
+}
+
+impl fmt::Display for AccountName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for AccountName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
+impl AccountId {
+    /// Accepts 1–128 characters of `[A-Za-z0-9._:@-]`.
+    pub fn parse(s: &str) -> Result<Self, InvalidAccount> {
+        AccountName::parse(s).map(AccountName::to_id)
+    }
+
+    pub fn name(&self) -> AccountName<'_> {
+        AccountName(&self.0)
     }
 
     pub fn as_str(&self) -> &str {

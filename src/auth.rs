@@ -31,7 +31,7 @@ use tonic::{
 };
 
 use crate::{
-    account::AccountId,
+    account::AccountName,
     audit,
     reload::{self, FileBacked, Reloadable},
 };
@@ -111,13 +111,13 @@ impl Caller {
     }
 
     /// Whether one of the caller's account globs matches `account`.
-    pub fn may_use(&self, account: &AccountId) -> bool {
+    pub fn may_use(&self, account: AccountName<'_>) -> bool {
         self.any_account || self.accounts.iter().any(|p| p.matches(account.as_str()))
     }
 
     /// Checks that this caller may use `account`. Call it before looking the account up: the
     /// answer is the same PERMISSION_DENIED whether or not the account exists.
-    pub fn authorize(&self, account: &AccountId) -> Result<(), Status> {
+    pub fn authorize(&self, account: AccountName<'_>) -> Result<(), Status> {
         if self.may_use(account) {
             Ok(())
         } else {
@@ -757,8 +757,8 @@ mod tests {
         ));
     }
 
-    fn account(s: &str) -> AccountId {
-        AccountId::parse(s).unwrap()
+    fn account(s: &str) -> AccountName<'_> {
+        AccountName::parse(s).unwrap()
     }
 
     fn request(path: &str, auth: Option<&str>) -> http::Request<()> {
@@ -784,10 +784,10 @@ mod tests {
             .unwrap();
         assert_eq!(c.name(), "billing");
         assert_eq!(c.role(), Role::Reader);
-        assert!(c.may_use(&account("acme-prod")));
-        assert!(c.may_use(&account("globex")));
-        assert!(!c.may_use(&account("globex-2")));
-        assert!(!c.may_use(&account("initech")));
+        assert!(c.may_use(account("acme-prod")));
+        assert!(c.may_use(account("globex")));
+        assert!(!c.may_use(account("globex-2")));
+        assert!(!c.may_use(account("initech")));
         let c = callers
             .authenticate(&request("/x", Some("bearer   test ")))
             .unwrap();
@@ -920,7 +920,7 @@ mod tests {
     fn open_mode_is_an_admin_of_everything() {
         let c = Callers::open().authenticate(&request("/x", None)).unwrap();
         assert_eq!(c.role(), Role::Admin);
-        assert!(c.may_use(&account("anything")));
+        assert!(c.may_use(account("anything")));
     }
 
     #[test]
@@ -933,8 +933,8 @@ mod tests {
         let table = Table::parse(FILE).unwrap();
         ext.insert(table.by_token[0].1.clone());
         let billing = caller(&ext).unwrap();
-        assert!(billing.authorize(&account("acme-1")).is_ok());
-        let e = billing.authorize(&account("initech")).unwrap_err();
+        assert!(billing.authorize(account("acme-1")).is_ok());
+        let e = billing.authorize(account("initech")).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert_eq!(
             e.message(),

@@ -15,7 +15,7 @@ use tonic::{Code, Request, Response, Status};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
 use crate::{
-    account::AccountId,
+    account::{AccountId, AccountName},
     audit, auth,
     backup::format::{Encoder, Header},
     broker::{self, Broker, Grant, Imported, Removal},
@@ -200,14 +200,15 @@ fn parse_account(raw: &str) -> Result<AccountId, Error> {
     Ok(account)
 }
 
-/// [`parse_account`] for GetToken, whose span is DEBUG: at the default level there is no span to
-/// record into, and asking the subscriber for the current one costs more than the parse.
-fn parse_account_debug_span(raw: &str) -> Result<AccountId, Error> {
+/// [`parse_account`] for GetToken and WatchToken, whose spans are DEBUG: at the default level
+/// there is no span to record into, and asking the subscriber for the current one costs more than
+/// the parse. Borrowed: a token read allocates no name of its own.
+fn parse_account_debug_span(raw: &str) -> Result<AccountName<'_>, Error> {
+    let account = AccountName::parse(raw)?;
     if tracing::level_filters::LevelFilter::current() >= tracing::Level::DEBUG {
-        parse_account(raw)
-    } else {
-        Ok(AccountId::parse(raw)?)
+        tracing::Span::current().record("account", tracing::field::display(account));
     }
+    Ok(account)
 }
 
 fn parse_min_validity(raw: Option<prost_types::Duration>) -> Result<Duration, Error> {
@@ -296,7 +297,7 @@ impl CredentialService for CredentialApi {
             Err(e) => return Err(audited("BeginAuth", caller.name(), "", e.into())),
         };
         let result = async {
-            caller.authorize(&account)?;
+            caller.authorize(account.name())?;
             let auth = self.broker.begin(account.clone()).await?;
             tracing::info!("authorization started");
             Ok(Response::new(BeginAuthResponse {
@@ -366,9 +367,9 @@ impl CredentialService for CredentialApi {
             }
         };
         let result = async {
-            caller.authorize(&account)?;
+            caller.authorize(account)?;
             let min_validity = parse_min_validity(raw.min_validity)?;
-            let served = self.broker.serve_token(&account, min_validity).await?;
+            let served = self.broker.serve_token(account, min_validity).await?;
             let tokens = &served.record.tokens;
             let response = Response::new(GetTokenResponse {
                 access_token: tokens.access_token.expose_secret().to_owned(),
@@ -416,7 +417,7 @@ impl CredentialService for CredentialApi {
         let name = account.as_ref().map_or("", |a| a.as_str()).to_owned();
         let started = async {
             let account = account.map_err(Status::from)?;
-            caller.authorize(&account)?;
+            caller.authorize(account)?;
             let min_validity = parse_min_validity(raw.min_validity)?;
             let permit = self.watchers.admit(caller.name(), WatchKind::Token)?;
             Ok((account, min_validity, permit))
@@ -426,10 +427,13 @@ impl CredentialService for CredentialApi {
         audit::record("WatchToken", caller.name(), &name, audit::outcome(&started));
         let (account, min_validity, permit) = started?;
         let shutdown = self.shutdown.clone();
-        let tokens = self.broker.watch_token(account, min_validity).map(|item| {
-            item.map(|tokens| token_message(&tokens))
-                .map_err(Status::from)
-        });
+        let tokens = self
+            .broker
+            .watch_token(account.to_id(), min_validity)
+            .map(|item| {
+                item.map(|tokens| token_message(&tokens))
+                    .map_err(Status::from)
+            });
         let mut end = WatchEnd {
             method: "WatchToken.end",
             caller: caller.name().to_owned(),
@@ -483,7 +487,7 @@ impl CredentialService for CredentialApi {
         };
         let events = self
             .broker
-            .watch_accounts(move |account| caller.may_use(account))
+            .watch_accounts(move |account| caller.may_use(account.name()))
             .map(|event| Ok(account_event(&event)));
         let stream = events
             .take_until(self.shutdown.clone().cancelled_owned())
@@ -602,7 +606,7 @@ impl CredentialService for CredentialApi {
             let records = self.broker.export_accounts().await?;
             let outside = records
                 .iter()
-                .filter(|r| !caller.may_use(&r.account))
+                .filter(|r| !caller.may_use(r.account.name()))
                 .count();
             if outside > 0 {
                 return Err(Error::NotEveryAccount { outside });
@@ -654,7 +658,7 @@ impl CredentialApi {
         let page_size = parse_page_size(request.page_size)?;
         let after = parse_page_token(&request.page_token)?;
         let mut all = self.broker.list();
-        all.retain(|(id, _)| caller.may_use(id));
+        all.retain(|(id, _)| caller.may_use(id.name()));
         let start = match &after {
             Some(last) => all.partition_point(|(id, _)| id <= last),
             None => 0,
@@ -688,7 +692,7 @@ async fn on_account<Req, T>(
         Ok(account) => account,
         Err(e) => return Err(audited(method, caller.name(), "", e.into())),
     };
-    let result = match caller.authorize(&account) {
+    let result = match caller.authorize(account.name()) {
         Ok(()) => call(&account).await.map_err(Status::from),
         Err(status) => Err(status),
     };

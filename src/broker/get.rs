@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use super::{Broker, RefreshFailure, refresh::Trigger, slot::Slot};
 use crate::{
-    account::AccountId,
+    account::{AccountId, AccountName},
     error::Error,
     metrics,
     tokens::{AccountRecord, AccountStatus},
@@ -34,16 +34,16 @@ impl Broker {
         account: &AccountId,
         min_validity: Duration,
     ) -> Result<Arc<AccountRecord>, Error> {
-        Ok(self.serve_token(account, min_validity).await?.record)
+        Ok(self.serve_token(account.name(), min_validity).await?.record)
     }
 
     /// [`Self::get_token`], with the broker's own name of the account.
     pub async fn serve_token(
         &self,
-        account: &AccountId,
+        account: AccountName<'_>,
         min_validity: Duration,
     ) -> Result<Served, Error> {
-        let slot = self.slot(account)?;
+        let slot = self.slot_named(account)?;
         let record = slot.record.load();
         // A need no fresh token meets is refused (in the slow path) whatever the current token's
         // age, so one request always gets one answer; the common call without a need skips it.
@@ -56,7 +56,7 @@ impl Broker {
             // What was judged too old is what the refresh must replace; a record published since
             // then is taken as the answer instead of refreshing again.
             let seen = arc_swap::Guard::into_inner(record);
-            self.get_token_slow(account, &slot, min_validity, seen)
+            self.get_token_slow(&slot.account, &slot, min_validity, seen)
                 .await?
         };
         Ok(Served { record, slot })

@@ -63,7 +63,11 @@ use url::Url;
 
 use self::slot::Slot;
 use crate::{
-    account::AccountId, clock::Clock, error::Error, oauth::ProviderClient, store::Store,
+    account::{AccountId, AccountName},
+    clock::Clock,
+    error::Error,
+    oauth::ProviderClient,
+    store::Store,
     store::StoreError,
 };
 
@@ -299,11 +303,15 @@ impl Broker {
     }
 
     fn slot(&self, account: &AccountId) -> Result<Arc<Slot>, Error> {
+        self.slot_named(account.name())
+    }
+
+    fn slot_named(&self, account: AccountName<'_>) -> Result<Arc<Slot>, Error> {
         self.inner
             .accounts
-            .get(account)
+            .get(account.as_str())
             .map(|s| Arc::clone(s.value()))
-            .ok_or_else(|| Error::UnknownAccount(account.clone()))
+            .ok_or_else(|| Error::UnknownAccount(account.to_id()))
     }
 }
 
