@@ -35,8 +35,8 @@ impl Clock {
         SystemTime::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
     }
 
-    /// [`Self::now`] from the kernel's coarse clock (see [`coarse_now`]): for the token read's
-    /// "is it fresh enough?", whose margins are seconds and which every read asks.
+    /// [`Self::now`] from the kernel's coarse clock (see [`coarse_now`]): for the check every
+    /// token read makes against the refresh margin, which is seconds long.
     pub fn now_coarse(&self) -> SystemTime {
         coarse_now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
     }
@@ -97,6 +97,28 @@ mod tests {
         let before = clock.now();
         clock.clone().advance(Duration::from_secs(3600));
         assert!(clock.now().duration_since(before).unwrap() >= Duration::from_secs(3600));
+    }
+
+    /// The token read's freshness check trusts the coarse clock to within a tick: never ahead of
+    /// the precise clock, not seconds behind it, and moved by the tests' offset like `now`.
+    #[test]
+    fn the_coarse_clock_trails_the_precise_one_and_keeps_the_offset() {
+        for _ in 0..1_000 {
+            let coarse = coarse_now();
+            let precise = SystemTime::now();
+            let behind = precise
+                .duration_since(coarse)
+                .expect("the coarse clock is never ahead of the precise one");
+            // A tick is 1-10 ms; the bound leaves room for this machine being descheduled.
+            assert!(behind < Duration::from_millis(500), "{behind:?} behind");
+        }
+        let clock = Clock::manual();
+        clock.advance(Duration::from_secs(3600));
+        let ahead = clock
+            .now_coarse()
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(ahead > Duration::from_secs(3599), "{ahead:?}");
     }
 
     #[test]

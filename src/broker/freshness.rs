@@ -51,14 +51,16 @@ impl Inner {
         policy::max_min_validity(tokens.lifetime(), self.margin(tokens))
     }
 
-    /// Whether `tokens` can be handed out without refreshing first. Asked on every read, so on
-    /// the coarse clock: a token judged a few milliseconds younger than it is changes nothing
-    /// against margins of seconds, and a refresh that must happen still does.
+    /// Whether `tokens` can be handed out without refreshing first. Asked on every read, so the
+    /// common read (no `min_validity`) asks the coarse clock: a token judged a few milliseconds
+    /// younger than it is changes nothing against the margin's seconds. A caller's own
+    /// `min_validity` is a promise to that caller, kept to the precise clock.
     pub(super) fn fresh_enough(&self, tokens: &TokenSet, min_validity: Duration) -> bool {
-        policy::fresh_enough(
-            tokens.remaining(self.clock.now_coarse()),
-            min_validity,
-            self.margin(tokens),
-        )
+        let now = if min_validity.is_zero() {
+            self.clock.now_coarse()
+        } else {
+            self.clock.now()
+        };
+        policy::fresh_enough(tokens.remaining(now), min_validity, self.margin(tokens))
     }
 }
