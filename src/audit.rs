@@ -163,7 +163,7 @@ pub fn count_token_read(caller: &Arc<str>, account: &AccountId) {
     SHARD.with(|shard| {
         let mut local = shard.lock().unwrap_or_else(|e| e.into_inner());
         let Local { reads, names, .. } = &mut *local;
-        let now_ms = to_unix_ms(now);
+        let now_ms = clock::to_unix_ms(now);
         if let Some(read) = reads.find_mut(hash, |r| r.key == (caller_at, account_at)) {
             read.count += 1;
             read.last_ms = read.last_ms.max(now_ms);
@@ -195,8 +195,8 @@ pub struct AccountReads(Mutex<Option<Resident>>);
 struct Resident {
     caller: Arc<str>,
     count: u64,
-    first_ms: u64,
-    last_ms: u64,
+    first_ms: i64,
+    last_ms: i64,
 }
 
 /// What the audit needs of an account to count its reads in place.
@@ -213,7 +213,7 @@ static RESIDENTS: Mutex<Vec<Arc<dyn ReadCounted>>> = Mutex::new(Vec::new());
 /// is its resident reader (or it has none yet this interval), else as [`count_token_read`].
 pub fn count_token_read_in<C: ReadCounted>(caller: &Arc<str>, counted: &Arc<C>) {
     AUDITED.set(true);
-    let now_ms = to_unix_ms(clock::coarse_now());
+    let now_ms = clock::to_unix_ms(clock::coarse_now());
     let mut resident = counted.reads().0.lock().unwrap_or_else(|e| e.into_inner());
     match &mut *resident {
         Some(r) if Arc::ptr_eq(&r.caller, caller) => {
@@ -248,7 +248,7 @@ struct Read {
     key: (usize, usize),
     count: u64,
     /// Unix milliseconds: half a `SystemTime`.
-    last_ms: u64,
+    last_ms: i64,
     /// Where in [`Local::names`] the names are.
     names: u32,
 }
@@ -259,11 +259,6 @@ struct ReadNames {
     caller: Arc<str>,
     account: AccountId,
     first: SystemTime,
-}
-
-fn to_unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn read_hash(caller_at: usize, account_at: usize) -> u64 {
@@ -358,7 +353,7 @@ pub fn flush() {
             let tally = Tally {
                 count: read.count,
                 first: names.first,
-                last: SystemTime::UNIX_EPOCH + Duration::from_millis(read.last_ms),
+                last: clock::from_unix_ms(read.last_ms),
             };
             served.add(names.caller, names.account, tally);
         }
@@ -374,11 +369,10 @@ pub fn flush() {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         let Some(r) = taken else { continue };
-        let at = |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
         let tally = Tally {
             count: r.count,
-            first: at(r.first_ms),
-            last: at(r.last_ms),
+            first: clock::from_unix_ms(r.first_ms),
+            last: clock::from_unix_ms(r.last_ms),
         };
         served.add(r.caller, counted.account().clone(), tally);
     }

@@ -11,8 +11,7 @@ use crate::{
     tokens::{AccountRecord, AccountStatus},
 };
 
-/// A served token read: the record, and the account's name as the broker keeps it, one allocation
-/// per account for as long as it exists (the audit counts reads by its address).
+/// A served token read: the record, and the account's slot, where the audit counts the read.
 pub struct Served {
     pub record: Arc<AccountRecord>,
     slot: Arc<Slot>,
